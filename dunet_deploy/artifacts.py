@@ -1,0 +1,198 @@
+"""What every exported artefact says about itself (torch-free).
+
+An ONNX model carries the information below in its ``metadata_props``; a
+TensorRT engine ``model.plan`` carries it in the sidecar ``model.plan.json``;
+``model.json`` beside an ONNX repeats it for humans and tools. The runtime
+reads it back with :func:`read_artifact_info` and refuses a model without it.
+
+Keys (all values are strings in ONNX metadata; JSON values in sidecars):
+
+=====================  =====================================================
+``dunet.format``       ``"dunet-deploy"`` — marks our artefacts
+``dunet.spec``         the :class:`~dunet_deploy.spec.PreprocessSpec` as JSON
+``dunet.model_name``   registry name, e.g. ``"dunet"``
+``dunet.model_args``   JSON of the registry arguments
+``dunet.params``       Keras-style parameter count
+``dunet.metrics``      JSON of the checkpoint's validation metrics (may be {})
+``dunet.versions``     JSON of package/torch/onnx versions at export time
+``dunet.precision``    ``"fp32"`` or ``"fp16"`` (mixed precision graph)
+=====================  =====================================================
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dunet_deploy.errors import DunetError
+from dunet_deploy.spec import PreprocessSpec
+
+FORMAT = "dunet-deploy"
+PREFIX = "dunet."
+#: Input and output tensor names of every exported model.
+INPUT_NAME = "slabs"
+OUTPUT_NAME = "prob"
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """The self-description of an exported model.
+
+    Attributes:
+        spec: preprocessing the model expects.
+        model_name: registry name.
+        model_args: registry arguments.
+        params: Keras-style parameter count.
+        metrics: validation metrics of the source checkpoint.
+        versions: package versions at export time.
+        precision: ``"fp32"`` or ``"fp16"``.
+        extra: anything else found in a sidecar (TensorRT version, GPU, profile…).
+    """
+
+    spec: PreprocessSpec
+    model_name: str
+    model_args: dict[str, Any]
+    params: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, str]:
+        """String key/value pairs for ONNX ``metadata_props``."""
+        return {
+            f"{PREFIX}format": FORMAT,
+            f"{PREFIX}spec": self.spec.to_json(),
+            f"{PREFIX}model_name": self.model_name,
+            f"{PREFIX}model_args": json.dumps(self.model_args, sort_keys=True),
+            f"{PREFIX}params": str(self.params),
+            f"{PREFIX}metrics": json.dumps(self.metrics, sort_keys=True),
+            f"{PREFIX}versions": json.dumps(self.versions, sort_keys=True),
+            f"{PREFIX}precision": self.precision,
+        }
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """JSON document for ``model.json`` / engine sidecars."""
+        return {
+            "format": FORMAT,
+            "spec": self.spec.to_dict(),
+            "model_name": self.model_name,
+            "model_args": self.model_args,
+            "params": self.params,
+            "metrics": self.metrics,
+            "versions": self.versions,
+            "precision": self.precision,
+            **self.extra,
+        }
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str], source: str) -> ArtifactInfo:
+        """Parse ONNX ``metadata_props``; ``DunetError`` naming ``source`` when not ours."""
+        if meta.get(f"{PREFIX}format") != FORMAT:
+            raise DunetError(f"{source}: not a dunet-deploy model (no '{PREFIX}format' metadata)")
+        try:
+            return cls(
+                spec=PreprocessSpec.from_json(meta[f"{PREFIX}spec"]),
+                model_name=meta[f"{PREFIX}model_name"],
+                model_args=json.loads(meta[f"{PREFIX}model_args"]),
+                params=int(meta[f"{PREFIX}params"]),
+                metrics=json.loads(meta.get(f"{PREFIX}metrics", "{}")),
+                versions=json.loads(meta.get(f"{PREFIX}versions", "{}")),
+                precision=meta.get(f"{PREFIX}precision", "fp32"),
+            )
+        except DunetError as e:
+            raise DunetError(f"{source}: bad preprocessing spec in metadata: {e}") from None
+        except (KeyError, ValueError, TypeError) as e:
+            raise DunetError(f"{source}: incomplete dunet-deploy metadata ({e})") from None
+
+    @classmethod
+    def from_json_dict(cls, doc: Mapping[str, Any], source: str) -> ArtifactInfo:
+        """Parse a sidecar document; ``DunetError`` naming ``source`` when not ours."""
+        if not isinstance(doc, Mapping) or doc.get("format") != FORMAT:
+            raise DunetError(f"{source}: not a dunet-deploy sidecar (no 'format': '{FORMAT}')")
+        known = {"format", "spec", "model_name", "model_args", "params", "metrics", "versions",
+                 "precision"}
+        try:
+            return cls(
+                spec=PreprocessSpec.from_dict(doc["spec"]),
+                model_name=str(doc["model_name"]),
+                model_args=dict(doc["model_args"]),
+                params=int(doc["params"]),
+                metrics=dict(doc.get("metrics", {})),
+                versions=dict(doc.get("versions", {})),
+                precision=str(doc.get("precision", "fp32")),
+                extra={k: v for k, v in doc.items() if k not in known},
+            )
+        except DunetError as e:
+            raise DunetError(f"{source}: bad preprocessing spec: {e}") from None
+        except (KeyError, ValueError, TypeError) as e:
+            raise DunetError(f"{source}: incomplete dunet-deploy sidecar ({e})") from None
+
+
+def sidecar_path(model_path: str | os.PathLike[str]) -> Path:
+    """Where the sidecar of an engine lives: ``model.plan`` -> ``model.plan.json``."""
+    p = Path(model_path)
+    return p.with_name(p.name + ".json")
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename (no partial file)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike[str], doc: Mapping[str, Any]) -> None:
+    """Atomically write ``doc`` as indented JSON."""
+    atomic_write_bytes(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_sidecar(path: str | os.PathLike[str]) -> ArtifactInfo:
+    """Read an engine sidecar or ``model.json``."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DunetError(f"{path}: sidecar not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DunetError(f"{path}: unreadable sidecar ({e})") from None
+    return ArtifactInfo.from_json_dict(doc, str(path))
+
+
+def read_onnx_info(path: str | os.PathLike[str]) -> ArtifactInfo:
+    """Read the metadata of an ONNX file without loading its weights into memory twice."""
+    import onnx  # base dependency; lazily imported to keep `import dunet_deploy.artifacts` cheap
+
+    path = Path(path)
+    if not path.is_file():
+        raise DunetError(f"{path}: model file not found")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError, RuntimeError, ... for garbage
+        raise DunetError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+    meta = {p.key: p.value for p in model.metadata_props}
+    return ArtifactInfo.from_metadata(meta, str(path))
+
+
+def read_artifact_info(path: str | os.PathLike[str]) -> ArtifactInfo:
+    """The :class:`ArtifactInfo` of an ``.onnx`` file or of an engine with its sidecar."""
+    path = Path(path)
+    if not path.exists():
+        raise DunetError(f"{path}: model file not found")
+    if path.suffix == ".onnx":
+        return read_onnx_info(path)
+    side = sidecar_path(path)
+    if not side.exists():
+        raise DunetError(f"{path}: no sidecar {side.name} beside the engine")
+    return read_sidecar(side)

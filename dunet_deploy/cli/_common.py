@@ -1,0 +1,91 @@
+"""Shared command-line plumbing: user errors become one line and exit code 2.
+
+Usage in any CLI module::
+
+    @click.command(cls=DunetCommand)      # one-line errors for bad arguments
+    @click.argument(...)
+    @handle_errors                        # one-line errors from the library
+    def main(...): ...
+
+Set ``DUNET_DEBUG=1`` to get the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from dunet_deploy.errors import DunetError
+
+__all__ = ["EXIT_USER_ERROR", "DunetCommand", "fail", "handle_errors", "one_line"]
+
+EXIT_USER_ERROR = 2
+#: Exceptions reported as one-line user errors by :func:`handle_errors`.
+USER_ERRORS: tuple[type[BaseException], ...] = (DunetError, OSError, ValueError)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def one_line(message: object) -> str:
+    """Collapse a message onto one line (newlines and runs of spaces -> one space)."""
+    return " ".join(str(message).split()) or "unknown error"
+
+
+def fail(message: object) -> NoReturn:
+    """Print ``error: <message>`` to stderr and exit with code 2."""
+    click.echo(f"error: {one_line(message)}", err=True)
+    raise click.exceptions.Exit(EXIT_USER_ERROR)
+
+
+def _debug() -> bool:
+    return os.environ.get("DUNET_DEBUG", "") not in ("", "0")
+
+
+def handle_errors(func: F) -> F:
+    """Decorator: report :data:`USER_ERRORS` as one line on stderr, exit 2.
+
+    ``DunetError`` messages are printed as they are; ``OSError`` and
+    ``ValueError`` (from the standard library, numpy, nibabel) get their type
+    name appended in the message when it would otherwise be ambiguous.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except USER_ERRORS as exc:
+            if _debug():
+                raise
+            if isinstance(exc, DunetError):
+                fail(exc)
+            if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+                fail(f"{exc.filename}: {exc.strerror}")
+            fail(f"{exc} ({type(exc).__name__})")
+
+    return wrapper  # type: ignore[return-value]
+
+
+class DunetCommand(click.Command):
+    """A click command whose usage errors are one line (``error: ...``), exit 2.
+
+    Click normally prints the usage block plus a hint; scripts and users of
+    this project get one greppable line instead. ``--help`` is unchanged.
+    """
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            if _debug():
+                raise
+            fail(exc.format_message())

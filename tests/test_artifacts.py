@@ -1,0 +1,82 @@
+"""Artefact metadata: ONNX metadata_props and sidecars round-trip, foreign files refused."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from dunet_deploy.artifacts import (
+    ArtifactInfo,
+    read_artifact_info,
+    read_sidecar,
+    sidecar_path,
+    write_json,
+)
+from dunet_deploy.errors import DunetError
+from dunet_deploy.spec import PreprocessSpec
+
+INFO = ArtifactInfo(
+    spec=PreprocessSpec.for_geometry((40, 48, 24), image_size=32),
+    model_name="dunet",
+    model_args={"base_filters": 8, "fusion_levels": [2, 3]},
+    params=123,
+    metrics={"dsc_mean": 0.4},
+    versions={"onnx": onnx.__version__},
+)
+
+
+def _tiny_onnx(path, meta):
+    node = helper.make_node("Identity", ["slabs"], ["prob"])
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info("slabs", TensorProto.FLOAT, ["N", 1, 4, 4])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 1, 4, 4])],
+    )
+    model = helper.make_model(graph)
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.save(model, str(path))
+
+
+def test_onnx_metadata_round_trip(tmp_path):
+    p = tmp_path / "model.onnx"
+    _tiny_onnx(p, INFO.to_metadata())
+    assert read_artifact_info(p) == INFO
+
+
+def test_sidecar_round_trip_keeps_extra_fields(tmp_path):
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"engine")
+    doc = {**INFO.to_json_dict(), "tensorrt_version": "10.13.0"}
+    write_json(sidecar_path(plan), doc)
+    info = read_artifact_info(plan)
+    assert info.extra == {"tensorrt_version": "10.13.0"}
+    assert info.spec == INFO.spec and info.params == 123
+
+
+def test_foreign_and_broken_artifacts(tmp_path):
+    p = tmp_path / "other.onnx"
+    _tiny_onnx(p, {})
+    with pytest.raises(DunetError, match="not a dunet-deploy model"):
+        read_artifact_info(p)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(DunetError, match="not a readable ONNX model|not a dunet-deploy"):
+        read_artifact_info(bad)
+    with pytest.raises(DunetError, match="model file not found"):
+        read_artifact_info(tmp_path / "missing.onnx")
+    plan = tmp_path / "x.plan"
+    plan.write_bytes(b"e")
+    with pytest.raises(DunetError, match="no sidecar"):
+        read_artifact_info(plan)
+    sidecar_path(plan).write_text("{not json")
+    with pytest.raises(DunetError, match="unreadable sidecar"):
+        read_sidecar(sidecar_path(plan))
+    meta = INFO.to_metadata()
+    meta["dunet.spec"] = json.dumps({"version": 1})
+    _tiny_onnx(p, meta)
+    with pytest.raises(DunetError, match="bad preprocessing spec"):
+        read_artifact_info(p)

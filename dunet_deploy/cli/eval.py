@@ -1,0 +1,123 @@
+"""``dunet-eval``: score a checkpoint, or an exported model, on a dataset in native space.
+
+Example::
+
+    dunet-eval --checkpoint runs/demo/best.pt --data demo/data --out runs/demo/eval
+    dunet-eval --checkpoint runs/demo/best.pt --data demo/data --out eval_val --split val
+    dunet-eval --engine export/model.onnx --data demo/data --out eval_onnx   # torch-free
+
+Writes ``cases.csv`` (per case), ``summary.md`` / ``summary.json`` (the
+paper's Table 2: DSC, DSC global, recall, precision, parameters) and
+``dsc_boxplot.png`` (Fig. 4) to OUT, and prints the table. Nothing is written
+unless every case was scored.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dunet_deploy.cli._common import DunetCommand, handle_errors
+from dunet_deploy.errors import DunetError
+
+
+def _progress(total_hint: str) -> Any:
+    """A per-case progress callback printing to stderr on a terminal only."""
+    interactive = sys.stderr.isatty()
+
+    def report(done: int, total: int, case_id: str) -> None:
+        if interactive:
+            click.echo(f"\r{total_hint} {done}/{total} {case_id:<24}", err=True,
+                       nl=done == total)
+
+    return report
+
+
+@click.command(cls=DunetCommand)
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="A dunet-train checkpoint (best.pt or last.pt).")
+@click.option("--engine", type=click.Path(path_type=Path), default=None,
+              help="Or an exported model (.onnx / .plan), run by the torch-free runtime.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]),
+              default="auto", show_default=True, help="Runtime backend for --engine.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              default="auto", show_default=True, help="Runtime precision for --engine.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Backend CPU threads for --engine.")
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="Dataset folder (pairs, ATLAS 2.0 or ATLAS R1.1 layout).")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Report folder (created; files in it are replaced).")
+@click.option("--split", type=click.Choice(["all", "val", "train"]), default="all",
+              show_default=True, help="All cases, or the checkpoint's own val/train cases.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True,
+              help="Slabs per forward pass.")
+@click.option("--layout", type=click.Choice(["atlas-r1.1", "atlas-v2", "pairs"]), default=None,
+              help="Force the dataset layout.  [default: auto-detect]")
+@click.option("--amp/--no-amp", default=False, show_default=True,
+              help="Mixed-precision inference.")
+@click.option("--boxplot/--no-boxplot", default=True, show_default=True,
+              help="Draw dsc_boxplot.png (needs matplotlib).")
+@handle_errors
+def main(checkpoint: Path | None, engine: Path | None, backend: str, precision: str,
+         threads: int | None, data: Path, out: Path, split: str, device: str, batch_size: int,
+         layout: str | None, amp: bool, boxplot: bool) -> None:
+    """Evaluate CHECKPOINT (or ENGINE) on the cases of DATA; write the report to OUT."""
+    from dunet_deploy.training.evaluate import evaluate_cases, select_cases, write_report
+
+    if batch_size < 1:
+        raise DunetError(f"--batch-size {batch_size}: must be >= 1")
+    if out.exists() and not out.is_dir():
+        raise DunetError(f"--out {out}: exists and is not a folder")
+    if boxplot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise DunetError(
+                "matplotlib is not installed (pip install matplotlib, or --no-boxplot)"
+            ) from None
+    if (checkpoint is None) == (engine is None):
+        raise DunetError("give exactly one of --checkpoint or --engine")
+    if engine is not None:  # the runtime path: no torch
+        from dunet_deploy.runtime import open_runner
+
+        if split != "all":
+            raise DunetError(f"--split {split}: an engine records no split; use --split all")
+        with open_runner(engine, backend, threads=threads, precision=precision,
+                         device=device) as runner:
+            metrics = evaluate_cases(select_cases(data, layout=layout), runner.spec,
+                                     runner.infer, batch_size=batch_size,
+                                     progress=_progress("evaluating"))
+            spec, params = runner.spec, runner.info.params
+            method = f"{runner.info.model_name} ({runner.backend}, {runner.precision})"
+            source: dict[str, Any] = {"engine": str(engine), "backend": runner.backend,
+                                      "precision": runner.precision}
+    else:
+        from dunet_deploy.models import keras_param_count
+        from dunet_deploy.training.checkpoint import load_checkpoint, model_from_checkpoint
+        from dunet_deploy.training.evaluate import evaluate_checkpoint
+
+        doc = load_checkpoint(checkpoint)  # type: ignore[arg-type]  # set: checked above
+        params = keras_param_count(model_from_checkpoint(doc, str(checkpoint)))
+        metrics = evaluate_checkpoint(
+            doc, data, split=split, device=device, batch_size=batch_size, layout=layout,
+            amp=amp, progress=_progress("evaluating"),
+        )
+        spec = doc["spec_obj"]
+        source = {"checkpoint": str(checkpoint), "epoch": int(doc.get("epoch", 0))}
+        method = f"{doc['model_name']} (epoch {source['epoch']})"
+    meta = {**source, "data": str(data), "split": split, "space": "native volume",
+            "threshold": spec.threshold, "spec_digest": spec.digest()}
+    paths = write_report(metrics, out, method=method, params=params, meta=meta,
+                         boxplot=boxplot)
+    click.echo(paths["markdown"].read_text().split("\n\n")[0].rstrip())
+    click.echo(f"wrote {', '.join(p.name for p in paths.values())} to {out}")
+
+
+if __name__ == "__main__":
+    main()

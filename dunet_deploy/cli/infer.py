@@ -1,0 +1,152 @@
+"""``dunet-infer``: segment T1 NIfTI volumes with an exported model (no torch needed).
+
+Example::
+
+    dunet-infer --engine runs/export/model.onnx scans/ extra/*.nii.gz -o out/
+
+writes ``out/<name>_mask.nii.gz`` (uint8, the input's geometry) per volume,
+``out/<name>_prob.nii.gz`` with ``--save-prob``, and ``out/summary.json``.
+
+Exit codes: 0 all volumes segmented; 1 some inputs failed (each reported as
+``error: <input>: <reason>`` on stderr and in summary.json, the others still
+processed); 2 usage or model error (nothing segmented).
+"""
+
+from __future__ import annotations
+
+import os
+
+# numpy's OpenBLAS must be single-threaded here, and this has to happen before
+# numpy is imported: the model backend already uses every core, and the
+# preprocessing matmuls run beside it on the prefetch thread, where a
+# multi-threaded OpenBLAS busy-waits against the backend's threads (a 0.3 s
+# resize measured up to 7 s that way). Set OPENBLAS_NUM_THREADS to override.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from dunet_deploy.cli._common import DunetCommand, handle_errors, one_line
+
+EXIT_SOME_FAILED = 1
+# Same as dunet_deploy.runtime.base (a test keeps them equal); not imported
+# from there because that imports numpy.
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class _Progress:
+    """A tqdm bar over the volumes on stderr, or nothing (not a tty, --quiet, no tqdm)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._enabled = enabled and sys.stderr.isatty()
+        self._bar: Any = None
+
+    def start(self, total: int) -> None:
+        if not self._enabled:
+            return
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return
+        self._bar = tqdm(total=total, unit="vol", file=sys.stderr, dynamic_ncols=True)
+
+    def error(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)  # keeps the bar intact
+        else:
+            click.echo(text, err=True)
+
+    def advance(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+@click.command(cls=DunetCommand)
+@click.option("--engine", "model_path", required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Model: .onnx (ONNX Runtime / OpenVINO) or a TensorRT .plan with its "
+                   ".plan.json sidecar.")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--out", "out_dir", required=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (created if missing).")
+@click.option("--backend", default="auto", show_default=True,
+              type=click.Choice(["auto", *BACKENDS]),
+              help="auto: .plan/.engine -> tensorrt; .onnx -> openvino if installed "
+                   "(bf16 on CPUs that have it: the fastest CPU path), else onnxruntime.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(list(DEVICES)),
+              help="onnxruntime execution provider (auto: CUDA when available, else CPU).")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Slabs per model call (capped at an engine's maximum batch).")
+@click.option("--save-prob", is_flag=True,
+              help="Also write <name>_prob.nii.gz (float32 probabilities).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Backend CPU threads (default: the backend's choice, all cores).")
+@click.option("--precision", default="auto", show_default=True,
+              type=click.Choice(list(PRECISIONS)),
+              help="auto: openvino bf16 where the CPU has it, else the model's precision.")
+@click.option("--triton-url", default=None, metavar="URL",
+              help="Run the model on a dunet-serve Triton server (http://HOST:PORT or "
+                   "grpc://HOST:PORT) instead of locally; --engine still names the model, "
+                   "whose spec the server must match. --backend/--device/--threads/--precision "
+                   "are then not used.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no final summary line.")
+@handle_errors
+def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str, device: str,
+         batch_size: int, save_prob: bool, threads: int | None, precision: str,
+         triton_url: str | None, quiet: bool) -> None:
+    """Segment stroke lesions in INPUT volumes (NIfTI files, directories or glob patterns).
+
+    Writes OUT/<name>_mask.nii.gz per input (same shape, affine, qform/sform
+    and voxel sizes as the input) and OUT/summary.json (per-case status,
+    lesion volume, slabs run/skipped and time per stage).
+    """
+    # Imported here so that `dunet-infer --help` stays instant.
+    from dunet_deploy.runtime.pipeline import SUMMARY_NAME, CaseResult, segment_files
+
+    progress = _Progress(enabled=not quiet)
+
+    def triton_runner(path: Path, info: Any) -> Any:
+        from dunet_deploy.runtime.triton_client import TritonRunner
+
+        return TritonRunner(str(triton_url), expected=info)
+
+    def on_start(runner: Any, total: int) -> None:
+        progress.start(total)
+
+    def on_result(result: CaseResult) -> None:
+        if not result.ok:
+            progress.error(f"error: {one_line(result.message)}")
+        progress.advance()
+
+    try:
+        summary = segment_files(
+            model_path, inputs, out_dir, backend=backend, batch_size=batch_size,
+            save_prob=save_prob, threads=threads, precision=precision, device=device,
+            on_start=on_start, on_result=on_result,
+            runner_factory=triton_runner if triton_url else None,
+        )
+    finally:
+        progress.close()
+    if not quiet:
+        click.echo(
+            f"{summary['ok']}/{summary['total']} volume(s) segmented with {summary['backend']} "
+            f"({summary['precision']}, {summary['device']}) in {summary['wall_s']:.1f} s; "
+            f"summary: {Path(out_dir) / SUMMARY_NAME}"
+        )
+    if summary["failed"]:
+        raise click.exceptions.Exit(EXIT_SOME_FAILED)
+
+
+if __name__ == "__main__":
+    main()

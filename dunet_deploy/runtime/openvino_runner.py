@@ -1,0 +1,168 @@
+"""OpenVINO backend: the ONNX file compiled for the CPU, bf16 where the CPU has it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
+from dunet_deploy.errors import DunetError
+from dunet_deploy.runtime.base import Runner, one_line
+
+__all__ = ["OpenVINORunner", "choose_precision_hint"]
+
+# Our precision names -> OpenVINO element type names, and back.
+_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+_NAMES = {v: k for k, v in _HINTS.items()}
+# OPTIMIZATION_CAPABILITIES entry that says the CPU computes a precision natively.
+_CAPABILITY = {"bf16": "BF16", "fp16": "FP16"}
+
+
+def choose_precision_hint(
+    requested: str, capabilities: Sequence[str], cpu_name: str = "CPU"
+) -> str:
+    """Map a precision request to an ``INFERENCE_PRECISION_HINT`` value.
+
+    ``auto`` is bf16 on CPUs that report ``BF16`` in
+    ``OPTIMIZATION_CAPABILITIES`` (AVX512-BF16 or AMX), fp32 elsewhere. An
+    explicit ``bf16`` / ``fp16`` on a CPU without it is refused, because
+    OpenVINO would silently compute in fp32 instead.
+
+    Args:
+        requested: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
+        capabilities: ``core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")``.
+        cpu_name: For the error message.
+
+    Returns:
+        ``"f32"``, ``"bf16"`` or ``"f16"``.
+
+    Raises:
+        DunetError: when the CPU cannot compute the requested precision.
+    """
+    caps = {str(c).upper() for c in capabilities}
+    if requested == "auto":
+        return "bf16" if "BF16" in caps else "f32"
+    if requested not in _HINTS:
+        raise DunetError(f"openvino: unknown precision {requested!r}")
+    needed = _CAPABILITY.get(requested)
+    if needed is not None and needed not in caps:
+        raise DunetError(
+            f"openvino: {cpu_name} has no native {requested} (OPTIMIZATION_CAPABILITIES: "
+            f"{', '.join(sorted(caps)) or 'none'}); use --precision fp32 or auto"
+        )
+    return _HINTS[requested]
+
+
+class OpenVINORunner(Runner):
+    """A model compiled by OpenVINO for the CPU, with one reused infer request.
+
+    The ONNX is read directly (no IR conversion step). Its input is reshaped
+    to ``[?, C, S, S]`` so any batch size runs without recompiling. The
+    latency performance hint gives one stream using all ``threads``.
+
+    Args:
+        model_path: The ``.onnx`` file.
+        info: Its :class:`ArtifactInfo`.
+        threads: ``INFERENCE_NUM_THREADS``; ``None`` lets OpenVINO use all cores.
+        precision: ``auto`` (bf16 if the CPU has it, else fp32), ``fp32``,
+            ``bf16`` or ``fp16``.
+        device: ``auto`` or ``cpu``.
+
+    Raises:
+        DunetError: when openvino is missing, the precision is not native on
+            this CPU, or the model cannot be read or compiled.
+    """
+
+    backend = "openvino"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        info: ArtifactInfo,
+        *,
+        threads: int | None = None,
+        precision: str = "auto",
+        device: str = "auto",
+    ) -> None:
+        super().__init__(model_path, info)
+        if device not in ("auto", "cpu"):
+            raise DunetError(f"openvino: only the CPU is supported, not --device {device}")
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise DunetError(f"openvino is not importable ({one_line(exc)})") from None
+        core = ov.Core()
+        self._cpu_name = str(core.get_property("CPU", "FULL_DEVICE_NAME"))
+        caps = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+        hint = choose_precision_hint(precision, caps, self._cpu_name)
+        try:
+            model = core.read_model(str(self.model_path))
+        except Exception as exc:  # openvino raises RuntimeError/GeneralFailure subclasses
+            raise DunetError(
+                f"{self.model_path}: openvino cannot read the model ({one_line(exc)})"
+            ) from None
+        names = [sorted(p.get_names()) for p in model.inputs]
+        if len(model.inputs) != 1 or INPUT_NAME not in names[0]:
+            raise DunetError(f"{self.model_path}: graph must have one input '{INPUT_NAME}', "
+                             f"has {names}")
+        if not any(OUTPUT_NAME in o.get_names() for o in model.outputs):
+            raise DunetError(f"{self.model_path}: graph has no output '{OUTPUT_NAME}'")
+        pshape = model.input(0).get_partial_shape()
+        if pshape.rank.is_dynamic or pshape.rank.get_length() != 4:
+            raise DunetError(f"{self.model_path}: input '{INPUT_NAME}' must be 4D, got {pshape}")
+        c, s = self.spec.in_channels, self.spec.image_size
+        graph = tuple(None if d.is_dynamic else d.get_length() for d in pshape)
+        self._check_graph_shape(graph)
+        if not (pshape[0].is_dynamic and graph[1:] == (c, s, s)):
+            # Dynamic batch, static slab: any N runs without recompiling.
+            model.reshape({INPUT_NAME: ov.PartialShape([-1, c, s, s])})
+        config: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": hint,
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        if threads is not None:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            self._compiled = core.compile_model(model, "CPU", config)
+        except Exception as exc:
+            raise DunetError(
+                f"{self.model_path}: openvino cannot compile the model ({one_line(exc)})"
+            ) from None
+        actual = self._compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        self._precision = _NAMES.get(actual, actual)
+        self._threads = int(self._compiled.get_property("INFERENCE_NUM_THREADS"))
+        self._request = self._compiled.create_infer_request()
+        self._out_index = next(
+            i for i, o in enumerate(self._compiled.outputs) if OUTPUT_NAME in o.get_names()
+        )
+        self._c, self._s = c, s
+        self.version = ov.get_version()
+
+    @property
+    def input_shape(self) -> tuple[int | None, int, int, int]:
+        return (None, self._c, self._s, self._s)
+
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    @property
+    def device(self) -> str:
+        return f"cpu ({self._cpu_name})"
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "threads": self._threads, "openvino": self.version}
+
+    def _run(self, slabs: np.ndarray) -> np.ndarray:
+        # share_inputs: no copy of the (contiguous float32) slabs into OpenVINO.
+        self._request.infer({0: slabs}, share_inputs=True)
+        # The output tensor is reused by the next call: hand out a copy.
+        return np.array(self._request.get_output_tensor(self._out_index).data, copy=True)
+
+    def close(self) -> None:
+        self._request = None
+        self._compiled = None
+        super().close()

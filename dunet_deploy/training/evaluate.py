@@ -1,0 +1,395 @@
+"""Native-space evaluation of a segmentation model (paper Table 2 and Fig. 4).
+
+The pipeline is the runtime's, with the network as a pluggable callable::
+
+    volume --volume_to_slices--> [Z, S, S] --slices_to_slabs (non-empty only)-->
+    predict(float32 [N, C, S, S]) -> float32 [N, 1, S, S]
+    --> [Z, 1, S, S] (empty slabs = 0) --probs_to_volume--> volume probabilities
+    --> case_metrics(threshold = spec.threshold) against the native mask
+
+so a PyTorch checkpoint (:func:`evaluate_checkpoint`), an ONNX model or a
+TensorRT engine are scored identically. Reports (:func:`write_report`): a
+per-case CSV, a Table-2 summary as markdown and JSON, and a box plot of the
+per-case DSC like the paper's Fig. 4.
+
+This module does not import torch at module level (only
+:func:`evaluate_checkpoint` does, when called), so the torch-free runtime can
+reuse it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from dunet_deploy.artifacts import atomic_write_bytes
+from dunet_deploy.data.layouts import Case, discover_cases
+from dunet_deploy.data.nifti import load_mask, load_nifti
+from dunet_deploy.data.preprocess import (
+    nonempty_slab_indices,
+    probs_to_volume,
+    slices_to_slabs,
+    volume_to_slices,
+)
+from dunet_deploy.errors import DunetError
+from dunet_deploy.metrics import CaseMetrics, case_metrics, format_summary, summarize
+from dunet_deploy.spec import PreprocessSpec
+
+__all__ = [
+    "CSV_FIELDS",
+    "SPLITS",
+    "Predictor",
+    "evaluate_case",
+    "evaluate_cases",
+    "evaluate_checkpoint",
+    "predict_slab_grid",
+    "predict_volume",
+    "select_cases",
+    "table2_markdown",
+    "write_boxplot",
+    "write_report",
+]
+
+#: ``predict(slabs float32 [N, C, S, S]) -> probabilities float32 [N, 1, S, S]``.
+Predictor = Callable[[np.ndarray], np.ndarray]
+Progress = Callable[[int, int, str], None]
+SPLITS = ("all", "train", "val")
+CSV_FIELDS = ("case_id", "dsc", "recall", "precision", "tp", "fp", "fn")
+
+
+# ------------------------------------------------------------- prediction
+def predict_slab_grid(
+    volume: npt.ArrayLike, spec: PreprocessSpec, predict: Predictor, *, batch_size: int = 16
+) -> np.ndarray:
+    """Run ``predict`` on every non-empty slab of a raw volume.
+
+    Args:
+        volume: Raw volume (in-plane shape as the spec says).
+        spec: The preprocessing spec.
+        predict: The network.
+        batch_size: Slabs per ``predict`` call.
+
+    Returns:
+        float32 ``[Z, 1, S, S]``; slabs without any nonzero voxel in the crop
+        box are 0 (the runtime skips them).
+
+    Raises:
+        DunetError: when the volume does not fit the spec, or ``predict``
+            returns the wrong shape.
+    """
+    vol = np.asarray(volume)
+    slices = volume_to_slices(vol, spec)
+    z, s = slices.shape[0], spec.image_size
+    probs = np.zeros((z, 1, s, s), dtype=np.float32)
+    indices = nonempty_slab_indices(vol, spec)
+    step = max(1, int(batch_size))
+    for i in range(0, indices.size, step):
+        idx = indices[i : i + step]
+        out = np.asarray(predict(slices_to_slabs(slices, spec, idx)), dtype=np.float32)
+        if out.shape != (idx.size, 1, s, s):
+            raise DunetError(
+                f"predictor returned shape {out.shape} for {idx.size} slabs; expected "
+                f"{(idx.size, 1, s, s)}"
+            )
+        probs[idx] = out
+    return probs
+
+
+def predict_volume(
+    volume: npt.ArrayLike, spec: PreprocessSpec, predict: Predictor, *, batch_size: int = 16
+) -> np.ndarray:
+    """Lesion probabilities of a raw volume in its own voxel grid.
+
+    Returns:
+        float32 array of the volume's shape (0 outside the crop box).
+    """
+    vol = np.asarray(volume)
+    grid = predict_slab_grid(vol, spec, predict, batch_size=batch_size)
+    return probs_to_volume(grid, spec, vol.shape)
+
+
+def evaluate_case(
+    case: Case, spec: PreprocessSpec, predict: Predictor, *, batch_size: int = 16
+) -> CaseMetrics:
+    """Native-space scores of one case (image and mask files).
+
+    Raises:
+        DunetError: naming the case when its files cannot be read or do not
+            fit the spec.
+    """
+    image = load_nifti(case.image)
+    mask = load_mask(list(case.masks))
+    if mask.shape != image.data.shape:
+        raise DunetError(
+            f"case {case.case_id}: mask shape {mask.shape} differs from image shape "
+            f"{image.data.shape}"
+        )
+    try:
+        probs = predict_volume(image.data, spec, predict, batch_size=batch_size)
+    except DunetError as exc:
+        raise DunetError(f"case {case.case_id}: {exc}") from None
+    return case_metrics(case.case_id, probs, mask, threshold=spec.threshold)
+
+
+def evaluate_cases(
+    cases: Sequence[Case],
+    spec: PreprocessSpec,
+    predict: Predictor,
+    *,
+    batch_size: int = 16,
+    progress: Progress | None = None,
+) -> list[CaseMetrics]:
+    """:func:`evaluate_case` for each case, in order.
+
+    Args:
+        cases: Cases to score.
+        spec: The preprocessing spec of the model.
+        predict: The network.
+        batch_size: Slabs per ``predict`` call.
+        progress: Optional ``callback(done, total, case_id)`` after each case.
+    """
+    out = []
+    for k, case in enumerate(cases):
+        out.append(evaluate_case(case, spec, predict, batch_size=batch_size))
+        if progress is not None:
+            progress(k + 1, len(cases), case.case_id)
+    return out
+
+
+def select_cases(
+    data_dir: str | os.PathLike[str],
+    *,
+    layout: str | None = None,
+    case_ids: Sequence[str] | None = None,
+) -> list[Case]:
+    """Discover a dataset's cases, optionally only ``case_ids`` (in that order).
+
+    Raises:
+        DunetError: when the folder has no cases or a requested id is missing.
+    """
+    _, cases = discover_cases(data_dir, layout)
+    if case_ids is None:
+        return cases
+    by_id = {c.case_id: c for c in cases}
+    missing = [cid for cid in case_ids if cid not in by_id]
+    if missing:
+        raise DunetError(
+            f"{data_dir}: case {missing[0]!r} of the requested split is not in the dataset "
+            f"({len(missing)} missing)"
+        )
+    return [by_id[cid] for cid in case_ids]
+
+
+# ----------------------------------------------------------------- reports
+def table2_markdown(
+    summary: Mapping[str, Any], *, method: str, params: int | None = None
+) -> str:
+    """The paper's Table 2 as a markdown table with one row.
+
+    Columns: DSC (mean ± std over cases), DSC (global, pooled voxels), Recall,
+    Precision (mean ± std), Total parameters (Keras counting).
+    """
+
+    def pm(key: str) -> str:
+        return f"{float(summary[f'{key}_mean']):.4f}±{float(summary[f'{key}_std']):.4f}"
+
+    p = f"{params:,}" if params is not None else "–"
+    return (
+        "| Method | DSC | DSC (global) | Recall | Precision | Total parameters |\n"
+        "|---|---:|---:|---:|---:|---:|\n"
+        f"| {method} | {pm('dsc')} | {float(summary['dsc_global']):.4f} | {pm('recall')} | "
+        f"{pm('precision')} | {p} |\n"
+    )
+
+
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend.
+
+    Raises:
+        DunetError: when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DunetError("matplotlib is not installed (pip install matplotlib, or --no-boxplot)"
+                         ) from None
+    return plt
+
+
+def write_boxplot(
+    metrics: Sequence[CaseMetrics], path: str | os.PathLike[str], *, title: str = "",
+    label: str = "model",
+) -> Path:
+    """Box plot of the per-case DSC (paper Fig. 4), with the cases as dots.
+
+    Uses matplotlib's Agg backend (no display needed).
+
+    Raises:
+        DunetError: when matplotlib is not installed.
+    """
+    plt = _pyplot()
+    values = [m.dsc for m in metrics]
+    fig, ax = plt.subplots(figsize=(3.2, 4.0), dpi=120)
+    try:
+        ax.boxplot([values], widths=0.5, showmeans=True)
+        ax.set_xticks([1], [label])
+        jitter = np.random.default_rng(0).uniform(-0.08, 0.08, len(values))
+        ax.scatter(1 + jitter, values, s=10, alpha=0.6, color="tab:blue", zorder=3)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("DSC per case")
+        ax.set_title(title or f"{len(values)} cases", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+    finally:
+        plt.close(fig)
+    out = Path(path)
+    atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+def write_report(
+    metrics: Sequence[CaseMetrics],
+    out_dir: str | os.PathLike[str],
+    *,
+    method: str = "model",
+    params: int | None = None,
+    meta: Mapping[str, Any] | None = None,
+    boxplot: bool = True,
+) -> dict[str, Path]:
+    """Write ``cases.csv``, ``summary.json``, ``summary.md`` and ``dsc_boxplot.png``.
+
+    Every file is written atomically; ``out_dir`` is created if needed.
+
+    Args:
+        metrics: Per-case scores.
+        out_dir: Report folder.
+        method: Row label of the table (e.g. the model name).
+        params: Parameter count for the table.
+        meta: Extra JSON-able facts for ``summary.json`` (checkpoint, split...).
+        boxplot: Also draw the box plot.
+
+    Returns:
+        ``{"csv", "json", "markdown", "boxplot"}`` -> path (``boxplot`` only
+        when drawn).
+    """
+    if not metrics:
+        raise DunetError("no cases to report")
+    if boxplot:
+        _pyplot()  # fail before writing anything
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(metrics)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(CSV_FIELDS), lineterminator="\n")
+    writer.writeheader()
+    for m in metrics:
+        row = asdict(m)
+        writer.writerow({k: repr(row[k]) if isinstance(row[k], float) else row[k]
+                         for k in CSV_FIELDS})
+    paths = {"csv": out / "cases.csv", "json": out / "summary.json",
+             "markdown": out / "summary.md"}
+    atomic_write_bytes(paths["csv"], buf.getvalue().encode())
+    doc = {"method": method, **summary, "params": params,
+           "table2": format_summary(summary, params), **dict(meta or {})}
+    atomic_write_bytes(paths["json"], (json.dumps(doc, indent=2) + "\n").encode())
+    lines = [table2_markdown(summary, method=method, params=params)]
+    facts = {"cases": summary["cases"], **dict(meta or {})}
+    lines.append("\n" + "".join(f"- {k}: {v}\n" for k, v in facts.items()))
+    atomic_write_bytes(paths["markdown"], "".join(lines).encode())
+    if boxplot:
+        paths["boxplot"] = write_boxplot(
+            metrics, out / "dsc_boxplot.png", label=method,
+            title=f"{method}: DSC {float(summary['dsc_mean']):.3f} "
+                  f"({int(summary['cases'])} cases)",
+        )
+    return paths
+
+
+# -------------------------------------------------------- torch checkpoints
+def _split_ids(doc: Mapping[str, Any], split: str, source: str) -> list[str] | None:
+    if split not in SPLITS:
+        raise DunetError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+    if split == "all":
+        return None
+    recorded = (doc.get("config") or {}).get("split") or {}
+    ids = recorded.get(split)
+    if not isinstance(ids, list) or not ids:
+        raise DunetError(f"{source}: checkpoint records no {split!r} split (use --split all)")
+    return [str(i) for i in ids]
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike[str] | Mapping[str, Any],
+    data_dir: str | os.PathLike[str],
+    *,
+    split: str = "all",
+    device: str = "auto",
+    batch_size: int = 16,
+    layout: str | None = None,
+    amp: bool = False,
+    progress: Progress | None = None,
+) -> list[CaseMetrics]:
+    """Native-space scores of a PyTorch checkpoint on a dataset.
+
+    Args:
+        checkpoint: A ``.pt`` path, or a dict from ``load_checkpoint``.
+        data_dir: Dataset folder.
+        split: ``"all"`` cases, or the checkpoint's recorded ``"val"`` or
+            ``"train"`` cases.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        batch_size: Slabs per forward pass.
+        layout: Force a dataset layout.
+        amp: Mixed-precision inference.
+        progress: Optional ``callback(done, total, case_id)``.
+
+    Returns:
+        Per-case metrics, in dataset (or split) order.
+
+    Raises:
+        DunetError: for a bad checkpoint, data folder, split or device.
+    """
+    import torch
+
+    from dunet_deploy.training.checkpoint import (
+        checkpoint_spec,
+        load_checkpoint,
+        model_from_checkpoint,
+    )
+    from dunet_deploy.training.trainer import resolve_device
+
+    if isinstance(checkpoint, Mapping):
+        doc, source = dict(checkpoint), "checkpoint"
+    else:
+        doc, source = load_checkpoint(checkpoint), str(checkpoint)
+    ids = _split_ids(doc, split, source)
+    dev = resolve_device(device)
+    cases = select_cases(data_dir, layout=layout, case_ids=ids)
+    spec: PreprocessSpec = doc.get("spec_obj") or checkpoint_spec(doc, source)
+    model = model_from_checkpoint(doc, source).to(dev).eval()
+
+    def predict(slabs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            x = torch.from_numpy(np.ascontiguousarray(slabs, dtype=np.float32)).to(dev)
+            if amp:
+                dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
+                with torch.autocast(dev.type, dtype=dtype):
+                    y = model(x)
+            else:
+                y = model(x)
+            return y.float().cpu().numpy()
+
+    return evaluate_cases(cases, spec, predict, batch_size=batch_size, progress=progress)

@@ -1,0 +1,188 @@
+"""The TensorRT backend without TensorRT or a GPU: real absence, fakes, and mypy on the stubs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import runtime_testutils as rt
+import trt_stubs
+
+from dunet_deploy.artifacts import read_artifact_info
+from dunet_deploy.errors import DunetError
+from dunet_deploy.runtime import open_runner
+from dunet_deploy.runtime import tensorrt_runner as trt_runner
+from dunet_deploy.runtime.tensorrt_runner import GpuInfo, check_sidecar
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Path:
+    return rt.write_fake_engine(tmp_path / "model.plan", rt.tiny_spec())
+
+
+@pytest.fixture
+def fake_trt(monkeypatch: pytest.MonkeyPatch) -> tuple[types.ModuleType, rt.FakeMemory]:
+    memory = rt.FakeMemory()
+    module = rt.make_fake_tensorrt(memory, rt.tiny_spec(), max_batch=16)
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    monkeypatch.setattr(trt_runner, "default_memory", lambda device=0: memory)
+    return module, memory
+
+
+def test_runner_with_fake_tensorrt(engine, fake_trt):
+    module, memory = fake_trt
+    x = np.random.default_rng(1).standard_normal((37, 4, 32, 32)).astype(np.float32)
+    with open_runner(engine) as runner:  # auto: .plan -> tensorrt
+        assert runner.backend == "tensorrt"
+        assert runner.max_batch == 16 and runner.input_shape == (None, 4, 32, 32)
+        assert runner.precision == "fp32"
+        assert "NVIDIA H100" in runner.device
+        out = runner.infer(x)
+        again = runner.infer(x[:5])
+    np.testing.assert_allclose(out, rt.fake_engine_fn(x), rtol=1e-6)
+    np.testing.assert_allclose(again, rt.fake_engine_fn(x[:5]), rtol=1e-6)
+    # Buffers once, for the profile's max batch; shapes rebound only when N changes.
+    assert len(memory.allocs) == 2 and memory.pinned_shapes == [(16, 4, 32, 32), (16, 1, 32, 32)]
+    assert module.calls["execute"] == [16, 16, 5, 5]
+    assert module.calls["set_input_shape"] == [(16, 4, 32, 32), (5, 4, 32, 32)]
+    assert memory.copies[:3] == ["htod", "dtoh", "sync"]
+    assert memory.closed
+
+
+def test_fixed_precision_of_engine(engine, fake_trt):
+    with pytest.raises(DunetError, match="exported precision fp32"):
+        open_runner(engine, precision="fp16")
+    assert fake_trt[1].closed is False  # refused before touching the GPU
+
+
+@pytest.mark.parametrize(
+    ("trt_version", "gpu", "match"),
+    [
+        ("10.9.0.34", rt.GPU, r"built with TensorRT 10\.9\.0\.34, this is TensorRT 10\.13\.0\.35"),
+        (rt.TRT_VERSION, GpuInfo(0, "NVIDIA A100-SXM4-80GB", "8.0"),
+         r"compute capability 8\.0 \(NVIDIA A100-SXM4-80GB\), this GPU is NVIDIA H100"),
+        (rt.TRT_VERSION, GpuInfo(0, "NVIDIA H100 PCIe", "9.0"),
+         r"built on NVIDIA H100 PCIe, this GPU is NVIDIA H100 80GB HBM3"),
+    ],
+)
+def test_sidecar_mismatch_is_refused(tmp_path, fake_trt, trt_version, gpu, match):
+    plan = rt.write_fake_engine(tmp_path / "model.plan", rt.tiny_spec(), trt_version=trt_version,
+                                gpu=gpu)
+    with pytest.raises(DunetError, match=match) as exc:
+        open_runner(plan)
+    assert "\n" not in str(exc.value) and str(exc.value).startswith(str(plan))
+    assert fake_trt[1].closed
+
+
+def test_sidecar_without_version(tmp_path):
+    plan = rt.write_fake_engine(tmp_path / "m.plan", rt.tiny_spec())
+    info = read_artifact_info(plan)
+    bare = type(info)(**{**info.__dict__, "extra": {}})
+    with pytest.raises(DunetError, match="does not say which TensorRT"):
+        check_sidecar(plan, bare, rt.TRT_VERSION, rt.GPU)
+    nested = type(info)(**{**info.__dict__, "extra": {"tensorrt_version": rt.TRT_VERSION,
+                                                      "gpu_name": rt.GPU.name,
+                                                      "compute_capability": [9, 0]}})
+    check_sidecar(plan, nested, rt.TRT_VERSION, rt.GPU)
+
+
+def test_corrupt_engine(tmp_path, fake_trt):
+    plan = rt.write_fake_engine(tmp_path / "model.plan", rt.tiny_spec(), blob=b"garbage")
+    with pytest.raises(DunetError, match="cannot deserialise this engine"):
+        open_runner(plan)
+
+
+def test_real_absence_of_tensorrt(engine, monkeypatch):
+    """Here (and in CI) TensorRT is absent, or only its type stubs are installed."""
+    try:
+        import tensorrt
+
+        if hasattr(tensorrt, "Runtime"):
+            pytest.skip("a real TensorRT is installed")
+    except ImportError:
+        pass
+    with pytest.raises(DunetError, match=r"^TensorRT is not installed .*pip install") as exc:
+        open_runner(engine)
+    assert "\n" not in str(exc.value)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # not even the stubs
+    with pytest.raises(DunetError, match=r"^TensorRT is not installed \("):
+        open_runner(engine)
+
+
+def test_no_cuda_bindings(engine, fake_trt, monkeypatch):
+    monkeypatch.undo()  # keep the fake tensorrt, use the real default_memory
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt[0])
+    for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart", "pycuda",
+                 "pycuda.driver"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(DunetError, match=r"needs CUDA Python bindings: pip install cuda-python"):
+        open_runner(engine)
+
+
+class _FakeCudart:
+    """cuda-python's runtime module on a machine whose driver is missing."""
+
+    class cudaError_t:
+        cudaSuccess = 0
+        cudaErrorInsufficientDriver = 35
+
+    def cudaGetDeviceCount(self):
+        return (self.cudaError_t.cudaErrorInsufficientDriver, 0)
+
+    def cudaGetErrorName(self, err):
+        return (0, b"cudaErrorInsufficientDriver")
+
+    def cudaGetErrorString(self, err):
+        return (0, b"CUDA driver version is insufficient for CUDA runtime version")
+
+
+def test_no_gpu(engine, fake_trt, monkeypatch):
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt[0])
+    monkeypatch.setattr(trt_runner, "_import_cudart", lambda: _FakeCudart())
+    with pytest.raises(DunetError, match=r"^TensorRT needs a usable NVIDIA GPU: cudaGetDeviceCount "
+                                         r"failed with cudaErrorInsufficientDriver"):
+        open_runner(engine)
+
+
+def test_no_gpu_real_cuda_python(engine, fake_trt, monkeypatch):
+    """The real cuda-python on this GPU-less machine."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        pytest.skip("cuda-python is not installed")
+    err, count = cudart.cudaGetDeviceCount()
+    if err == cudart.cudaError_t.cudaSuccess and count > 0:
+        pytest.skip("a GPU is present")
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt[0])
+    with pytest.raises(DunetError, match=r"^TensorRT needs .*NVIDIA GPU"):
+        open_runner(engine)
+
+
+def test_typechecks_against_tensorrt_stubs(tmp_path):
+    """mypy with the (patched) tensorrt-stubs: the runner is clean and the stubs are live."""
+    if trt_stubs.stubs_site() is None:
+        pytest.skip("tensorrt-stubs is not installed")
+    config = trt_stubs.build(tmp_path)
+    probe = tmp_path / "probe_stubs_live.py"
+    probe.write_text(
+        "import tensorrt as trt\n\n\n"
+        "def probe(engine: trt.ICudaEngine) -> int:\n"
+        "    return engine.no_such_attribute\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", str(config), "--no-incremental",
+         "--cache-dir", str(tmp_path / "cache"), "dunet_deploy/runtime", str(probe)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    errors = [line for line in proc.stdout.splitlines() if ": error:" in line]
+    # Exactly the probe's error: stubs resolved (not Any), runtime package clean.
+    assert len(errors) == 1, proc.stdout + proc.stderr
+    assert "probe_stubs_live.py:5" in errors[0] and "no_such_attribute" in errors[0]

@@ -11,12 +11,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test lint typecheck pytest demo bench-cpu clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile tests/trt_stubs.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)" -e ".[$(EXTRAS)]"
 	# The stubs' metadata requires the real TensorRT wheel (CUDA only): install them alone.
 	$(BIN)/python -m pip install --quiet --no-deps "$(TRT_STUBS)"
+	# ... and they need a few syntax repairs before mypy can read them (see tests/trt_stubs.py).
+	$(BIN)/python tests/trt_stubs.py $(VENV)/trt-typings
 	touch $(STAMP)
 
 install: $(STAMP)

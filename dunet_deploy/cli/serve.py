@@ -3,7 +3,8 @@
 Example::
 
     dunet-serve --engine runs/export/model.onnx --http-port 8000 --grpc-port 8001
-    dunet-infer --engine runs/export/model.onnx --triton-url grpc://127.0.0.1:8001 scan.nii.gz -o out
+    dunet-infer --engine runs/export/model.onnx --triton-url grpc://127.0.0.1:8001 \\
+        scan.nii.gz -o out
 
 The server listens on 127.0.0.1 unless ``--host`` says otherwise, prints one
 ``ready`` line with its URLs when it accepts requests, and stops cleanly on

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import runtime_testutils as rt
-import trt_stubs
+import trt_stubs  # tests/trt_stubs.py (tests/ is on sys.path through its conftest)
 
 from dunet_deploy.artifacts import read_artifact_info
 from dunet_deploy.errors import DunetError

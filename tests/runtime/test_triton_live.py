@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from runtime_testutils import export_tiny_onnx, write_volume  # noqa: E402
+from runtime_testutils import export_tiny_onnx, write_volume
 
 pytest.importorskip("pytriton")
 pytest.importorskip("tritonclient.http")
@@ -47,7 +47,7 @@ class Server:
     def __init__(self, model: Path, log: Path, extra: list[str] | None = None) -> None:
         self.http, self.grpc, self.metrics = _free_ports(3)
         self.log_path = log
-        self._log = open(log, "w")  # noqa: SIM115 - closed in stop()
+        self._log = open(log, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dunet_deploy.cli.serve", "--engine", str(model),
              "--backend", "onnxruntime", "--threads", "1",
@@ -102,7 +102,8 @@ def served(tmp_path_factory):
         yield root, model, volumes, server
     finally:
         rc = server.stop()
-        assert rc == 0, f"server did not stop cleanly (rc={rc}):\n{server.log_path.read_text()[-2000:]}"
+        log = server.log_path.read_text()[-2000:]
+        assert rc == 0, f"server did not stop cleanly (rc={rc}):\n{log}"
 
 
 def test_two_clients_match_local_inference(served):
@@ -128,7 +129,7 @@ def test_two_clients_match_local_inference(served):
 
 
 def test_client_refuses_a_server_with_another_spec(served, tmp_path):
-    root, _, volumes, server = served
+    _, _, volumes, server = served
     from runtime_testutils import tiny_spec
 
     from dunet_deploy.export.onnx_export import export_onnx

@@ -1,0 +1,391 @@
+"""``dunet-export``: artefacts, verification gates, bad input, nothing written on failure."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dunet_deploy.artifacts import read_artifact_info, read_sidecar
+from dunet_deploy.cli import export as cli
+from dunet_deploy.export import tensorrt_build as tb
+from dunet_deploy.export import verify as ver
+from dunet_deploy.models import create_model, model_kwargs
+from dunet_deploy.training.checkpoint import save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _helpers() -> ModuleType:
+    name = "dunet_export_test_helpers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, ROOT / "tests" / "export" / "export_helpers.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+H = _helpers()
+
+
+@pytest.fixture(scope="module")
+def spec32():  # type: ignore[no-untyped-def]
+    return H.tiny_spec()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory, spec32) -> Path:  # type: ignore[no-untyped-def]
+    """Trained tiny D-UNet checkpoint (numerics are meaningful, FP16 passes)."""
+    path = tmp_path_factory.mktemp("cli") / "tiny.pt"
+    save_checkpoint(
+        path,
+        model=H.train_tiny(spec32),
+        spec=spec32,
+        epoch=2,
+        metrics={"dice": 0.4},
+        best_metrics={"dice": 0.45},
+    )
+    return path
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    res = CliRunner().invoke(cli.main, [str(a) for a in args])
+    if res.exception and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return res.exit_code, res.stdout, res.stderr
+
+
+def _one_line_error(code: int, err: str) -> str:
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+# ------------------------------------------------------------------ success
+def test_default_export_writes_onnx_and_json(ckpt: Path, tmp_path: Path, spec32) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out"
+    code, stdout, err = run(ckpt, "-o", out, "--seed", "3")
+    assert code == 0, err
+    assert _files(out) == ["model.json", "model.onnx"]
+    assert _files(tmp_path) == ["out", "out/model.json", "out/model.onnx"]  # no staging left
+    assert "verification of model.onnx" in stdout and "synthetic" in stdout
+    info = read_artifact_info(out / "model.onnx")
+    assert info.spec == spec32 and info.metrics == {"dice": 0.4} and info.precision == "fp32"
+    doc = json.loads((out / "model.json").read_text())
+    assert doc["source"]["checkpoint"] == "tiny.pt" and doc["source"]["epoch"] == 2
+    assert doc["source"]["best_metrics"] == {"dice": 0.45}
+    assert doc["onnx"]["opset"] == 17
+    assert doc["flops_per_slab"] > 0
+    rows = doc["verification"]["rows"]
+    assert {r["inputs"] for r in rows} == {"random", "synthetic"}
+    assert all(r["passed"] and r["max_abs"] <= 1e-4 for r in rows)
+    assert read_sidecar(out / "model.json").spec == spec32
+
+
+def test_fp16_and_triton(ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, stdout, err = run(
+        ckpt,
+        "-o",
+        out,
+        "--format",
+        "onnx-fp16",
+        "--format",
+        "triton",
+        "--batch-range",
+        "1,4,16",
+        "--seed",
+        "3",
+    )
+    assert code == 0, err
+    assert _files(out) == [
+        "model_fp16.json",
+        "model_fp16.onnx",
+        "triton",
+        "triton/dunet",
+        "triton/dunet/1",
+        "triton/dunet/1/model.onnx",
+        "triton/dunet/config.pbtxt",
+    ]
+    assert "verification of model_fp16.onnx" in stdout
+    info = read_artifact_info(out / "model_fp16.onnx")
+    assert info.precision == "fp16"
+    doc = json.loads((out / "model_fp16.json").read_text())
+    assert doc["fp16"]["policy"]["keep_head"] is True
+    syn = [r for r in doc["verification"]["rows"] if r["inputs"] == "synthetic"]
+    assert syn and all(r["passed"] and r["positives"] > 0 for r in syn)
+    assert "max_batch_size: 16" in (out / "triton/dunet/config.pbtxt").read_text()
+    m = onnx.load(str(out / "triton/dunet/1/model.onnx"))
+    assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_trt_with_fake_tensorrt(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trt = H.make_fake_tensorrt("10.13.0.35")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(tb, "probe_gpu", lambda: tb.GpuInfo("Fake GPU", "9.0", "cuda-python"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "timing.cache").write_bytes(b"cache")
+    code, _, err = run(
+        ckpt,
+        "-o",
+        out,
+        "--format",
+        "trt",
+        "--format",
+        "triton",
+        "--triton-backend",
+        "trt",
+        "--workspace-mb",
+        "256",
+        "--opt-level",
+        "4",
+        "--no-verify",
+    )
+    assert code == 0, err
+    assert _files(out) == [
+        "model.plan",
+        "model.plan.json",
+        "timing.cache",
+        "triton",
+        "triton/dunet",
+        "triton/dunet/1",
+        "triton/dunet/1/model.plan",
+        "triton/dunet/config.pbtxt",
+    ]
+    built = json.loads((out / "model.plan").read_bytes())
+    assert built["source"] == "model_fp16.onnx" and built["network_flags"] == 2
+    assert built["workspace"] == 256 << 20 and built["opt_level"] == 4
+    assert (out / "timing.cache").read_bytes() == b"cache+tuned"
+    side = read_artifact_info(out / "model.plan")
+    assert side.precision == "fp16"
+    assert side.extra["tensorrt_version"] == "10.13.0.35"
+    assert side.extra["gpu"]["compute_capability"] == "9.0"
+    assert side.extra["profile"]["opt"] == [8, 4, 32, 32]
+    assert 'platform: "tensorrt_plan"' in (out / "triton/dunet/config.pbtxt").read_text()
+
+
+# ------------------------------------------------------ failures write nothing
+def _assert_nothing_written(tmp_path: Path, out: Path) -> None:
+    assert not out.exists()
+    leftovers = [p for p in tmp_path.iterdir() if "dunet-export" in p.name]
+    assert leftovers == []
+
+
+def test_fp32_verification_failure(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = ver.run_onnxruntime
+    monkeypatch.setattr(ver, "run_onnxruntime", lambda *a, **k: real(*a, **k) + 1e-3)
+    out = tmp_path / "out"
+    code, stdout, err = run(ckpt, "-o", out)
+    line = _one_line_error(code, err)
+    assert "verification failed" in line and "1.00e-03" in line
+    assert "NO" in stdout  # the table shows the failing rows
+    _assert_nothing_written(tmp_path, out)
+
+
+def test_fp16_refused_below_agreement(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = ver.run_openvino
+
+    def flipped(*a, **k):  # type: ignore[no-untyped-def]
+        p = real(*a, **k)
+        p.reshape(-1)[: p.size // 100] = 1 - p.reshape(-1)[: p.size // 100]  # flip 1 %
+        return p
+
+    monkeypatch.setattr(ver, "run_openvino", flipped)
+    monkeypatch.setattr(ver, "openvino_available", lambda: True)
+    out = tmp_path / "out"
+    code, _, err = run(ckpt, "-o", out, "--format", "onnx", "--format", "onnx-fp16", "--seed", "3")
+    line = _one_line_error(code, err)
+    assert "FP16 verification failed" in line and "openvino" in line
+    _assert_nothing_written(tmp_path, out)
+
+
+def test_existing_outputs_survive_a_failure(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.onnx").write_bytes(b"previous")
+    monkeypatch.setattr(ver, "run_onnxruntime", lambda *a, **k: np.full((1,), np.nan))
+    code, _, _ = run(ckpt, "-o", out)
+    assert code != 0
+    assert (out / "model.onnx").read_bytes() == b"previous"
+    assert _files(out) == ["model.onnx"]
+
+
+def test_missing_tensorrt(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    out = tmp_path / "out"
+    line = _one_line_error(*run(ckpt, "-o", out, "--format", "onnx", "--format", "trt")[::2])
+    assert "TensorRT is not installed" in line
+    _assert_nothing_written(tmp_path, out)
+
+
+def test_missing_gpu(ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tensorrt", H.make_fake_tensorrt())
+
+    def no_gpu() -> tb.GpuInfo:
+        raise cli.DunetError("no CUDA GPU available (cudaGetDeviceCount: cudaErrorNoDevice)")
+
+    monkeypatch.setattr(tb, "probe_gpu", no_gpu)
+    out = tmp_path / "out"
+    line = _one_line_error(*run(ckpt, "-o", out, "--format", "trt")[::2])
+    assert "no CUDA GPU available" in line
+    _assert_nothing_written(tmp_path, out)
+
+
+# ---------------------------------------------------------------- bad input
+def _foreign(path: Path) -> None:
+    torch.save({"weights": torch.zeros(3)}, path)
+
+
+def _other_architecture(path: Path, spec) -> None:  # type: ignore[no-untyped-def]
+    save_checkpoint(path, model=create_model("dunet", base_filters=8), spec=spec)
+    doc = torch.load(path, weights_only=True)
+    doc["model_name"] = "unet2d"
+    doc["model_args"] = model_kwargs("unet2d", base_filters=8, in_channels=4)
+    torch.save(doc, path)
+
+
+def _truncated(path: Path, spec) -> None:  # type: ignore[no-untyped-def]
+    save_checkpoint(path, model=create_model("dunet", base_filters=8), spec=spec)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize(
+    ("kind", "needle"),
+    [
+        ("missing", "checkpoint not found"),
+        ("foreign", "not a dunet-deploy checkpoint"),
+        ("architecture", "weights do not fit model 'unet2d'"),
+        ("truncated", "truncated or corrupt checkpoint"),
+        ("payload", "refused"),
+    ],
+)
+def test_bad_checkpoints(kind: str, needle: str, tmp_path: Path, spec32) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "bad.pt"
+    marker = tmp_path / "pwned"
+    if kind == "foreign":
+        _foreign(path)
+    elif kind == "architecture":
+        _other_architecture(path, spec32)
+    elif kind == "truncated":
+        _truncated(path, spec32)
+    elif kind == "payload":
+        torch.save({"format": "dunet-deploy-checkpoint", "x": _Payload(marker)}, path)
+    out = tmp_path / "out"
+    line = _one_line_error(*run(path, "-o", out)[::2])
+    assert needle in line and "bad.pt" in line
+    assert not marker.exists()
+    _assert_nothing_written(tmp_path, out)
+
+
+def test_payload_checkpoint_in_a_real_process(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    marker = tmp_path / "pwned"
+    torch.save({"format": "dunet-deploy-checkpoint", "x": _Payload(marker)}, path)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(
+        [sys.executable, "-m", "dunet_deploy.cli.export", str(path), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "refused" in lines[0]
+    assert "Traceback" not in res.stderr
+    assert not marker.exists()
+    _assert_nothing_written(tmp_path, out)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--format", "pdf"], "'pdf' is not one of"),
+        (["--batch-range", "1,8"], "three integers"),
+        (["--batch-range", "1,x,3"], "three integers"),
+        (["--batch-range", "8,4,32"], "MIN <= OPT <= MAX"),
+        (["--batch-range", "0,1,2"], ">= 1"),
+        (["--opset", "16"], "opset >= 17"),
+        (["--opt-level", "9"], "--opt-level"),
+        (["--format", "triton", "--triton-backend", "trt"], "needs --format trt"),
+        (
+            [
+                "--format",
+                "trt",
+                "--format",
+                "triton",
+                "--triton-backend",
+                "trt",
+                "--batch-range",
+                "2,8,32",
+            ],
+            "starting at 1",
+        ),
+    ],
+)
+def test_bad_options(args: list[str], needle: str, ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    line = _one_line_error(*run(ckpt, "-o", out, *args)[::2])
+    assert needle in line
+    _assert_nothing_written(tmp_path, out)
+
+
+# ----------------------------------------------------------------- real size
+@pytest.mark.slow
+def test_paper_size_export(tmp_path: Path) -> None:
+    """The paper's D-UNet at 192×192: the parameter count and FLOPs land in the metadata."""
+    from dunet_deploy.models import PAPER_SEADD123_PARAMS  # noqa: F401 - registry loaded
+    from dunet_deploy.spec import PreprocessSpec
+
+    spec = PreprocessSpec()
+    path = tmp_path / "paper.pt"
+    save_checkpoint(path, model=create_model("dunet"), spec=spec)
+    out = tmp_path / "out"
+    code, _, err = run(path, "-o", out, "--verify-slabs", "2")
+    assert code == 0, err
+    info = read_artifact_info(out / "model.onnx")
+    assert info.params == 8_640_163  # Table 5, SEAdd-23
+    m = onnx.load(str(out / "model.onnx"))
+    dims = [d.dim_param or d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["N", 4, 192, 192]
+    doc = json.loads((out / "model.json").read_text())
+    assert all(r["passed"] for r in doc["verification"]["rows"])
+    assert doc["flops_per_slab"] > 10**10  # tens of GFLOPs per 192×192 slab

@@ -19,7 +19,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from dunet_deploy.errors import DunetError
+from dunet_deploy.errors import DunetError, one_line
 
 __all__ = ["EXIT_USER_ERROR", "DunetCommand", "fail", "handle_errors", "one_line"]
 
@@ -28,11 +28,6 @@ EXIT_USER_ERROR = 2
 USER_ERRORS: tuple[type[BaseException], ...] = (DunetError, OSError, ValueError)
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def one_line(message: object) -> str:
-    """Collapse a message onto one line (newlines and runs of spaces -> one space)."""
-    return " ".join(str(message).split()) or "unknown error"
 
 
 def fail(message: object) -> NoReturn:

@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dunet_deploy.artifacts import INPUT_NAME, ArtifactInfo, read_artifact_info
-from dunet_deploy.errors import DunetError
+from dunet_deploy.errors import DunetError, one_line
 from dunet_deploy.spec import PreprocessSpec
 
 __all__ = [
@@ -78,12 +78,6 @@ _BACKEND_IMPL: dict[str, tuple[str, str, str]] = {
 # Checked up front for a uniform "not installed" message; the TensorRT runner
 # itself tells apart a missing TensorRT, missing CUDA bindings and a missing GPU.
 _BACKEND_MODULE = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
-
-
-def one_line(message: object) -> str:
-    """Collapse any message (library exceptions are often multi-line) onto one line."""
-    text = " ".join(str(message).split())
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def is_installed(module: str) -> bool:

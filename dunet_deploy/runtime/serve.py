@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
-from dunet_deploy.errors import DunetError
+from dunet_deploy.errors import DunetError, first_line
 
 SPEC_OUTPUT = "info"
 
@@ -195,7 +195,7 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None,
     except DunetError:
         raise
     except Exception as e:  # PyTriton raises its own exception tree for start-up failures
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise DunetError(f"Triton server failed: {msg}") from None
     finally:
         for r in runners:

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
-from dunet_deploy.errors import DunetError
+from dunet_deploy.errors import DunetError, first_line
 from dunet_deploy.runtime.base import Runner
 from dunet_deploy.runtime.serve import SPEC_OUTPUT, spec_model_name
 
@@ -108,7 +108,7 @@ class TritonRunner(Runner):
         try:
             return self._client().infer(model, inputs, **kwargs)
         except Exception as e:  # connection refused/reset, timeouts, server-side errors
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = first_line(e)
             raise DunetError(f"Triton server {self.url} failed: {msg[:200]}") from None
 
     def _fetch_info(self) -> ArtifactInfo:

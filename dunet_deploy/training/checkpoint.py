@@ -32,7 +32,7 @@ from torch import nn
 
 from dunet_deploy import __version__
 from dunet_deploy.artifacts import atomic_write_bytes
-from dunet_deploy.errors import DunetError
+from dunet_deploy.errors import DunetError, first_line
 from dunet_deploy.models import create_model, list_models
 from dunet_deploy.spec import PreprocessSpec
 
@@ -119,7 +119,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> 
     try:
         doc = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise DunetError(
                 f"{path}: refused: the file holds Python objects other than tensors "
@@ -127,7 +127,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> 
             ) from None
         raise DunetError(f"{path}: not a torch checkpoint ({first[:120]})") from None
     except Exception as e:  # torch raises many types for a damaged file (EOF, zip, KeyError…)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         raise DunetError(f"{path}: truncated or corrupt checkpoint ({msg[:120]})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise DunetError(f"{path}: not a dunet-deploy checkpoint (no 'format': '{FORMAT}')")
@@ -168,7 +168,7 @@ def model_from_checkpoint(doc: dict[str, Any], source: str = "checkpoint") -> nn
     try:
         model.load_state_dict(doc["state_dict"], strict=True)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
+        first = first_line(e)
         raise DunetError(
             f"{source}: weights do not fit model {doc['model_name']!r} ({first[:150]})"
         ) from None

@@ -1,0 +1,146 @@
+"""``dunet-bench``: latency, throughput and % of peak of the model zoo per backend.
+
+Example (the full CPU run is ``benchmarks/cpu.sh``)::
+
+    dunet-bench --models dunet,unet3d,unet2d --backends torch,onnxruntime,openvino \\
+        --batch-sizes 1,4,8,16,32 --precision fp32,bf16 --iters 5 --warmup 1 --out bench-out
+
+Writes ``OUT/bench.json``, ``OUT/bench.md`` and ``OUT/bench.png``. Combinations
+that cannot run on this machine (TensorRT without a GPU, bf16 on a CPU without
+native bf16, ...) are listed as skipped with the reason. Until the console
+script is installed, run it as ``python -m dunet_deploy.cli.bench``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from dunet_deploy.bench.core import BACKENDS, PRECISIONS
+from dunet_deploy.cli._common import DunetCommand, handle_errors
+from dunet_deploy.errors import DunetError
+
+DEFAULT_MODELS = "dunet,unet3d,unet2d"
+DEFAULT_BATCHES = "1,4,8,16,32"
+
+
+def _names(option: str, text: str) -> tuple[str, ...]:
+    items = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not items:
+        raise DunetError(f"{option} {text!r}: give a comma-separated list")
+    if len(set(items)) != len(items):
+        raise DunetError(f"{option} {text!r}: contains duplicates")
+    return items
+
+
+def parse_sizes(text: str, option: str = "--batch-sizes", minimum: int = 1) -> tuple[int, ...]:
+    """``"1,4,8"`` -> ``(1, 4, 8)``; ``DunetError`` unless distinct integers >= ``minimum``."""
+    items = _names(option, text)
+    try:
+        values = tuple(int(t) for t in items)
+    except ValueError:
+        raise DunetError(f"{option} {text!r}: expected integers like 1,4,8") from None
+    for n in values:
+        if n < minimum:
+            raise DunetError(f"{option} {text!r}: {n} must be >= {minimum}")
+    return values
+
+
+def _command_line(ctx: click.Context) -> str:
+    """The run as one explicit ``dunet-bench`` command (every option spelled out)."""
+    import shlex
+
+    words = ["dunet-bench"]
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name is None:
+            continue
+        value = ctx.params.get(param.name)
+        if value is None:
+            continue
+        if param.is_flag and param.secondary_opts:  # --e2e/--no-e2e
+            words.append(param.opts[0] if value else param.secondary_opts[0])
+        elif param.is_flag:
+            if value:
+                words.append(param.opts[0])
+        else:
+            words += [param.opts[0], str(value)]
+    return shlex.join(words)
+
+
+@click.command(cls=DunetCommand)
+@click.option("--models", default=DEFAULT_MODELS, show_default=True,
+              help="Comma-separated registry names.")
+@click.option("--backends", default=",".join(BACKENDS), show_default=True,
+              help="Comma-separated: " + ", ".join(BACKENDS) + ".")
+@click.option("--batch-sizes", default=DEFAULT_BATCHES, show_default=True,
+              help="Comma-separated slabs per call.")
+@click.option("--precision", "precisions", default=",".join(PRECISIONS), show_default=True,
+              help="Comma-separated: fp32, fp16, bf16.")
+@click.option("--iters", type=int, default=20, show_default=True,
+              help="Timed iterations per record (the most, see --time-budget).")
+@click.option("--warmup", type=int, default=3, show_default=True,
+              help="Untimed iterations per record.")
+@click.option("--time-budget", "time_budget", type=float, default=None,
+              help="Seconds per record: no warm-up or timed iteration starts that is expected "
+                   "to end later (--min-iters timed ones always run).")
+@click.option("--min-iters", type=int, default=None,
+              help="Timed iterations that run whatever the budget [default: min(2, --iters)].")
+@click.option("--image-size", type=int, default=192, show_default=True,
+              help="Network input side S (multiple of 16).")
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for torch / ONNX Runtime / OpenVINO [default: all usable cores].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--base-filters", type=int, default=None,
+              help="Override every model's base filters (quick, small runs).")
+@click.option("--e2e/--no-e2e", default=True, show_default=True,
+              help="Also time the runtime pipeline on one synthetic volume against the model.")
+@click.option("--e2e-model", default="dunet", show_default=True,
+              help="Model for the end-to-end comparison.")
+@click.option("--e2e-batch-size", type=int, default=16, show_default=True,
+              help="Batch size of the end-to-end comparison.")
+@click.option("--e2e-repeats", type=int, default=2, show_default=True,
+              help="Interleaved repeats of the end-to-end comparison (best of each side).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep exported ONNX files and engines here [default: a temporary folder].")
+@click.option("--peak-sizes", default=None,
+              help="Square matmul sizes for the peak, e.g. 512,1024 [default: 512,1024,2048 on "
+                   "the CPU, 4096,8192,16384 on CUDA].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("bench-out"), show_default=True, help="Output folder.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
+@handle_errors
+def main(models: str, backends: str, batch_sizes: str, precisions: str, iters: int, warmup: int,
+         time_budget: float | None, min_iters: int | None, image_size: int, threads: int | None,
+         device: str, base_filters: int | None, e2e: bool, e2e_model: str, e2e_batch_size: int,
+         e2e_repeats: int,
+         cache_dir: Path | None, peak_sizes: str | None, seed: int, out_dir: Path,
+         quiet: bool) -> None:
+    """Benchmark models × backends × precisions × batch sizes; write OUT/bench.{json,md,png}."""
+    from dunet_deploy.bench import BenchConfig, run_bench, validate_config
+
+    kw = {} if threads is None else {"threads": threads}
+    cfg = BenchConfig(
+        models=_names("--models", models),
+        backends=_names("--backends", backends),
+        precisions=_names("--precision", precisions),
+        batch_sizes=parse_sizes(batch_sizes),
+        peak_sizes=parse_sizes(peak_sizes, "--peak-sizes", 16) if peak_sizes else None,
+        iters=iters, warmup=warmup, time_budget_s=time_budget,
+        min_iters=min(2, max(iters, 1)) if min_iters is None else min_iters, image_size=image_size,
+        device=device, base_filters=base_filters, e2e=e2e, e2e_model=e2e_model,
+        e2e_batch_size=e2e_batch_size, e2e_repeats=e2e_repeats, seed=seed,
+        cache_dir=str(cache_dir) if cache_dir is not None else None, **kw,
+    )
+    validate_config(cfg)  # fail before creating OUT
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DunetError(f"{out_dir}: exists and is not a folder")
+    doc = run_bench(cfg, out_dir, log=(lambda s: None) if quiet else None,
+                    command=_command_line(click.get_current_context()))
+    click.echo(f"{len(doc['records'])} record(s), {len(doc['skipped'])} skipped; "
+               f"results in {out_dir}/bench.md")
+
+
+if __name__ == "__main__":
+    main()

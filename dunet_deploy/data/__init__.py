@@ -5,7 +5,14 @@ runtime imports it.
 """
 
 from dunet_deploy.data.cache import SliceCache, build_cache
-from dunet_deploy.data.layouts import LAYOUTS, Case, check_case, discover_cases, split_cases
+from dunet_deploy.data.layouts import (
+    LAYOUTS,
+    Case,
+    check_case,
+    discover_cases,
+    load_case,
+    split_cases,
+)
 from dunet_deploy.data.nifti import NiftiVolume, load_mask, load_nifti, save_nifti_like
 from dunet_deploy.data.preprocess import (
     bilinear_matrix,
@@ -35,6 +42,7 @@ __all__ = [
     "check_case",
     "discover_cases",
     "fit_dataset_intensity",
+    "load_case",
     "load_mask",
     "load_nifti",
     "mask_to_labels",

@@ -27,8 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from dunet_deploy.data.layouts import Case
-from dunet_deploy.data.nifti import load_mask, load_nifti
+from dunet_deploy.data.layouts import Case, load_case
 from dunet_deploy.data.preprocess import (
     mask_to_labels,
     nonempty_slice_flags,
@@ -267,13 +266,7 @@ def build_cache(
     s = spec.image_size
     entries = []
     for k, (case, key) in enumerate(zip(cases, keys, strict=True)):
-        image = load_nifti(case.image)
-        mask = load_mask(list(case.masks))
-        if mask.shape != image.data.shape:
-            raise DunetError(
-                f"case {case.case_id}: mask shape {mask.shape} differs from image shape "
-                f"{image.data.shape}"
-            )
+        image, mask = load_case(case)
         try:
             spec.check_volume_shape(image.data.shape)
         except DunetError as exc:

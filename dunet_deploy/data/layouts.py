@@ -26,6 +26,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from dunet_deploy.data.nifti import NiftiVolume, load_mask, load_nifti
 from dunet_deploy.errors import DunetError
 
 __all__ = ["LAYOUTS", "Case", "check_case", "discover_cases", "split_cases"]
@@ -243,3 +244,23 @@ def split_cases(
     train = [c for i, c in enumerate(ordered) if i not in val_idx]
     val = [c for i, c in enumerate(ordered) if i in val_idx]
     return train, val
+
+
+def load_case(case: Case) -> tuple[NiftiVolume, np.ndarray]:
+    """Read a case's image and merged mask.
+
+    Returns:
+        ``(image, mask)``: the image volume and a uint8 mask of the same shape.
+
+    Raises:
+        DunetError: naming the case when a file is unreadable or the shapes differ.
+    """
+    image = load_nifti(case.image)
+    mask = load_mask(list(case.masks))
+    if mask.shape != image.data.shape:
+        raise DunetError(
+            f"case {case.case_id}: mask shape {mask.shape} differs from image shape "
+            f"{image.data.shape}"
+        )
+    return image, mask
+

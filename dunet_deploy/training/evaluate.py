@@ -32,8 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dunet_deploy.artifacts import atomic_write_bytes
-from dunet_deploy.data.layouts import Case, discover_cases
-from dunet_deploy.data.nifti import load_mask, load_nifti
+from dunet_deploy.data.layouts import Case, discover_cases, load_case
 from dunet_deploy.data.preprocess import (
     nonempty_slab_indices,
     probs_to_volume,
@@ -126,13 +125,7 @@ def evaluate_case(
         DunetError: naming the case when its files cannot be read or do not
             fit the spec.
     """
-    image = load_nifti(case.image)
-    mask = load_mask(list(case.masks))
-    if mask.shape != image.data.shape:
-        raise DunetError(
-            f"case {case.case_id}: mask shape {mask.shape} differs from image shape "
-            f"{image.data.shape}"
-        )
+    image, mask = load_case(case)
     try:
         probs = predict_volume(image.data, spec, predict, batch_size=batch_size)
     except DunetError as exc:

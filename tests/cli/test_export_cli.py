@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
+import export_helpers
 import numpy as np
 import onnx
 import pytest
@@ -26,20 +25,7 @@ from dunet_deploy.training.checkpoint import save_checkpoint
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _helpers() -> ModuleType:
-    name = "dunet_export_test_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, ROOT / "tests" / "export" / "export_helpers.py"
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-H = _helpers()
+H = export_helpers  # tests/export_helpers.py (tests/ is on sys.path through its conftest)
 
 
 @pytest.fixture(scope="module")

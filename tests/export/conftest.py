@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
+import export_helpers
 import pytest
 import torch
 
@@ -13,21 +12,7 @@ from dunet_deploy.models import create_model
 from dunet_deploy.spec import PreprocessSpec
 from dunet_deploy.training.checkpoint import save_checkpoint
 
-
-def _helpers():  # type: ignore[no-untyped-def]
-    name = "dunet_export_test_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("export_helpers.py")
-        )
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-H = _helpers()
+H = export_helpers  # tests/export_helpers.py (tests/ is on sys.path through its conftest)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
-from dunet_export_test_helpers import make_fake_tensorrt
+from export_helpers import make_fake_tensorrt
 
 from dunet_deploy.errors import DunetError
 from dunet_deploy.export import tensorrt_build as tb

@@ -61,8 +61,16 @@ if "$PYTHON" -c "import onnxruntime as o, sys; \
 else
     note "no ONNX Runtime CUDA provider (onnxruntime-gpu): ONNX Runtime reported as skipped"
 fi
-if TRT=$("$PYTHON" -c "from dunet_deploy.export.tensorrt_build import check_tensorrt_available \
-        as c; print(c())" 2>&1); then
+if TRT=$("$PYTHON" - 2>&1 <<'PY'
+import sys
+from dunet_deploy.errors import DunetError
+from dunet_deploy.export.tensorrt_build import check_tensorrt_available
+try:
+    print(check_tensorrt_available())
+except DunetError as exc:
+    sys.exit(str(exc))
+PY
+); then
     note "TensorRT $TRT: engines are built with dunet_deploy.export (takes minutes)"
 else
     note "TensorRT not usable ($TRT): reported as skipped"

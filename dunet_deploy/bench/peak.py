@@ -32,7 +32,7 @@ __all__ = [
 
 #: Square sizes tried on the CPU: big enough to be compute bound, small enough
 #: that one product takes well under a second on two cores.
-CPU_SIZES = (512, 1024, 2048)
+CPU_SIZES = (256, 384, 512, 1024, 2048)
 CUDA_SIZES = (4096, 8192, 16384)
 
 

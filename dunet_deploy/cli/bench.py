@@ -104,8 +104,8 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep exported ONNX files and engines here [default: a temporary folder].")
 @click.option("--peak-sizes", default=None,
-              help="Square matmul sizes for the peak, e.g. 512,1024 [default: 512,1024,2048 on "
-                   "the CPU, 4096,8192,16384 on CUDA].")
+              help="Square matmul sizes for the peak, e.g. 512,1024 [default: "
+                   "256,384,512,1024,2048 on the CPU, 4096,8192,16384 on CUDA].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("bench-out"), show_default=True, help="Output folder.")

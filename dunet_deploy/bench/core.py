@@ -16,7 +16,6 @@ table of ``bench.md``:
 from __future__ import annotations
 
 import math
-import os
 import platform
 import re
 import resource
@@ -27,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from dunet_deploy.choices import BENCH_BACKENDS, BENCH_PRECISIONS
+from dunet_deploy.machine import cpu_features, machine_info
 
 __all__ = [
     "BACKENDS",
@@ -53,8 +55,8 @@ __all__ = [
 #: Axial slices of an ATLAS R1.1 volume: one slab per slice.
 SLABS_PER_VOLUME = 189
 #: Backends ``dunet-bench`` knows, in report order.
-BACKENDS = ("torch", "torch-cudagraphs", "onnxruntime", "openvino", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "bf16")
+BACKENDS = BENCH_BACKENDS
+PRECISIONS = BENCH_PRECISIONS
 #: The runtime issue's goal for end-to-end volume time over pure model time.
 E2E_GOAL = 1.15
 
@@ -485,101 +487,6 @@ def _order(seq: Sequence[str], item: str) -> int:
 
 
 # --------------------------------------------------------------------------- machine
-def _cpuinfo() -> dict[str, str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    info: dict[str, str] = {}
-    for line in text.split("\n\n", 1)[0].splitlines():
-        if ":" in line:
-            k, v = line.split(":", 1)
-            info.setdefault(k.strip(), v.strip())
-    return info
-
-
-def cpu_features() -> dict[str, Any]:
-    """CPU model and the low-precision features that decide what can run natively.
-
-    Returns:
-        ``model``, ``flags`` (the relevant subset) and booleans ``native_bf16``
-        (AVX512-BF16 / AMX-BF16 on x86, BF16 on Arm) and ``native_fp16``
-        (AVX512-FP16 / AMX-FP16 on x86, half-precision SIMD on Arm).
-    """
-    info = _cpuinfo()
-    flags = set((info.get("flags") or info.get("Features") or "").split())
-    model = info.get("model name") or info.get("Model name") or platform.processor() or "unknown"
-    x86_bf16 = {"avx512_bf16", "amx_bf16"} & flags
-    x86_fp16 = {"avx512_fp16", "amx_fp16"} & flags
-    arm = platform.machine().lower() in ("aarch64", "arm64")
-    relevant = sorted(f for f in flags if re.match(r"(avx|amx|fma|f16c|bf16|asimd|sve|fphp)", f))
-    return {
-        "model": model,
-        "family": info.get("cpu family"),
-        "model_id": info.get("model"),
-        "flags": relevant,
-        "native_bf16": bool(x86_bf16) or (arm and "bf16" in flags),
-        "native_fp16": bool(x86_fp16) or (arm and "asimdhp" in flags),
-    }
-
-
-def _version(mod: str) -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version(mod)
-    except Exception:  # not installed, or metadata missing
-        return None
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU, core count, library versions and load: the ``machine`` section of ``bench.json``.
-
-    GPU fields are added by the caller (it knows whether CUDA was used).
-    """
-    feats = cpu_features()
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count() or 1
-    mem_kb = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_kb = float(line.split()[1])
-    except OSError:
-        pass
-    versions = {
-        name: _version(dist)
-        for name, dist in [
-            ("dunet_deploy", "dunet-deploy"),
-            ("torch", "torch"),
-            ("onnx", "onnx"),
-            ("onnxruntime", "onnxruntime"),
-            ("onnxruntime_gpu", "onnxruntime-gpu"),
-            ("openvino", "openvino"),
-            ("tensorrt", "tensorrt"),
-            ("numpy", "numpy"),
-        ]
-    }
-    return {
-        "hostname": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": feats["model"],
-        "cpu_family": feats["family"],
-        "cpu_model_id": feats["model_id"],
-        "cpu_flags": feats["flags"],
-        "cpu_native_bf16": feats["native_bf16"],
-        "cpu_native_fp16": feats["native_fp16"],
-        "cores": usable,
-        "logical_cpus": os.cpu_count(),
-        "memory_gb": round(mem_kb / 1024**2, 1) if mem_kb else None,
-        "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "versions": {k: v for k, v in versions.items() if v is not None},
-    }
-
-
 def slug(text: str) -> str:
     """A folder-name-safe lower-case slug: ``"AMD EPYC 9B45"`` -> ``"amd-epyc-9b45"``."""
     s = re.sub(r"\((r|tm)\)", "", text.lower())

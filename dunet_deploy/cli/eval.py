@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 
+from dunet_deploy.choices import BACKENDS, LAYOUTS, PRECISIONS, SPLITS, TRAIN_DEVICES
 from dunet_deploy.cli._common import DunetCommand, handle_errors
 from dunet_deploy.errors import DunetError
 
@@ -41,9 +42,9 @@ def _progress(total_hint: str) -> Any:
               help="A dunet-train checkpoint (best.pt or last.pt).")
 @click.option("--engine", type=click.Path(path_type=Path), default=None,
               help="Or an exported model (.onnx / .plan), run by the torch-free runtime.")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]),
+@click.option("--backend", type=click.Choice(["auto", *BACKENDS]),
               default="auto", show_default=True, help="Runtime backend for --engine.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+@click.option("--precision", type=click.Choice(PRECISIONS),
               default="auto", show_default=True, help="Runtime precision for --engine.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Backend CPU threads for --engine.")
@@ -51,13 +52,13 @@ def _progress(total_hint: str) -> Any:
               help="Dataset folder (pairs, ATLAS 2.0 or ATLAS R1.1 layout).")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
               help="Report folder (created; files in it are replaced).")
-@click.option("--split", type=click.Choice(["all", "val", "train"]), default="all",
+@click.option("--split", type=click.Choice(SPLITS), default="all",
               show_default=True, help="All cases, or the checkpoint's own val/train cases.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+@click.option("--device", type=click.Choice(TRAIN_DEVICES), default="auto",
               show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True,
               help="Slabs per forward pass.")
-@click.option("--layout", type=click.Choice(["atlas-r1.1", "atlas-v2", "pairs"]), default=None,
+@click.option("--layout", type=click.Choice(LAYOUTS), default=None,
               help="Force the dataset layout.  [default: auto-detect]")
 @click.option("--amp/--no-amp", default=False, show_default=True,
               help="Mixed-precision inference.")

@@ -29,14 +29,12 @@ from typing import Any
 
 import click
 
+from dunet_deploy.choices import BACKENDS, DEVICES, PRECISIONS
 from dunet_deploy.cli._common import DunetCommand, handle_errors, one_line
 
 EXIT_SOME_FAILED = 1
 # Same as dunet_deploy.runtime.base (a test keeps them equal); not imported
 # from there because that imports numpy.
-BACKENDS = ("onnxruntime", "openvino", "tensorrt")
-DEVICES = ("auto", "cpu", "cuda", "tensorrt")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class _Progress:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 
+from dunet_deploy.choices import BACKENDS, PRECISIONS
 from dunet_deploy.cli._common import DunetCommand, handle_errors
 
 
@@ -26,10 +27,10 @@ from dunet_deploy.cli._common import DunetCommand, handle_errors
               type=click.Path(dir_okay=False, path_type=Path),
               help="Model to serve: .onnx, or a TensorRT .plan with its sidecar.")
 @click.option("--backend", default="auto", show_default=True,
-              type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]),
+              type=click.Choice(["auto", *BACKENDS]),
               help="Runtime backend behind the server.")
 @click.option("--precision", default="auto", show_default=True,
-              type=click.Choice(["auto", "fp32", "bf16", "fp16"]))
+              type=click.Choice(PRECISIONS))
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Backend threads per instance.")
 @click.option("--host", default="127.0.0.1", show_default=True,

@@ -21,6 +21,7 @@ from typing import Any
 
 import click
 
+from dunet_deploy.choices import LAYOUTS, TRAIN_DEVICES
 from dunet_deploy.cli._common import DunetCommand, handle_errors
 
 # Option defaults shown in --help; keep in sync with TrainConfig (a test checks).
@@ -54,7 +55,7 @@ def _opt(name: str, **kw: Any) -> Any:
 @_opt("--val-fraction", type=float,
       help="Cases held out for validation (paper: 0.8/0.2).  [default: 0.2]")
 @_opt("--seed", type=int, help="Seed of split, init, order, augmentation.  [default: 0]")
-@_opt("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Device.  [default: auto]")
+@_opt("--device", type=click.Choice(TRAIN_DEVICES), help="Device.  [default: auto]")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision.  [default: off]")
 @_opt("--workers", type=int, help="DataLoader workers.  [default: 0]")
 @_opt("--resume", help="Continue from a last.pt, or 'auto' for OUT/last.pt.")
@@ -67,7 +68,7 @@ def _opt(name: str, **kw: Any) -> Any:
 @_opt("--cache-dir", type=click.Path(path_type=Path),
       help="Slice cache folder.  [default: OUT/cache]")
 @_opt("--base-filters", type=int, help="Override the model's first-block width (fast runs).")
-@_opt("--layout", type=click.Choice(["atlas-r1.1", "atlas-v2", "pairs"]),
+@_opt("--layout", type=click.Choice(LAYOUTS),
       help="Force the dataset layout.  [default: auto-detect]")
 @_opt("--bn-momentum", type=float,
       help="BatchNorm running-stats momentum (PyTorch convention); 0.01 is Keras' 0.99.  "

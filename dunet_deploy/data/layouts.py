@@ -26,12 +26,12 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from dunet_deploy.choices import LAYOUTS
 from dunet_deploy.data.nifti import NiftiVolume, load_mask, load_nifti
 from dunet_deploy.errors import DunetError
 
 __all__ = ["LAYOUTS", "Case", "check_case", "discover_cases", "split_cases"]
 
-LAYOUTS = ("atlas-r1.1", "atlas-v2", "pairs")
 
 _NII = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 _V2_IMAGE_SUFFIX = "_T1w.nii.gz"

@@ -35,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dunet_deploy.artifacts import INPUT_NAME, ArtifactInfo, read_artifact_info
+from dunet_deploy.choices import BACKENDS, DEVICES, PRECISIONS
 from dunet_deploy.errors import DunetError, one_line
 from dunet_deploy.spec import PreprocessSpec
 
@@ -48,12 +49,6 @@ __all__ = [
     "open_runner",
 ]
 
-#: Backend names accepted by :func:`open_runner` (besides ``"auto"``).
-BACKENDS: tuple[str, ...] = ("onnxruntime", "openvino", "tensorrt")
-#: Precision requests: ``auto`` = the backend's best for this model and machine.
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
-#: Device requests: ``cuda`` / ``tensorrt`` select ONNX Runtime execution providers.
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "tensorrt")
 
 ENGINE_SUFFIXES = (".plan", ".engine")
 

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import glob
 import os
-import platform
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -47,6 +45,7 @@ from dunet_deploy.data.preprocess import (
     volume_to_slices,
 )
 from dunet_deploy.errors import DunetError
+from dunet_deploy.machine import machine_info
 from dunet_deploy.runtime.base import Runner, one_line, open_runner
 from dunet_deploy.spec import PreprocessSpec
 
@@ -56,7 +55,6 @@ __all__ = [
     "Prefetcher",
     "PreparedVolume",
     "expand_inputs",
-    "machine_info",
     "output_stem",
     "predict_probs",
     "prepare_volume",
@@ -451,27 +449,6 @@ def run_cases(
         if on_result is not None:
             on_result(result)
     return results
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info() -> dict[str, Any]:
-    """Where this ran: platform, CPU model, logical CPUs, Python."""
-    return {
-        "platform": platform.platform(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "python": sys.version.split()[0],
-    }
 
 
 def segment_files(

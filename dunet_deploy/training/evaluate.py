@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dunet_deploy.artifacts import atomic_write_bytes
+from dunet_deploy.choices import SPLITS
 from dunet_deploy.data.layouts import Case, discover_cases, load_case
 from dunet_deploy.data.preprocess import (
     nonempty_slab_indices,
@@ -61,7 +62,6 @@ __all__ = [
 #: ``predict(slabs float32 [N, C, S, S]) -> probabilities float32 [N, 1, S, S]``.
 Predictor = Callable[[np.ndarray], np.ndarray]
 Progress = Callable[[int, int, str], None]
-SPLITS = ("all", "train", "val")
 CSV_FIELDS = ("case_id", "dsc", "recall", "precision", "tp", "fp", "fn")
 
 

@@ -90,6 +90,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dunet_deploy.artifacts import atomic_write_bytes, write_json
+from dunet_deploy.choices import TRAIN_DEVICES as DEVICES
 from dunet_deploy.data.cache import SliceCache, build_cache
 from dunet_deploy.data.layouts import Case, check_case, discover_cases, split_cases
 from dunet_deploy.errors import DunetError
@@ -127,7 +128,6 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("adam", "sgd")
-DEVICES = ("auto", "cpu", "cuda")
 #: Config keys that define the optimisation; a resumed run must agree on them.
 TRAINING_KEYS = (
     "model", "base_filters", "image_size", "optimizer", "lr", "momentum", "weight_decay",

@@ -46,7 +46,7 @@ def test_masks_match_pytorch(tiny, tmp_path, backend, precision):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["backend"] == backend and summary["precision"] == "fp32"
     assert summary["batch_size"] == 5 and summary["ok"] == 2 and summary["failed"] == 0
-    assert summary["machine"]["cpu"] and summary["model"]["model_name"] == "dunet"
+    assert summary["machine"]["cpu_model"] and summary["model"]["model_name"] == "dunet"
     spec = rt.tiny_spec()
     for vol, case in zip(vols, summary["cases"]):
         name = output_stem(vol)

@@ -1,0 +1,36 @@
+"""The choices every command and the bench offer, in one place.
+
+Each CLI builds its ``click.Choice`` from these tuples and each library
+function validates against them, so a new backend or precision is added once.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BACKENDS",
+    "BENCH_BACKENDS",
+    "BENCH_PRECISIONS",
+    "DEVICES",
+    "LAYOUTS",
+    "PRECISIONS",
+    "SPLITS",
+    "TRAIN_DEVICES",
+]
+
+#: Runtime backends (besides ``"auto"``): what ``dunet-infer``/``dunet-eval``/``dunet-serve`` run.
+BACKENDS: tuple[str, ...] = ("onnxruntime", "openvino", "tensorrt")
+#: Precision requests: ``auto`` = the backend's best for this model and machine.
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+#: Runtime device requests: ``cuda`` / ``tensorrt`` select ONNX Runtime execution providers.
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "tensorrt")
+#: Where PyTorch trains and evaluates checkpoints.
+TRAIN_DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+#: Dataset layouts (see :mod:`dunet_deploy.data.layouts`).
+LAYOUTS: tuple[str, ...] = ("atlas-r1.1", "atlas-v2", "pairs")
+#: Which cases of a checkpoint's dataset to evaluate.
+SPLITS: tuple[str, ...] = ("all", "train", "val")
+#: Backends ``dunet-bench`` knows, in report order.
+BENCH_BACKENDS: tuple[str, ...] = ("torch", "torch-cudagraphs", "onnxruntime", "openvino",
+                                   "tensorrt")
+#: Precisions ``dunet-bench`` measures.
+BENCH_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")

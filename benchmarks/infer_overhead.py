@@ -41,8 +41,9 @@ import numpy as np
 from dunet_deploy.artifacts import read_artifact_info
 from dunet_deploy.data.preprocess import slices_to_slabs
 from dunet_deploy.data.synth import write_dataset
+from dunet_deploy.machine import machine_info
 from dunet_deploy.runtime import open_runner
-from dunet_deploy.runtime.pipeline import InputItem, machine_info, prepare_volume
+from dunet_deploy.runtime.pipeline import InputItem, prepare_volume
 from dunet_deploy.spec import ATLAS_SHAPE, PreprocessSpec
 
 # (backend, precision request) pairs: OpenVINO "auto" is bf16 where the CPU has it.

@@ -25,7 +25,7 @@ __all__ = ["EXIT_USER_ERROR", "DunetCommand", "fail", "handle_errors", "one_line
 
 EXIT_USER_ERROR = 2
 #: Exceptions reported as one-line user errors by :func:`handle_errors`.
-USER_ERRORS: tuple[type[BaseException], ...] = (DunetError, OSError, ValueError)
+USER_ERRORS: tuple[type[BaseException], ...] = (DunetError, OSError)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -43,9 +43,9 @@ def _debug() -> bool:
 def handle_errors(func: F) -> F:
     """Decorator: report :data:`USER_ERRORS` as one line on stderr, exit 2.
 
-    ``DunetError`` messages are printed as they are; ``OSError`` and
-    ``ValueError`` (from the standard library, numpy, nibabel) get their type
-    name appended in the message when it would otherwise be ambiguous.
+    ``DunetError`` messages are printed as they are; an ``OSError`` (a file
+    system problem: disk full, permission denied) names its file. Anything
+    else is a bug in our code and keeps its traceback (exit 1).
     """
 
     @functools.wraps(func)

@@ -69,7 +69,11 @@ def main(checkpoint: Path | None, engine: Path | None, backend: str, precision: 
          threads: int | None, data: Path, out: Path, split: str, device: str, batch_size: int,
          layout: str | None, amp: bool, boxplot: bool) -> None:
     """Evaluate CHECKPOINT (or ENGINE) on the cases of DATA; write the report to OUT."""
-    from dunet_deploy.training.evaluate import evaluate_cases, select_cases, write_report
+    from dunet_deploy.training.evaluate import (
+        evaluate_checkpoint_file,
+        evaluate_engine,
+        write_report,
+    )
 
     if batch_size < 1:
         raise DunetError(f"--batch-size {batch_size}: must be >= 1")
@@ -85,37 +89,21 @@ def main(checkpoint: Path | None, engine: Path | None, backend: str, precision: 
     if (checkpoint is None) == (engine is None):
         raise DunetError("give exactly one of --checkpoint or --engine")
     if engine is not None:  # the runtime path: no torch
-        from dunet_deploy.runtime import open_runner
-
         if split != "all":
             raise DunetError(f"--split {split}: an engine records no split; use --split all")
-        with open_runner(engine, backend, threads=threads, precision=precision,
-                         device=device) as runner:
-            metrics = evaluate_cases(select_cases(data, layout=layout), runner.spec,
-                                     runner.infer, batch_size=batch_size,
-                                     progress=_progress("evaluating"))
-            spec, params = runner.spec, runner.info.params
-            method = f"{runner.info.model_name} ({runner.backend}, {runner.precision})"
-            source: dict[str, Any] = {"engine": str(engine), "backend": runner.backend,
-                                      "precision": runner.precision}
+        result = evaluate_engine(engine, data, backend=backend, precision=precision,
+                                 threads=threads, device=device, batch_size=batch_size,
+                                 layout=layout, progress=_progress("evaluating"))
     else:
-        from dunet_deploy.models import keras_param_count
-        from dunet_deploy.training.checkpoint import load_checkpoint, model_from_checkpoint
-        from dunet_deploy.training.evaluate import evaluate_checkpoint
-
-        doc = load_checkpoint(checkpoint)  # type: ignore[arg-type]  # set: checked above
-        params = keras_param_count(model_from_checkpoint(doc, str(checkpoint)))
-        metrics = evaluate_checkpoint(
-            doc, data, split=split, device=device, batch_size=batch_size, layout=layout,
-            amp=amp, progress=_progress("evaluating"),
-        )
-        spec = doc["spec_obj"]
-        source = {"checkpoint": str(checkpoint), "epoch": int(doc.get("epoch", 0))}
-        method = f"{doc['model_name']} (epoch {source['epoch']})"
-    meta = {**source, "data": str(data), "split": split, "space": "native volume",
+        assert checkpoint is not None
+        result = evaluate_checkpoint_file(checkpoint, data, split=split, device=device,
+                                          batch_size=batch_size, layout=layout, amp=amp,
+                                          progress=_progress("evaluating"))
+    spec = result.spec
+    meta = {**result.meta, "data": str(data), "split": split, "space": "native volume",
             "threshold": spec.threshold, "spec_digest": spec.digest()}
-    paths = write_report(metrics, out, method=method, params=params, meta=meta,
-                         boxplot=boxplot)
+    paths = write_report(result.metrics, out, method=result.method, params=result.params,
+                         meta=meta, boxplot=boxplot)
     click.echo(paths["markdown"].read_text().split("\n\n")[0].rstrip())
     click.echo(f"wrote {', '.join(p.name for p in paths.values())} to {out}")
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from torch import nn
 
+from dunet_deploy.errors import DunetError
+
 from .unets import DUNet, UNet2D, UNet3D
 
 
@@ -57,11 +59,15 @@ def list_models() -> list[str]:
 
 
 def model_info(name: str) -> ModelInfo:
-    """The :class:`ModelInfo` for ``name``; ``KeyError`` with the known names otherwise."""
+    """The :class:`ModelInfo` for ``name``.
+
+    Raises:
+        DunetError: for an unknown name, listing the known ones.
+    """
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(list_models())}") from None
+        raise DunetError(f"unknown model {name!r}; known: {', '.join(list_models())}") from None
 
 
 def model_kwargs(name: str, **overrides: Any) -> dict[str, Any]:

@@ -1,21 +1,15 @@
-"""Volume-level inference: NIfTI in, lesion mask (and probabilities) out.
+"""Files in, masks out: the machinery behind ``dunet-infer`` and ``Segmenter.predict_files``.
 
-Per volume::
+Per input::
 
-    load_nifti -> spec.check_volume_shape -> nonempty_slab_indices
-      -> volume_to_slices -> slabs in batches -> runner.infer
-      -> stitch [Z, 1, S, S] -> probs_to_volume -> binarize -> save_nifti_like
+    load_nifti -> core.to_network -> core.segment(predict) -> Prediction.save
 
-All pre- and post-processing is :mod:`dunet_deploy.data.preprocess`, the code
-training used. Slabs whose slices are all background inside the crop box are
-not sent to the model; their probability is 0.
-
-A background thread reads and preprocesses the next volume (a bounded queue
-holds at most ``prefetch`` ready volumes) while the calling thread runs the
-model on the current one; decompression, percentiles and matmul resizing
-release the GIL, so this hides most of the non-model time. The thread starts
-before the model is loaded, so the first volume is read while the backend
-compiles.
+The per-volume work is :mod:`dunet_deploy.runtime.core` (the one inference
+core); this module expands command-line inputs, reads and preprocesses the next
+volume on a background thread while the model runs on the current one (a
+bounded queue holds at most ``prefetch`` ready volumes; decompression,
+percentiles and matmul resizing release the GIL), records one
+:class:`CaseResult` per input and writes ``summary.json``.
 
 Nothing here imports torch.
 """
@@ -35,18 +29,11 @@ from typing import Any
 import numpy as np
 
 from dunet_deploy import __version__
-from dunet_deploy.artifacts import ArtifactInfo, read_artifact_info, write_json
-from dunet_deploy.data.nifti import NiftiVolume, load_nifti, nifti_suffix, save_nifti_like
-from dunet_deploy.data.preprocess import (
-    binarize,
-    nonempty_slab_indices,
-    probs_to_volume,
-    slices_to_slabs,
-    volume_to_slices,
-)
+from dunet_deploy.data.nifti import NiftiVolume, load_nifti, nifti_suffix
 from dunet_deploy.errors import DunetError
 from dunet_deploy.machine import machine_info
-from dunet_deploy.runtime.base import Runner, one_line, open_runner
+from dunet_deploy.runtime.base import Runner, one_line
+from dunet_deploy.runtime.core import NetworkInput, Predictor, segment, to_network
 from dunet_deploy.spec import PreprocessSpec
 
 __all__ = [
@@ -55,11 +42,14 @@ __all__ = [
     "Prefetcher",
     "PreparedVolume",
     "expand_inputs",
+    "finish_case",
+    "geometry_of",
     "output_stem",
-    "predict_probs",
+    "prepare_output_dir",
     "prepare_volume",
     "run_cases",
     "segment_files",
+    "summary_document",
 ]
 
 MASK_SUFFIX = "_mask.nii.gz"
@@ -67,7 +57,7 @@ PROB_SUFFIX = "_prob.nii.gz"
 SUMMARY_NAME = "summary.json"
 TIME_KEYS = ("read", "preprocess", "infer", "postprocess", "write")
 # Errors that fail one case but not the run (bugs keep their traceback).
-CASE_ERRORS: tuple[type[BaseException], ...] = (DunetError, OSError, ValueError, MemoryError)
+CASE_ERRORS: tuple[type[BaseException], ...] = (DunetError, OSError, MemoryError)
 
 
 # -------------------------------------------------------------------- inputs
@@ -217,15 +207,29 @@ class PreparedVolume:
             error when preparing failed).
         ref: Geometry of the input (header, affine; ``data`` is a zero-cost
             broadcast of the right shape, the voxels are not kept).
-        slices: float32 ``[Z, S, S]`` network-space slices.
-        indices: int64 ``[K]`` slabs to run (ascending).
+        net: The volume in the network's space (slices and slab positions).
     """
 
     item: InputItem
     result: CaseResult
     ref: NiftiVolume | None = None
-    slices: np.ndarray | None = None
-    indices: np.ndarray | None = None
+    net: NetworkInput | None = None
+
+    @property
+    def slices(self) -> np.ndarray | None:
+        """float32 ``[Z, S, S]`` network-space slices (``None`` when nothing runs)."""
+        return None if self.net is None else self.net.slices
+
+    @property
+    def indices(self) -> np.ndarray | None:
+        """int64 ``[K]`` slabs to run (ascending)."""
+        return None if self.net is None else self.net.indices
+
+
+def geometry_of(vol: NiftiVolume) -> NiftiVolume:
+    """The volume's geometry only: ``data`` becomes a zero-cost broadcast of its shape."""
+    geometry = np.broadcast_to(np.zeros((), np.float32), vol.shape)
+    return NiftiVolume(data=geometry, affine=vol.affine, header=vol.header, path=vol.path)
 
 
 def prepare_volume(item: InputItem, spec: PreprocessSpec) -> PreparedVolume:
@@ -246,23 +250,16 @@ def prepare_volume(item: InputItem, spec: PreprocessSpec) -> PreparedVolume:
     try:
         t0 = time.perf_counter()
         vol = load_nifti(item.path)
-        t1 = time.perf_counter()
-        result.times["read"] = t1 - t0
-        spec.check_volume_shape(vol.shape)
-        indices = nonempty_slab_indices(vol.data, spec)
-        slices = volume_to_slices(vol.data, spec) if indices.size else None
-        result.times["preprocess"] = time.perf_counter() - t1
+        result.times["read"] = time.perf_counter() - t0
+        net = to_network(vol.data, spec, times=result.times)
     except CASE_ERRORS as exc:
         result.fail(item.path, exc)
         return prep
     result.shape = [int(n) for n in vol.shape]
     result.zooms = [float(z) for z in vol.zooms]
     z = vol.shape[spec.axial_axis]
-    result.slabs_run, result.slabs_skipped = int(indices.size), int(z - indices.size)
-    # Keep only the geometry: the voxels are not needed after preprocessing.
-    geometry = np.broadcast_to(np.zeros((), np.float32), vol.shape)
-    prep.ref = NiftiVolume(data=geometry, affine=vol.affine, header=vol.header, path=vol.path)
-    prep.slices, prep.indices = slices, indices
+    result.slabs_run, result.slabs_skipped = int(net.indices.size), int(z - net.indices.size)
+    prep.ref, prep.net = geometry_of(vol), net
     return prep
 
 
@@ -331,91 +328,31 @@ class Prefetcher:
 
 
 # ----------------------------------------------------------------- running
-def predict_probs(
-    runner: Runner,
-    slices: np.ndarray | None,
-    indices: np.ndarray,
+def finish_case(
+    predict: Predictor,
     spec: PreprocessSpec,
-    batch_size: int,
-    times: dict[str, float] | None = None,
-) -> np.ndarray:
-    """Run the model over the selected slabs of one volume and stitch the result.
-
-    Args:
-        runner: An open runner.
-        slices: float32 ``[Z, S, S]`` from ``volume_to_slices`` (may be ``None``
-            when ``indices`` is empty).
-        indices: int64 ``[K]`` slab indices to run, ascending.
-        spec: The preprocessing spec.
-        batch_size: Slabs per ``runner.infer`` call (capped at ``runner.max_batch``).
-        times: When given, ``"preprocess"`` (slab stacking) and ``"infer"``
-            seconds are added to it.
-
-    Returns:
-        float32 ``[Z, 1, S, S]``; slabs not in ``indices`` are 0.
-    """
-    s = spec.image_size
-    z = 0 if slices is None else slices.shape[0]
-    probs = np.zeros((z, 1, s, s), dtype=np.float32)
-    if slices is None or indices.size == 0:
-        return probs
-    step = batch_size if runner.max_batch is None else min(batch_size, runner.max_batch)
-    t_stack = t_infer = 0.0
-    for i in range(0, indices.size, step):
-        idx = indices[i : i + step]
-        t0 = time.perf_counter()
-        slabs = slices_to_slabs(slices, spec, idx)
-        t1 = time.perf_counter()
-        probs[idx] = runner.infer(slabs)
-        t_stack += t1 - t0
-        t_infer += time.perf_counter() - t1
-    if times is not None:
-        times["preprocess"] = times.get("preprocess", 0.0) + t_stack
-        times["infer"] = times.get("infer", 0.0) + t_infer
-    return probs
-
-
-def _finish_case(
-    runner: Runner,
     prep: PreparedVolume,
     out_dir: Path,
     batch_size: int,
     save_prob: bool,
 ) -> CaseResult:
-    """Infer, post-process and write one prepared volume."""
+    """Segment one prepared volume and write its outputs; errors go into the result."""
     result = prep.result
     if not result.ok:
         return result
-    assert prep.ref is not None and prep.indices is not None and result.zooms is not None
-    spec = runner.spec
+    assert prep.ref is not None and prep.net is not None
     stem = output_stem(prep.item.path)
     mask_path, prob_path = out_dir / f"{stem}{MASK_SUFFIX}", out_dir / f"{stem}{PROB_SUFFIX}"
-    written: list[Path] = []
     try:
-        probs = predict_probs(runner, prep.slices, prep.indices, spec, batch_size, result.times)
-        prep.slices = None  # free the slices before allocating the output volume
-        t0 = time.perf_counter()
-        prob_vol = probs_to_volume(probs, spec, prep.ref.shape)
-        mask = binarize(prob_vol, spec)
-        voxels = int(np.count_nonzero(mask))
-        t1 = time.perf_counter()
-        save_nifti_like(mask_path, mask, prep.ref, dtype=np.uint8)
-        written.append(mask_path)
-        if save_prob:
-            save_nifti_like(prob_path, prob_vol, prep.ref, dtype=np.float32)
-            written.append(prob_path)
-        t2 = time.perf_counter()
+        pred = segment(prep.net, prep.ref, spec, predict, batch_size=batch_size,
+                       times=result.times)
+        pred.save(mask_path, prob_path if save_prob else None)
     except CASE_ERRORS as exc:
-        # No partial case: a mask without its requested probability map goes too.
-        for path in written:
-            path.unlink(missing_ok=True)
         return result.fail(prep.item.path, exc)
-    result.times["postprocess"] = t1 - t0
-    result.times["write"] = t2 - t1
     result.mask = str(mask_path)
     result.prob = str(prob_path) if save_prob else None
-    result.lesion_voxels = voxels
-    result.lesion_volume_mm3 = float(voxels * float(np.prod(result.zooms)))
+    result.lesion_voxels = pred.lesion_voxels
+    result.lesion_volume_mm3 = pred.lesion_volume_mm3
     return result
 
 
@@ -431,7 +368,7 @@ def run_cases(
     """Run prepared volumes through ``runner`` and write their outputs.
 
     Args:
-        runner: An open runner.
+        runner: An open runner (any ``predict`` callable with a ``spec``).
         volumes: Prepared volumes (e.g. a :class:`Prefetcher`).
         out_dir: Existing output folder.
         batch_size: Slabs per model call.
@@ -444,11 +381,68 @@ def run_cases(
     out = Path(out_dir)
     results = []
     for prep in volumes:
-        result = _finish_case(runner, prep, out, batch_size, save_prob)
+        result = finish_case(runner.infer, runner.spec, prep, out, batch_size, save_prob)
         results.append(result)
         if on_result is not None:
             on_result(result)
     return results
+
+
+def prepare_output_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Create the output folder (and parents) when missing.
+
+    Raises:
+        DunetError: when it exists as a file or cannot be created.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DunetError(f"{out}: output path exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DunetError(f"{out}: cannot create output directory ({exc.strerror})") from None
+    return out
+
+
+def summary_document(
+    runner: Runner,
+    results: Sequence[CaseResult],
+    *,
+    batch_size: int,
+    threads: int | None,
+    load_s: float,
+    wall_s: float,
+) -> dict[str, Any]:
+    """The ``summary.json`` document of a run over files.
+
+    Args:
+        runner: The runner that was used (still describable after close).
+        results: One result per input, in order.
+        batch_size: Slabs per model call that was asked for.
+        threads: Backend threads that were asked for.
+        load_s: Seconds to load the model.
+        wall_s: Seconds for the whole run.
+    """
+    described = runner.describe()
+    model_keys = ("path", "model_name", "model_precision", "spec_digest")
+    top_keys = ("backend", "device", "precision")
+    step = batch_size if runner.max_batch is None else min(batch_size, runner.max_batch)
+    return {
+        "dunet_deploy": __version__,
+        "model": {k: described[k] for k in model_keys},
+        **{k: described[k] for k in top_keys},
+        "batch_size": step,
+        "threads": threads,
+        "backend_details": {k: v for k, v in described.items()
+                            if k not in model_keys and k not in top_keys},
+        "machine": machine_info(),
+        "model_load_s": round(load_s, 6),
+        "wall_s": round(wall_s, 6),
+        "total": len(results),
+        "ok": sum(r.ok for r in results),
+        "failed": sum(not r.ok for r in results),
+        "cases": [r.to_dict() for r in results],
+    }
 
 
 def segment_files(
@@ -456,95 +450,25 @@ def segment_files(
     inputs: Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
     *,
-    backend: str = "auto",
-    batch_size: int = 16,
     save_prob: bool = False,
-    threads: int | None = None,
-    precision: str = "auto",
-    device: str = "auto",
     prefetch: int = 1,
     on_start: Callable[[Runner, int], None] | None = None,
     on_result: Callable[[CaseResult], None] | None = None,
-    runner_opts: dict[str, Any] | None = None,
-    runner_factory: Callable[[Path, ArtifactInfo], Runner] | None = None,
+    **segmenter_opts: Any,
 ) -> dict[str, Any]:
     """Segment NIfTI files with a model and write ``summary.json`` (what ``dunet-infer`` does).
 
-    Reading and preprocessing start on a background thread before the model
-    is loaded; see the module docstring.
-
-    Args:
-        model_path: ``.onnx`` / ``.plan`` model.
-        inputs: Files, directories or glob patterns (see :func:`expand_inputs`).
-        out_dir: Output folder (created if missing).
-        backend: ``auto``, ``onnxruntime``, ``openvino`` or ``tensorrt``.
-        batch_size: Slabs per model call, >= 1.
-        save_prob: Also write float32 probability volumes.
-        threads: Backend threads (``None``: backend default).
-        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
-        device: ``auto``, ``cpu``, ``cuda`` or ``tensorrt`` (ONNX Runtime providers).
-        prefetch: Prepared volumes queued ahead of the model, >= 1.
-        on_start: Called once the model is loaded, with the runner and the input count.
-        on_result: Called with each finished :class:`CaseResult`.
-        runner_opts: Extra keyword arguments for :func:`open_runner`.
-        runner_factory: Builds the runner from the model path and its info
-            instead of :func:`open_runner` (e.g. a Triton client runner); the
-            backend options above are then not used.
+    A :class:`~dunet_deploy.Segmenter` opened for this call only; see
+    :meth:`~dunet_deploy.Segmenter.predict_files` for the arguments and
+    :class:`~dunet_deploy.Segmenter` for ``segmenter_opts`` (``backend``,
+    ``batch_size``, ``threads``, ``precision``, ``device``, ``runner_opts``,
+    ``runner_factory``).
 
     Returns:
         The summary document (also written to ``out_dir/summary.json``).
-
-    Raises:
-        DunetError: when the model cannot be used or ``out_dir`` cannot be
-            created; per-input problems are reported in the summary instead.
     """
-    if batch_size < 1:
-        raise DunetError(f"batch size must be >= 1, got {batch_size}")
-    t_start = time.perf_counter()
-    model = Path(model_path)
-    out = Path(out_dir)
-    info = read_artifact_info(model)  # before creating anything: a bad model writes nothing
-    if out.exists() and not out.is_dir():
-        raise DunetError(f"{out}: output path exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DunetError(f"{out}: cannot create output directory ({exc.strerror})") from None
-    items = expand_inputs(inputs)
-    with Prefetcher(items, info.spec, depth=prefetch) as prefetcher:
-        t_load = time.perf_counter()
-        if runner_factory is not None:
-            runner = runner_factory(model, info)
-        else:
-            runner = open_runner(model, backend, info=info, threads=threads,
-                                 precision=precision, device=device, **(runner_opts or {}))
-        with runner:
-            load_s = time.perf_counter() - t_load
-            if on_start is not None:
-                on_start(runner, len(items))
-            results = run_cases(runner, prefetcher, out, batch_size=batch_size,
-                                save_prob=save_prob, on_result=on_result)
-            described = runner.describe()
-            step = batch_size if runner.max_batch is None else min(batch_size, runner.max_batch)
-    summary = {
-        "dunet_deploy": __version__,
-        "model": {k: described[k] for k in ("path", "model_name", "model_precision",
-                                            "spec_digest")},
-        "backend": described["backend"],
-        "device": described["device"],
-        "precision": described["precision"],
-        "batch_size": step,
-        "threads": threads,
-        "backend_details": {k: v for k, v in described.items()
-                            if k not in ("path", "model_name", "model_precision", "spec_digest",
-                                         "backend", "device", "precision")},
-        "machine": machine_info(),
-        "model_load_s": round(load_s, 6),
-        "wall_s": round(time.perf_counter() - t_start, 6),
-        "total": len(results),
-        "ok": sum(r.ok for r in results),
-        "failed": sum(not r.ok for r in results),
-        "cases": [r.to_dict() for r in results],
-    }
-    write_json(out / SUMMARY_NAME, summary)
-    return summary
+    from dunet_deploy.runtime.segmenter import Segmenter
+
+    with Segmenter(model_path, lazy=True, **segmenter_opts) as seg:
+        return seg.predict_files(inputs, out_dir, save_prob=save_prob, prefetch=prefetch,
+                                 on_start=on_start, on_result=on_result)

@@ -163,7 +163,7 @@ def model_from_checkpoint(doc: dict[str, Any], source: str = "checkpoint") -> nn
     """
     try:
         model = create_model(doc["model_name"], **doc["model_args"])
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, DunetError) as e:
         raise DunetError(f"{source}: cannot build {doc['model_name']!r}: {e}") from None
     try:
         model.load_state_dict(doc["state_dict"], strict=True)

@@ -1,16 +1,13 @@
 """Native-space evaluation of a segmentation model (paper Table 2 and Fig. 4).
 
-The pipeline is the runtime's, with the network as a pluggable callable::
-
-    volume --volume_to_slices--> [Z, S, S] --slices_to_slabs (non-empty only)-->
-    predict(float32 [N, C, S, S]) -> float32 [N, 1, S, S]
-    --> [Z, 1, S, S] (empty slabs = 0) --probs_to_volume--> volume probabilities
-    --> case_metrics(threshold = spec.threshold) against the native mask
-
-so a PyTorch checkpoint (:func:`evaluate_checkpoint`), an ONNX model or a
-TensorRT engine are scored identically. Reports (:func:`write_report`): a
-per-case CSV, a Table-2 summary as markdown and JSON, and a box plot of the
-per-case DSC like the paper's Fig. 4.
+Every case goes through the one inference core
+(:func:`dunet_deploy.runtime.core.predict_volume`) with the network as a
+pluggable ``predict(float32 [N, C, S, S]) -> float32 [N, 1, S, S]`` callable,
+then :func:`~dunet_deploy.metrics.case_metrics` (threshold ``spec.threshold``)
+against the native mask — so a PyTorch checkpoint (:func:`evaluate_checkpoint`),
+training validation, an ONNX model or a TensorRT engine are scored
+identically. Reports (:func:`write_report`): a per-case CSV, a Table-2 summary
+as markdown and JSON, and a box plot of the per-case DSC like the paper's Fig. 4.
 
 This module does not import torch at module level (only
 :func:`evaluate_checkpoint` does, when called), so the torch-free runtime can
@@ -24,34 +21,30 @@ import io
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from dunet_deploy.artifacts import atomic_write_bytes
 from dunet_deploy.choices import SPLITS
 from dunet_deploy.data.layouts import Case, discover_cases, load_case
-from dunet_deploy.data.preprocess import (
-    nonempty_slab_indices,
-    probs_to_volume,
-    slices_to_slabs,
-    volume_to_slices,
-)
 from dunet_deploy.errors import DunetError
 from dunet_deploy.metrics import CaseMetrics, case_metrics, format_summary, summarize
+from dunet_deploy.runtime.core import Predictor, predict_volume
 from dunet_deploy.spec import PreprocessSpec
 
 __all__ = [
     "CSV_FIELDS",
     "SPLITS",
+    "Evaluation",
     "Predictor",
     "evaluate_case",
     "evaluate_cases",
     "evaluate_checkpoint",
-    "predict_slab_grid",
+    "evaluate_checkpoint_file",
+    "evaluate_engine",
     "predict_volume",
     "select_cases",
     "table2_markdown",
@@ -59,63 +52,11 @@ __all__ = [
     "write_report",
 ]
 
-#: ``predict(slabs float32 [N, C, S, S]) -> probabilities float32 [N, 1, S, S]``.
-Predictor = Callable[[np.ndarray], np.ndarray]
 Progress = Callable[[int, int, str], None]
 CSV_FIELDS = ("case_id", "dsc", "recall", "precision", "tp", "fp", "fn")
 
 
 # ------------------------------------------------------------- prediction
-def predict_slab_grid(
-    volume: npt.ArrayLike, spec: PreprocessSpec, predict: Predictor, *, batch_size: int = 16
-) -> np.ndarray:
-    """Run ``predict`` on every non-empty slab of a raw volume.
-
-    Args:
-        volume: Raw volume (in-plane shape as the spec says).
-        spec: The preprocessing spec.
-        predict: The network.
-        batch_size: Slabs per ``predict`` call.
-
-    Returns:
-        float32 ``[Z, 1, S, S]``; slabs without any nonzero voxel in the crop
-        box are 0 (the runtime skips them).
-
-    Raises:
-        DunetError: when the volume does not fit the spec, or ``predict``
-            returns the wrong shape.
-    """
-    vol = np.asarray(volume)
-    slices = volume_to_slices(vol, spec)
-    z, s = slices.shape[0], spec.image_size
-    probs = np.zeros((z, 1, s, s), dtype=np.float32)
-    indices = nonempty_slab_indices(vol, spec)
-    step = max(1, int(batch_size))
-    for i in range(0, indices.size, step):
-        idx = indices[i : i + step]
-        out = np.asarray(predict(slices_to_slabs(slices, spec, idx)), dtype=np.float32)
-        if out.shape != (idx.size, 1, s, s):
-            raise DunetError(
-                f"predictor returned shape {out.shape} for {idx.size} slabs; expected "
-                f"{(idx.size, 1, s, s)}"
-            )
-        probs[idx] = out
-    return probs
-
-
-def predict_volume(
-    volume: npt.ArrayLike, spec: PreprocessSpec, predict: Predictor, *, batch_size: int = 16
-) -> np.ndarray:
-    """Lesion probabilities of a raw volume in its own voxel grid.
-
-    Returns:
-        float32 array of the volume's shape (0 outside the crop box).
-    """
-    vol = np.asarray(volume)
-    grid = predict_slab_grid(vol, spec, predict, batch_size=batch_size)
-    return probs_to_volume(grid, spec, vol.shape)
-
-
 def evaluate_case(
     case: Case, spec: PreprocessSpec, predict: Predictor, *, batch_size: int = 16
 ) -> CaseMetrics:
@@ -355,13 +296,12 @@ def evaluate_checkpoint(
     Raises:
         DunetError: for a bad checkpoint, data folder, split or device.
     """
-    import torch
-
     from dunet_deploy.training.checkpoint import (
         checkpoint_spec,
         load_checkpoint,
         model_from_checkpoint,
     )
+    from dunet_deploy.training.predictor import torch_predictor
     from dunet_deploy.training.trainer import resolve_device
 
     if isinstance(checkpoint, Mapping):
@@ -374,15 +314,85 @@ def evaluate_checkpoint(
     spec: PreprocessSpec = doc.get("spec_obj") or checkpoint_spec(doc, source)
     model = model_from_checkpoint(doc, source).to(dev).eval()
 
-    def predict(slabs: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            x = torch.from_numpy(np.ascontiguousarray(slabs, dtype=np.float32)).to(dev)
-            if amp:
-                dtype = torch.float16 if dev.type == "cuda" else torch.bfloat16
-                with torch.autocast(dev.type, dtype=dtype):
-                    y = model(x)
-            else:
-                y = model(x)
-            return y.float().cpu().numpy()
-
+    predict = torch_predictor(model, dev, amp=amp)
     return evaluate_cases(cases, spec, predict, batch_size=batch_size, progress=progress)
+
+
+# ----------------------------------------------------------- whole runs
+@dataclass
+class Evaluation:
+    """A scored model: per-case metrics and what the report says about the model.
+
+    Attributes:
+        metrics: Per-case scores, in dataset (or split) order.
+        method: Row label of the Table-2 report.
+        params: Parameter count (Keras counting), when known.
+        meta: JSON-able facts for the report (model file, backend, split...).
+        spec: The model's preprocessing spec.
+    """
+
+    metrics: list[CaseMetrics]
+    method: str
+    params: int | None
+    meta: dict[str, Any]
+    spec: PreprocessSpec
+
+
+def evaluate_engine(
+    engine: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str],
+    *,
+    backend: str = "auto",
+    precision: str = "auto",
+    threads: int | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    layout: str | None = None,
+    progress: Progress | None = None,
+) -> Evaluation:
+    """Score an exported model (ONNX or TensorRT engine) through the runtime, torch-free.
+
+    Raises:
+        DunetError: for a bad model, backend choice or data folder.
+    """
+    from dunet_deploy.runtime.segmenter import Segmenter
+
+    with Segmenter(engine, backend=backend, precision=precision, threads=threads,
+                   device=device, batch_size=batch_size) as seg:
+        runner = seg.runner
+        metrics = evaluate_cases(select_cases(data_dir, layout=layout), seg.spec, runner.infer,
+                                 batch_size=batch_size, progress=progress)
+        meta: dict[str, Any] = {"engine": str(engine), "backend": runner.backend,
+                                "precision": runner.precision}
+        return Evaluation(metrics, f"{runner.info.model_name} ({runner.backend}, "
+                          f"{runner.precision})", runner.info.params, meta, seg.spec)
+
+
+def evaluate_checkpoint_file(
+    checkpoint: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str],
+    *,
+    split: str = "all",
+    device: str = "auto",
+    batch_size: int = 16,
+    layout: str | None = None,
+    amp: bool = False,
+    progress: Progress | None = None,
+) -> Evaluation:
+    """:func:`evaluate_checkpoint` with the report facts (needs torch).
+
+    Raises:
+        DunetError: for a bad checkpoint, split, device or data folder.
+    """
+    from dunet_deploy.models import keras_param_count
+    from dunet_deploy.training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    doc = load_checkpoint(checkpoint)
+    params = keras_param_count(model_from_checkpoint(doc, str(checkpoint)))
+    metrics = evaluate_checkpoint(doc, data_dir, split=split, device=device,
+                                  batch_size=batch_size, layout=layout, amp=amp,
+                                  progress=progress)
+    epoch = int(doc.get("epoch", 0))
+    meta = {"checkpoint": str(checkpoint), "epoch": epoch}
+    return Evaluation(metrics, f"{doc['model_name']} (epoch {epoch})", params, meta,
+                      doc["spec_obj"])

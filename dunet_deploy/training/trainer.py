@@ -55,11 +55,12 @@ Run folder::
     RUN_DIR/cache/          slice cache (default ``cache_dir``)
     RUN_DIR/tensorboard/    event files (``tensorboard=True``)
 
-Validation runs every epoch on the validation cases, on the slab grid (S×S
-per slice, the cache's labels): every non-empty slab is predicted, empty ones
-count as probability 0 as in the runtime, and
-:func:`~dunet_deploy.metrics.case_metrics` scores each case. Native-space
-scores of a checkpoint come from :mod:`dunet_deploy.training.evaluate`.
+Validation runs every epoch on the validation cases in native space through
+the inference core (:func:`~dunet_deploy.training.evaluate.evaluate_cases`):
+every non-empty slab is predicted, empty ones count as probability 0, the
+probabilities go back onto each case's own voxel grid and
+:func:`~dunet_deploy.metrics.case_metrics` scores them against the native
+mask — the numbers ``dunet-eval --checkpoint`` gives for the same weights.
 
 Multi-process: started by ``torchrun`` (``WORLD_SIZE > 1``), the loop uses
 DistributedDataParallel (gloo on CPU, NCCL on CUDA). Each process trains on
@@ -95,7 +96,7 @@ from dunet_deploy.data.cache import SliceCache, build_cache
 from dunet_deploy.data.layouts import Case, check_case, discover_cases, split_cases
 from dunet_deploy.errors import DunetError
 from dunet_deploy.losses import LOSSES, get_loss
-from dunet_deploy.metrics import CaseMetrics, case_metrics, summarize
+from dunet_deploy.metrics import CaseMetrics, summarize
 from dunet_deploy.models import create_model, list_models, model_info, model_kwargs
 from dunet_deploy.spec import PreprocessSpec
 from dunet_deploy.training.augment import augment_batch
@@ -104,7 +105,6 @@ from dunet_deploy.training.dataset import (
     STREAM_AUGMENT,
     STREAM_TORCH,
     SlabDataset,
-    case_nonempty_positions,
     derive_seed,
     epoch_batches,
     epoch_order,
@@ -112,6 +112,8 @@ from dunet_deploy.training.dataset import (
     shard_order,
     training_indices,
 )
+from dunet_deploy.training.evaluate import evaluate_cases
+from dunet_deploy.training.predictor import autocast, torch_predictor
 
 __all__ = [
     "OPTIMIZERS",
@@ -120,7 +122,6 @@ __all__ = [
     "TrainConfig",
     "build_spec",
     "capture_rng_state",
-    "predict_case_slabs",
     "resolve_device",
     "restore_rng_state",
     "resume_config",
@@ -470,51 +471,9 @@ def _rank0_first(fn: Callable[[], Any], d: _Dist) -> Any:
     return result if d.is_main else fn()
 
 
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager[Any]:
-    if not amp:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def predict_case_slabs(
-    model: nn.Module,
-    images: np.ndarray,
-    positions: np.ndarray,
-    *,
-    device: torch.device,
-    batch_size: int = 32,
-    amp: bool = False,
-) -> np.ndarray:
-    """Probabilities of a case's slabs; slabs not in ``positions`` get 0.
-
-    Args:
-        model: The network (put in eval mode by the caller).
-        images: float32 ``[Z, C, S, S]`` slabs of one case.
-        positions: int ``[K]`` slab positions to run the network on.
-        device: Where to run.
-        batch_size: Slabs per forward pass.
-        amp: Mixed precision.
-
-    Returns:
-        float32 ``[Z, 1, S, S]``.
-    """
-    z, _, h, w = images.shape
-    probs = np.zeros((z, 1, h, w), dtype=np.float32)
-    with torch.no_grad():
-        for i in range(0, len(positions), batch_size):
-            pos = positions[i : i + batch_size]
-            x = torch.from_numpy(np.ascontiguousarray(images[pos])).to(device)
-            with _autocast(device, amp):
-                p = model(x)
-            probs[pos] = p.float().cpu().numpy()
-    return probs
-
-
 def _validate(
     model: nn.Module,
-    cache: SliceCache,
-    case_ids: Sequence[str],
+    cases: Sequence[Case],
     *,
     spec: PreprocessSpec,
     device: torch.device,
@@ -522,24 +481,25 @@ def _validate(
     amp: bool,
     d: _Dist,
 ) -> list[CaseMetrics]:
-    """Per-case metrics on the slab grid, sharded over ranks and gathered."""
+    """Native-space metrics of the validation cases through the inference core.
+
+    Exactly what ``dunet-eval --checkpoint`` computes for the same weights
+    (:func:`~dunet_deploy.training.evaluate.evaluate_cases`); cases are sharded
+    over ranks and the scores gathered.
+    """
     bare = unwrap(model)
     if d.enabled:  # BN running stats diverge per rank during training: use rank 0's
         for buf in bare.buffers():
             dist.broadcast(buf, src=0)
     was_training = bare.training
     bare.eval()
-    mine: list[CaseMetrics] = []
-    for cid in list(case_ids)[d.rank :: d.world_size]:
-        images, labels = cache.case_slabs(cid)
-        probs = predict_case_slabs(
-            bare, images, case_nonempty_positions(cache, cid),
-            device=device, batch_size=batch_size, amp=amp,
-        )
-        mine.append(case_metrics(cid, probs, labels, threshold=spec.threshold))
-    bare.train(was_training)
+    try:
+        mine = evaluate_cases(list(cases)[d.rank :: d.world_size], spec,
+                              torch_predictor(bare, device, amp=amp), batch_size=batch_size)
+    finally:
+        bare.train(was_training)
     gathered = [m for part in _gather(mine, d) for m in part]
-    order = {cid: i for i, cid in enumerate(case_ids)}
+    order = {c.case_id: i for i, c in enumerate(cases)}
     return sorted(gathered, key=lambda m: order[m.case_id])
 
 
@@ -673,21 +633,48 @@ def train(config: TrainConfig, *, log: Log | None = None) -> RunResult:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, d: _Dist, log: Log) -> RunResult:
-    device = resolve_device(cfg.device, d.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    out = Path(cfg.out)
+@dataclass
+class _Run:
+    """Everything one training run holds between epochs (built by :func:`_prepare`)."""
 
-    # ---- inputs, all checked before anything is written
+    cfg: TrainConfig
+    d: _Dist
+    log: Log
+    device: torch.device
+    out: Path
+    spec: PreprocessSpec
+    split: dict[str, Any]
+    val_cases: list[Case]
+    model: nn.Module
+    train_model: nn.Module
+    dataset: SlabDataset
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    use_scaler: bool
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    run_doc: dict[str, Any]
+    start_epoch: int = 1
+    best_metrics: dict[str, Any] = field(default_factory=dict)
+    writer: Any = None
+
+    @property
+    def best_dsc(self) -> float:
+        return float(self.best_metrics.get("dsc_mean", -1.0))
+
+    @property
+    def best_epoch(self) -> int:
+        return int(self.best_metrics.get("epoch", 0))
+
+
+def _inputs(cfg: TrainConfig) -> tuple[str, list[Case], PreprocessSpec, dict[str, Any]]:
+    """Discover and check the dataset, build the spec and the seeded split (writes nothing)."""
     layout, cases = discover_cases(cfg.data, cfg.layout)
     if len(cases) < 2:
         raise DunetError(f"{cfg.data}: found {len(cases)} case; training needs at least 2 "
                          "(one for validation)")
     for case in cases:
         check_case(case)
-    shape = _volume_shape(cases[0])
-    spec = build_spec(cfg, shape)
+    spec = build_spec(cfg, _volume_shape(cases[0]))
     for case in cases:
         try:
             spec.check_volume_shape(_volume_shape(case))
@@ -696,23 +683,55 @@ def _train(cfg: TrainConfig, d: _Dist, log: Log) -> RunResult:
     train_cases, val_cases = split_cases(cases, cfg.val_fraction, cfg.seed)
     split = {"layout": layout, "train": [c.case_id for c in train_cases],
              "val": [c.case_id for c in val_cases]}
+    return layout, cases, spec, split
 
-    doc: dict[str, Any] | None = None
-    ckpt_path: Path | None = None
-    if cfg.resume:
-        ckpt_path = resume_path(cfg.resume, out)
-        if cfg.resume == "auto" and not ckpt_path.is_file():
-            raise DunetError(f"--resume auto: {ckpt_path} does not exist (nothing to resume)")
-        doc = load_checkpoint(ckpt_path, map_location="cpu")
-        _check_resume(doc, ckpt_path, cfg, spec, _registry_args(cfg, spec), split)
-    elif out.exists() and not out.is_dir():
-        raise DunetError(f"--out {out}: exists and is not a folder")
-    elif (out / LAST).exists():
-        raise DunetError(
-            f"--out {out}: already holds a run ({LAST}); use --resume auto to continue it "
-            "or choose another folder"
-        )
 
+def _resume_doc(
+    cfg: TrainConfig, out: Path, spec: PreprocessSpec, split: dict[str, Any]
+) -> tuple[dict[str, Any] | None, Path | None]:
+    """The checkpoint to resume from (checked against this run), or ``None`` for a new run."""
+    if not cfg.resume:
+        if out.exists() and not out.is_dir():
+            raise DunetError(f"--out {out}: exists and is not a folder")
+        if (out / LAST).exists():
+            raise DunetError(
+                f"--out {out}: already holds a run ({LAST}); use --resume auto to continue it "
+                "or choose another folder"
+            )
+        return None, None
+    path = resume_path(cfg.resume, out)
+    if cfg.resume == "auto" and not path.is_file():
+        raise DunetError(f"--resume auto: {path} does not exist (nothing to resume)")
+    doc = load_checkpoint(path, map_location="cpu")
+    _check_resume(doc, path, cfg, spec, _registry_args(cfg, spec), split)
+    return doc, path
+
+
+def _restore(run: _Run, doc: dict[str, Any], path: Path) -> None:
+    """Load weights, optimiser, scaler and RNG state of a resumed run."""
+    unwrap(run.model).load_state_dict(doc["state_dict"], strict=True)
+    try:
+        run.optimizer.load_state_dict(doc["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise DunetError(f"{path}: optimizer state does not fit ({exc})") from None
+    if run.use_scaler and doc.get("scaler"):
+        run.scaler.load_state_dict(doc["scaler"])
+    restore_rng_state(doc.get("rng"))
+    run.start_epoch = int(doc["epoch"]) + 1
+    run.best_metrics = dict(doc.get("best_metrics") or {})
+    if run.d.is_main and (run.out / METRICS).exists():
+        _truncate_history(run.out / METRICS, run.start_epoch - 1)
+    run.log(f"resumed from {path} at epoch {run.start_epoch - 1}")
+
+
+def _prepare(cfg: TrainConfig, d: _Dist, log: Log) -> _Run:
+    """Check every input, then create the run folder, cache, model and optimiser."""
+    device = resolve_device(cfg.device, d.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    out = Path(cfg.out)
+    layout, cases, spec, split = _inputs(cfg)
+    doc, ckpt_path = _resume_doc(cfg, out, spec, split)
     # Built before writing anything (odd widths fail here); the same init on every rank.
     torch.manual_seed(derive_seed(cfg.seed, STREAM_TORCH, 0))
     model = _build_model(cfg, spec).to(device)
@@ -725,159 +744,168 @@ def _train(cfg: TrainConfig, d: _Dist, log: Log) -> RunResult:
     train_idx = training_indices(cache, split["train"])
     if train_idx.size == 0:
         raise DunetError(f"{cfg.data}: the training cases have no non-empty slab")
-    dataset = SlabDataset(cache, train_idx)
-
-    optimizer = _make_optimizer(cfg, model)
     use_scaler = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    loss_fn = get_loss(cfg.loss)
-
-    start_epoch, best_metrics = 1, {}
+    by_id = {c.case_id: c for c in cases}
+    run = _Run(
+        cfg=cfg, d=d, log=log, device=device, out=out, spec=spec, split=split,
+        val_cases=[by_id[cid] for cid in split["val"]], model=model, train_model=model,
+        dataset=SlabDataset(cache, train_idx), optimizer=_make_optimizer(cfg, model),
+        scaler=torch.amp.GradScaler("cuda", enabled=use_scaler), use_scaler=use_scaler,
+        loss_fn=get_loss(cfg.loss),
+        run_doc={**cfg.to_dict(), "split": split, "world_size": d.world_size,
+                 "model_args": dict(unwrap(model).model_args)},  # type: ignore[arg-type]
+    )
     if doc is not None:
         assert ckpt_path is not None
-        unwrap(model).load_state_dict(doc["state_dict"], strict=True)
-        try:
-            optimizer.load_state_dict(doc["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise DunetError(f"{ckpt_path}: optimizer state does not fit ({exc})") from None
-        if use_scaler and doc.get("scaler"):
-            scaler.load_state_dict(doc["scaler"])
-        restore_rng_state(doc.get("rng"))
-        start_epoch = int(doc["epoch"]) + 1
-        best_metrics = dict(doc.get("best_metrics") or {})
-        if d.is_main and (out / METRICS).exists():
-            _truncate_history(out / METRICS, start_epoch - 1)
-        log(f"resumed from {ckpt_path} at epoch {start_epoch - 1}")
-
-    train_model: nn.Module = model
+        _restore(run, doc, ckpt_path)
     if d.enabled:
-        train_model = nn.parallel.DistributedDataParallel(
+        run.train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-
-    run_doc = {**cfg.to_dict(), "split": split, "world_size": d.world_size,
-               "model_args": dict(unwrap(model).model_args)}  # type: ignore[arg-type]
     if d.is_main:
-        write_json(out / RUN_JSON, {"config": run_doc, "spec": spec.to_dict(),
+        write_json(out / RUN_JSON, {"config": run.run_doc, "spec": spec.to_dict(),
                                     "spec_digest": spec.digest()})
-    writer = _tensorboard(out, log) if (cfg.tensorboard and d.is_main) else None
-    log(f"{len(cases)} cases ({layout}): {len(train_cases)} train ({dataset.__len__()} slabs), "
-        f"{len(val_cases)} val; model {cfg.model} on {device}, world size {d.world_size}; "
+    run.writer = _tensorboard(out, log) if (cfg.tensorboard and d.is_main) else None
+    log(f"{len(cases)} cases ({layout}): {len(split['train'])} train ({len(run.dataset)} slabs), "
+        f"{len(split['val'])} val; model {cfg.model} on {device}, world size {d.world_size}; "
         f"spec {spec.image_size}x{spec.image_size}x{spec.in_channels} ({spec.digest()})")
+    return run
 
-    best_dsc = float(best_metrics.get("dsc_mean", -1.0))
-    best_epoch = int(best_metrics.get("epoch", 0))
-    last_epoch = start_epoch - 1
-    if start_epoch > cfg.epochs:
-        log(f"checkpoint is at epoch {start_epoch - 1} >= --epochs {cfg.epochs}: nothing to do")
 
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        torch.manual_seed(derive_seed(cfg.seed, STREAM_TORCH, epoch, d.rank))
-        aug_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, STREAM_AUGMENT, epoch,
-                                                            d.rank))
-        order = epoch_order(len(dataset), seed=cfg.seed, epoch=epoch, lesion=dataset.lesion,
-                            oversample=cfg.oversample)
-        mine = shard_order(order, d.rank, d.world_size)
-        batches = epoch_batches(mine, cfg.batch_size)
-        loader = make_loader(dataset, batches, workers=cfg.workers,
-                             pin_memory=device.type == "cuda")
-        train_model.train()
-        loss_acc, seen = torch.zeros((), dtype=torch.float64, device=device), 0
-        bar = _progress(len(batches), f"epoch {epoch}/{cfg.epochs}", cfg.progress and d.is_main)
-        for step, (images, labels) in enumerate(loader):
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            if cfg.augment:
-                images, labels = augment_batch(images, labels, aug_gen)
-            with _autocast(device, cfg.amp):
-                probs = train_model(images)
-            loss = loss_fn(probs.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            n = int(images.shape[0])
-            loss_acc += loss.detach().double() * n  # no host sync per step
-            seen += n
-            if not bar.disable and (step % 5 == 0 or step == len(batches) - 1):
-                elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{float(loss_acc) / seen:.4f}",
-                                speed=f"{seen * d.world_size / max(elapsed, 1e-9):.1f} slabs/s")
-            bar.update(1)
-        bar.close()
-        loss_sum = float(loss_acc)
-        t_train = time.perf_counter() - t0
-        per_rank = _gather({"loss_sum": loss_sum, "samples": seen,
-                            "digest": _digest(dataset.indices[mine])}, d)
-        total = sum(p["samples"] for p in per_rank)
-        train_loss = sum(p["loss_sum"] for p in per_rank) / max(total, 1)
+def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
+    """One pass over this rank's shard of the seeded order; loss and speed gathered."""
+    cfg, d, device = run.cfg, run.d, run.device
+    t0 = time.perf_counter()
+    torch.manual_seed(derive_seed(cfg.seed, STREAM_TORCH, epoch, d.rank))
+    aug_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, STREAM_AUGMENT, epoch, d.rank))
+    order = epoch_order(len(run.dataset), seed=cfg.seed, epoch=epoch, lesion=run.dataset.lesion,
+                        oversample=cfg.oversample)
+    mine = shard_order(order, d.rank, d.world_size)
+    batches = epoch_batches(mine, cfg.batch_size)
+    loader = make_loader(run.dataset, batches, workers=cfg.workers,
+                         pin_memory=device.type == "cuda")
+    run.train_model.train()
+    loss_acc, seen = torch.zeros((), dtype=torch.float64, device=device), 0
+    bar = _progress(len(batches), f"epoch {epoch}/{cfg.epochs}", cfg.progress and d.is_main)
+    for step, (images, labels) in enumerate(loader):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        if cfg.augment:
+            images, labels = augment_batch(images, labels, aug_gen)
+        with autocast(device, cfg.amp):
+            probs = run.train_model(images)
+        loss = run.loss_fn(probs.float(), labels)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        n = int(images.shape[0])
+        loss_acc += loss.detach().double() * n  # no host sync per step
+        seen += n
+        if not bar.disable and (step % 5 == 0 or step == len(batches) - 1):
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{float(loss_acc) / seen:.4f}",
+                            speed=f"{seen * d.world_size / max(elapsed, 1e-9):.1f} slabs/s")
+        bar.update(1)
+    bar.close()
+    t_train = time.perf_counter() - t0
+    per_rank = _gather({"loss_sum": float(loss_acc), "samples": seen,
+                        "digest": _digest(run.dataset.indices[mine])}, d)
+    total = sum(p["samples"] for p in per_rank)
+    return {
+        "train_loss": sum(p["loss_sum"] for p in per_rank) / max(total, 1),
+        "train_slabs": total,
+        "train_seconds": t_train,
+        "slabs_per_s": total / max(t_train, 1e-9),
+        "rank_samples": [p["samples"] for p in per_rank],
+        "rank_digests": [p["digest"] for p in per_rank],
+    }
 
-        t1 = time.perf_counter()
-        val = _validate(train_model, cache, split["val"], spec=spec, device=device,
-                        batch_size=max(cfg.batch_size, 16), amp=cfg.amp, d=d)
-        summary = summarize(val)
-        t_val = time.perf_counter() - t1
-        dsc_mean = float(summary["dsc_mean"])
-        is_best = dsc_mean > best_dsc
-        metrics = {"epoch": epoch, "train_loss": train_loss, **summary}
-        if is_best:
-            best_dsc, best_epoch, best_metrics = dsc_mean, epoch, dict(metrics)
-        record = {
-            "epoch": epoch,
-            "epochs": cfg.epochs,
-            "train_loss": train_loss,
-            "lr": cfg.lr,
-            "val": summary,
-            "val_cases": [dataclasses.asdict(m) for m in val],
-            "is_best": is_best,
-            "best_epoch": best_epoch,
-            "best_dsc": best_dsc,
-            "train_slabs": total,
-            "train_seconds": t_train,
-            "val_seconds": t_val,
-            "seconds": time.perf_counter() - t0,
-            "slabs_per_s": total / max(t_train, 1e-9),
-            "world_size": d.world_size,
-            "rank_samples": [p["samples"] for p in per_rank],
-            "rank_digests": [p["digest"] for p in per_rank],
-        }
-        if d.is_main:
-            with open(out / METRICS, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            ckpt: dict[str, Any] = {"model": model, "spec": spec, "config": run_doc, "epoch": epoch,
-                    "metrics": metrics, "best_metrics": best_metrics, "optimizer": optimizer,
-                    "scaler": scaler if use_scaler else None, "rng": capture_rng_state()}
-            if is_best:
-                save_checkpoint(out / BEST, **ckpt)
-            save_checkpoint(out / LAST, **ckpt)
-            if writer is not None:
-                writer.add_scalar("train/loss", train_loss, epoch)
-                writer.add_scalar("train/slabs_per_s", record["slabs_per_s"], epoch)
-                for key in ("dsc_mean", "dsc_global", "recall_mean", "precision_mean"):
-                    writer.add_scalar(f"val/{key}", float(summary[key]), epoch)
-                writer.flush()
-        log(f"epoch {epoch}/{cfg.epochs}  loss {train_loss:.4f}  "
-            f"val DSC {dsc_mean:.4f}±{float(summary['dsc_std']):.4f} "
-            f"(global {float(summary['dsc_global']):.4f}, recall "
-            f"{float(summary['recall_mean']):.4f}, precision "
-            f"{float(summary['precision_mean']):.4f})  {record['seconds']:.1f} s  "
-            f"{record['slabs_per_s']:.0f} slabs/s" + ("  *best*" if is_best else ""))
+
+def _save_epoch(run: _Run, epoch: int, record: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Append the epoch's record, write ``last.pt`` (and ``best.pt``), log to TensorBoard."""
+    if not run.d.is_main:
+        return
+    with open(run.out / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    ckpt: dict[str, Any] = {
+        "model": run.model, "spec": run.spec, "config": run.run_doc, "epoch": epoch,
+        "metrics": metrics, "best_metrics": run.best_metrics, "optimizer": run.optimizer,
+        "scaler": run.scaler if run.use_scaler else None, "rng": capture_rng_state(),
+    }
+    if record["is_best"]:
+        save_checkpoint(run.out / BEST, **ckpt)
+    save_checkpoint(run.out / LAST, **ckpt)
+    if run.writer is not None:
+        run.writer.add_scalar("train/loss", record["train_loss"], epoch)
+        run.writer.add_scalar("train/slabs_per_s", record["slabs_per_s"], epoch)
+        for key in ("dsc_mean", "dsc_global", "recall_mean", "precision_mean"):
+            run.writer.add_scalar(f"val/{key}", float(record["val"][key]), epoch)
+        run.writer.flush()
+
+
+def _epoch_line(record: dict[str, Any]) -> str:
+    """The one log line of an epoch."""
+    v = record["val"]
+    std = float(v["dsc_std"])
+    spread = "±n/a" if math.isnan(std) else f"±{std:.4f}"
+    return (f"epoch {record['epoch']}/{record['epochs']}  loss {record['train_loss']:.4f}  "
+            f"val DSC {float(v['dsc_mean']):.4f}{spread} (global {float(v['dsc_global']):.4f}, "
+            f"recall {float(v['recall_mean']):.4f}, precision "
+            f"{float(v['precision_mean']):.4f})  {record['seconds']:.1f} s  "
+            f"{record['slabs_per_s']:.0f} slabs/s" + ("  *best*" if record["is_best"] else ""))
+
+
+def _run_epoch(run: _Run, epoch: int) -> None:
+    """Train, validate, pick the best, save and log one epoch."""
+    t0 = time.perf_counter()
+    stats = _train_epoch(run, epoch)
+    t1 = time.perf_counter()
+    val = _validate(run.train_model, run.val_cases, spec=run.spec, device=run.device,
+                    batch_size=max(run.cfg.batch_size, 16), amp=run.cfg.amp, d=run.d)
+    summary = summarize(val)
+    t_val = time.perf_counter() - t1
+    is_best = float(summary["dsc_mean"]) > run.best_dsc
+    metrics = {"epoch": epoch, "train_loss": stats["train_loss"], **summary}
+    if is_best:
+        run.best_metrics = dict(metrics)
+    record = {
+        "epoch": epoch, "epochs": run.cfg.epochs, "train_loss": stats["train_loss"],
+        "lr": run.cfg.lr, "val": summary, "val_cases": [dataclasses.asdict(m) for m in val],
+        "is_best": is_best, "best_epoch": run.best_epoch, "best_dsc": run.best_dsc,
+        "train_slabs": stats["train_slabs"], "train_seconds": stats["train_seconds"],
+        "val_seconds": t_val, "seconds": time.perf_counter() - t0,
+        "slabs_per_s": stats["slabs_per_s"], "world_size": run.d.world_size,
+        "rank_samples": stats["rank_samples"], "rank_digests": stats["rank_digests"],
+    }
+    _save_epoch(run, epoch, record, metrics)
+    run.log(_epoch_line(record))
+
+
+def _train(cfg: TrainConfig, d: _Dist, log: Log) -> RunResult:
+    run = _prepare(cfg, d, log)
+    if run.start_epoch > cfg.epochs:
+        log(f"checkpoint is at epoch {run.start_epoch - 1} >= --epochs {cfg.epochs}: "
+            "nothing to do")
+    last_epoch = run.start_epoch - 1
+    for epoch in range(run.start_epoch, cfg.epochs + 1):
+        _run_epoch(run, epoch)
         last_epoch = epoch
-    if writer is not None:
-        writer.close()
+    if run.writer is not None:
+        run.writer.close()
     if d.enabled:
         dist.barrier()
+    out = run.out
     return RunResult(
         out_dir=out,
         last_checkpoint=out / LAST,
         best_checkpoint=out / BEST if (out / BEST).exists() else None,
         epoch=last_epoch,
-        best_epoch=best_epoch,
-        best_metrics=best_metrics,
+        best_epoch=run.best_epoch,
+        best_metrics=run.best_metrics,
         history=_read_history(out / METRICS),
         world_size=d.world_size,
-        spec=spec,
+        spec=run.spec,
     )
 
 

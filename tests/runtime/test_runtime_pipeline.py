@@ -15,12 +15,12 @@ import runtime_testutils as rt
 from dunet_deploy.artifacts import ArtifactInfo
 from dunet_deploy.data.preprocess import slices_to_slabs
 from dunet_deploy.runtime.base import Runner
+from dunet_deploy.runtime.core import predict_grid
 from dunet_deploy.runtime.pipeline import (
     InputItem,
     Prefetcher,
     expand_inputs,
     output_stem,
-    predict_probs,
     prepare_volume,
 )
 
@@ -118,7 +118,7 @@ def test_prepare_volume_skips_empty_slabs(tmp_path):
     assert prep.indices.tolist() == list(range(7, 14))
     assert prep.result.slabs_run == 7 and prep.result.slabs_skipped == rt.SHAPE[2] - 7
     runner = RecordingRunner(max_batch=3)
-    probs = predict_probs(runner, prep.slices, prep.indices, spec, batch_size=16)
+    probs = predict_grid(prep.net, spec, runner, batch_size=16)
     assert runner.batches == [3, 3, 1]  # batch size capped at max_batch
     assert probs.shape == (rt.SHAPE[2], 1, 32, 32)
     skipped = np.setdiff1d(np.arange(rt.SHAPE[2]), prep.indices)
@@ -128,7 +128,8 @@ def test_prepare_volume_skips_empty_slabs(tmp_path):
     empty = rt.write_volume(tmp_path / "e.nii.gz", data=np.zeros(rt.SHAPE, np.float32))
     prep = prepare_volume(InputItem(empty), spec)
     assert prep.result.ok and prep.indices.size == 0 and prep.slices is None
-    assert not predict_probs(runner, prep.slices, prep.indices, spec, 16).any()
+    grid = predict_grid(prep.net, spec, runner, batch_size=16)
+    assert grid.shape == (rt.SHAPE[2], 1, 32, 32) and not grid.any()
 
 
 def test_runtime_and_dunet_infer_never_import_torch(tmp_path):

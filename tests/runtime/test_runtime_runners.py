@@ -82,7 +82,8 @@ def test_openvino_bf16_vs_fp32_masks(tiny, tmp_path, capsys):
 
     if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         pytest.skip("this CPU has no native BF16 (OPTIMIZATION_CAPABILITIES lacks BF16)")
-    from dunet_deploy.runtime.pipeline import InputItem, predict_probs, prepare_volume
+    from dunet_deploy.runtime.core import predict_grid
+    from dunet_deploy.runtime.pipeline import InputItem, prepare_volume
 
     spec = rt.tiny_spec()
     masks = {}
@@ -93,7 +94,7 @@ def test_openvino_bf16_vs_fp32_masks(tiny, tmp_path, capsys):
             for seed in range(3):
                 vol = rt.write_volume(tmp_path / f"v{seed}.nii.gz", seed=seed)
                 prep = prepare_volume(InputItem(vol), spec)
-                probs = predict_probs(runner, prep.slices, prep.indices, spec, 16)
+                probs = predict_grid(prep.net, spec, runner, batch_size=16)
                 voxels.append(probs[:, 0] >= spec.threshold)
             masks[precision] = np.stack(voxels)
     agree = float((masks["fp32"] == masks["bf16"]).mean())

@@ -21,10 +21,10 @@ from dunet_deploy.data.preprocess import (
 from dunet_deploy.data.synth import write_dataset
 from dunet_deploy.errors import DunetError
 from dunet_deploy.metrics import summarize
+from dunet_deploy.runtime.core import predict_grid, to_network
 from dunet_deploy.spec import PreprocessSpec
 from dunet_deploy.training.evaluate import (
     evaluate_cases,
-    predict_slab_grid,
     predict_volume,
     select_cases,
     table2_markdown,
@@ -64,7 +64,7 @@ def test_slab_grid_skips_empty_slabs():
         assert slabs.dtype == np.float32
         return np.ones((slabs.shape[0], 1, 32, 32), np.float32)
 
-    grid = predict_slab_grid(vol, SPEC, ones, batch_size=4)
+    grid = predict_grid(to_network(vol, SPEC), SPEC, ones, batch_size=4)
     assert grid.shape == (16, 1, 32, 32) and grid.dtype == np.float32
     keep = nonempty_slab_indices(vol, SPEC)
     # slab 4 stacks slices 2..5 and slice 5 is the first non-empty one
@@ -83,8 +83,9 @@ def test_slab_grid_skips_empty_slabs():
 
 
 def test_bad_predictor_output_is_a_user_error():
-    with pytest.raises(DunetError, match="predictor returned shape"):
-        predict_slab_grid(_volume(), SPEC, lambda s: np.zeros((s.shape[0], 32, 32), np.float32))
+    with pytest.raises(DunetError, match="the model returned shape"):
+        predict_grid(to_network(_volume(), SPEC), SPEC,
+                     lambda s: np.zeros((s.shape[0], 32, 32), np.float32))
 
 
 def test_evaluate_cases_and_report(data, tmp_path):
@@ -94,13 +95,28 @@ def test_evaluate_cases_and_report(data, tmp_path):
     with pytest.raises(DunetError, match="not in the dataset"):
         select_cases(data, case_ids=["nope"])
 
-    def label_channel(slabs: np.ndarray) -> np.ndarray:  # "segments" dark voxels
-        return (slabs[:, SPEC.label_index : SPEC.label_index + 1] < -1.0).astype(np.float32)
+    def ones(slabs: np.ndarray) -> np.ndarray:  # "lesion" wherever a slab is run
+        return np.ones((slabs.shape[0], 1, 32, 32), np.float32)
 
     done = []
-    metrics = evaluate_cases(cases, SPEC, label_channel, progress=lambda *a: done.append(a))
+    metrics = evaluate_cases(cases, SPEC, ones, progress=lambda *a: done.append(a))
     assert [m.case_id for m in metrics] == [c.case_id for c in cases]
     assert [d[:2] for d in done] == [(1, 3), (2, 3), (3, 3)]
+    (r0, r1), (c0, c1) = SPEC.crop_rows, SPEC.crop_cols
+    for case, m in zip(cases, metrics):
+        image = np.asarray(nib.load(str(case.image)).get_fdata(), np.float32)
+        truth = np.zeros(SHAPE, bool)
+        for mask_path in case.masks:
+            truth |= np.asarray(nib.load(str(mask_path)).get_fdata()) > 0
+        # By hand: predicted = the crop box (oriented slice = vol[:, :, z].T) on run slabs.
+        pred = np.zeros(SHAPE, bool)
+        pred[c0:c1, r0:r1, nonempty_slab_indices(image, SPEC)] = True
+        tp = int((pred & truth).sum())
+        fp, fn = int((pred & ~truth).sum()), int((~pred & truth).sum())
+        assert (m.tp, m.fp, m.fn) == (tp, fp, fn) and tp > 0
+        assert m.dsc == pytest.approx(2 * tp / (2 * tp + fp + fn))
+        assert m.recall == pytest.approx(tp / (tp + fn))
+        assert m.precision == pytest.approx(tp / (tp + fp))
 
     paths = write_report(metrics, tmp_path / "rep", method="thresholder", params=1234,
                          meta={"split": "all"})

@@ -1,0 +1,341 @@
+"""The one inference core: a volume in, probabilities on its voxel grid out.
+
+Shaped like MONAI's ``Inferer``: the network is any callable
+``predict(float32 [N, C, S, S]) -> float32 [N, 1, S, S]`` — a runtime
+:class:`~dunet_deploy.runtime.base.Runner`, a torch model wrapped by the
+caller, a Triton client — so this module never imports torch or a backend::
+
+    volume --to_network--> NetworkInput(slices [Z, S, S], indices [K])
+           --predict_grid(predict)--> [Z, 1, S, S]   (slabs not in indices = 0)
+           --grid_to_volume--> float32 probabilities of the volume's shape
+
+``dunet-infer``, the :class:`~dunet_deploy.Segmenter`, ``dunet-eval`` (with a
+checkpoint or an engine), training validation, the bench's end-to-end run and
+the Triton models all call these functions, so every path scores and segments
+identically. All geometry is :mod:`dunet_deploy.data.preprocess`, the code
+training uses. Slabs whose slices are all background inside the crop box are
+not sent to the network; their probability is 0.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from dunet_deploy.data.nifti import NiftiVolume, save_nifti_like
+from dunet_deploy.data.preprocess import (
+    binarize,
+    nonempty_slab_indices,
+    probs_to_volume,
+    slices_to_slabs,
+    volume_to_slices,
+)
+from dunet_deploy.errors import DunetError
+from dunet_deploy.spec import PreprocessSpec
+
+__all__ = [
+    "NetworkInput",
+    "Prediction",
+    "Predictor",
+    "add_time",
+    "grid_to_volume",
+    "predict_grid",
+    "predict_volume",
+    "segment",
+    "to_network",
+]
+
+#: ``predict(slabs float32 [N, C, S, S]) -> probabilities float32 [N, 1, S, S]``.
+Predictor = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class NetworkInput:
+    """One volume in the network's space, ready for :func:`predict_grid`.
+
+    Attributes:
+        shape: Shape of the volume it came from (restored by :func:`grid_to_volume`).
+        slices: float32 ``[Z, S, S]`` preprocessed slices; ``None`` when no slab
+            is worth running (``indices`` empty), so a blank volume costs nothing.
+        indices: int64 ``[K]`` slab positions to run, ascending.
+    """
+
+    shape: tuple[int, ...]
+    slices: np.ndarray | None
+    indices: np.ndarray
+
+    def release(self) -> None:
+        """Drop the slices (the grid is all that is needed afterwards)."""
+        self.slices = None
+
+
+def add_time(times: dict[str, float] | None, key: str, seconds: float) -> None:
+    """Add ``seconds`` to ``times[key]`` when ``times`` is given."""
+    if times is not None:
+        times[key] = times.get(key, 0.0) + seconds
+
+
+def to_network(
+    volume: npt.ArrayLike, spec: PreprocessSpec, *, times: dict[str, float] | None = None
+) -> NetworkInput:
+    """Preprocess a raw volume into slices and the slab positions worth running.
+
+    Args:
+        volume: Raw volume whose in-plane shape the spec accepts.
+        spec: The model's preprocessing spec.
+        times: When given, ``"preprocess"`` seconds are added to it.
+
+    Returns:
+        A :class:`NetworkInput`.
+
+    Raises:
+        DunetError: when the spec cannot take the volume's shape.
+    """
+    t0 = time.perf_counter()
+    vol = np.asarray(volume)
+    spec.check_volume_shape(vol.shape)
+    indices = nonempty_slab_indices(vol, spec)
+    slices = volume_to_slices(vol, spec) if indices.size else None
+    add_time(times, "preprocess", time.perf_counter() - t0)
+    return NetworkInput(tuple(int(n) for n in vol.shape), slices, indices)
+
+
+def predict_grid(
+    net: NetworkInput,
+    spec: PreprocessSpec,
+    predict: Predictor,
+    *,
+    batch_size: int = 16,
+    times: dict[str, float] | None = None,
+) -> np.ndarray:
+    """Run ``predict`` over the selected slabs in batches and stitch the grid.
+
+    Args:
+        net: From :func:`to_network`.
+        spec: The model's preprocessing spec.
+        predict: The network; a ``max_batch`` attribute (as runners have) caps
+            the batch further.
+        batch_size: Slabs per ``predict`` call, >= 1.
+        times: When given, ``"preprocess"`` (slab stacking) and ``"infer"``
+            seconds are added to it.
+
+    Returns:
+        float32 ``[Z, 1, S, S]``; slabs not in ``net.indices`` are 0.
+
+    Raises:
+        DunetError: when ``predict`` returns the wrong shape.
+    """
+    if batch_size < 1:
+        raise DunetError(f"batch size must be >= 1, got {batch_size}")
+    s = spec.image_size
+    z = int(net.shape[spec.axial_axis])
+    grid = np.zeros((z, 1, s, s), dtype=np.float32)
+    if net.slices is None or net.indices.size == 0:
+        return grid
+    cap = getattr(predict, "max_batch", None)
+    step = batch_size if cap is None else max(1, min(batch_size, int(cap)))
+    t_stack = t_infer = 0.0
+    for i in range(0, net.indices.size, step):
+        idx = net.indices[i : i + step]
+        t0 = time.perf_counter()
+        slabs = slices_to_slabs(net.slices, spec, idx)
+        t1 = time.perf_counter()
+        out = np.asarray(predict(slabs), dtype=np.float32)
+        if out.shape != (idx.size, 1, s, s):
+            raise DunetError(
+                f"the model returned shape {out.shape} for {idx.size} slabs; expected "
+                f"{(idx.size, 1, s, s)}"
+            )
+        grid[idx] = out
+        t_stack += t1 - t0
+        t_infer += time.perf_counter() - t1
+    add_time(times, "preprocess", t_stack)
+    add_time(times, "infer", t_infer)
+    return grid
+
+
+def grid_to_volume(
+    grid: np.ndarray,
+    spec: PreprocessSpec,
+    shape: tuple[int, ...],
+    *,
+    times: dict[str, float] | None = None,
+) -> np.ndarray:
+    """Map the ``[Z, 1, S, S]`` grid back onto the volume's voxel grid.
+
+    Args:
+        grid: float32 ``[Z, 1, S, S]`` from :func:`predict_grid`.
+        spec: The model's preprocessing spec.
+        shape: The volume's shape.
+        times: When given, ``"postprocess"`` seconds are added to it.
+
+    Returns:
+        float32 probabilities of ``shape`` (0 outside the crop box).
+    """
+    t0 = time.perf_counter()
+    out = probs_to_volume(grid, spec, shape)
+    add_time(times, "postprocess", time.perf_counter() - t0)
+    return out
+
+
+def predict_volume(
+    volume: npt.ArrayLike,
+    spec: PreprocessSpec,
+    predict: Predictor,
+    *,
+    batch_size: int = 16,
+    times: dict[str, float] | None = None,
+) -> np.ndarray:
+    """Lesion probabilities of a raw volume on its own voxel grid.
+
+    :func:`to_network`, :func:`predict_grid` and :func:`grid_to_volume` in one call.
+
+    Args:
+        volume: Raw volume whose in-plane shape the spec accepts.
+        spec: The model's preprocessing spec.
+        predict: ``float32 [N, C, S, S] -> float32 [N, 1, S, S]``.
+        batch_size: Slabs per ``predict`` call.
+        times: When given, per-stage seconds are added to it.
+
+    Returns:
+        float32 array of the volume's shape.
+    """
+    net = to_network(volume, spec, times=times)
+    grid = predict_grid(net, spec, predict, batch_size=batch_size, times=times)
+    net.release()
+    return grid_to_volume(grid, spec, net.shape, times=times)
+
+
+# ------------------------------------------------------------- predictions
+@dataclass
+class Prediction:
+    """A segmented volume on the input's own voxel grid.
+
+    Attributes:
+        mask: uint8 lesion mask (1 = lesion, ``prob >= spec.threshold``), the
+            input's shape.
+        prob: float32 lesion probabilities, the input's shape.
+        affine: float64 ``[4, 4]`` voxel-to-world matrix of the input.
+        header: The input's NIfTI header (``None`` for an array input).
+        zooms: Voxel sizes in mm.
+        slabs_run: Slabs sent to the network.
+        slabs_skipped: All-background slabs not sent (probability 0).
+        times: Seconds per stage (``read``, ``preprocess``, ``infer``,
+            ``postprocess``, ``write``).
+    """
+
+    mask: np.ndarray
+    prob: np.ndarray
+    affine: np.ndarray
+    header: Any
+    zooms: tuple[float, ...]
+    slabs_run: int
+    slabs_skipped: int
+    times: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The input's (and the mask's) shape."""
+        return tuple(self.mask.shape)
+
+    @property
+    def lesion_voxels(self) -> int:
+        """Voxels in the mask."""
+        return int(np.count_nonzero(self.mask))
+
+    @property
+    def lesion_volume_mm3(self) -> float:
+        """``lesion_voxels`` × the voxel volume."""
+        return float(self.lesion_voxels * float(np.prod(self.zooms)))
+
+    def _reference(self) -> NiftiVolume:
+        geometry = np.broadcast_to(np.zeros((), np.float32), self.shape)
+        return NiftiVolume(data=geometry, affine=self.affine, header=self.header)
+
+    def save(
+        self, mask: str | os.PathLike[str], prob: str | os.PathLike[str] | None = None
+    ) -> list[Path]:
+        """Write the mask (uint8) and optionally the probabilities (float32) as NIfTI.
+
+        Each file has the input's shape, affine, qform/sform and voxel sizes
+        and is written atomically (missing folders are created); when the
+        second write fails the first file is removed too, so a case is never
+        half saved.
+
+        Args:
+            mask: ``.nii`` / ``.nii.gz`` path of the mask.
+            prob: Path of the probability map, or ``None``.
+
+        Returns:
+            The written paths.
+
+        Raises:
+            DunetError: naming the file that could not be written.
+        """
+        t0 = time.perf_counter()
+        ref = self._reference()
+        written: list[Path] = []
+        for path in (mask, prob):
+            if path is not None:
+                _make_parent(Path(path))
+        try:
+            written.append(save_nifti_like(mask, self.mask, ref, dtype=np.uint8))
+            if prob is not None:
+                written.append(save_nifti_like(prob, self.prob, ref, dtype=np.float32))
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
+        add_time(self.times, "write", time.perf_counter() - t0)
+        return written
+
+
+def _make_parent(path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DunetError(f"{path}: cannot create folder {path.parent} ({exc.strerror})") from None
+
+
+def segment(
+    net: NetworkInput,
+    geometry: NiftiVolume,
+    spec: PreprocessSpec,
+    predict: Predictor,
+    *,
+    batch_size: int = 16,
+    times: dict[str, float] | None = None,
+) -> Prediction:
+    """Run the network on a prepared volume and threshold on the input's grid.
+
+    Args:
+        net: From :func:`to_network` (its slices are released afterwards).
+        geometry: The input's affine and header (its ``data`` only gives the shape).
+        spec: The model's preprocessing spec.
+        predict: ``float32 [N, C, S, S] -> float32 [N, 1, S, S]``.
+        batch_size: Slabs per ``predict`` call.
+        times: Per-stage seconds so far; the :class:`Prediction` carries them on.
+
+    Returns:
+        The :class:`Prediction`.
+    """
+    stage = times if times is not None else {}
+    grid = predict_grid(net, spec, predict, batch_size=batch_size, times=stage)
+    net.release()  # free the slices before allocating the output volume
+    prob = grid_to_volume(grid, spec, net.shape, times=stage)
+    t0 = time.perf_counter()
+    mask = binarize(prob, spec)
+    add_time(stage, "postprocess", time.perf_counter() - t0)
+    z = int(net.shape[spec.axial_axis])
+    return Prediction(
+        mask=mask, prob=prob, affine=np.asarray(geometry.affine, dtype=np.float64),
+        header=geometry.header, zooms=tuple(float(v) for v in geometry.zooms),
+        slabs_run=int(net.indices.size), slabs_skipped=z - int(net.indices.size), times=stage,
+    )

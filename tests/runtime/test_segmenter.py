@@ -1,0 +1,167 @@
+"""dunet_deploy.Segmenter: the in-process API over the one inference core."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import runtime_testutils as rt
+
+from dunet_deploy.data.nifti import load_nifti
+from dunet_deploy.errors import DunetError
+from dunet_deploy.runtime import base
+from dunet_deploy.runtime.segmenter import Segmenter
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("seg") / "model.onnx"
+    torch_model = rt.export_tiny_onnx(path, seed=3)
+    return path, torch_model
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory):
+    return rt.write_volume(tmp_path_factory.mktemp("scan") / "case_000.nii.gz", seed=5,
+                           zooms=(1.0, 1.2, 0.9))
+
+
+def test_import_is_lazy_and_torch_free():
+    code = ("import sys\nfrom dunet_deploy import Segmenter, Prediction\n"
+            "assert Segmenter.__name__ == 'Segmenter' and Prediction.__name__ == 'Prediction'\n"
+            "bad = {'torch', 'onnxruntime', 'openvino', 'tensorrt'} & set(sys.modules)\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_predict_path_image_and_array_agree_with_torch(model, scan):
+    path, torch_model = model
+    ref_prob, ref_mask = rt.torch_reference(torch_model, scan, rt.tiny_spec())
+    assert ref_mask.any(), "the fixture model should segment something"
+    img = nib.load(str(scan))
+    with Segmenter(path, backend="onnxruntime") as seg:
+        by_path = seg.predict(scan)
+        by_image = seg.predict(img)
+        by_array = seg.predict(img.get_fdata(dtype=np.float32), affine=img.affine)
+        assert seg.describe()["backend"] == "onnxruntime"
+    for pred in (by_path, by_image, by_array):
+        assert pred.mask.dtype == np.uint8 and pred.prob.dtype == np.float32
+        assert pred.shape == rt.SHAPE
+        np.testing.assert_array_equal(pred.affine, img.affine)
+        rt.assert_masks_match(pred.mask, ref_mask, ref_prob)
+        np.testing.assert_allclose(pred.prob, ref_prob, atol=1e-4)
+        assert pred.lesion_voxels == int(pred.mask.sum())
+        assert pred.lesion_volume_mm3 == pytest.approx(pred.lesion_voxels * 1.0 * 1.2 * 0.9)
+        assert pred.slabs_run + pred.slabs_skipped == rt.SHAPE[2]
+        assert set(pred.times) >= {"read", "preprocess", "infer", "postprocess"}
+    np.testing.assert_array_equal(by_path.mask, by_array.mask)
+    assert by_path.header is not None and by_array.header is None
+
+
+def test_model_is_loaded_once(model, scan, monkeypatch):
+    calls = []
+    real = base.open_runner
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("dunet_deploy.runtime.segmenter.open_runner", counting)
+    seg = Segmenter(model[0], backend="onnxruntime", lazy=True)
+    assert calls == []  # constructing reads metadata only
+    with seg:
+        for _ in range(3):
+            seg.predict(scan)
+    assert len(calls) == 1
+    assert seg.spec.digest() == rt.tiny_spec().digest()
+
+
+def test_save_writes_both_files_or_neither(model, scan, tmp_path):
+    with Segmenter(model[0], backend="onnxruntime") as seg:
+        pred = seg.predict(scan)
+    mask, prob = tmp_path / "new" / "m_mask.nii.gz", tmp_path / "new" / "m_prob.nii.gz"
+    assert pred.save(mask, prob=prob) == [mask, prob]
+    rt.assert_same_geometry(mask, scan)
+    rt.assert_same_geometry(prob, scan)
+    np.testing.assert_array_equal(np.asarray(nib.load(str(mask)).dataobj), pred.mask)
+    np.testing.assert_allclose(np.asarray(nib.load(str(prob)).dataobj), pred.prob)
+    assert pred.times["write"] > 0
+    lone = tmp_path / "lone_mask.nii.gz"
+    with pytest.raises(DunetError, match="must end in .nii"):
+        pred.save(lone, prob=tmp_path / "lone_prob.txt")
+    assert not lone.exists() and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_predict_files_matches_dunet_infer(model, scan, tmp_path):
+    with Segmenter(model[0], backend="onnxruntime", batch_size=5) as seg:
+        summary = seg.predict_files([scan, tmp_path / "missing.nii.gz"], tmp_path / "api",
+                                    save_prob=True)
+        single = seg.predict(scan)
+    assert (summary["ok"], summary["failed"], summary["batch_size"]) == (1, 1, 5)
+    assert json.loads((tmp_path / "api" / "summary.json").read_text()) == summary
+    case = summary["cases"][0]
+    assert case["lesion_voxels"] == single.lesion_voxels
+    assert "missing.nii.gz: no such file" in summary["cases"][1]["message"]
+    cli = subprocess.run([sys.executable, "-m", "dunet_deploy.cli.infer", "--engine",
+                          str(model[0]), str(scan), "-o", str(tmp_path / "cli"),
+                          "--backend", "onnxruntime", "--batch-size", "5", "-q"],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    api_mask = load_nifti(tmp_path / "api" / "case_000_mask.nii.gz").data
+    cli_mask = load_nifti(tmp_path / "cli" / "case_000_mask.nii.gz").data
+    np.testing.assert_array_equal(api_mask, cli_mask)
+    np.testing.assert_array_equal(api_mask, single.mask)
+
+
+def test_blank_volume_gives_an_empty_mask(model, tmp_path):
+    blank = rt.write_volume(tmp_path / "blank.nii.gz", data=np.zeros(rt.SHAPE, np.float32))
+    with Segmenter(model[0], backend="onnxruntime") as seg:
+        pred = seg.predict(blank)
+        summary = seg.predict_files([blank], tmp_path / "out")
+    assert pred.lesion_voxels == 0 and pred.lesion_volume_mm3 == 0.0
+    assert pred.slabs_run == 0 and pred.slabs_skipped == rt.SHAPE[2]
+    assert not pred.prob.any() and pred.shape == rt.SHAPE
+    assert summary["ok"] == 1 and summary["cases"][0]["lesion_voxels"] == 0
+
+
+def test_bad_inputs_are_one_line_errors(model, scan, tmp_path):
+    with pytest.raises(DunetError, match="model file not found|no such file"):
+        Segmenter(tmp_path / "nope.onnx")
+    with pytest.raises(DunetError, match="batch size"):
+        Segmenter(model[0], batch_size=0)
+    with Segmenter(model[0], backend="onnxruntime", lazy=True) as seg:
+        with pytest.raises(DunetError, match="affine= is only for array inputs"):
+            seg.predict(scan, affine=np.eye(4))
+        with pytest.raises(DunetError, match="expected a 3D volume"):
+            seg.predict(np.zeros((4, 4), np.float32))
+        with pytest.raises(DunetError, match="NaN or Inf"):
+            seg.predict(np.full(rt.SHAPE, np.nan, np.float32))
+        with pytest.raises(DunetError, match="4x4"):
+            seg.predict(np.zeros(rt.SHAPE, np.float32), affine=np.eye(3))
+        with pytest.raises(DunetError, match="does not match|shape"):
+            seg.predict(np.zeros((10, 10, 10), np.float32))
+
+
+def test_readme_python_api_example_runs(model, scan, tmp_path):
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Python API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "model.onnx").write_bytes(model[0].read_bytes())
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "scans" / "case_000.nii.gz").write_bytes(scan.read_bytes())
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "uint8 float32" in run.stdout and "1/1 segmented" in run.stdout
+    assert (tmp_path / "masks" / "case_000_mask.nii.gz").is_file()
+    assert (tmp_path / "masks" / "case_000_prob.nii.gz").is_file()
+    assert (tmp_path / "masks" / "summary.json").is_file()

@@ -19,10 +19,10 @@ Everything lands in one folder::
 
 from __future__ import annotations
 
+import contextlib
 import json
-import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ import numpy as np
 
 from dunet_deploy.artifacts import read_sidecar, write_json
 from dunet_deploy.errors import DunetError
+from dunet_deploy.machine import machine_info
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,94 @@ def _lesion_seed(shape: tuple[int, int, int], start: int, min_voxels: int = 200)
     return start
 
 
+class _Timer:
+    """Times the demo's stages and logs their start and end."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+        self.times: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        self.log(f"[demo] {name} ...")
+        yield
+        self.times[name] = round(time.perf_counter() - t0, 2)
+        self.log(f"[demo] {name} done in {self.times[name]:.1f} s")
+
+
+def _train_and_evaluate(cfg: DemoConfig, out: Path, log: Callable[[str], None],
+                        timer: _Timer) -> dict[str, Any]:
+    """Train on ``out/data``, evaluate ``best.pt`` on the validation split, write ``out/eval``."""
+    from dunet_deploy.models import keras_param_count
+    from dunet_deploy.training.checkpoint import load_checkpoint, model_from_checkpoint
+    from dunet_deploy.training.evaluate import evaluate_checkpoint, write_report
+    from dunet_deploy.training.trainer import TrainConfig, train
+
+    with timer.stage("train"):
+        result = train(TrainConfig(
+            data=str(out / "data"), out=str(out / "run"), model="dunet",
+            base_filters=None if cfg.base_filters == 32 else cfg.base_filters,
+            epochs=cfg.epochs, batch_size=cfg.batch_size, image_size=cfg.image_size,
+            oversample=cfg.oversample, seed=cfg.seed, device="cpu", progress=False,
+        ), log=lambda msg: log(f"  {msg}"))
+    if result.best_checkpoint is None:
+        raise DunetError("training produced no checkpoint")
+    with timer.stage("evaluate"):
+        val_metrics = evaluate_checkpoint(result.best_checkpoint, out / "data", split="val",
+                                          device="cpu")
+        doc = load_checkpoint(result.best_checkpoint)
+        params = keras_param_count(model_from_checkpoint(doc, str(result.best_checkpoint)))
+        eval_paths = write_report(val_metrics, out / "eval", method="dunet (demo)",
+                                  params=params, meta={"split": "val"}, boxplot=True)
+        eval_summary = json.loads(eval_paths["json"].read_text())
+    return {
+        "checkpoint": result.best_checkpoint, "params": params,
+        "train": {"epochs": result.epoch, "best_epoch": result.best_epoch,
+                  "val_dsc_first_epoch": (result.history[0]["val"]["dsc_mean"]
+                                          if result.history else 0.0),
+                  "val_dsc_best": result.best_metrics.get("dsc_mean")},
+        "eval_val": {k: eval_summary.get(k) for k in
+                     ("dsc_mean", "dsc_std", "dsc_global", "recall_mean", "precision_mean")},
+    }
+
+
+def _export(cfg: DemoConfig, checkpoint: Path, out: Path, log: Callable[[str], None]
+            ) -> dict[str, float]:
+    """Export and verify ``model.onnx``; the verification's worst error and agreement."""
+    from dunet_deploy.export.pipeline import ExportRequest, run_export
+
+    run_export(ExportRequest(
+        checkpoint=checkpoint, out_dir=out / "export", formats=("onnx",),
+        batch_range=(1, 8, 32), opset=17, verify=True, triton_backend="onnx",
+        timing_cache=None, workspace_mb=None, opt_level=None, verify_slabs=16, seed=cfg.seed,
+    ), log=lambda msg: log(f"  {msg}"))
+    rows = read_sidecar(out / "export" / "model.json").extra["verification"]["rows"]
+    return {"max_abs_error": max(r["max_abs"] for r in rows),
+            "mask_agreement": min(r["mask_agreement"] for r in rows)}
+
+
+def _segment_heldout(cfg: DemoConfig, held: Any, out: Path) -> dict[str, Any]:
+    """``segment_files`` on the held-out case, scored against its mask; writes the overlay."""
+    from dunet_deploy.data.nifti import load_mask, load_nifti
+    from dunet_deploy.metrics import case_metrics
+    from dunet_deploy.runtime.pipeline import segment_files
+
+    summary = segment_files(out / "export" / "model.onnx", [held.image], out / "infer",
+                            backend="auto", threads=cfg.threads)
+    if summary["failed"]:
+        raise DunetError(f"dunet-infer failed: {summary['cases'][0].get('message')}")
+    case = summary["cases"][0]
+    pred = np.asarray(load_nifti(case["mask"]).data)
+    truth = load_mask(held.masks)
+    m = case_metrics(held.case_id, pred, truth)
+    return {"case": held.case_id, "dsc": m.dsc, "recall": m.recall, "precision": m.precision,
+            "lesion_voxels_truth": int((truth > 0).sum()),
+            "lesion_voxels_pred": int(case["lesion_voxels"]), "backend": summary["backend"],
+            "precision_run": summary["precision"], "times": case["times"],
+            "_mask": case["mask"], "_pred": pred, "_truth": truth}
+
+
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the whole demo; returns the report (also written as report.json / report.md).
 
@@ -140,115 +229,46 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     import torch
 
     from dunet_deploy.data.layouts import discover_cases
-    from dunet_deploy.data.nifti import load_mask, load_nifti
+    from dunet_deploy.data.nifti import load_nifti
     from dunet_deploy.data.synth import write_dataset
-    from dunet_deploy.export.pipeline import ExportRequest, run_export
-    from dunet_deploy.metrics import case_metrics
-    from dunet_deploy.models import keras_param_count
-    from dunet_deploy.runtime.pipeline import segment_files
-    from dunet_deploy.training.checkpoint import load_checkpoint, model_from_checkpoint
-    from dunet_deploy.training.evaluate import evaluate_checkpoint, write_report
-    from dunet_deploy.training.trainer import TrainConfig, train
 
     out = Path(cfg.out)
     _prepare(out)
     write_json(out / _MARKER, {"config": {**asdict(cfg), "out": str(cfg.out)}})
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    times: dict[str, float] = {}
-
-    def stage(name: str) -> Callable[[], None]:
-        t0 = time.perf_counter()
-        log(f"[demo] {name} ...")
-
-        def done() -> None:
-            times[name] = round(time.perf_counter() - t0, 2)
-            log(f"[demo] {name} done in {times[name]:.1f} s")
-
-        return done
-
-    done = stage("synthesize")
-    write_dataset(out / "data", cases=cfg.cases, layout="atlas-r1.1", shape=cfg.shape,
-                  seed=cfg.seed)
-    held = write_dataset(out / "heldout", cases=1, layout="pairs", shape=cfg.shape,
-                         seed=_lesion_seed(cfg.shape, cfg.seed + 10_000))[0]
-    done()
-
-    done = stage("train")
-    result = train(TrainConfig(
-        data=str(out / "data"), out=str(out / "run"), model="dunet",
-        base_filters=None if cfg.base_filters == 32 else cfg.base_filters,
-        epochs=cfg.epochs, batch_size=cfg.batch_size, image_size=cfg.image_size,
-        oversample=cfg.oversample, seed=cfg.seed, device="cpu", progress=False,
-    ), log=lambda msg: log(f"  {msg}"))
-    done()
-    if result.best_checkpoint is None:
-        raise DunetError("training produced no checkpoint")
-    first = result.history[0]["val"]["dsc_mean"] if result.history else 0.0
-
-    done = stage("evaluate")
-    val_metrics = evaluate_checkpoint(result.best_checkpoint, out / "data", split="val",
-                                      device="cpu")
-    doc = load_checkpoint(result.best_checkpoint)
-    params = keras_param_count(model_from_checkpoint(doc, str(result.best_checkpoint)))
-    eval_paths = write_report(val_metrics, out / "eval", method="dunet (demo)",
-                              params=params, meta={"split": "val"}, boxplot=True)
-    eval_summary = json.loads(eval_paths["json"].read_text())
-    done()
-
-    done = stage("export")
-    run_export(ExportRequest(
-        checkpoint=result.best_checkpoint, out_dir=out / "export", formats=("onnx",),
-        batch_range=(1, 8, 32), opset=17, verify=True, triton_backend="onnx",
-        timing_cache=None, workspace_mb=None, opt_level=None, verify_slabs=16, seed=cfg.seed,
-    ), log=lambda msg: log(f"  {msg}"))
-    onnx_path = out / "export" / "model.onnx"
-    rows = read_sidecar(out / "export" / "model.json").extra["verification"]["rows"]
-    check = {"max_abs_error": max(r["max_abs"] for r in rows),
-             "mask_agreement": min(r["mask_agreement"] for r in rows)}
-    done()
-
-    done = stage("infer")
-    summary = segment_files(onnx_path, [held.image], out / "infer", backend="auto",
-                            threads=cfg.threads)
-    if summary["failed"]:
-        raise DunetError(f"dunet-infer failed: {summary['cases'][0].get('message')}")
-    case = summary["cases"][0]
-    pred = np.asarray(load_nifti(case["mask"]).data)
-    truth = load_mask(held.masks)
-    held_metrics = case_metrics(held.case_id, pred, truth)
-    done()
-
-    done = stage("overlay")
-    write_overlay(load_nifti(held.image).data, truth, pred, out / "overlay.png")
-    done()
-
+    timer = _Timer(log)
+    with timer.stage("synthesize"):
+        write_dataset(out / "data", cases=cfg.cases, layout="atlas-r1.1", shape=cfg.shape,
+                      seed=cfg.seed)
+        held = write_dataset(out / "heldout", cases=1, layout="pairs", shape=cfg.shape,
+                             seed=_lesion_seed(cfg.shape, cfg.seed + 10_000))[0]
+    trained = _train_and_evaluate(cfg, out, log, timer)
+    with timer.stage("export"):
+        check = _export(cfg, trained["checkpoint"], out, log)
+    with timer.stage("infer"):
+        heldout = _segment_heldout(cfg, held, out)
+    with timer.stage("overlay"):
+        write_overlay(load_nifti(held.image).data, heldout.pop("_truth"), heldout.pop("_pred"),
+                      out / "overlay.png")
+    mask_path = heldout.pop("_mask")
     _, train_cases = discover_cases(out / "data")
     report = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "torch_threads": torch.get_num_threads()},
+        "machine": {**machine_info(), "torch_threads": torch.get_num_threads()},
         "config": {**asdict(cfg), "out": str(cfg.out)},
         "cases": len(train_cases),
-        "params": params,
-        "train": {"epochs": result.epoch, "best_epoch": result.best_epoch,
-                  "val_dsc_first_epoch": first,
-                  "val_dsc_best": result.best_metrics.get("dsc_mean")},
-        "eval_val": {k: eval_summary.get(k) for k in
-                     ("dsc_mean", "dsc_std", "dsc_global", "recall_mean", "precision_mean")},
+        "params": trained["params"],
+        "train": trained["train"],
+        "eval_val": trained["eval_val"],
         "export": check,
-        "heldout": {"case": held.case_id, "dsc": held_metrics.dsc,
-                    "recall": held_metrics.recall, "precision": held_metrics.precision,
-                    "lesion_voxels_truth": int((truth > 0).sum()),
-                    "lesion_voxels_pred": int(case["lesion_voxels"]),
-                    "backend": summary["backend"], "precision_run": summary["precision"],
-                    "times": case["times"]},
-        "times_s": times,
+        "heldout": heldout,
+        "times_s": timer.times,
         "artifacts": {
             "data": str(out / "data"), "heldout": str(held.image),
-            "checkpoint": str(result.best_checkpoint), "metrics_log": str(out / "run" /
-                                                                          "metrics.jsonl"),
-            "eval": str(out / "eval"), "onnx": str(onnx_path),
-            "mask": str(case["mask"]), "infer_summary": str(out / "infer" / "summary.json"),
+            "checkpoint": str(trained["checkpoint"]),
+            "metrics_log": str(out / "run" / "metrics.jsonl"), "eval": str(out / "eval"),
+            "onnx": str(out / "export" / "model.onnx"), "mask": str(mask_path),
+            "infer_summary": str(out / "infer" / "summary.json"),
             "overlay": str(out / "overlay.png"),
         },
     }
@@ -262,7 +282,8 @@ def _markdown(r: dict[str, Any]) -> str:
     lines = [
         "# dunet-demo report",
         "",
-        f"Machine: {r['machine']['platform']} ({r['machine']['torch_threads']} torch threads).",
+        f"Machine: {r['machine']['cpu_model']}, {r['machine']['cores']} cores "
+        f"({r['machine']['torch_threads']} torch threads), {r['machine']['platform']}.",
         f"D-UNet, {r['params']:,} parameters, trained {tr['epochs']} epochs on "
         f"{r['cases']} synthetic cases ({r['config']['shape']} voxels, "
         f"{r['config']['image_size']}×{r['config']['image_size']} input).",

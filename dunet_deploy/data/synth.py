@@ -103,10 +103,39 @@ def synthesize_case(
     uz = np.linspace(-1, 1, nz, dtype=np.float32)[None, None, :]
     width = 2.0 / min(shp)  # one voxel of the coarsest axis, in normalised units
 
+    v, r_head, r_brain, brain_frac = _anatomy(rng, shp, (ux, uy, uz), width)
+    # Lesions: log-uniform radius from under a voxel to ~12% of the smallest
+    # extent (a few voxels up to tens of thousands at the ATLAS shape).
+    mask = np.zeros(shp, dtype=bool)
+    n_lesions = int(rng.choice(4, p=[0.1, 0.4, 0.3, 0.2]))
+    for _ in range(n_lesions):
+        _add_lesion(rng, v, mask, r_brain, brain_frac)
+    v = _bias_and_noise(rng, v, (ux, uy, uz))
+    # Zero-filled outside the head (partial volume across the edge).
+    v *= _ramp(1.0 - r_head, width)
+    v *= np.float32(rng.uniform(400.0, 900.0))  # arbitrary scanner units
+
+    slope = _int16_slope(v)
+    image = (np.round(v / slope).astype(np.int16).astype(np.float32) * slope).astype(np.float32)
+    return image, mask.astype(np.uint8)
+
+
+Grid = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _anatomy(
+    rng: np.random.Generator, shp: tuple[int, ...], grid: Grid, width: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Head, skull, CSF, grey/white matter, deep nuclei and ventricles.
+
+    Returns:
+        ``(v, r_head, r_brain, brain_frac)``: float32 intensities of ``shp``, the
+        normalised head and brain radii (< 1 inside) and the brain's partial volume.
+    """
+    ux, uy, uz = grid
     # Head: ellipsoid that leaves empty slices at the top and bottom.
     ax, ay, az = 0.86 + 0.04 * rng.random(), 0.9 + 0.04 * rng.random(), 0.78 + 0.04 * rng.random()
     r_head = np.sqrt((ux / ax) ** 2 + (uy / ay) ** 2 + ((uz + 0.04) / az) ** 2)
-
     # Cortical folding: a few random plane waves perturb the brain surface and
     # the grey/white boundary.
     fold = _waves(rng, ux, uy, uz, n=4, freq=7.0)  # gentle surface undulation
@@ -127,55 +156,50 @@ def synthesize_case(
         vent = np.sqrt(((ux - side * 0.07) / 0.05) ** 2 + ((uy - 0.05) / 0.3) ** 2
                        + ((uz - 0.12) / 0.1) ** 2)
         v = _lerp(v, _CSF, _ramp(1.0 - vent, width / 0.06))
+    return v, r_head, r_brain, brain_frac
 
-    # Lesions: log-uniform radius from under a voxel to ~12% of the smallest
-    # extent (a few voxels up to tens of thousands at the ATLAS shape).
-    mask = np.zeros(shp, dtype=bool)
-    n_lesions = int(rng.choice(4, p=[0.1, 0.4, 0.3, 0.2]))
-    inside_brain = r_brain < 1.0
-    for _ in range(n_lesions):
-        radius = float(np.exp(rng.uniform(np.log(0.8), np.log(max(1.0, 0.14 * min(shp))))))
-        axes = radius * rng.uniform(0.6, 1.4, 3)
-        rot = _random_rotation(rng)
-        value = float(rng.uniform(0.22, 0.4))
-        for _attempt in range(1000):  # integer centre in the deep brain: blob never empty
-            c = rng.uniform(-0.65, 0.65, 3)
-            centre = np.round((c + 1) / 2 * (np.array(shp) - 1)).astype(int)
-            if r_brain[tuple(centre)] < 0.8:
-                break
-        else:  # pragma: no cover - the brain centre always qualifies
-            centre = np.array(shp) // 2
-        reach = int(np.ceil(axes.max())) + 2
-        lo = np.maximum(centre - reach, 0)
-        hi = np.minimum(centre + reach + 1, shp)
-        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-        grids = np.meshgrid(*(np.arange(a, b) - c0 for a, b, c0 in zip(lo, hi, centre,
-                                                                       strict=True)),
-                            indexing="ij")
-        rel = np.stack(grids, axis=-1).astype(np.float32) @ rot.astype(np.float32)
-        r_les = np.sqrt(((rel / axes.astype(np.float32)) ** 2).sum(axis=-1))
-        # Partial volume over about one voxel at the lesion edge.
-        frac = np.clip((1.0 - r_les) * np.float32(radius) + 0.5, 0, 1).astype(np.float32)
-        frac *= brain_frac[box]
-        v[box] = _lerp(v[box], value, frac)
-        mask[box] |= (r_les <= 1.0) & inside_brain[box]
 
-    # Smooth multiplicative bias field (low-order polynomial in exp).
+def _add_lesion(rng: np.random.Generator, v: np.ndarray, mask: np.ndarray,
+                r_brain: np.ndarray, brain_frac: np.ndarray) -> None:
+    """Paint one hypointense ellipsoid into ``v`` and ``mask`` (in place), inside the brain."""
+    shp = v.shape
+    radius = float(np.exp(rng.uniform(np.log(0.8), np.log(max(1.0, 0.14 * min(shp))))))
+    axes = radius * rng.uniform(0.6, 1.4, 3)
+    rot = _random_rotation(rng)
+    value = float(rng.uniform(0.22, 0.4))
+    for _attempt in range(1000):  # integer centre in the deep brain: blob never empty
+        c = rng.uniform(-0.65, 0.65, 3)
+        centre = np.round((c + 1) / 2 * (np.array(shp) - 1)).astype(int)
+        if r_brain[tuple(centre)] < 0.8:
+            break
+    else:  # pragma: no cover - the brain centre always qualifies
+        centre = np.array(shp) // 2
+    reach = int(np.ceil(axes.max())) + 2
+    lo = np.maximum(centre - reach, 0)
+    hi = np.minimum(centre + reach + 1, shp)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    grids = np.meshgrid(*(np.arange(a, b) - c0 for a, b, c0 in zip(lo, hi, centre, strict=True)),
+                        indexing="ij")
+    rel = np.stack(grids, axis=-1).astype(np.float32) @ rot.astype(np.float32)
+    r_les = np.sqrt(((rel / axes.astype(np.float32)) ** 2).sum(axis=-1))
+    # Partial volume over about one voxel at the lesion edge.
+    frac = np.clip((1.0 - r_les) * np.float32(radius) + 0.5, 0, 1).astype(np.float32)
+    frac *= brain_frac[box]
+    v[box] = _lerp(v[box], value, frac)
+    mask[box] |= (r_les <= 1.0) & (r_brain[box] < 1.0)
+
+
+def _bias_and_noise(rng: np.random.Generator, v: np.ndarray, grid: Grid) -> np.ndarray:
+    """A smooth multiplicative bias field, then Rician noise."""
+    ux, uy, uz = grid
+    # Low-order polynomial in exp.
     cx, cy, cz, cxy, czz = (np.float32(c) for c in rng.uniform(-0.12, 0.12, 5))
-    bias = np.exp(cx * ux + cy * uy + cz * uz + cxy * ux * uy + czz * uz * uz)
-    v *= bias
+    v = v * np.exp(cx * ux + cy * uy + cz * uz + cxy * ux * uy + czz * uz * uz)
     # Rician noise: magnitude of a complex signal with Gaussian noise.
     sigma = np.float32(_NOISE_SIGMA)
-    n1 = rng.standard_normal(shp, dtype=np.float32) * sigma
-    n2 = rng.standard_normal(shp, dtype=np.float32) * sigma
-    v = np.sqrt((v + n1) ** 2 + n2**2)
-    # Zero-filled outside the head (partial volume across the edge).
-    v *= _ramp(1.0 - r_head, width)
-    v *= np.float32(rng.uniform(400.0, 900.0))  # arbitrary scanner units
-
-    slope = _int16_slope(v)
-    image = (np.round(v / slope).astype(np.int16).astype(np.float32) * slope).astype(np.float32)
-    return image, mask.astype(np.uint8)
+    n1 = rng.standard_normal(v.shape, dtype=np.float32) * sigma
+    n2 = rng.standard_normal(v.shape, dtype=np.float32) * sigma
+    return np.sqrt((v + n1) ** 2 + n2**2)
 
 
 def _int16_slope(v: np.ndarray) -> np.float32:

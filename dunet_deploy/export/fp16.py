@@ -177,6 +177,126 @@ def head_nodes(graph: onnx.GraphProto) -> set[str]:
     return set()  # no conv on the way: nothing to protect
 
 
+class _Fp16Converter:
+    """One pass over a graph's nodes, deciding and applying each node's float type."""
+
+    def __init__(self, src: onnx.ModelProto, policy: Fp16Policy) -> None:
+        graph = src.graph
+        self.graph = graph
+        self.policy = policy
+        self.types = _elem_types(src)
+        self.dtype: dict[str, int] = dict(self.types)  # current element type of each value
+        self.protected = set(policy.keep_fp32_nodes) | (
+            head_nodes(graph) if policy.keep_head else set())
+        self.inits = {t.name: t for t in graph.initializer}
+        # Layout ops right after a graph input go float16: the input is then cast
+        # once, and not once per branch.
+        self.graph_inputs = {vi.name for vi in graph.input}
+        self.report = Fp16Report()
+        self.cast_cache: dict[tuple[str, int], str] = {}
+        self.converted_inits: dict[str, str] = {}
+        self.new_nodes: list[onnx.NodeProto] = []
+        self.new_inits: list[onnx.TensorProto] = []
+
+    def float_inputs(self, node: onnx.NodeProto) -> list[int]:
+        skip = _NON_DATA_INPUTS.get(node.op_type, frozenset())
+        return [i for i, name in enumerate(node.input)
+                if name and i not in skip and self.dtype.get(name) in (FLOAT, FLOAT16)]
+
+    def fits_fp16(self, node: onnx.NodeProto) -> bool:
+        for name in node.input:
+            t = self.inits.get(name)
+            if t is not None and t.data_type == FLOAT:
+                arr = numpy_helper.to_array(t)
+                if arr.size and float(np.abs(arr).max()) > _FP16_MAX:
+                    return False
+        return True
+
+    def fp16_initializer(self, name: str) -> str:
+        if name not in self.converted_inits:
+            arr = numpy_helper.to_array(self.inits[name])
+            half = arr.astype(np.float16)
+            self.report.weights_converted += int(arr.size)
+            self.report.weights_underflow += int(np.count_nonzero((half == 0) & (arr != 0)))
+            new_name = f"{name}__fp16"
+            self.new_inits.append(numpy_helper.from_array(half, new_name))
+            self.converted_inits[name] = new_name
+            self.dtype[new_name] = FLOAT16
+        return self.converted_inits[name]
+
+    def cast_to(self, name: str, to: int) -> str:
+        key = (name, to)
+        if key not in self.cast_cache:
+            out = f"{name}__to_{'fp16' if to == FLOAT16 else 'fp32'}"
+            self.new_nodes.append(helper.make_node("Cast", [name], [out], name=f"{out}__cast",
+                                                   to=to))
+            self.report.casts += 1
+            self.cast_cache[key] = out
+            self.dtype[out] = to
+        return self.cast_cache[key]
+
+    def target(self, node: onnx.NodeProto, fins: list[int]) -> int:
+        """The element type ``node`` computes in under the policy."""
+        policy = self.policy
+        if node.op_type not in policy.fp16_ops or node.op_type in policy.keep_fp32_ops:
+            return FLOAT
+        if node.name in self.protected:
+            return FLOAT
+        if node.op_type in FOLLOW_OPS and node.input[fins[0]] not in self.graph_inputs:
+            return self.dtype[node.input[fins[0]]]
+        if not self.fits_fp16(node):
+            self.report.kept_for_range.append(node.name)
+            return FLOAT
+        return FLOAT16
+
+    def convert(self, node: onnx.NodeProto) -> None:
+        """Retype one node's float inputs (casts or fp16 weights) and record it."""
+        fins = self.float_inputs(node)
+        if not fins:  # integer / shape node: untouched
+            self.new_nodes.append(node)
+            return
+        target = self.target(node, fins)
+        for i in fins:
+            name = node.input[i]
+            if self.dtype[name] == target:
+                continue
+            if target == FLOAT16 and name in self.inits and self.dtype[name] == FLOAT:
+                node.input[i] = self.fp16_initializer(name)
+            else:
+                node.input[i] = self.cast_to(name, target)
+        for out in node.output:
+            if out and self.types.get(out) in (FLOAT, FLOAT16):
+                self.dtype[out] = target
+        bucket = self.report.fp16_nodes if target == FLOAT16 else self.report.fp32_nodes
+        bucket[node.op_type] = bucket.get(node.op_type, 0) + 1
+        self.new_nodes.append(node)
+
+    def cast_outputs_back(self) -> None:
+        """Outputs keep their float32 type: rename the producer's tensor and cast back."""
+        for out in self.graph.output:
+            if self.dtype.get(out.name) != FLOAT16:
+                continue
+            inner = f"{out.name}__fp16"
+            for n in self.new_nodes:
+                n.output[:] = [inner if o == out.name else o for o in n.output]
+                n.input[:] = [inner if i == out.name else i for i in n.input]
+            self.new_nodes.append(helper.make_node("Cast", [inner], [out.name],
+                                                   name=f"{out.name}__cast", to=FLOAT))
+            self.report.casts += 1
+
+    def install(self) -> None:
+        """Replace the graph's nodes and drop initializers nothing uses any more."""
+        graph = self.graph
+        del graph.node[:]
+        graph.node.extend(self.new_nodes)
+        graph.initializer.extend(self.new_inits)
+        used = {i for n in graph.node for i in n.input}
+        keep = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        del graph.value_info[:]
+
+
 def convert_to_mixed_fp16(
     model: onnx.ModelProto, policy: Fp16Policy = DEFAULT_POLICY
 ) -> tuple[onnx.ModelProto, Fp16Report]:
@@ -193,122 +313,18 @@ def convert_to_mixed_fp16(
         ``onnx.checker.check_model(full_check=True)``; and what was converted.
     """
     src = onnx.ModelProto.FromString(model.SerializeToString())
-    types = _elem_types(src)
-    graph = src.graph
-    names = [n.name for n in graph.node]
+    names = [n.name for n in src.graph.node]
     if len(set(names)) != len(names) or not all(names):
         raise ValueError("every node needs a unique name for the FP16 conversion")
-    protected = set(policy.keep_fp32_nodes) | (head_nodes(graph) if policy.keep_head else set())
-    inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers[i] = consumers.get(i, 0) + 1
-
-    # Layout ops right after a graph input go float16: the input is then cast
-    # once, and not once per branch.
-    graph_inputs = {vi.name for vi in graph.input}
-    report = Fp16Report()
-    dtype: dict[str, int] = dict(types)  # current element type of each value
-    cast_cache: dict[tuple[str, int], str] = {}
-    converted_inits: dict[str, str] = {}
-    new_nodes: list[onnx.NodeProto] = []
-    new_inits: list[onnx.TensorProto] = []
-
-    def float_inputs(node: onnx.NodeProto) -> list[int]:
-        skip = _NON_DATA_INPUTS.get(node.op_type, frozenset())
-        return [
-            i
-            for i, name in enumerate(node.input)
-            if name and i not in skip and dtype.get(name) in (FLOAT, FLOAT16)
-        ]
-
-    def fits_fp16(node: onnx.NodeProto) -> bool:
-        for name in node.input:
-            t = inits.get(name)
-            if t is not None and t.data_type == FLOAT:
-                arr = numpy_helper.to_array(t)
-                if arr.size and float(np.abs(arr).max()) > _FP16_MAX:
-                    return False
-        return True
-
-    def fp16_initializer(name: str) -> str:
-        if name not in converted_inits:
-            arr = numpy_helper.to_array(inits[name])
-            half = arr.astype(np.float16)
-            report.weights_converted += int(arr.size)
-            report.weights_underflow += int(np.count_nonzero((half == 0) & (arr != 0)))
-            new_name = f"{name}__fp16"
-            new_inits.append(numpy_helper.from_array(half, new_name))
-            converted_inits[name] = new_name
-            dtype[new_name] = FLOAT16
-        return converted_inits[name]
-
-    def cast_to(name: str, to: int) -> str:
-        key = (name, to)
-        if key not in cast_cache:
-            out = f"{name}__to_{'fp16' if to == FLOAT16 else 'fp32'}"
-            new_nodes.append(helper.make_node("Cast", [name], [out], name=f"{out}__cast", to=to))
-            report.casts += 1
-            cast_cache[key] = out
-            dtype[out] = to
-        return cast_cache[key]
-
-    for node in graph.node:
-        fins = float_inputs(node)
-        if not fins:  # integer / shape node: untouched
-            new_nodes.append(node)
-            continue
-        if node.op_type not in policy.fp16_ops or node.op_type in policy.keep_fp32_ops:
-            target = FLOAT
-        elif node.name in protected:
-            target = FLOAT
-        elif node.op_type in FOLLOW_OPS and node.input[fins[0]] not in graph_inputs:
-            target = dtype[node.input[fins[0]]]
-        elif not fits_fp16(node):
-            report.kept_for_range.append(node.name)
-            target = FLOAT
-        else:
-            target = FLOAT16
-        for i in fins:
-            name = node.input[i]
-            if dtype[name] == target:
-                continue
-            if target == FLOAT16 and name in inits and dtype[name] == FLOAT:
-                node.input[i] = fp16_initializer(name)
-            else:
-                node.input[i] = cast_to(name, target)
-        for out in node.output:
-            if out and types.get(out) in (FLOAT, FLOAT16):
-                dtype[out] = target
-        bucket = report.fp16_nodes if target == FLOAT16 else report.fp32_nodes
-        bucket[node.op_type] = bucket.get(node.op_type, 0) + 1
-        new_nodes.append(node)
-
-    # Outputs keep their float32 type: rename the producer's tensor and cast back.
-    for out in graph.output:
-        if dtype.get(out.name) == FLOAT16:
-            inner = f"{out.name}__fp16"
-            for n in new_nodes:
-                n.output[:] = [inner if o == out.name else o for o in n.output]
-                n.input[:] = [inner if i == out.name else i for i in n.input]
-            new_nodes.append(
-                helper.make_node("Cast", [inner], [out.name], name=f"{out.name}__cast", to=FLOAT)
-            )
-            report.casts += 1
-
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    graph.initializer.extend(new_inits)
-    used = {i for n in graph.node for i in n.input}
-    keep = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    del graph.value_info[:]
+    conv = _Fp16Converter(src, policy)
+    for node in src.graph.node:
+        conv.convert(node)
+    conv.cast_outputs_back()
+    conv.install()
     out_model = onnx.shape_inference.infer_shapes(src, strict_mode=True, data_prop=True)
     onnx.checker.check_model(out_model, full_check=True)
     _check_boundary(out_model)
-    return out_model, report
+    return out_model, conv.report
 
 
 def emulate_fp16(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -73,6 +73,14 @@ def test_eval_on_the_checkpoints_own_validation_split(run_dir, tmp_path):
     rows = list(csv.DictReader((out / "cases.csv").open()))
     assert [r["case_id"] for r in rows] == val_ids
     assert not (out / "dsc_boxplot.png").exists()
+    # Training validation of that epoch went through the same core: identical numbers.
+    (record,) = [json.loads(line) for line in
+                 (run_dir["ckpt"].parent / "metrics.jsonl").read_text().splitlines()]
+    assert [(c["case_id"], c["tp"], c["fp"], c["fn"]) for c in record["val_cases"]] == \
+        [(r["case_id"], int(r["tp"]), int(r["fp"]), int(r["fn"])) for r in rows]
+    doc = json.loads((out / "summary.json").read_text())
+    assert record["val"]["dsc_mean"] == doc["dsc_mean"]
+    assert record["val"]["dsc_global"] == doc["dsc_global"]
 
 
 @pytest.mark.parametrize("case", ["missing-ckpt", "corrupt-ckpt", "missing-data", "out-is-file",

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -85,7 +85,29 @@ def is_installed(module: str) -> bool:
         return False
 
 
-class Runner(abc.ABC):
+_C = TypeVar("_C", bound="Closeable")
+
+
+class Closeable(abc.ABC):
+    """Something that holds resources until :meth:`close`; a context manager that closes."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the resources."""
+
+    def __enter__(self: _C) -> _C:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Runner(Closeable):
     """One loaded model that maps slabs to probabilities.
 
     Subclasses implement :meth:`_run` for one batch of at most
@@ -203,17 +225,6 @@ class Runner(abc.ABC):
     def close(self) -> None:
         """Release the backend's resources; further :meth:`infer` calls fail."""
         self._closed = True
-
-    def __enter__(self) -> Runner:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # ------------------------------------------------------------ helpers
     def _check_graph_shape(self, shape: Sequence[int | None]) -> None:

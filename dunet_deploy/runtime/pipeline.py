@@ -445,30 +445,30 @@ def summary_document(
     }
 
 
+#: Keyword arguments of :func:`segment_files` that go to ``Segmenter.predict_files``.
+FILES_OPTS = ("save_prob", "prefetch", "on_start", "on_result")
+
+
 def segment_files(
     model_path: str | os.PathLike[str],
     inputs: Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
-    *,
-    save_prob: bool = False,
-    prefetch: int = 1,
-    on_start: Callable[[Runner, int], None] | None = None,
-    on_result: Callable[[CaseResult], None] | None = None,
-    **segmenter_opts: Any,
+    **opts: Any,
 ) -> dict[str, Any]:
     """Segment NIfTI files with a model and write ``summary.json`` (what ``dunet-infer`` does).
 
-    A :class:`~dunet_deploy.Segmenter` opened for this call only; see
-    :meth:`~dunet_deploy.Segmenter.predict_files` for the arguments and
-    :class:`~dunet_deploy.Segmenter` for ``segmenter_opts`` (``backend``,
-    ``batch_size``, ``threads``, ``precision``, ``device``, ``runner_opts``,
-    ``runner_factory``).
+    A :class:`~dunet_deploy.Segmenter` opened for this call only. ``opts``
+    named in :data:`FILES_OPTS` go to
+    :meth:`~dunet_deploy.Segmenter.predict_files` (``save_prob``,
+    ``prefetch``, ``on_start``, ``on_result``); the others to the
+    :class:`~dunet_deploy.Segmenter` (``backend``, ``batch_size``,
+    ``threads``, ``precision``, ``device``, ``runner_opts``, ``runner_factory``).
 
     Returns:
         The summary document (also written to ``out_dir/summary.json``).
     """
     from dunet_deploy.runtime.segmenter import Segmenter
 
-    with Segmenter(model_path, lazy=True, **segmenter_opts) as seg:
-        return seg.predict_files(inputs, out_dir, save_prob=save_prob, prefetch=prefetch,
-                                 on_start=on_start, on_result=on_result)
+    files = {k: opts.pop(k) for k in FILES_OPTS if k in opts}
+    with Segmenter(model_path, lazy=True, **opts) as seg:
+        return seg.predict_files(inputs, out_dir, **files)

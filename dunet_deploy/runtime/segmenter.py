@@ -24,7 +24,6 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -33,7 +32,7 @@ import numpy.typing as npt
 from dunet_deploy.artifacts import ArtifactInfo, read_artifact_info, write_json
 from dunet_deploy.data.nifti import NiftiVolume, load_nifti
 from dunet_deploy.errors import DunetError
-from dunet_deploy.runtime.base import Runner, open_runner
+from dunet_deploy.runtime.base import Closeable, Runner, open_runner
 from dunet_deploy.runtime.core import Prediction, segment, to_network
 from dunet_deploy.runtime.pipeline import (
     SUMMARY_NAME,
@@ -52,7 +51,7 @@ __all__ = ["Prediction", "Segmenter"]
 ImageLike = str | os.PathLike[str] | NiftiVolume | np.ndarray | Any
 
 
-class Segmenter:
+class Segmenter(Closeable):
     """An exported D-UNet (ONNX or TensorRT engine) ready to segment volumes.
 
     Args:
@@ -131,14 +130,6 @@ class Segmenter:
 
     def __enter__(self) -> Segmenter:
         return self if self._lazy else self.open()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def describe(self) -> dict[str, Any]:
         """Backend, precision, device and model facts (loads the model)."""

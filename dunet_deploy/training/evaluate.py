@@ -369,17 +369,9 @@ def evaluate_engine(
 
 
 def evaluate_checkpoint_file(
-    checkpoint: str | os.PathLike[str],
-    data_dir: str | os.PathLike[str],
-    *,
-    split: str = "all",
-    device: str = "auto",
-    batch_size: int = 16,
-    layout: str | None = None,
-    amp: bool = False,
-    progress: Progress | None = None,
+    checkpoint: str | os.PathLike[str], data_dir: str | os.PathLike[str], **opts: Any
 ) -> Evaluation:
-    """:func:`evaluate_checkpoint` with the report facts (needs torch).
+    """:func:`evaluate_checkpoint` (same ``opts``) with the report facts (needs torch).
 
     Raises:
         DunetError: for a bad checkpoint, split, device or data folder.
@@ -389,9 +381,7 @@ def evaluate_checkpoint_file(
 
     doc = load_checkpoint(checkpoint)
     params = keras_param_count(model_from_checkpoint(doc, str(checkpoint)))
-    metrics = evaluate_checkpoint(doc, data_dir, split=split, device=device,
-                                  batch_size=batch_size, layout=layout, amp=amp,
-                                  progress=progress)
+    metrics = evaluate_checkpoint(doc, data_dir, **opts)
     epoch = int(doc.get("epoch", 0))
     meta = {"checkpoint": str(checkpoint), "epoch": epoch}
     return Evaluation(metrics, f"{doc['model_name']} (epoch {epoch})", params, meta,

@@ -13,8 +13,10 @@ __all__ = [
     "DEVICES",
     "LAYOUTS",
     "PRECISIONS",
+    "RESAMPLE_MODES",
     "SPLITS",
     "TRAIN_DEVICES",
+    "TTA_MODES",
 ]
 
 #: Runtime backends (besides ``"auto"``): what ``dunet-infer``/``dunet-eval``/``dunet-serve`` run.
@@ -34,3 +36,8 @@ BENCH_BACKENDS: tuple[str, ...] = ("torch", "torch-cudagraphs", "onnxruntime", "
                                    "tensorrt")
 #: Precisions ``dunet-bench`` measures.
 BENCH_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+#: Test-time augmentation: ``flip`` averages the network's output on the slab and on its
+#: left-right mirror.
+TTA_MODES: tuple[str, ...] = ("none", "flip")
+#: How inputs off the training grid are handled: ``auto`` resamples them, ``never`` refuses.
+RESAMPLE_MODES: tuple[str, ...] = ("auto", "never")

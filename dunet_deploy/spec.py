@@ -13,6 +13,15 @@ square ``rows 40:220, cols 10:190`` cropped out and resized bilinearly to
 192×192, and slices z−2, z−1, z, z+1 stacked into a 4-channel slab whose label
 is slice z.
 
+Version 2 adds the scan geometry of the training data (``orientation``,
+``voxel_size``, ``grid_affine``, see :mod:`dunet_deploy.data.geometry`);
+version-1 specs still load, with those fields ``None`` ("unknown": volumes are
+passed to the network in their stored voxel order and spacing, as before), and
+serialise exactly as before, so their digests do not change.
+
+:class:`InferenceDefaults` (test-time augmentation, small-lesion removal) is
+the post-processing a model is shipped with; it travels beside the spec.
+
 This module imports only the standard library and numpy.
 """
 
@@ -27,10 +36,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+import numpy.typing as npt
 
+from dunet_deploy.choices import TTA_MODES
 from dunet_deploy.errors import DunetError
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2
 
 #: ATLAS R1.1 volume shape (x, y, z) as nibabel returns it.
 ATLAS_SHAPE: tuple[int, int, int] = (197, 233, 189)
@@ -41,6 +52,10 @@ ATLAS_CROP_COLS: tuple[int, int] = (10, 190)
 INTENSITY_MODES = ("robust_zscore", "dataset_minmax_zscore")
 INTERPOLATIONS = ("bilinear",)
 DATASET_STAT_FIELDS = ("dataset_min", "dataset_max", "dataset_mean", "dataset_std")
+#: Fields added in spec version 2 (``None`` = unknown, the version-1 behaviour).
+GEOMETRY_FIELDS = ("orientation", "voxel_size", "grid_affine")
+#: The NIfTI axis codes, as pairs of opposite directions.
+_AXIS_PAIRS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 # Field kinds used by the strict JSON decoder: (python type, tuple length or
 # None for "any length", optional?).
@@ -78,6 +93,15 @@ class PreprocessSpec:
         slab_offsets: Slice offsets stacked as channels; the label is the slice
             at offset 0. Slices beyond the volume are zeros.
         threshold: Probabilities ``>= threshold`` are lesion.
+        orientation: Axis codes of the training volumes' voxel axes
+            (``nibabel.aff2axcodes``, e.g. ``("R", "A", "S")``); every input is
+            reoriented to it. ``None``: unknown (version-1 spec).
+        voxel_size: Training voxel size in mm along those axes; ``None``:
+            unknown.
+        grid_affine: The 16 numbers (row-major 4×4) of the voxel-to-world
+            affine shared by all training volumes (with ``volume_shape`` it is
+            the training grid, e.g. MNI 197×233×189 at 1 mm); ``None`` when the
+            training volumes do not share one grid.
     """
 
     version: int = SPEC_VERSION
@@ -97,6 +121,9 @@ class PreprocessSpec:
     dataset_std: float | None = None
     slab_offsets: tuple[int, ...] = (-2, -1, 0, 1)
     threshold: float = 0.5
+    orientation: tuple[str, str, str] | None = None
+    voxel_size: tuple[float, float, float] | None = None
+    grid_affine: tuple[float, ...] | None = None
 
     # field name -> (kind, tuple length | None | -1 for "not a tuple", optional)
     _SCHEMA: ClassVar[dict[str, tuple[str, int | None, bool]]] = {
@@ -117,6 +144,9 @@ class PreprocessSpec:
         "dataset_std": (_FLOAT, -1, True),
         "slab_offsets": (_INT, None, False),
         "threshold": (_FLOAT, -1, False),
+        "orientation": (_STR, 3, True),
+        "voxel_size": (_FLOAT, 3, True),
+        "grid_affine": (_FLOAT, 16, True),
     }
 
     def __post_init__(self) -> None:
@@ -203,6 +233,47 @@ class PreprocessSpec:
             )
         if not 0.0 < self.threshold < 1.0:
             raise DunetError(f"spec field 'threshold': {self.threshold} must be in (0, 1)")
+        self._validate_geometry()
+
+    def _validate_geometry(self) -> None:
+        """Check the version-2 geometry fields (orientation, voxel size, grid)."""
+        if self.version < 2:
+            for name in GEOMETRY_FIELDS:
+                if getattr(self, name) is not None:
+                    raise DunetError(f"spec field '{name}': needs spec version 2, got version "
+                                     f"{self.version}")
+            return
+        if self.orientation is not None:
+            axes = [next((k for k, pair in enumerate(_AXIS_PAIRS) if code in pair), None)
+                    for code in self.orientation]
+            if None in axes or sorted(axes) != [0, 1, 2]:  # type: ignore[type-var]
+                raise DunetError(
+                    f"spec field 'orientation': {self.orientation} is not one of L/R, A/P and "
+                    "S/I per axis"
+                )
+        if self.voxel_size is not None and not all(
+            math.isfinite(v) and v > 0 for v in self.voxel_size
+        ):
+            raise DunetError(f"spec field 'voxel_size': {self.voxel_size} must be finite and > 0")
+        if self.grid_affine is not None:
+            self._validate_grid()
+
+    def _validate_grid(self) -> None:
+        assert self.grid_affine is not None
+        if self.orientation is None or self.voxel_size is None:
+            raise DunetError("spec field 'grid_affine': needs 'orientation' and 'voxel_size'")
+        aff = np.asarray(self.grid_affine, dtype=np.float64).reshape(4, 4)
+        if not np.isfinite(aff).all() or not np.allclose(aff[3], (0, 0, 0, 1)):
+            raise DunetError(f"spec field 'grid_affine': {self.grid_affine} is not a finite "
+                             "affine with last row 0 0 0 1")
+        zooms = np.sqrt((aff[:3, :3] ** 2).sum(axis=0))
+        if abs(np.linalg.det(aff[:3, :3])) < 1e-9 or not np.allclose(
+            zooms, self.voxel_size, rtol=1e-3
+        ):
+            raise DunetError(
+                f"spec field 'grid_affine': voxel sizes {tuple(round(float(z), 4) for z in zooms)}"
+                f" differ from voxel_size {self.voxel_size}"
+            )
 
     def check_volume_shape(self, shape: Sequence[int]) -> None:
         """Check that this spec can process a volume of ``shape``.
@@ -253,6 +324,13 @@ class PreprocessSpec:
         return (b, a) if self.transpose_slice else (a, b)
 
     @property
+    def grid_matrix(self) -> np.ndarray | None:
+        """float64 ``[4, 4]`` training-grid affine, or ``None`` (no shared grid)."""
+        if self.grid_affine is None:
+            return None
+        return np.asarray(self.grid_affine, dtype=np.float64).reshape(4, 4)
+
+    @property
     def num_slices(self) -> int:
         """Expected number of axial slices (``volume_shape[axial_axis]``)."""
         return self.volume_shape[self.axial_axis]
@@ -267,6 +345,9 @@ class PreprocessSpec:
         crop: Literal["auto"] | tuple[tuple[int, int], tuple[int, int]] | None = None,
         model_name: str = "dunet",
         slab_offsets: Sequence[int] = (-2, -1, 0, 1),
+        orientation: Sequence[str] | None = None,
+        voxel_size: Sequence[float] | None = None,
+        grid_affine: npt.ArrayLike | None = None,
         **kw: Any,
     ) -> PreprocessSpec:
         """Build a spec for an arbitrary volume geometry.
@@ -282,6 +363,11 @@ class PreprocessSpec:
                 and ``"auto"`` otherwise.
             model_name: Stored in the spec.
             slab_offsets: Slice offsets forming a slab.
+            orientation: Axis codes of the training data (``None``: unknown).
+            voxel_size: Training voxel size in mm (``None``: unknown).
+            grid_affine: The training volumes' shared affine, ``[4, 4]`` or 16
+                numbers row-major (``None``: no shared grid). These three are
+                what :func:`dunet_deploy.data.geometry.measure_geometry` returns.
             **kw: Any other :class:`PreprocessSpec` field (``axial_axis``,
                 ``transpose_slice``, ``intensity``, ``threshold``, ...).
 
@@ -328,6 +414,10 @@ class PreprocessSpec:
             image_size=image_size,
             model_name=model_name,
             slab_offsets=tuple(slab_offsets),
+            orientation=_coerce("orientation", orientation, _STR, 3),
+            voxel_size=_coerce("voxel_size", voxel_size, _FLOAT, 3),
+            grid_affine=None if grid_affine is None else tuple(
+                float(v) for v in np.asarray(grid_affine, dtype=np.float64).reshape(-1)),
             **kw,
         )
 
@@ -336,10 +426,19 @@ class PreprocessSpec:
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------- JSON
+    @classmethod
+    def _fields(cls, version: int) -> list[str]:
+        """The JSON fields of a spec of ``version`` (version 1 lacks the geometry)."""
+        return [n for n in cls._SCHEMA if version >= 2 or n not in GEOMETRY_FIELDS]
+
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-compatible dict (tuples become lists)."""
+        """Return a JSON-compatible dict (tuples become lists).
+
+        A version-1 spec gives exactly the version-1 fields (same JSON, same
+        digest as before version 2 existed).
+        """
         out: dict[str, Any] = {}
-        for name in self._SCHEMA:
+        for name in self._fields(self.version):
             value = getattr(self, name)
             out[name] = list(value) if isinstance(value, tuple) else value
         return out
@@ -360,14 +459,16 @@ class PreprocessSpec:
                 f"spec field 'version': {version} is newer than this dunet_deploy supports "
                 f"({SPEC_VERSION}); upgrade dunet_deploy"
             )
-        unknown = sorted(set(d) - set(cls._SCHEMA))
+        fields = cls._fields(version if isinstance(version, int) else SPEC_VERSION)
+        unknown = sorted(set(d) - set(fields))
         if unknown:
             raise DunetError(f"spec field {unknown[0]!r}: unknown field")
-        missing = [name for name in cls._SCHEMA if name not in d]
+        missing = [name for name in fields if name not in d]
         if missing:
             raise DunetError(f"spec field {missing[0]!r}: missing")
         kwargs = {}
-        for name, (kind, length, optional) in cls._SCHEMA.items():
+        for name in fields:
+            kind, length, optional = cls._SCHEMA[name]
             kwargs[name] = _decode(name, d[name], kind, length, optional)
         return cls(**kwargs)
 
@@ -392,6 +493,96 @@ class PreprocessSpec:
         """Short stable fingerprint: sha256 of the canonical JSON, 16 hex chars."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class InferenceDefaults:
+    """Post-processing a model is shipped with (stored in its artefacts).
+
+    Attributes:
+        tta: Test-time augmentation, one of :data:`~dunet_deploy.choices.TTA_MODES`
+            (``"flip"``: mean of the prediction and of the left-right mirrored one).
+        min_lesion_mm3: Connected lesions smaller than this (mm³) are removed
+            from the mask; 0 keeps every lesion.
+    """
+
+    tta: str = "none"
+    min_lesion_mm3: float = 0.0
+
+    #: Prefix of the keys in :meth:`to_parameters` (ONNX metadata / Triton parameters).
+    PARAMETER_PREFIX: ClassVar[str] = "dunet.inference."
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tta, str) or self.tta not in TTA_MODES:
+            raise DunetError(f"inference default 'tta': {self.tta!r} is not one of "
+                             f"{', '.join(TTA_MODES)}")
+        value = self.min_lesion_mm3
+        if not _scalar_ok(value, _FLOAT) or not math.isfinite(float(value)) or value < 0:
+            raise DunetError(f"inference default 'min_lesion_mm3': {value!r} must be a finite "
+                             "number >= 0")
+        object.__setattr__(self, "min_lesion_mm3", float(value))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible dict."""
+        return {"tta": self.tta, "min_lesion_mm3": self.min_lesion_mm3}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> InferenceDefaults:
+        """Decode :meth:`to_dict` output; a missing key takes its default.
+
+        Raises:
+            DunetError: on a non-object, an unknown key or an invalid value.
+        """
+        if not isinstance(d, Mapping):
+            raise DunetError(f"inference defaults: expected a JSON object, got {type(d).__name__}")
+        unknown = sorted(set(d) - {"tta", "min_lesion_mm3"})
+        if unknown:
+            raise DunetError(f"inference default {unknown[0]!r}: unknown field")
+        return cls(**dict(d))
+
+    def to_json(self) -> str:
+        """Serialise to JSON."""
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, s: str | bytes) -> InferenceDefaults:
+        """Parse :meth:`to_json` output.
+
+        Raises:
+            DunetError: on invalid JSON or invalid defaults.
+        """
+        try:
+            d = json.loads(s)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DunetError(f"inference defaults: invalid JSON ({exc})") from None
+        return cls.from_dict(d)
+
+    def to_parameters(self) -> dict[str, str]:
+        """String key/value pairs (Triton ``parameters``, ONNX ``metadata_props``).
+
+        Returns:
+            ``{"dunet.inference.tta": "flip", "dunet.inference.min_lesion_mm3": "10.0"}``.
+        """
+        return {f"{self.PARAMETER_PREFIX}tta": self.tta,
+                f"{self.PARAMETER_PREFIX}min_lesion_mm3": repr(self.min_lesion_mm3)}
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str]) -> InferenceDefaults:
+        """Inverse of :meth:`to_parameters`; absent keys mean the defaults.
+
+        Raises:
+            DunetError: when a value is not valid.
+        """
+        key = f"{cls.PARAMETER_PREFIX}min_lesion_mm3"
+        kwargs: dict[str, Any] = {}
+        if f"{cls.PARAMETER_PREFIX}tta" in params:
+            kwargs["tta"] = params[f"{cls.PARAMETER_PREFIX}tta"]
+        if key in params:
+            try:
+                kwargs["min_lesion_mm3"] = float(params[key])
+            except ValueError:
+                raise DunetError(f"{key}: {params[key]!r} is not a number") from None
+        return cls(**kwargs)
 
 
 def fit_dataset_intensity(volumes_iter: Iterable[np.ndarray]) -> dict[str, float]:
@@ -491,7 +682,7 @@ def _type_error(name: str, value: Any, kind: str, length: int | None) -> DunetEr
 
 def _coerce(name: str, value: Any, kind: str, length: int | None) -> Any:
     """Lenient constructor-side conversion (accepts lists, numpy scalars)."""
-    if value is None and name in DATASET_STAT_FIELDS:
+    if value is None and (name in DATASET_STAT_FIELDS or name in GEOMETRY_FIELDS):
         return None
     if length == -1:
         if not _scalar_ok(value, kind):

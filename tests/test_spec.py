@@ -9,8 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dunet_deploy.choices import TTA_MODES
 from dunet_deploy.errors import DunetError
-from dunet_deploy.spec import SPEC_VERSION, PreprocessSpec, fit_dataset_intensity
+from dunet_deploy.spec import (
+    SPEC_VERSION,
+    InferenceDefaults,
+    PreprocessSpec,
+    fit_dataset_intensity,
+)
 
 
 def assert_one_line(exc: pytest.ExceptionInfo[BaseException], *needles: str) -> None:
@@ -23,7 +29,8 @@ def assert_one_line(exc: pytest.ExceptionInfo[BaseException], *needles: str) -> 
 # ------------------------------------------------------------------ defaults
 def test_defaults_reproduce_the_paper() -> None:
     spec = PreprocessSpec()
-    assert spec.version == SPEC_VERSION == 1
+    assert spec.version == SPEC_VERSION == 2
+    assert spec.orientation is None and spec.voxel_size is None and spec.grid_affine is None
     assert spec.volume_shape == (197, 233, 189)
     assert spec.inplane_shape == (233, 197)  # transposed axial slice: rows = y
     assert spec.crop_rows == (40, 220) and spec.crop_cols == (10, 190)
@@ -68,7 +75,9 @@ def test_digest_is_stable_and_sensitive() -> None:
     # Pinned: changing the serialisation silently would orphan every cache,
     # checkpoint and engine built before. Bump SPEC_VERSION instead.
     assert d == PreprocessSpec().digest() == PreprocessSpec.from_json(spec.to_json()).digest()
-    assert d == "3a0bab5591a54d25"
+    assert d == "2b08d646ed775d78"
+    # A version-1 spec keeps its JSON and digest (old caches and engines stay valid).
+    assert PreprocessSpec(version=1).digest() == "3a0bab5591a54d25"
     assert d == _sha256_prefix(spec.to_dict())
     assert spec.replace(threshold=0.6).digest() != d
     assert spec.replace(model_name="unet").digest() != d
@@ -276,3 +285,105 @@ def test_fit_dataset_intensity_errors() -> None:
     with pytest.raises(DunetError) as exc:
         fit_dataset_intensity([np.array([1.0, np.nan])])
     assert_one_line(exc, "NaN")
+
+
+# ------------------------------------------------------------ geometry (v2)
+MNI = np.array([[1.0, 0, 0, -98], [0, 1, 0, -134], [0, 0, 1, -72], [0, 0, 0, 1]])
+
+
+def _geo_spec() -> PreprocessSpec:
+    return PreprocessSpec.for_geometry((197, 233, 189), orientation=("R", "A", "S"),
+                                       voxel_size=(1, 1, 1), grid_affine=MNI)
+
+
+def test_geometry_fields_round_trip_strictly() -> None:
+    spec = _geo_spec()
+    assert spec.orientation == ("R", "A", "S") and spec.voxel_size == (1.0, 1.0, 1.0)
+    assert len(spec.grid_affine or ()) == 16
+    np.testing.assert_array_equal(spec.grid_matrix, MNI)
+    d = json.loads(spec.to_json())
+    assert d["orientation"] == ["R", "A", "S"] and d["version"] == 2
+    back = PreprocessSpec.from_json(spec.to_json())
+    assert back == spec and back.digest() == spec.digest()
+    assert spec.digest() != spec.replace(grid_affine=None).digest()
+    # Strict: a v2 spec must carry every field, a list where a tuple is expected.
+    for name in ("orientation", "voxel_size", "grid_affine"):
+        broken = dict(d)
+        del broken[name]
+        with pytest.raises(DunetError) as exc:
+            PreprocessSpec.from_dict(broken)
+        assert_one_line(exc, name, "missing")
+    with pytest.raises(DunetError) as exc:
+        PreprocessSpec.from_dict({**d, "orientation": "RAS"})
+    assert_one_line(exc, "orientation")
+
+
+def test_version_1_specs_still_load_as_unknown_geometry() -> None:
+    old = PreprocessSpec(version=1).to_dict()
+    assert "orientation" not in old and old["version"] == 1
+    spec = PreprocessSpec.from_dict(old)
+    assert spec.version == 1 and spec.orientation is None and spec.grid_matrix is None
+    assert spec.to_dict() == old
+    with pytest.raises(DunetError) as exc:  # v1 has no such field
+        PreprocessSpec.from_dict({**old, "orientation": ["R", "A", "S"]})
+    assert_one_line(exc, "orientation", "unknown")
+    with pytest.raises(DunetError) as exc:
+        PreprocessSpec(version=1, voxel_size=(1, 1, 1))
+    assert_one_line(exc, "voxel_size", "version 2")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"orientation": ("R", "A", "X")}, "orientation"),
+        ({"orientation": ("R", "L", "S")}, "orientation"),
+        ({"orientation": ("R", "A")}, "orientation"),
+        ({"voxel_size": (1.0, 0.0, 1.0)}, "voxel_size"),
+        ({"voxel_size": (1.0, float("nan"), 1.0)}, "voxel_size"),
+        ({"grid_affine": tuple(np.eye(4).ravel())}, "grid_affine"),  # no orientation/voxel
+        ({"orientation": ("R", "A", "S"), "voxel_size": (2, 2, 2),
+          "grid_affine": tuple(np.eye(4).ravel())}, "grid_affine"),  # 1 mm grid, 2 mm voxels
+        ({"orientation": ("R", "A", "S"), "voxel_size": (1, 1, 1),
+          "grid_affine": tuple(np.ones(16))}, "grid_affine"),  # last row not 0 0 0 1
+    ],
+)
+def test_invalid_geometry_names_the_field(kwargs, field) -> None:
+    with pytest.raises(DunetError) as exc:
+        PreprocessSpec(**kwargs)
+    assert_one_line(exc, field)
+
+
+# ------------------------------------------------------- inference defaults
+def test_inference_defaults_round_trip_and_parameters() -> None:
+    assert TTA_MODES == ("none", "flip")
+    default = InferenceDefaults()
+    assert (default.tta, default.min_lesion_mm3) == ("none", 0.0)
+    d = InferenceDefaults(tta="flip", min_lesion_mm3=10)
+    assert d.min_lesion_mm3 == 10.0 and isinstance(d.min_lesion_mm3, float)
+    assert InferenceDefaults.from_json(d.to_json()) == d
+    assert InferenceDefaults.from_dict({}) == default
+    params = d.to_parameters()
+    assert params == {"dunet.inference.tta": "flip", "dunet.inference.min_lesion_mm3": "10.0"}
+    assert all(isinstance(v, str) for v in params.values())
+    assert InferenceDefaults.from_parameters(params) == d
+    assert InferenceDefaults.from_parameters({"dunet.spec": "{}"}) == default
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda: InferenceDefaults(tta="mirror"), "tta"),
+        (lambda: InferenceDefaults(min_lesion_mm3=-1), "min_lesion_mm3"),
+        (lambda: InferenceDefaults(min_lesion_mm3=float("inf")), "min_lesion_mm3"),
+        (lambda: InferenceDefaults(min_lesion_mm3=True), "min_lesion_mm3"),
+        (lambda: InferenceDefaults.from_dict({"tta": "flip", "extra": 1}), "extra"),
+        (lambda: InferenceDefaults.from_dict([]), "inference defaults"),
+        (lambda: InferenceDefaults.from_json("{"), "invalid JSON"),
+        (lambda: InferenceDefaults.from_parameters({"dunet.inference.min_lesion_mm3": "x"}),
+         "min_lesion_mm3"),
+    ],
+)
+def test_inference_defaults_errors_are_one_line(make, needle) -> None:
+    with pytest.raises(DunetError) as exc:
+        make()
+    assert_one_line(exc, needle)

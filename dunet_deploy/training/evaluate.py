@@ -53,7 +53,8 @@ __all__ = [
 ]
 
 Progress = Callable[[int, int, str], None]
-CSV_FIELDS = ("case_id", "dsc", "recall", "precision", "tp", "fp", "fn")
+CSV_FIELDS = ("case_id", "dsc", "recall", "precision", "tp", "fp", "fn", "lesion_f1",
+              "lesion_count_diff", "volume_diff_voxels", "volume_diff_ml")
 
 
 # ------------------------------------------------------------- prediction
@@ -71,7 +72,7 @@ def evaluate_case(
         probs = predict_volume(image.data, spec, predict, batch_size=batch_size)
     except DunetError as exc:
         raise DunetError(f"case {case.case_id}: {exc}") from None
-    return case_metrics(case.case_id, probs, mask, threshold=spec.threshold)
+    return case_metrics(case.case_id, probs, mask, threshold=spec.threshold, zooms=image.zooms)
 
 
 def evaluate_cases(
@@ -130,18 +131,23 @@ def table2_markdown(
     """The paper's Table 2 as a markdown table with one row.
 
     Columns: DSC (mean ± std over cases), DSC (global, pooled voxels), Recall,
-    Precision (mean ± std), Total parameters (Keras counting).
+    Precision (mean ± std), Total parameters (Keras counting), then the ATLAS
+    v2.0 challenge's lesion-wise F1, simple lesion count difference and
+    absolute volume difference in ml (mean ± std).
     """
 
-    def pm(key: str) -> str:
-        return f"{float(summary[f'{key}_mean']):.4f}±{float(summary[f'{key}_std']):.4f}"
+    def pm(key: str, digits: int = 4) -> str:
+        mean, std = float(summary[f"{key}_mean"]), float(summary[f"{key}_std"])
+        return f"{mean:.{digits}f}±{std:.{digits}f}"
 
     p = f"{params:,}" if params is not None else "–"
     return (
-        "| Method | DSC | DSC (global) | Recall | Precision | Total parameters |\n"
-        "|---|---:|---:|---:|---:|---:|\n"
+        "| Method | DSC | DSC (global) | Recall | Precision | Total parameters | Lesion F1 | "
+        "Lesion count diff | Volume diff (ml) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
         f"| {method} | {pm('dsc')} | {float(summary['dsc_global']):.4f} | {pm('recall')} | "
-        f"{pm('precision')} | {p} |\n"
+        f"{pm('precision')} | {p} | {pm('lesion_f1')} | {pm('lesion_count_diff', 2)} | "
+        f"{pm('volume_diff_ml')} |\n"
     )
 
 

@@ -126,12 +126,21 @@ def test_evaluate_cases_and_report(data, tmp_path):
     for row, m in zip(rows, metrics):
         assert float(row["dsc"]) == m.dsc and int(row["tp"]) == m.tp
         assert float(row["recall"]) == m.recall and float(row["precision"]) == m.precision
+        assert float(row["lesion_f1"]) == m.lesion_f1
+        assert int(row["lesion_count_diff"]) == m.lesion_count_diff
+        assert int(row["volume_diff_voxels"]) == m.volume_diff_voxels
+        assert float(row["volume_diff_ml"]) == m.volume_diff_ml
     doc = json.loads(paths["json"].read_text())
     for key, value in summarize(metrics).items():
         assert doc[key] == value
     assert doc["params"] == 1234 and doc["split"] == "all"
     md = paths["markdown"].read_text()
-    assert "| Method | DSC | DSC (global) | Recall | Precision | Total parameters |" in md
+    assert ("| Method | DSC | DSC (global) | Recall | Precision | Total parameters | Lesion F1 | "
+            "Lesion count diff | Volume diff (ml) |") in md
+    for key in ("lesion_f1", "lesion_count_diff", "volume_diff_voxels", "volume_diff_ml"):
+        assert f"{key}_mean" in doc and f"{key}_std" in doc
+    f1 = summarize(metrics)["lesion_f1_mean"]
+    assert f"| {f1:.4f}±" in md
     assert "| thresholder |" in md and "1,234" in md
     assert paths["boxplot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((tmp_path / "rep").glob(".*.tmp"))
@@ -139,10 +148,12 @@ def test_evaluate_cases_and_report(data, tmp_path):
 
 def test_table2_row_format():
     s = {"dsc_mean": 0.5349, "dsc_std": 0.2763, "dsc_global": 0.7231, "recall_mean": 0.5243,
-         "recall_std": 0.291, "precision_mean": 0.6331, "precision_std": 0.2958}
+         "recall_std": 0.291, "precision_mean": 0.6331, "precision_std": 0.2958,
+         "lesion_f1_mean": 0.61, "lesion_f1_std": 0.25, "lesion_count_diff_mean": 1.5,
+         "lesion_count_diff_std": 2.25, "volume_diff_ml_mean": 4.5, "volume_diff_ml_std": 6.0}
     row = table2_markdown(s, method="Ours", params=8_640_163).splitlines()[2]
     assert row == ("| Ours | 0.5349±0.2763 | 0.7231 | 0.5243±0.2910 | 0.6331±0.2958 | "
-                   "8,640,163 |")
+                   "8,640,163 | 0.6100±0.2500 | 1.50±2.25 | 4.5000±6.0000 |")
 
 
 def test_checkpoint_evaluation_matches_a_direct_computation(data, tmp_path):

@@ -20,7 +20,15 @@ from typing import Any
 
 import click
 
-from dunet_deploy.choices import BACKENDS, LAYOUTS, PRECISIONS, SPLITS, TRAIN_DEVICES
+from dunet_deploy.choices import (
+    BACKENDS,
+    LAYOUTS,
+    PRECISIONS,
+    RESAMPLE_MODES,
+    SPLITS,
+    TRAIN_DEVICES,
+    TTA_MODES,
+)
 from dunet_deploy.cli._common import DunetCommand, handle_errors
 from dunet_deploy.errors import DunetError
 
@@ -64,10 +72,18 @@ def _progress(total_hint: str) -> Any:
               help="Mixed-precision inference.")
 @click.option("--boxplot/--no-boxplot", default=True, show_default=True,
               help="Draw dsc_boxplot.png (needs matplotlib).")
+@click.option("--tta", type=click.Choice(TTA_MODES), default=None,
+              help="Test-time augmentation.  [default: an engine's own, else none]")
+@click.option("--min-lesion-mm3", type=click.FloatRange(min=0), default=None,
+              help="Remove smaller connected lesions before scoring.  [default: an engine's "
+                   "own, else 0]")
+@click.option("--resample", type=click.Choice(RESAMPLE_MODES), default="auto", show_default=True,
+              help="Scans off the training grid: resample (auto) or refuse (never).")
 @handle_errors
 def main(checkpoint: Path | None, engine: Path | None, backend: str, precision: str,
          threads: int | None, data: Path, out: Path, split: str, device: str, batch_size: int,
-         layout: str | None, amp: bool, boxplot: bool) -> None:
+         layout: str | None, amp: bool, boxplot: bool, tta: str | None,
+         min_lesion_mm3: float | None, resample: str) -> None:
     """Evaluate CHECKPOINT (or ENGINE) on the cases of DATA; write the report to OUT."""
     from dunet_deploy.training.evaluate import (
         evaluate_checkpoint_file,
@@ -93,12 +109,14 @@ def main(checkpoint: Path | None, engine: Path | None, backend: str, precision: 
             raise DunetError(f"--split {split}: an engine records no split; use --split all")
         result = evaluate_engine(engine, data, backend=backend, precision=precision,
                                  threads=threads, device=device, batch_size=batch_size,
-                                 layout=layout, progress=_progress("evaluating"))
+                                 layout=layout, progress=_progress("evaluating"), tta=tta,
+                                 min_lesion_mm3=min_lesion_mm3, resample=resample)
     else:
         assert checkpoint is not None
-        result = evaluate_checkpoint_file(checkpoint, data, split=split, device=device,
-                                          batch_size=batch_size, layout=layout, amp=amp,
-                                          progress=_progress("evaluating"))
+        result = evaluate_checkpoint_file(
+            checkpoint, data, split=split, device=device, batch_size=batch_size, layout=layout,
+            amp=amp, progress=_progress("evaluating"), tta=tta or "none",
+            min_lesion_mm3=min_lesion_mm3 or 0.0, resample=resample)
     spec = result.spec
     meta = {**result.meta, "data": str(data), "split": split, "space": "native volume",
             "threshold": spec.threshold, "spec_digest": spec.digest()}

@@ -29,7 +29,7 @@ from typing import Any
 
 import click
 
-from dunet_deploy.choices import BACKENDS, DEVICES, PRECISIONS
+from dunet_deploy.choices import BACKENDS, DEVICES, PRECISIONS, RESAMPLE_MODES, TTA_MODES
 from dunet_deploy.cli._common import DunetCommand, handle_errors, one_line
 
 EXIT_SOME_FAILED = 1
@@ -98,11 +98,21 @@ class _Progress:
                    "grpc://HOST:PORT) instead of locally; --engine still names the model, "
                    "whose spec the server must match. --backend/--device/--threads/--precision "
                    "are then not used.")
+@click.option("--tta", type=click.Choice(TTA_MODES), default=None,
+              help="Test-time augmentation: flip = mean with the left-right mirror.  "
+                   "[default: the model's, set at export; else none]")
+@click.option("--min-lesion-mm3", type=click.FloatRange(min=0), default=None,
+              help="Remove connected lesions smaller than this (mm3).  [default: the model's, "
+                   "set at export; else 0 = keep all]")
+@click.option("--resample", type=click.Choice(RESAMPLE_MODES), default="auto", show_default=True,
+              help="auto: scans with another spacing or grid are resampled onto the model's "
+                   "training grid (and the mask back); never: refuse them.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no final summary line.")
 @handle_errors
 def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str, device: str,
          batch_size: int, save_prob: bool, threads: int | None, precision: str,
-         triton_url: str | None, quiet: bool) -> None:
+         triton_url: str | None, tta: str | None, min_lesion_mm3: float | None, resample: str,
+         quiet: bool) -> None:
     """Segment stroke lesions in INPUT volumes (NIfTI files, directories or glob patterns).
 
     Writes OUT/<name>_mask.nii.gz per input (same shape, affine, qform/sform
@@ -125,12 +135,15 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
     def on_result(result: CaseResult) -> None:
         if not result.ok:
             progress.error(f"error: {one_line(result.message)}")
+        for warning in result.warnings:
+            progress.error(f"warning: {result.input}: {one_line(warning)}")
         progress.advance()
 
     try:
         summary = segment_files(
             model_path, inputs, out_dir, backend=backend, batch_size=batch_size,
             save_prob=save_prob, threads=threads, precision=precision, device=device,
+            tta=tta, min_lesion_mm3=min_lesion_mm3, resample=resample,
             on_start=on_start, on_result=on_result,
             runner_factory=triton_runner if triton_url else None,
         )

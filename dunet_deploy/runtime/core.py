@@ -5,9 +5,13 @@ Shaped like MONAI's ``Inferer``: the network is any callable
 :class:`~dunet_deploy.runtime.base.Runner`, a torch model wrapped by the
 caller, a Triton client — so this module never imports torch or a backend::
 
-    volume --to_network--> NetworkInput(slices [Z, S, S], indices [K])
-           --predict_grid(predict)--> [Z, 1, S, S]   (slabs not in indices = 0)
-           --grid_to_volume--> float32 probabilities of the volume's shape
+    volume (+ affine) --to_network--> NetworkInput: plan onto the model's grid
+           (exact reorientation, or one linear resampling; data.geometry), then
+           slices [Z, S, S] and the slab positions worth running [K]
+      --predict_grid(predict)--> [Z, 1, S, S]   (slabs not in indices = 0)
+      --grid_to_volume--> probabilities on the model's grid
+      --ModelSpace.to_input--> float32 probabilities on the input's own grid
+      --segment: threshold, remove lesions < min_lesion_mm3--> Prediction
 
 ``dunet-infer``, the :class:`~dunet_deploy.Segmenter`, ``dunet-eval`` (with a
 checkpoint or an engine), training validation, the bench's end-to-end run and
@@ -29,6 +33,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from dunet_deploy.data.geometry import ModelSpace, plan_model_space
 from dunet_deploy.data.nifti import NiftiVolume, save_nifti_like
 from dunet_deploy.data.preprocess import (
     binarize,
@@ -38,6 +43,7 @@ from dunet_deploy.data.preprocess import (
     volume_to_slices,
 )
 from dunet_deploy.errors import DunetError
+from dunet_deploy.postprocess import remove_small_lesions
 from dunet_deploy.spec import PreprocessSpec
 
 __all__ = [
@@ -45,6 +51,7 @@ __all__ = [
     "Prediction",
     "Predictor",
     "add_time",
+    "geometry_of",
     "grid_to_volume",
     "predict_grid",
     "predict_volume",
@@ -61,15 +68,23 @@ class NetworkInput:
     """One volume in the network's space, ready for :func:`predict_grid`.
 
     Attributes:
-        shape: Shape of the volume it came from (restored by :func:`grid_to_volume`).
+        shape: Shape of the volume on the model's grid (restored by
+            :func:`grid_to_volume`).
         slices: float32 ``[Z, S, S]`` preprocessed slices; ``None`` when no slab
             is worth running (``indices`` empty), so a blank volume costs nothing.
         indices: int64 ``[K]`` slab positions to run, ascending.
+        space: How the input maps onto the model's grid and back (``None``:
+            the volume was given without an affine and is taken as it is).
     """
 
     shape: tuple[int, ...]
     slices: np.ndarray | None
     indices: np.ndarray
+    space: ModelSpace | None = None
+
+    def to_input(self, prob: np.ndarray) -> np.ndarray:
+        """Model-grid probabilities -> the input's own grid (identity without a plan)."""
+        return prob if self.space is None else self.space.to_input(prob)
 
     def release(self) -> None:
         """Drop the slices (the grid is all that is needed afterwards)."""
@@ -83,28 +98,43 @@ def add_time(times: dict[str, float] | None, key: str, seconds: float) -> None:
 
 
 def to_network(
-    volume: npt.ArrayLike, spec: PreprocessSpec, *, times: dict[str, float] | None = None
+    volume: npt.ArrayLike,
+    spec: PreprocessSpec,
+    *,
+    affine: npt.ArrayLike | None = None,
+    resample: str = "auto",
+    times: dict[str, float] | None = None,
 ) -> NetworkInput:
-    """Preprocess a raw volume into slices and the slab positions worth running.
+    """Bring a raw volume onto the model's grid, then into slices and slab positions.
 
     Args:
-        volume: Raw volume whose in-plane shape the spec accepts.
+        volume: Raw volume.
         spec: The model's preprocessing spec.
+        affine: The volume's ``[4, 4]`` voxel-to-world matrix: the volume is
+            reoriented (exactly) or resampled onto the training grid the spec
+            records (:func:`~dunet_deploy.data.geometry.plan_model_space`).
+            ``None`` takes the volume as already on the model's grid.
+        resample: ``"auto"`` or ``"never"`` (refuse an input off the training grid).
         times: When given, ``"preprocess"`` seconds are added to it.
 
     Returns:
         A :class:`NetworkInput`.
 
     Raises:
-        DunetError: when the spec cannot take the volume's shape.
+        DunetError: when the spec cannot take the volume (shape, grid, space).
     """
     t0 = time.perf_counter()
     vol = np.asarray(volume)
+    space = None
+    if affine is not None:
+        space = plan_model_space(vol.shape, affine, spec, resample=resample)
+        if space.method != "none":
+            vol = space.to_model(vol)
     spec.check_volume_shape(vol.shape)
     indices = nonempty_slab_indices(vol, spec)
     slices = volume_to_slices(vol, spec) if indices.size else None
     add_time(times, "preprocess", time.perf_counter() - t0)
-    return NetworkInput(tuple(int(n) for n in vol.shape), slices, indices)
+    return NetworkInput(tuple(int(n) for n in vol.shape), slices, indices, space)
 
 
 def predict_grid(
@@ -190,27 +220,36 @@ def predict_volume(
     spec: PreprocessSpec,
     predict: Predictor,
     *,
+    affine: npt.ArrayLike | None = None,
+    resample: str = "auto",
     batch_size: int = 16,
     times: dict[str, float] | None = None,
 ) -> np.ndarray:
     """Lesion probabilities of a raw volume on its own voxel grid.
 
-    :func:`to_network`, :func:`predict_grid` and :func:`grid_to_volume` in one call.
+    :func:`to_network`, :func:`predict_grid`, :func:`grid_to_volume` and the
+    way back onto the input's grid in one call.
 
     Args:
-        volume: Raw volume whose in-plane shape the spec accepts.
+        volume: Raw volume.
         spec: The model's preprocessing spec.
         predict: ``float32 [N, C, S, S] -> float32 [N, 1, S, S]``.
+        affine: The volume's voxel-to-world matrix (see :func:`to_network`).
+        resample: ``"auto"`` or ``"never"``.
         batch_size: Slabs per ``predict`` call.
         times: When given, per-stage seconds are added to it.
 
     Returns:
         float32 array of the volume's shape.
     """
-    net = to_network(volume, spec, times=times)
+    net = to_network(volume, spec, affine=affine, resample=resample, times=times)
     grid = predict_grid(net, spec, predict, batch_size=batch_size, times=times)
     net.release()
-    return grid_to_volume(grid, spec, net.shape, times=times)
+    prob = grid_to_volume(grid, spec, net.shape, times=times)
+    t0 = time.perf_counter()
+    out = net.to_input(prob)
+    add_time(times, "postprocess", time.perf_counter() - t0)
+    return out
 
 
 # ------------------------------------------------------------- predictions
@@ -229,6 +268,12 @@ class Prediction:
         slabs_skipped: All-background slabs not sent (probability 0).
         times: Seconds per stage (``read``, ``preprocess``, ``infer``,
             ``postprocess``, ``write``).
+        geometry: What was done to bring the input onto the model's grid
+            (:meth:`~dunet_deploy.data.geometry.ModelSpace.describe`; ``None``
+            for an input taken as it is).
+        lesions_removed: Connected lesions removed for being smaller than
+            ``min_lesion_mm3``.
+        warnings: One-line warnings (e.g. an oblique input).
     """
 
     mask: np.ndarray
@@ -239,6 +284,9 @@ class Prediction:
     slabs_run: int
     slabs_skipped: int
     times: dict[str, float] = field(default_factory=dict)
+    geometry: dict[str, Any] | None = None
+    lesions_removed: int = 0
+    warnings: tuple[str, ...] = ()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -256,8 +304,7 @@ class Prediction:
         return float(self.lesion_voxels * float(np.prod(self.zooms)))
 
     def _reference(self) -> NiftiVolume:
-        geometry = np.broadcast_to(np.zeros((), np.float32), self.shape)
-        return NiftiVolume(data=geometry, affine=self.affine, header=self.header)
+        return geometry_of(NiftiVolume(data=self.mask, affine=self.affine, header=self.header))
 
     def save(
         self, mask: str | os.PathLike[str], prob: str | os.PathLike[str] | None = None
@@ -297,6 +344,12 @@ class Prediction:
         return written
 
 
+def geometry_of(vol: NiftiVolume) -> NiftiVolume:
+    """The volume's geometry only: ``data`` becomes a zero-cost broadcast of its shape."""
+    geometry = np.broadcast_to(np.zeros((), np.float32), vol.shape)
+    return NiftiVolume(data=geometry, affine=vol.affine, header=vol.header, path=vol.path)
+
+
 def _make_parent(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -311,6 +364,7 @@ def segment(
     predict: Predictor,
     *,
     batch_size: int = 16,
+    min_lesion_mm3: float = 0.0,
     times: dict[str, float] | None = None,
 ) -> Prediction:
     """Run the network on a prepared volume and threshold on the input's grid.
@@ -319,8 +373,11 @@ def segment(
         net: From :func:`to_network` (its slices are released afterwards).
         geometry: The input's affine and header (its ``data`` only gives the shape).
         spec: The model's preprocessing spec.
-        predict: ``float32 [N, C, S, S] -> float32 [N, 1, S, S]``.
+        predict: ``float32 [N, C, S, S] -> float32 [N, 1, S, S]`` (already
+            wrapped for test-time augmentation when wanted).
         batch_size: Slabs per ``predict`` call.
+        min_lesion_mm3: Remove 3D face-connected lesions smaller than this
+            (mm³ on the input's grid); 0 keeps all.
         times: Per-stage seconds so far; the :class:`Prediction` carries them on.
 
     Returns:
@@ -331,11 +388,16 @@ def segment(
     net.release()  # free the slices before allocating the output volume
     prob = grid_to_volume(grid, spec, net.shape, times=stage)
     t0 = time.perf_counter()
-    mask = binarize(prob, spec)
+    prob = net.to_input(prob)
+    zooms = tuple(float(v) for v in geometry.zooms)
+    mask, removed = remove_small_lesions(binarize(prob, spec), zooms, min_lesion_mm3)
     add_time(stage, "postprocess", time.perf_counter() - t0)
     z = int(net.shape[spec.axial_axis])
+    space = net.space
     return Prediction(
         mask=mask, prob=prob, affine=np.asarray(geometry.affine, dtype=np.float64),
-        header=geometry.header, zooms=tuple(float(v) for v in geometry.zooms),
-        slabs_run=int(net.indices.size), slabs_skipped=z - int(net.indices.size), times=stage,
+        header=geometry.header, zooms=zooms, slabs_run=int(net.indices.size),
+        slabs_skipped=z - int(net.indices.size), times=stage,
+        geometry=None if space is None else space.describe(), lesions_removed=removed,
+        warnings=() if space is None else tuple(space.warnings),
     )

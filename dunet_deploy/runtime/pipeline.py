@@ -33,7 +33,13 @@ from dunet_deploy.data.nifti import NiftiVolume, load_nifti, nifti_suffix
 from dunet_deploy.errors import DunetError
 from dunet_deploy.machine import machine_info
 from dunet_deploy.runtime.base import Runner, one_line
-from dunet_deploy.runtime.core import NetworkInput, Predictor, segment, to_network
+from dunet_deploy.runtime.core import (
+    NetworkInput,
+    Predictor,
+    geometry_of,
+    segment,
+    to_network,
+)
 from dunet_deploy.spec import PreprocessSpec
 
 __all__ = [
@@ -43,7 +49,6 @@ __all__ = [
     "PreparedVolume",
     "expand_inputs",
     "finish_case",
-    "geometry_of",
     "output_stem",
     "prepare_output_dir",
     "prepare_volume",
@@ -157,6 +162,10 @@ class CaseResult:
         slabs_run: Slabs sent to the model.
         slabs_skipped: All-background slabs not sent (probability 0).
         times: Seconds spent per stage: read, preprocess, infer, postprocess, write.
+        geometry: How the scan was brought onto the model's grid (reoriented,
+            resampled, obliquity; see ``ModelSpace.describe``).
+        lesions_removed: Lesions removed for being under ``min_lesion_mm3``.
+        warnings: One-line warnings about the input (e.g. oblique).
     """
 
     input: str
@@ -171,6 +180,9 @@ class CaseResult:
     slabs_run: int = 0
     slabs_skipped: int = 0
     times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIME_KEYS, 0.0))
+    geometry: dict[str, Any] | None = None
+    lesions_removed: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -226,18 +238,15 @@ class PreparedVolume:
         return None if self.net is None else self.net.indices
 
 
-def geometry_of(vol: NiftiVolume) -> NiftiVolume:
-    """The volume's geometry only: ``data`` becomes a zero-cost broadcast of its shape."""
-    geometry = np.broadcast_to(np.zeros((), np.float32), vol.shape)
-    return NiftiVolume(data=geometry, affine=vol.affine, header=vol.header, path=vol.path)
-
-
-def prepare_volume(item: InputItem, spec: PreprocessSpec) -> PreparedVolume:
-    """Read and preprocess one input; errors go into the result, never raised.
+def prepare_volume(
+    item: InputItem, spec: PreprocessSpec, resample: str = "auto"
+) -> PreparedVolume:
+    """Read one input and bring it onto the model's grid; errors go into the result.
 
     Args:
         item: The input.
         spec: The model's preprocessing spec.
+        resample: ``"auto"`` or ``"never"`` (see :func:`~dunet_deploy.runtime.core.to_network`).
 
     Returns:
         A :class:`PreparedVolume` (``result.status == "error"`` on failure).
@@ -251,14 +260,18 @@ def prepare_volume(item: InputItem, spec: PreprocessSpec) -> PreparedVolume:
         t0 = time.perf_counter()
         vol = load_nifti(item.path)
         result.times["read"] = time.perf_counter() - t0
-        net = to_network(vol.data, spec, times=result.times)
+        net = to_network(vol.data, spec, affine=vol.affine, resample=resample,
+                         times=result.times)
     except CASE_ERRORS as exc:
         result.fail(item.path, exc)
         return prep
     result.shape = [int(n) for n in vol.shape]
     result.zooms = [float(z) for z in vol.zooms]
-    z = vol.shape[spec.axial_axis]
+    z = net.shape[spec.axial_axis]
     result.slabs_run, result.slabs_skipped = int(net.indices.size), int(z - net.indices.size)
+    if net.space is not None:
+        result.geometry = net.space.describe()
+        result.warnings = list(net.space.warnings)
     prep.ref, prep.net = geometry_of(vol), net
     return prep
 
@@ -275,13 +288,16 @@ class Prefetcher:
         items: Inputs in processing order.
         spec: The model's preprocessing spec.
         depth: Queue size (ready volumes held ahead of the consumer), >= 1.
+        resample: ``"auto"`` or ``"never"``, for :func:`prepare_volume`.
     """
 
     _DONE = object()
 
-    def __init__(self, items: Sequence[InputItem], spec: PreprocessSpec, depth: int = 1) -> None:
+    def __init__(self, items: Sequence[InputItem], spec: PreprocessSpec, depth: int = 1,
+                 resample: str = "auto") -> None:
         self._items = list(items)
         self._spec = spec
+        self._resample = resample
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="dunet-prefetch", daemon=True)
@@ -299,7 +315,8 @@ class Prefetcher:
     def _work(self) -> None:
         try:
             for item in self._items:
-                if self._stop.is_set() or not self._put(prepare_volume(item, self._spec)):
+                if self._stop.is_set() or not self._put(
+                        prepare_volume(item, self._spec, self._resample)):
                     return
         except BaseException as exc:  # a bug: hand it to the consumer to re-raise
             self._put(exc)
@@ -333,8 +350,10 @@ def finish_case(
     spec: PreprocessSpec,
     prep: PreparedVolume,
     out_dir: Path,
-    batch_size: int,
-    save_prob: bool,
+    *,
+    batch_size: int = 16,
+    save_prob: bool = False,
+    min_lesion_mm3: float = 0.0,
 ) -> CaseResult:
     """Segment one prepared volume and write its outputs; errors go into the result."""
     result = prep.result
@@ -345,7 +364,7 @@ def finish_case(
     mask_path, prob_path = out_dir / f"{stem}{MASK_SUFFIX}", out_dir / f"{stem}{PROB_SUFFIX}"
     try:
         pred = segment(prep.net, prep.ref, spec, predict, batch_size=batch_size,
-                       times=result.times)
+                       min_lesion_mm3=min_lesion_mm3, times=result.times)
         pred.save(mask_path, prob_path if save_prob else None)
     except CASE_ERRORS as exc:
         return result.fail(prep.item.path, exc)
@@ -353,26 +372,31 @@ def finish_case(
     result.prob = str(prob_path) if save_prob else None
     result.lesion_voxels = pred.lesion_voxels
     result.lesion_volume_mm3 = pred.lesion_volume_mm3
+    result.lesions_removed = pred.lesions_removed
     return result
 
 
 def run_cases(
-    runner: Runner,
+    predict: Predictor,
+    spec: PreprocessSpec,
     volumes: Iterable[PreparedVolume],
     out_dir: str | os.PathLike[str],
     *,
     batch_size: int = 16,
     save_prob: bool = False,
+    min_lesion_mm3: float = 0.0,
     on_result: Callable[[CaseResult], None] | None = None,
 ) -> list[CaseResult]:
-    """Run prepared volumes through ``runner`` and write their outputs.
+    """Segment prepared volumes and write their outputs.
 
     Args:
-        runner: An open runner (any ``predict`` callable with a ``spec``).
+        predict: The network (a runner, possibly wrapped for test-time augmentation).
+        spec: The model's preprocessing spec.
         volumes: Prepared volumes (e.g. a :class:`Prefetcher`).
         out_dir: Existing output folder.
         batch_size: Slabs per model call.
         save_prob: Also write ``<name>_prob.nii.gz`` (float32).
+        min_lesion_mm3: Remove smaller connected lesions from the masks.
         on_result: Called with each finished result (progress, error lines).
 
     Returns:
@@ -381,7 +405,8 @@ def run_cases(
     out = Path(out_dir)
     results = []
     for prep in volumes:
-        result = finish_case(runner.infer, runner.spec, prep, out, batch_size, save_prob)
+        result = finish_case(predict, spec, prep, out, batch_size=batch_size,
+                             save_prob=save_prob, min_lesion_mm3=min_lesion_mm3)
         results.append(result)
         if on_result is not None:
             on_result(result)
@@ -412,6 +437,7 @@ def summary_document(
     threads: int | None,
     load_s: float,
     wall_s: float,
+    inference: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``summary.json`` document of a run over files.
 
@@ -422,6 +448,8 @@ def summary_document(
         threads: Backend threads that were asked for.
         load_s: Seconds to load the model.
         wall_s: Seconds for the whole run.
+        inference: The inference settings that were applied (TTA,
+            post-processing, resampling, and where each came from).
     """
     described = runner.describe()
     model_keys = ("path", "model_name", "model_precision", "spec_digest")
@@ -433,6 +461,7 @@ def summary_document(
         **{k: described[k] for k in top_keys},
         "batch_size": step,
         "threads": threads,
+        "inference": dict(inference or {}),
         "backend_details": {k: v for k, v in described.items()
                             if k not in model_keys and k not in top_keys},
         "machine": machine_info(),

@@ -30,23 +30,24 @@ import numpy as np
 import numpy.typing as npt
 
 from dunet_deploy.artifacts import ArtifactInfo, read_artifact_info, write_json
+from dunet_deploy.choices import RESAMPLE_MODES
 from dunet_deploy.data.nifti import NiftiVolume, load_nifti
 from dunet_deploy.errors import DunetError
+from dunet_deploy.postprocess import with_tta
 from dunet_deploy.runtime.base import Closeable, Runner, open_runner
-from dunet_deploy.runtime.core import Prediction, segment, to_network
+from dunet_deploy.runtime.core import Prediction, Predictor, geometry_of, segment, to_network
 from dunet_deploy.runtime.pipeline import (
     SUMMARY_NAME,
     CaseResult,
     Prefetcher,
     expand_inputs,
-    geometry_of,
     prepare_output_dir,
     run_cases,
     summary_document,
 )
-from dunet_deploy.spec import PreprocessSpec
+from dunet_deploy.spec import InferenceDefaults, PreprocessSpec
 
-__all__ = ["Prediction", "Segmenter"]
+__all__ = ["Prediction", "Segmenter", "as_volume", "model_defaults", "resolve_inference"]
 
 ImageLike = str | os.PathLike[str] | NiftiVolume | np.ndarray | Any
 
@@ -65,6 +66,12 @@ class Segmenter(Closeable):
         runner_factory: Builds the runner from the model path and its metadata
             instead of a local backend (e.g. a Triton client); ``backend``,
             ``precision``, ``device`` and ``threads`` are then not used.
+        tta: ``"none"`` or ``"flip"`` (left-right mirror, averaged); ``None``
+            takes the model's own default (stored at export).
+        min_lesion_mm3: Remove connected lesions smaller than this (mm³);
+            ``None`` takes the model's default (0: keep all).
+        resample: ``"auto"`` (inputs off the training grid are resampled onto
+            it) or ``"never"`` (they are refused).
         lazy: Load the model on first use instead of on entering ``with``.
 
     Raises:
@@ -82,12 +89,20 @@ class Segmenter(Closeable):
         batch_size: int = 16,
         runner_opts: dict[str, Any] | None = None,
         runner_factory: Callable[[Path, ArtifactInfo], Runner] | None = None,
+        tta: str | None = None,
+        min_lesion_mm3: float | None = None,
+        resample: str = "auto",
         lazy: bool = False,
     ) -> None:
         if batch_size < 1:
             raise DunetError(f"batch size must be >= 1, got {batch_size}")
+        if resample not in RESAMPLE_MODES:
+            raise DunetError(f"resample {resample!r}: choose one of {', '.join(RESAMPLE_MODES)}")
         self.model_path = Path(model)
         self.info: ArtifactInfo = read_artifact_info(self.model_path)
+        self.inference, self._inference_source = resolve_inference(
+            model_defaults(self.info), tta=tta, min_lesion_mm3=min_lesion_mm3)
+        self.resample = resample
         self.batch_size = int(batch_size)
         self.threads = threads
         self._open_args: dict[str, Any] = {"backend": backend, "precision": precision,
@@ -135,6 +150,15 @@ class Segmenter(Closeable):
         """Backend, precision, device and model facts (loads the model)."""
         return self.runner.describe()
 
+    def inference_settings(self) -> dict[str, Any]:
+        """TTA, post-processing and resampling applied, and where each came from."""
+        return {**self.inference.to_dict(), "resample": self.resample,
+                "source": dict(self._inference_source)}
+
+    def predictor(self) -> Predictor:
+        """The runner, wrapped for test-time augmentation when asked for."""
+        return with_tta(self.runner.infer, self.inference.tta, self.spec)
+
     # ---------------------------------------------------------- prediction
     def predict(self, image: ImageLike, *, affine: npt.ArrayLike | None = None) -> Prediction:
         """Segment one volume.
@@ -156,9 +180,11 @@ class Segmenter(Closeable):
         t0 = time.perf_counter()
         vol = as_volume(image, affine)
         times["read"] = time.perf_counter() - t0
-        net = to_network(vol.data, self.spec, times=times)
-        return segment(net, geometry_of(vol), self.spec, self.runner.infer,
-                       batch_size=self.batch_size, times=times)
+        net = to_network(vol.data, self.spec, affine=vol.affine, resample=self.resample,
+                         times=times)
+        return segment(net, geometry_of(vol), self.spec, self.predictor(),
+                       batch_size=self.batch_size,
+                       min_lesion_mm3=self.inference.min_lesion_mm3, times=times)
 
     def predict_files(
         self,
@@ -197,17 +223,47 @@ class Segmenter(Closeable):
         t_start = time.perf_counter()
         out = prepare_output_dir(out_dir)
         items = expand_inputs(inputs)
-        with Prefetcher(items, self.spec, depth=prefetch) as prefetcher:
+        with Prefetcher(items, self.spec, depth=prefetch, resample=self.resample) as prefetcher:
             runner = self.runner
             if on_start is not None:
                 on_start(runner, len(items))
-            results = run_cases(runner, prefetcher, out, batch_size=self.batch_size,
-                                save_prob=save_prob, on_result=on_result)
+            results = run_cases(self.predictor(), self.spec, prefetcher, out,
+                                batch_size=self.batch_size, save_prob=save_prob,
+                                min_lesion_mm3=self.inference.min_lesion_mm3,
+                                on_result=on_result)
         summary = summary_document(runner, results, batch_size=self.batch_size,
                                    threads=self.threads, load_s=self.load_s,
-                                   wall_s=time.perf_counter() - t_start)
+                                   wall_s=time.perf_counter() - t_start,
+                                   inference=self.inference_settings())
         write_json(out / SUMMARY_NAME, summary)
         return summary
+
+
+def model_defaults(info: ArtifactInfo) -> InferenceDefaults:
+    """The inference defaults a model was exported with (built-in defaults if none)."""
+    found = getattr(info, "inference", None)
+    return found if isinstance(found, InferenceDefaults) else InferenceDefaults()
+
+
+def resolve_inference(
+    defaults: InferenceDefaults, *, tta: str | None = None, min_lesion_mm3: float | None = None
+) -> tuple[InferenceDefaults, dict[str, str]]:
+    """Apply explicit settings over a model's defaults.
+
+    Returns:
+        ``(settings, source)`` where ``source`` maps each setting to ``"model"``
+        or ``"argument"``.
+
+    Raises:
+        DunetError: for an unknown TTA mode or a negative / non-finite size.
+    """
+    settings = InferenceDefaults(
+        tta=defaults.tta if tta is None else tta,
+        min_lesion_mm3=defaults.min_lesion_mm3 if min_lesion_mm3 is None else min_lesion_mm3,
+    )
+    source = {"tta": "model" if tta is None else "argument",
+              "min_lesion_mm3": "model" if min_lesion_mm3 is None else "argument"}
+    return settings, source
 
 
 def as_volume(image: ImageLike, affine: npt.ArrayLike | None = None) -> NiftiVolume:

@@ -32,7 +32,14 @@ from dunet_deploy.choices import SPLITS
 from dunet_deploy.data.layouts import Case, discover_cases, load_case
 from dunet_deploy.errors import DunetError
 from dunet_deploy.metrics import CaseMetrics, case_metrics, format_summary, summarize
-from dunet_deploy.runtime.core import Predictor, predict_volume
+from dunet_deploy.postprocess import with_tta
+from dunet_deploy.runtime.core import (
+    Predictor,
+    geometry_of,
+    predict_volume,
+    segment,
+    to_network,
+)
 from dunet_deploy.spec import PreprocessSpec
 
 __all__ = [
@@ -59,9 +66,23 @@ CSV_FIELDS = ("case_id", "dsc", "recall", "precision", "tp", "fp", "fn", "lesion
 
 # ------------------------------------------------------------- prediction
 def evaluate_case(
-    case: Case, spec: PreprocessSpec, predict: Predictor, *, batch_size: int = 16
+    case: Case,
+    spec: PreprocessSpec,
+    predict: Predictor,
+    *,
+    batch_size: int = 16,
+    min_lesion_mm3: float = 0.0,
+    resample: str = "auto",
 ) -> CaseMetrics:
-    """Native-space scores of one case (image and mask files).
+    """Native-space scores of one case (image and mask files), segmented as ``dunet-infer`` does.
+
+    Args:
+        case: The image and mask files.
+        spec: The model's preprocessing spec.
+        predict: The network (wrapped for test-time augmentation when wanted).
+        batch_size: Slabs per ``predict`` call.
+        min_lesion_mm3: Lesions smaller than this are removed before scoring.
+        resample: ``"auto"`` or ``"never"`` for scans off the training grid.
 
     Raises:
         DunetError: naming the case when its files cannot be read or do not
@@ -69,10 +90,13 @@ def evaluate_case(
     """
     image, mask = load_case(case)
     try:
-        probs = predict_volume(image.data, spec, predict, batch_size=batch_size)
+        net = to_network(image.data, spec, affine=image.affine, resample=resample)
+        pred = segment(net, geometry_of(image), spec, predict, batch_size=batch_size,
+                       min_lesion_mm3=min_lesion_mm3)
     except DunetError as exc:
         raise DunetError(f"case {case.case_id}: {exc}") from None
-    return case_metrics(case.case_id, probs, mask, threshold=spec.threshold, zooms=image.zooms)
+    return case_metrics(case.case_id, pred.mask, mask, threshold=spec.threshold,
+                        zooms=image.zooms)
 
 
 def evaluate_cases(
@@ -80,8 +104,8 @@ def evaluate_cases(
     spec: PreprocessSpec,
     predict: Predictor,
     *,
-    batch_size: int = 16,
     progress: Progress | None = None,
+    **case_opts: Any,
 ) -> list[CaseMetrics]:
     """:func:`evaluate_case` for each case, in order.
 
@@ -89,12 +113,13 @@ def evaluate_cases(
         cases: Cases to score.
         spec: The preprocessing spec of the model.
         predict: The network.
-        batch_size: Slabs per ``predict`` call.
         progress: Optional ``callback(done, total, case_id)`` after each case.
+        **case_opts: ``batch_size``, ``min_lesion_mm3``, ``resample`` of
+            :func:`evaluate_case`.
     """
     out = []
     for k, case in enumerate(cases):
-        out.append(evaluate_case(case, spec, predict, batch_size=batch_size))
+        out.append(evaluate_case(case, spec, predict, **case_opts))
         if progress is not None:
             progress(k + 1, len(cases), case.case_id)
     return out
@@ -282,6 +307,9 @@ def evaluate_checkpoint(
     layout: str | None = None,
     amp: bool = False,
     progress: Progress | None = None,
+    tta: str = "none",
+    min_lesion_mm3: float = 0.0,
+    resample: str = "auto",
 ) -> list[CaseMetrics]:
     """Native-space scores of a PyTorch checkpoint on a dataset.
 
@@ -295,6 +323,9 @@ def evaluate_checkpoint(
         layout: Force a dataset layout.
         amp: Mixed-precision inference.
         progress: Optional ``callback(done, total, case_id)``.
+        tta: ``"none"`` or ``"flip"`` test-time augmentation.
+        min_lesion_mm3: Remove smaller connected lesions before scoring.
+        resample: ``"auto"`` or ``"never"`` for scans off the training grid.
 
     Returns:
         Per-case metrics, in dataset (or split) order.
@@ -320,8 +351,9 @@ def evaluate_checkpoint(
     spec: PreprocessSpec = doc.get("spec_obj") or checkpoint_spec(doc, source)
     model = model_from_checkpoint(doc, source).to(dev).eval()
 
-    predict = torch_predictor(model, dev, amp=amp)
-    return evaluate_cases(cases, spec, predict, batch_size=batch_size, progress=progress)
+    predict = with_tta(torch_predictor(model, dev, amp=amp), tta, spec)
+    return evaluate_cases(cases, spec, predict, progress=progress, batch_size=batch_size,
+                          min_lesion_mm3=min_lesion_mm3, resample=resample)
 
 
 # ----------------------------------------------------------- whole runs
@@ -348,28 +380,39 @@ def evaluate_engine(
     engine: str | os.PathLike[str],
     data_dir: str | os.PathLike[str],
     *,
-    backend: str = "auto",
-    precision: str = "auto",
-    threads: int | None = None,
-    device: str = "auto",
-    batch_size: int = 16,
     layout: str | None = None,
     progress: Progress | None = None,
+    **segmenter_opts: Any,
 ) -> Evaluation:
     """Score an exported model (ONNX or TensorRT engine) through the runtime, torch-free.
+
+    Each case is segmented by a :class:`~dunet_deploy.Segmenter` exactly as
+    ``dunet-infer`` would (the model's TTA and post-processing defaults unless
+    overridden).
+
+    Args:
+        engine: ``.onnx`` or ``.plan`` model.
+        data_dir: Dataset folder.
+        layout: Force a dataset layout.
+        progress: Optional ``callback(done, total, case_id)``.
+        **segmenter_opts: :class:`~dunet_deploy.Segmenter` options (``backend``,
+            ``precision``, ``threads``, ``device``, ``batch_size``, ``tta``,
+            ``min_lesion_mm3``, ``resample``).
 
     Raises:
         DunetError: for a bad model, backend choice or data folder.
     """
     from dunet_deploy.runtime.segmenter import Segmenter
 
-    with Segmenter(engine, backend=backend, precision=precision, threads=threads,
-                   device=device, batch_size=batch_size) as seg:
+    with Segmenter(engine, **segmenter_opts) as seg:
         runner = seg.runner
-        metrics = evaluate_cases(select_cases(data_dir, layout=layout), seg.spec, runner.infer,
-                                 batch_size=batch_size, progress=progress)
+        metrics = evaluate_cases(select_cases(data_dir, layout=layout), seg.spec,
+                                 seg.predictor(), progress=progress, batch_size=seg.batch_size,
+                                 min_lesion_mm3=seg.inference.min_lesion_mm3,
+                                 resample=seg.resample)
         meta: dict[str, Any] = {"engine": str(engine), "backend": runner.backend,
-                                "precision": runner.precision}
+                                "precision": runner.precision,
+                                "inference": seg.inference_settings()}
         return Evaluation(metrics, f"{runner.info.model_name} ({runner.backend}, "
                           f"{runner.precision})", runner.info.params, meta, seg.spec)
 
@@ -389,6 +432,9 @@ def evaluate_checkpoint_file(
     params = keras_param_count(model_from_checkpoint(doc, str(checkpoint)))
     metrics = evaluate_checkpoint(doc, data_dir, **opts)
     epoch = int(doc.get("epoch", 0))
-    meta = {"checkpoint": str(checkpoint), "epoch": epoch}
+    meta = {"checkpoint": str(checkpoint), "epoch": epoch,
+            "inference": {"tta": opts.get("tta", "none"),
+                          "min_lesion_mm3": float(opts.get("min_lesion_mm3", 0.0)),
+                          "resample": opts.get("resample", "auto")}}
     return Evaluation(metrics, f"{doc['model_name']} (epoch {epoch})", params, meta,
                       doc["spec_obj"])

@@ -324,10 +324,12 @@ def test_full_size_volume_round_trip() -> None:
     assert not back[:10].any() and not back[:, :40].any()
 
 
-def test_data_modules_never_import_torch_or_scipy() -> None:
+def test_data_modules_never_import_torch_or_matplotlib() -> None:
+    # scipy is a runtime dependency now (connected components, resampling): nibabel
+    # imports it when it is installed, so it is not on this list.
     code = (
         "import sys, dunet_deploy.spec, dunet_deploy.data, dunet_deploy.cli.synth;"
-        "bad = [m for m in ('torch', 'scipy', 'matplotlib') if m in sys.modules];"
+        "bad = [m for m in ('torch', 'matplotlib') if m in sys.modules];"
         "assert not bad, bad"
     )
     repo = Path(__file__).resolve().parents[2]

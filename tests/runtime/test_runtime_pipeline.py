@@ -91,9 +91,9 @@ def test_prefetcher_order_bound_and_early_stop(tmp_path, monkeypatch):
     started: list[str] = []
     real = pipeline.prepare_volume
 
-    def slow_prepare(item, spec):
+    def slow_prepare(item, spec, resample="auto"):
         started.append(item.path.name)
-        return real(item, spec)
+        return real(item, spec, resample)
 
     monkeypatch.setattr(pipeline, "prepare_volume", slow_prepare)
     with Prefetcher([InputItem(p) for p in paths], spec, depth=1) as pre:
@@ -191,7 +191,7 @@ def test_cli_choices_match_the_runtime():
 def test_prefetcher_forwards_bugs(tmp_path, monkeypatch):
     from dunet_deploy.runtime import pipeline
 
-    def broken(item, spec):
+    def broken(item, spec, resample="auto"):
         raise RuntimeError("bug")
 
     monkeypatch.setattr(pipeline, "prepare_volume", broken)

@@ -8,6 +8,12 @@ traceback. Programming errors keep their ordinary Python types.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+
 
 class DunetError(Exception):
     """Base class for all user-facing errors of dunet-deploy.
@@ -32,3 +38,37 @@ def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) received: stop cleanly, keep what is complete, exit ``128 + signum``.
+
+    A :class:`KeyboardInterrupt`, so code that already cleans up on Ctrl-C does
+    the same for ``timeout``, ``docker stop`` and batch schedulers.
+    """
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+def exit_code_for(exc: KeyboardInterrupt) -> int:
+    """130 for Ctrl-C (SIGINT), 143 for SIGTERM: the shell's ``128 + signal``."""
+    return 128 + (exc.signum if isinstance(exc, Interrupted) else int(signal.SIGINT))
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Interrupted` in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -19,7 +19,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from dunet_deploy.errors import DunetError, one_line
+from dunet_deploy.errors import DunetError, exit_code_for, one_line, sigterm_interrupts
 
 __all__ = ["EXIT_USER_ERROR", "DunetCommand", "fail", "handle_errors", "one_line"]
 
@@ -43,6 +43,10 @@ def _debug() -> bool:
 def handle_errors(func: F) -> F:
     """Decorator: report :data:`USER_ERRORS` as one line on stderr, exit 2.
 
+    SIGTERM is turned into an :class:`~dunet_deploy.errors.Interrupted` inside
+    the command; an interrupt prints one line and exits 130 (SIGINT) or 143
+    (SIGTERM) after the command's own clean-up.
+
     ``DunetError`` messages are printed as they are; an ``OSError`` (a file
     system problem: disk full, permission denied) names its file. Anything
     else is a bug in our code and keeps its traceback (exit 1).
@@ -51,7 +55,14 @@ def handle_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with sigterm_interrupts():
+                return func(*args, **kwargs)
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: what was complete is kept
+            if _debug():
+                raise
+            signame = "SIGTERM" if exit_code_for(exc) == 143 else "SIGINT"
+            click.echo(f"error: interrupted ({signame})", err=True)
+            raise click.exceptions.Exit(exit_code_for(exc)) from None
         except USER_ERRORS as exc:
             if _debug():
                 raise

@@ -51,6 +51,7 @@ __all__ = [
     "Prediction",
     "Predictor",
     "add_time",
+    "finish_prediction",
     "geometry_of",
     "grid_to_volume",
     "predict_grid",
@@ -357,6 +358,49 @@ def _make_parent(path: Path) -> None:
         raise DunetError(f"{path}: cannot create folder {path.parent} ({exc.strerror})") from None
 
 
+def finish_prediction(
+    grid: np.ndarray,
+    net: NetworkInput,
+    geometry: NiftiVolume,
+    spec: PreprocessSpec,
+    *,
+    min_lesion_mm3: float = 0.0,
+    times: dict[str, float] | None = None,
+) -> Prediction:
+    """From the network's ``[Z, 1, S, S]`` grid to a thresholded :class:`Prediction`.
+
+    The grid goes back onto the model's grid, then onto the input's own grid;
+    the mask is ``prob >= spec.threshold`` without lesions under ``min_lesion_mm3``.
+    Needs no network, so it can run in another process than :func:`predict_grid`.
+
+    Args:
+        grid: float32 ``[Z, 1, S, S]`` from :func:`predict_grid`.
+        net: The :class:`NetworkInput` the grid was computed from (slices may
+            be released).
+        geometry: The input's affine and header (its ``data`` only gives the shape).
+        spec: The model's preprocessing spec.
+        min_lesion_mm3: Remove 3D face-connected lesions smaller than this
+            (mm³ on the input's grid); 0 keeps all.
+        times: Per-stage seconds so far; the :class:`Prediction` carries them on.
+    """
+    stage = times if times is not None else {}
+    prob = grid_to_volume(grid, spec, net.shape, times=stage)
+    t0 = time.perf_counter()
+    prob = net.to_input(prob)
+    zooms = tuple(float(v) for v in geometry.zooms)
+    mask, removed = remove_small_lesions(binarize(prob, spec), zooms, min_lesion_mm3)
+    add_time(stage, "postprocess", time.perf_counter() - t0)
+    z = int(net.shape[spec.axial_axis])
+    space = net.space
+    return Prediction(
+        mask=mask, prob=prob, affine=np.asarray(geometry.affine, dtype=np.float64),
+        header=geometry.header, zooms=zooms, slabs_run=int(net.indices.size),
+        slabs_skipped=z - int(net.indices.size), times=stage,
+        geometry=None if space is None else space.describe(), lesions_removed=removed,
+        warnings=() if space is None else tuple(space.warnings),
+    )
+
+
 def segment(
     net: NetworkInput,
     geometry: NiftiVolume,
@@ -368,6 +412,8 @@ def segment(
     times: dict[str, float] | None = None,
 ) -> Prediction:
     """Run the network on a prepared volume and threshold on the input's grid.
+
+    :func:`predict_grid` then :func:`finish_prediction`.
 
     Args:
         net: From :func:`to_network` (its slices are released afterwards).
@@ -386,18 +432,5 @@ def segment(
     stage = times if times is not None else {}
     grid = predict_grid(net, spec, predict, batch_size=batch_size, times=stage)
     net.release()  # free the slices before allocating the output volume
-    prob = grid_to_volume(grid, spec, net.shape, times=stage)
-    t0 = time.perf_counter()
-    prob = net.to_input(prob)
-    zooms = tuple(float(v) for v in geometry.zooms)
-    mask, removed = remove_small_lesions(binarize(prob, spec), zooms, min_lesion_mm3)
-    add_time(stage, "postprocess", time.perf_counter() - t0)
-    z = int(net.shape[spec.axial_axis])
-    space = net.space
-    return Prediction(
-        mask=mask, prob=prob, affine=np.asarray(geometry.affine, dtype=np.float64),
-        header=geometry.header, zooms=zooms, slabs_run=int(net.indices.size),
-        slabs_skipped=z - int(net.indices.size), times=stage,
-        geometry=None if space is None else space.describe(), lesions_removed=removed,
-        warnings=() if space is None else tuple(space.warnings),
-    )
+    return finish_prediction(grid, net, geometry, spec, min_lesion_mm3=min_lesion_mm3,
+                             times=stage)

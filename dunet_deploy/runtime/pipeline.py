@@ -36,8 +36,9 @@ from dunet_deploy.runtime.base import Runner, one_line
 from dunet_deploy.runtime.core import (
     NetworkInput,
     Predictor,
+    finish_prediction,
     geometry_of,
-    segment,
+    predict_grid,
     to_network,
 )
 from dunet_deploy.spec import PreprocessSpec
@@ -45,16 +46,18 @@ from dunet_deploy.spec import PreprocessSpec
 __all__ = [
     "CaseResult",
     "InputItem",
+    "OutputOptions",
     "Prefetcher",
     "PreparedVolume",
     "expand_inputs",
-    "finish_case",
+    "infer_case",
     "output_stem",
     "prepare_output_dir",
     "prepare_volume",
     "run_cases",
     "segment_files",
     "summary_document",
+    "write_case",
 ]
 
 MASK_SUFFIX = "_mask.nii.gz"
@@ -227,6 +230,21 @@ class PreparedVolume:
     ref: NiftiVolume | None = None
     net: NetworkInput | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The geometry's data is a zero-cost broadcast: ship its shape, not its voxels.
+        state = dict(self.__dict__)
+        if self.ref is not None:
+            state["ref"] = (self.ref.shape, self.ref.affine, self.ref.header, self.ref.path)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        ref = state.get("ref")
+        if isinstance(ref, tuple):
+            shape, affine, header, path = ref
+            data = np.broadcast_to(np.zeros((), np.float32), shape)
+            state["ref"] = NiftiVolume(data=data, affine=affine, header=header, path=path)
+        self.__dict__.update(state)
+
     @property
     def slices(self) -> np.ndarray | None:
         """float32 ``[Z, S, S]`` network-space slices (``None`` when nothing runs)."""
@@ -345,68 +363,93 @@ class Prefetcher:
 
 
 # ----------------------------------------------------------------- running
-def finish_case(
-    predict: Predictor,
-    spec: PreprocessSpec,
-    prep: PreparedVolume,
-    out_dir: Path,
-    *,
-    batch_size: int = 16,
-    save_prob: bool = False,
-    min_lesion_mm3: float = 0.0,
+@dataclass(frozen=True)
+class OutputOptions:
+    """Where and what a run over files writes.
+
+    Attributes:
+        out_dir: Existing output folder.
+        save_prob: Also write ``<name>_prob.nii.gz`` (float32).
+        min_lesion_mm3: Remove connected lesions smaller than this from the masks.
+    """
+
+    out_dir: Path
+    save_prob: bool = False
+    min_lesion_mm3: float = 0.0
+
+
+def write_case(
+    grid: np.ndarray, prep: PreparedVolume, spec: PreprocessSpec, opts: OutputOptions
 ) -> CaseResult:
-    """Segment one prepared volume and write its outputs; errors go into the result."""
+    """Post-process one volume's network grid and write its files; errors go into the result.
+
+    Needs no model: ``dunet-infer --workers`` runs it in worker processes.
+    """
     result = prep.result
-    if not result.ok:
-        return result
     assert prep.ref is not None and prep.net is not None
     stem = output_stem(prep.item.path)
-    mask_path, prob_path = out_dir / f"{stem}{MASK_SUFFIX}", out_dir / f"{stem}{PROB_SUFFIX}"
+    mask_path = opts.out_dir / f"{stem}{MASK_SUFFIX}"
+    prob_path = opts.out_dir / f"{stem}{PROB_SUFFIX}"
     try:
-        pred = segment(prep.net, prep.ref, spec, predict, batch_size=batch_size,
-                       min_lesion_mm3=min_lesion_mm3, times=result.times)
-        pred.save(mask_path, prob_path if save_prob else None)
+        pred = finish_prediction(grid, prep.net, prep.ref, spec,
+                                 min_lesion_mm3=opts.min_lesion_mm3, times=result.times)
+        pred.save(mask_path, prob_path if opts.save_prob else None)
     except CASE_ERRORS as exc:
         return result.fail(prep.item.path, exc)
     result.mask = str(mask_path)
-    result.prob = str(prob_path) if save_prob else None
+    result.prob = str(prob_path) if opts.save_prob else None
     result.lesion_voxels = pred.lesion_voxels
     result.lesion_volume_mm3 = pred.lesion_volume_mm3
     result.lesions_removed = pred.lesions_removed
     return result
 
 
+def infer_case(
+    predict: Predictor, spec: PreprocessSpec, prep: PreparedVolume, batch_size: int
+) -> np.ndarray | None:
+    """Run the network on one prepared volume; ``None`` (and a failed result) on an error."""
+    if not prep.result.ok:
+        return None
+    assert prep.net is not None
+    try:
+        grid = predict_grid(prep.net, spec, predict, batch_size=batch_size,
+                            times=prep.result.times)
+    except CASE_ERRORS as exc:
+        prep.result.fail(prep.item.path, exc)
+        return None
+    prep.net.release()  # free the slices before the output volume is allocated
+    return grid
+
+
 def run_cases(
     predict: Predictor,
     spec: PreprocessSpec,
     volumes: Iterable[PreparedVolume],
-    out_dir: str | os.PathLike[str],
+    opts: OutputOptions,
     *,
     batch_size: int = 16,
-    save_prob: bool = False,
-    min_lesion_mm3: float = 0.0,
     on_result: Callable[[CaseResult], None] | None = None,
+    results: list[CaseResult] | None = None,
 ) -> list[CaseResult]:
-    """Segment prepared volumes and write their outputs.
+    """Segment prepared volumes one after the other, in this process, and write their outputs.
 
     Args:
         predict: The network (a runner, possibly wrapped for test-time augmentation).
         spec: The model's preprocessing spec.
         volumes: Prepared volumes (e.g. a :class:`Prefetcher`).
-        out_dir: Existing output folder.
+        opts: Output folder and what to write.
         batch_size: Slabs per model call.
-        save_prob: Also write ``<name>_prob.nii.gz`` (float32).
-        min_lesion_mm3: Remove smaller connected lesions from the masks.
         on_result: Called with each finished result (progress, error lines).
+        results: Finished results are appended here, so an interrupted caller
+            still has them.
 
     Returns:
-        One :class:`CaseResult` per volume, in order.
+        ``results``: one :class:`CaseResult` per volume, in order.
     """
-    out = Path(out_dir)
-    results = []
+    results = [] if results is None else results
     for prep in volumes:
-        result = finish_case(predict, spec, prep, out, batch_size=batch_size,
-                             save_prob=save_prob, min_lesion_mm3=min_lesion_mm3)
+        grid = infer_case(predict, spec, prep, batch_size)
+        result = prep.result if grid is None else write_case(grid, prep, spec, opts)
         results.append(result)
         if on_result is not None:
             on_result(result)
@@ -430,7 +473,7 @@ def prepare_output_dir(out_dir: str | os.PathLike[str]) -> Path:
 
 
 def summary_document(
-    runner: Runner,
+    runner: Runner | None,
     results: Sequence[CaseResult],
     *,
     batch_size: int,
@@ -438,36 +481,46 @@ def summary_document(
     load_s: float,
     wall_s: float,
     inference: dict[str, Any] | None = None,
+    workers: int = 0,
+    interrupted: str | None = None,
+    total: int | None = None,
 ) -> dict[str, Any]:
     """The ``summary.json`` document of a run over files.
 
     Args:
-        runner: The runner that was used (still describable after close).
-        results: One result per input, in order.
+        runner: The runner that was used (still describable after close);
+            ``None`` when the run was interrupted before the model loaded.
+        results: One result per finished input, in order.
         batch_size: Slabs per model call that was asked for.
         threads: Backend threads that were asked for.
         load_s: Seconds to load the model.
         wall_s: Seconds for the whole run.
         inference: The inference settings that were applied (TTA,
             post-processing, resampling, and where each came from).
+        workers: Worker processes used (0: none).
+        interrupted: The signal that stopped the run early, if one did.
+        total: Inputs asked for (default: ``len(results)``).
     """
-    described = runner.describe()
     model_keys = ("path", "model_name", "model_precision", "spec_digest")
     top_keys = ("backend", "device", "precision")
-    step = batch_size if runner.max_batch is None else min(batch_size, runner.max_batch)
+    described = runner.describe() if runner is not None else {}
+    cap = described.get("max_batch")
     return {
         "dunet_deploy": __version__,
-        "model": {k: described[k] for k in model_keys},
-        **{k: described[k] for k in top_keys},
-        "batch_size": step,
+        "model": {k: described.get(k) for k in model_keys},
+        **{k: described.get(k) for k in top_keys},
+        "batch_size": batch_size if cap is None else min(batch_size, cap),
         "threads": threads,
+        "workers": workers,
         "inference": dict(inference or {}),
         "backend_details": {k: v for k, v in described.items()
                             if k not in model_keys and k not in top_keys},
         "machine": machine_info(),
         "model_load_s": round(load_s, 6),
         "wall_s": round(wall_s, 6),
-        "total": len(results),
+        "interrupted": interrupted,
+        "total": len(results) if total is None else total,
+        "done": len(results),
         "ok": sum(r.ok for r in results),
         "failed": sum(not r.ok for r in results),
         "cases": [r.to_dict() for r in results],
@@ -475,7 +528,7 @@ def summary_document(
 
 
 #: Keyword arguments of :func:`segment_files` that go to ``Segmenter.predict_files``.
-FILES_OPTS = ("save_prob", "prefetch", "on_start", "on_result")
+FILES_OPTS = ("save_prob", "prefetch", "workers", "on_start", "on_result")
 
 
 def segment_files(

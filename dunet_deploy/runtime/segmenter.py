@@ -39,12 +39,14 @@ from dunet_deploy.runtime.core import Prediction, Predictor, geometry_of, segmen
 from dunet_deploy.runtime.pipeline import (
     SUMMARY_NAME,
     CaseResult,
+    OutputOptions,
     Prefetcher,
     expand_inputs,
     prepare_output_dir,
     run_cases,
     summary_document,
 )
+from dunet_deploy.runtime.workers import run_in_workers
 from dunet_deploy.spec import InferenceDefaults, PreprocessSpec
 
 __all__ = ["Prediction", "Segmenter", "as_volume", "model_defaults", "resolve_inference"]
@@ -193,25 +195,30 @@ class Segmenter(Closeable):
         *,
         save_prob: bool = False,
         prefetch: int = 1,
+        workers: int = 0,
         on_start: Callable[[Runner, int], None] | None = None,
         on_result: Callable[[CaseResult], None] | None = None,
     ) -> dict[str, Any]:
         """Segment NIfTI files into ``out_dir`` and write ``summary.json``.
 
         Writes ``<name>_mask.nii.gz`` (and ``<name>_prob.nii.gz`` with
-        ``save_prob``) per input. Reading and preprocessing run on a background
-        thread, ``prefetch`` volumes ahead; when the model is not loaded yet
-        it is loaded while the first volume is read. A bad input fails only
-        its own case (reported in the summary and to ``on_result``).
+        ``save_prob``) per input. Reading and preprocessing run ahead of the
+        model (on a background thread, or in ``workers`` processes that also
+        post-process and write); when the model is not loaded yet it is loaded
+        while the first volume is read. A bad input fails only its own case
+        (reported in the summary and to ``on_result``). On Ctrl-C or SIGTERM
+        the cases already complete are kept, ``summary.json`` lists them (with
+        ``"interrupted"``) and the interrupt is re-raised; no partial file is left.
 
         Args:
             inputs: Files, directories or glob patterns.
             out_dir: Output folder (created if missing).
             save_prob: Also write float32 probability volumes.
             prefetch: Prepared volumes queued ahead of the model, >= 1.
+            workers: Worker processes (0: everything in this process).
             on_start: Called once the model is loaded, with the runner and the
                 number of inputs.
-            on_result: Called with each finished :class:`CaseResult`.
+            on_result: Called with each finished :class:`CaseResult`, in order.
 
         Returns:
             The summary document (also written to ``out_dir/summary.json``).
@@ -220,22 +227,42 @@ class Segmenter(Closeable):
             DunetError: when the model cannot be loaded or ``out_dir`` cannot
                 be created; per-input problems are in the summary instead.
         """
+        if workers < 0:
+            raise DunetError(f"workers must be >= 0, got {workers}")
         t_start = time.perf_counter()
         out = prepare_output_dir(out_dir)
         items = expand_inputs(inputs)
-        with Prefetcher(items, self.spec, depth=prefetch, resample=self.resample) as prefetcher:
-            runner = self.runner
+        opts = OutputOptions(out, save_prob=save_prob,
+                             min_lesion_mm3=self.inference.min_lesion_mm3)
+        results: list[CaseResult] = []
+
+        def predictor() -> Predictor:
             if on_start is not None:
-                on_start(runner, len(items))
-            results = run_cases(self.predictor(), self.spec, prefetcher, out,
-                                batch_size=self.batch_size, save_prob=save_prob,
-                                min_lesion_mm3=self.inference.min_lesion_mm3,
-                                on_result=on_result)
-        summary = summary_document(runner, results, batch_size=self.batch_size,
-                                   threads=self.threads, load_s=self.load_s,
-                                   wall_s=time.perf_counter() - t_start,
-                                   inference=self.inference_settings())
+                on_start(self.runner, len(items))
+            return self.predictor()
+
+        interrupted: KeyboardInterrupt | None = None
+        try:
+            if workers:
+                run_in_workers(predictor, self.spec, items, opts, workers=workers,
+                               batch_size=self.batch_size, prefetch=prefetch,
+                               resample=self.resample, on_result=on_result, results=results)
+            else:
+                with Prefetcher(items, self.spec, depth=prefetch,
+                                resample=self.resample) as prefetcher:
+                    run_cases(predictor(), self.spec, prefetcher, opts,
+                              batch_size=self.batch_size, on_result=on_result, results=results)
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+        summary = summary_document(
+            self._runner, results, batch_size=self.batch_size, threads=self.threads,
+            load_s=self.load_s, wall_s=time.perf_counter() - t_start,
+            inference=self.inference_settings(), workers=workers,
+            interrupted=None if interrupted is None else str(interrupted) or "SIGINT",
+            total=len(items))
         write_json(out / SUMMARY_NAME, summary)
+        if interrupted is not None:
+            raise interrupted
         return summary
 
 

@@ -217,7 +217,8 @@ def test_existing_outputs_survive_a_failure(
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.onnx").write_bytes(b"previous")
-    monkeypatch.setattr(ver, "run_onnxruntime", lambda *a, **k: np.full((1,), np.nan))
+    monkeypatch.setattr(ver, "run_onnxruntime", lambda model, slabs, *a, **k: np.full(
+        (slabs.shape[0], 1, *slabs.shape[2:]), np.nan, np.float32))
     code, _, _ = run(ckpt, "-o", out)
     assert code != 0
     assert (out / "model.onnx").read_bytes() == b"previous"

@@ -161,7 +161,6 @@ def _toy(exc: BaseException | None):
         (FileNotFoundError(2, "No such file or directory", "/x/y.nii"),
          "error: /x/y.nii: No such file or directory"),
         (PermissionError("denied"), "error: denied (PermissionError)"),
-        (ValueError("bad value"), "error: bad value (ValueError)"),
     ],
 )
 def test_handle_errors_one_line_exit_2(exc: BaseException, expected: str) -> None:
@@ -170,9 +169,11 @@ def test_handle_errors_one_line_exit_2(exc: BaseException, expected: str) -> Non
     assert result.stderr == expected + "\n"
 
 
-def test_handle_errors_lets_bugs_through_and_success_alone() -> None:
-    result = CliRunner().invoke(_toy(KeyError("bug")), [])
-    assert result.exit_code == 1 and isinstance(result.exception, KeyError)
+@pytest.mark.parametrize("bug", [KeyError("bug"), ValueError("bad value"), TypeError("t")])
+def test_handle_errors_lets_bugs_through_and_success_alone(bug: Exception) -> None:
+    # Only our own errors and file-system errors are user errors: a bug keeps its traceback.
+    result = CliRunner().invoke(_toy(bug), [])
+    assert result.exit_code == 1 and result.exception is bug
     ok = CliRunner().invoke(_toy(None), ["--n", "5"])
     assert ok.exit_code == 0 and ok.stdout == "ok 5\n"
     usage = CliRunner().invoke(_toy(None), ["--n", "x"])

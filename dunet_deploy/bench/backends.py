@@ -204,48 +204,38 @@ class ModelArtifacts:
 def _build_engine(art: ModelArtifacts, precision: str) -> Path:
     """Build a TensorRT engine and its sidecar with the export module's builder.
 
-    fp16 is the deployment engine (strongly typed from the mixed-precision ONNX
-    on TensorRT >= 10.12, ``BuilderFlag.FP16`` before). An fp32 reference
-    engine exists only with strong typing: the fp32 ONNX given as the typed
-    source builds exactly fp32 (TF32 math where TensorRT allows it).
+    Strongly typed from the ONNX of that precision: fp16 from the
+    mixed-precision ONNX (the deployment engine), fp32 from the FP32 ONNX
+    (true FP32, TF32 off). Profiles: latency 1..8 and throughput up to the
+    largest benchmarked batch.
     """
-    from dataclasses import replace
 
-    from dunet_deploy.artifacts import sidecar_path, write_json
+    from dunet_deploy.artifacts import write_engine_sidecar
     from dunet_deploy.export.onnx_export import artifact_info
     from dunet_deploy.export.tensorrt_build import (
         EngineOptions,
         build_engine,
         check_tensorrt_available,
-        uses_strong_typing,
     )
 
     try:
-        version = check_tensorrt_available()
+        check_tensorrt_available()
     except DunetError as exc:
         raise Unavailable(str(exc)) from None
-    strong = uses_strong_typing(version)
-    if precision == "fp16":
-        sources: tuple[Path, Path | None] = (art.onnx(), art.onnx_fp16() if strong else None)
-    elif precision == "fp32" and strong:
-        sources = (art.onnx(), art.onnx())
-    else:
-        raise Unavailable(
-            f"TensorRT {version} builds {precision} engines only with strong typing (>= 10.12)"
-            if precision == "fp32"
-            else f"the export module builds no {precision} TensorRT engines"
-        )
+    sources = {"fp16": art.onnx_fp16, "fp32": art.onnx}
+    if precision not in sources:
+        raise Unavailable(f"the export module builds no {precision} TensorRT engines")
     spec = art.spec
     chw = (spec.in_channels, spec.image_size, spec.image_size)
-    profile = (1, min(8, art.max_batch), art.max_batch)
+    profile = (1, min(32, art.max_batch), art.max_batch)
     try:
-        plan, fields = build_engine(*sources, chw, EngineOptions(batch_range=profile))
+        built = build_engine(sources[precision](), chw, EngineOptions(batch_range=profile))
     except DunetError as exc:
         raise Unavailable(f"TensorRT engine build failed: {exc}") from None
     out = art.cache_dir / f"{art.name}.{precision}.plan"
-    out.write_bytes(plan)
-    info = replace(artifact_info(art.model, spec, precision=precision), extra=fields)
-    write_json(sidecar_path(out), info.to_json_dict())
+    out.write_bytes(built.plan)
+    info = artifact_info(art.model, spec, precision=precision)
+    write_engine_sidecar(out, info, built.sidecar)
     return out
 
 

@@ -91,6 +91,10 @@ def backend_unavailable(backend: str, precision: str, device: str) -> str | None
         return None
     if backend == "torch-cudagraphs":
         return "CUDA graphs need a GPU (--device cuda)" if cpu else None
+    if backend == "torch-compile":
+        # What a user tries before TensorRT; on the CPU it would measure Inductor's C++ codegen.
+        return ("torch.compile (max-autotune, CUDA graphs) is measured on CUDA only "
+                "(--device cuda)") if cpu else None
     if backend == "onnxruntime":
         if not _installed("onnxruntime"):
             return "onnxruntime is not installed (pip install 'dunet-deploy[cpu]')"
@@ -239,12 +243,17 @@ def _build_engine(art: ModelArtifacts, precision: str) -> Path:
     return out
 
 
-def _torch_session(art: ModelArtifacts, precision: str, device: str, graphs: bool) -> Session:
+def _torch_session(art: ModelArtifacts, precision: str, device: str, graphs: bool,
+                   compiled: bool = False) -> Session:
     import torch
 
     cuda = device.startswith("cuda")
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     model = art.model.to(device).eval()
+    if compiled:
+        # max-autotune: Triton GEMM/conv autotuning plus CUDA graphs (Inductor's cudagraph
+        # trees); the warm-up pays for compilation, per batch size (dynamic=False).
+        model = torch.compile(model, mode="max-autotune", dynamic=False)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if dtype is None:
@@ -254,6 +263,8 @@ def _torch_session(art: ModelArtifacts, precision: str, device: str, graphs: boo
             return model(x)
 
     info: dict[str, Any] = {"autocast": str(dtype).replace("torch.", "") if dtype else None}
+    if compiled:
+        info["torch_compile"] = "max-autotune (CUDA graphs)"
     if not cuda:
         def run_cpu(x: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
@@ -344,17 +355,20 @@ def _torch_session(art: ModelArtifacts, precision: str, device: str, graphs: boo
 
 
 def _runner_session(
-    art: ModelArtifacts, backend: str, precision: str, device: str, threads: int | None
+    art: ModelArtifacts, backend: str, precision: str, device: str, threads: int | None,
+    cuda_graph: bool = False,
 ) -> Session:
     from dunet_deploy.runtime.base import open_runner
 
+    cuda = device.startswith("cuda")
     if backend == "tensorrt":
         path = art.engine(precision)
-        opts: dict[str, Any] = {}
+        opts: dict[str, Any] = {"cuda_graph": cuda_graph}
     else:
         path = art.onnx_fp16() if precision == "fp16" and backend == "onnxruntime" else art.onnx()
-        opts = {"threads": threads, "precision": precision,
-                "device": "cuda" if device.startswith("cuda") else "cpu"}
+        opts = {"threads": threads, "precision": precision, "device": "cuda" if cuda else "cpu"}
+        if backend == "onnxruntime" and cuda:
+            opts["cuda_graph"] = cuda_graph  # IOBinding is always on for the CUDA provider
     try:
         runner = open_runner(path, backend, **opts)
     except DunetError as exc:
@@ -399,6 +413,7 @@ def open_session(
     *,
     device: str,
     threads: int | None,
+    cuda_graph: bool = False,
 ) -> Session:
     """Load ``art`` for ``backend`` at ``precision``.
 
@@ -408,6 +423,7 @@ def open_session(
         precision: ``fp32``, ``fp16`` or ``bf16``.
         device: ``"cpu"`` or ``"cuda"`` / ``"cuda:N"``.
         threads: CPU threads for the runners (torch's are set globally).
+        cuda_graph: CUDA graphs in the TensorRT and ONNX Runtime (CUDA) runners.
 
     Raises:
         Unavailable: when this combination cannot run here (with the reason).
@@ -415,6 +431,7 @@ def open_session(
     reason = backend_unavailable(backend, precision, "cpu" if device == "cpu" else "cuda")
     if reason is not None:
         raise Unavailable(reason)
-    if backend in ("torch", "torch-cudagraphs"):
-        return _torch_session(art, precision, device, backend == "torch-cudagraphs")
-    return _runner_session(art, backend, precision, device, threads)
+    if backend in ("torch", "torch-cudagraphs", "torch-compile"):
+        return _torch_session(art, precision, device, backend == "torch-cudagraphs",
+                              compiled=backend == "torch-compile")
+    return _runner_session(art, backend, precision, device, threads, cuda_graph)

@@ -307,8 +307,25 @@ def _torch_session(art: ModelArtifacts, precision: str, device: str, graphs: boo
         return Session(run=run_eager, sync=sync, close=close, gpu_memory_mb=gpu_mem,
                        reset_gpu_memory=reset_mem, info=info)
 
-    # CUDA graphs: one graph per batch size, captured (untimed) by prepare().
-    captured: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
+    return _graph_session(forward, host_in, host_out, dev_in,
+                          Session(run=lambda x: None, sync=sync, close=close,
+                                  gpu_memory_mb=gpu_mem, reset_gpu_memory=reset_mem, info=info))
+
+
+def _graph_session(forward: Callable[[Any], Any], host_in: Any, host_out: Any, dev_in: Any,
+                   base: Session) -> Session:
+    """torch CUDA graphs: one static-shape graph per batch size, captured (untimed) by prepare().
+
+    Args:
+        forward: the model call (autocast included) on a device tensor.
+        host_in: pinned host input staging ``[nmax, C, S, S]``.
+        host_out: pinned host output staging ``[nmax, 1, S, S]``.
+        dev_in: device input buffer ``[nmax, C, S, S]`` (graph inputs are its slices).
+        base: the eager session's sync/close/memory callables and info.
+    """
+    import torch
+
+    captured: dict[int, tuple[Any, Any, Any]] = {}
 
     def prepare(n: int) -> None:
         if n in captured:
@@ -333,7 +350,7 @@ def _torch_session(art: ModelArtifacts, precision: str, device: str, graphs: boo
                 y_static = forward(x_static).float()
         captured[n] = (graph, x_static, y_static)
 
-    def run_graph(x: np.ndarray) -> torch.Tensor:
+    def run_graph(x: np.ndarray) -> Any:
         n = len(x)
         prepare(n)
         graph, _, y_static = captured[n]
@@ -347,11 +364,12 @@ def _torch_session(art: ModelArtifacts, precision: str, device: str, graphs: boo
         for graph, _, _ in captured.values():
             graph.reset()
         captured.clear()
-        close()
+        base.close()
 
-    info["cuda_graphs"] = "one static-shape graph per batch size"
-    return Session(run=run_graph, prepare=prepare, sync=sync, close=close_graphs,
-                   gpu_memory_mb=gpu_mem, reset_gpu_memory=reset_mem, info=info)
+    info = {**base.info, "cuda_graphs": "one static-shape graph per batch size"}
+    return Session(run=run_graph, prepare=prepare, sync=base.sync, close=close_graphs,
+                   gpu_memory_mb=base.gpu_memory_mb, reset_gpu_memory=base.reset_gpu_memory,
+                   info=info)
 
 
 def _runner_session(

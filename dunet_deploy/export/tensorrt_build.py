@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from dunet_deploy.artifacts import INPUT_NAME, EngineSidecar, atomic_write_bytes
 from dunet_deploy.cuda import GpuInfo, probe_gpu
 from dunet_deploy.errors import DunetError
-from dunet_deploy.runtime.loaders import require_tensorrt
+from dunet_deploy.runtime.loaders import require_tensorrt, tensorrt_engine
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -221,8 +221,9 @@ def _config(trt_mod: Any, builder: trt.Builder, options: EngineOptions,
             chw: tuple[int, int, int]) -> tuple[trt.IBuilderConfig, str]:
     config = builder.create_builder_config()
     _add_profiles(trt_mod, builder, config, engine_profiles(options.batch_range), chw)
-    if not options.tf32:
-        config.clear_flag(trt_mod.BuilderFlag.TF32)
+    tf32 = getattr(trt_mod.BuilderFlag, "TF32", None)  # a math mode, allowed when strongly typed
+    if not options.tf32 and tf32 is not None:
+        config.clear_flag(tf32)
     config.profiling_verbosity = trt_mod.ProfilingVerbosity.DETAILED
     if options.workspace_mb is not None:
         config.set_memory_pool_limit(trt_mod.MemoryPoolType.WORKSPACE, options.workspace_mb << 20)
@@ -269,7 +270,7 @@ def build_engine(
             "(see the TensorRT messages above)"
         )
     plan_bytes = bytes(memoryview(plan))
-    layers = layer_report(trt, logger, plan_bytes)
+    layers = layer_report(trt, logger, plan_bytes, version)
     cache_out = options.timing_cache_out or options.timing_cache
     if cache_out is not None:
         atomic_write_bytes(cache_out, bytes(memoryview(config.get_timing_cache().serialize())))
@@ -308,16 +309,14 @@ def _layer_precision(layer: Any) -> str:
     return "unknown"
 
 
-def layer_report(trt_mod: Any, logger: trt.ILogger, plan: bytes) -> list[dict[str, str]]:
+def layer_report(trt_mod: Any, logger: trt.ILogger, plan: bytes,
+                 version: str) -> list[dict[str, str]]:
     """Every engine layer's name, type and precision, from TensorRT's engine inspector.
 
     Raises:
         DunetError: when TensorRT cannot deserialise the engine it just built.
     """
-    runtime = trt_mod.Runtime(logger)
-    engine = runtime.deserialize_cuda_engine(plan)
-    if engine is None:
-        raise DunetError("TensorRT cannot deserialise the engine it just built")
+    _runtime, engine = tensorrt_engine(plan, logger, version)
     inspector = engine.create_engine_inspector()
     if inspector is None:
         return []

@@ -130,16 +130,19 @@ def ort_session(
 
 
 # ------------------------------------------------------------------- OpenVINO
-def openvino_read(core: Any, path: str | os.PathLike[str]) -> Any:
-    """``core.read_model(path)`` with a one-line error.
+def openvino_read(core: Any, model: str | os.PathLike[str] | bytes) -> Any:
+    """``core.read_model`` of an ONNX path or serialized ONNX bytes, with a one-line error.
 
     Raises:
-        DunetError: when OpenVINO cannot read the file.
+        DunetError: when OpenVINO cannot read the model.
     """
+    name = "<onnx bytes>" if isinstance(model, bytes) else str(model)
     try:
-        return core.read_model(str(Path(path)))
+        if isinstance(model, bytes):
+            return core.read_model(model, b"")
+        return core.read_model(str(Path(model)))
     except RuntimeError as exc:  # openvino raises RuntimeError/GeneralFailure subclasses
-        raise DunetError(f"{path}: openvino cannot read the model ({one_line(exc)})") from None
+        raise DunetError(f"{name}: openvino cannot read the model ({one_line(exc)})") from None
 
 
 def openvino_compile(core: Any, model: Any, device: str, config: Mapping[str, Any],
@@ -181,28 +184,32 @@ def require_tensorrt() -> str:
 
 
 def tensorrt_engine(
-    path: str | os.PathLike[str], logger: trt.ILogger, version: str
+    source: str | os.PathLike[str] | bytes, logger: trt.ILogger, version: str
 ) -> tuple[trt.Runtime, trt.ICudaEngine]:
-    """Deserialise an engine file.
+    """Deserialise an engine file (or a serialized plan just built).
 
     Returns:
         ``(runtime, engine)``; keep the runtime alive as long as the engine.
 
     Raises:
-        DunetError: when the file cannot be read or TensorRT refuses it.
+        DunetError: when the file cannot be read or TensorRT refuses it
+            (``deserialize_cuda_engine`` returns ``None``).
     """
     import tensorrt as trt
 
-    path = Path(path)
-    try:
-        blob = path.read_bytes()
-    except OSError as exc:
-        raise DunetError(f"{path}: cannot read engine ({exc.strerror})") from None
+    if isinstance(source, bytes):
+        name, blob = "the engine just built", source
+    else:
+        name = str(source)
+        try:
+            blob = Path(source).read_bytes()
+        except OSError as exc:
+            raise DunetError(f"{name}: cannot read engine ({exc.strerror})") from None
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(blob)
     if engine is None:
         raise DunetError(
-            f"{path}: TensorRT {version} cannot deserialise this engine (corrupt, or built "
+            f"{name}: TensorRT {version} cannot deserialise this engine (corrupt, or built "
             "with another TensorRT/GPU); rebuild it with dunet-export"
         )
     return runtime, engine

@@ -40,7 +40,8 @@ def test_driver_runs_without_click_or_nibabel(tmp_path: Path) -> None:
                "    sys.modules[m] = None\n"
                "runpy.run_module('dunet_deploy.bench.script', run_name='__main__')\n")
     env = {**os.environ, "QUICK": "1", "DEVICE": "cpu", "OUT": str(out), "MODELS": "dunet",
-           "BACKENDS": "torch,onnxruntime,tensorrt,torch-compile", "PRECISIONS": "fp32", "BATCHES": "1,2",
+           "BACKENDS": "torch,onnxruntime,tensorrt,torch-compile", "PRECISIONS": "fp32",
+           "BATCHES": "1,2",
            "ITERS": "1", "WARMUP": "0", "MIN_ITERS": "1", "IMAGE_SIZE": "32",
            "BASE_FILTERS": "8", "PEAK_SIZES": "64", "THREADS": "1", "E2E": "1",
            "DEADLINE": "120"}

@@ -226,3 +226,19 @@ def test_bad_options_and_models(tiny, tmp_path):
     garbage.write_bytes(b"\x00not an onnx file")
     with pytest.raises(DunetError, match="not a readable ONNX model"):
         open_runner(garbage)
+
+
+def test_loaders_turn_backend_errors_into_one_line(tmp_path):
+    """The loaders every caller uses: ONNX Runtime's and OpenVINO's own exceptions -> DunetError."""
+    import openvino as ov
+
+    from dunet_deploy.runtime.loaders import CPU_EP, openvino_read, ort_session
+
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(DunetError, match=r"bad.onnx: onnxruntime cannot load the model") as e:
+        ort_session(bad, [CPU_EP])
+    assert "\n" not in str(e.value)
+    with pytest.raises(DunetError, match=r"bad.onnx: openvino cannot read the model") as e:
+        openvino_read(ov.Core(), bad)
+    assert "\n" not in str(e.value)

@@ -426,3 +426,42 @@ def test_verify_engine_gates_the_plan(
         with pytest.raises(DunetError, match=r"TensorRT verification failed: model.plan agrees"):
             ver.verify_engine(plan, tiny_onnx, spec32)  # type: ignore[arg-type]
     assert opened == [(plan, "tensorrt")]
+
+
+@pytest.mark.parametrize("engine_ok", [True, False])
+def test_export_verifies_the_built_engine_before_writing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_ckpt: Path, fake_gpu: None,
+    engine_ok: bool,
+) -> None:
+    """dunet-export --format trt: the new engine is checked on the GPU; below the gate, no file."""
+    from dunet_deploy.export import verify as ver
+    from dunet_deploy.export.pipeline import ExportRequest, run_export
+
+    monkeypatch.setitem(sys.modules, "tensorrt", make_fake_tensorrt())
+    checked: list[str] = []
+
+    def verify_engine(plan: Path, onnx32: Path, spec: object, **kw: object) -> dict[str, bool]:
+        checked.append(Path(plan).name)
+        assert Path(plan).is_file() and (Path(plan).parent / "model.plan.json").is_file()
+        if not engine_ok:
+            raise DunetError("TensorRT verification failed: model.plan agrees with the FP32 "
+                             "masks on 91.000% < 99.9% of the synthetic-volume pixels")
+        return {"passed": True}
+
+    monkeypatch.setattr(ver, "verify_engine", verify_engine)
+    out = tmp_path / "out"
+    req = ExportRequest(checkpoint=tiny_ckpt, out_dir=out, formats=("trt",),
+                        batch_range=(1, 32, 64), opset=17, verify=True, triton_backend="onnx",
+                        timing_cache=None, workspace_mb=None, opt_level=None, verify_slabs=4,
+                        seed=0)
+    lines: list[str] = []
+    if engine_ok:
+        written = run_export(req, log=lines.append)
+        assert {p.name for p in written} >= {"model.plan", "model.plan.json",
+                                             "model.plan.layers.json"}
+        assert "TensorRT engine: 5 layers (fp16 3, fp32 2)" in lines
+    else:
+        with pytest.raises(DunetError, match=r"TensorRT verification failed.*; nothing written"):
+            run_export(req, log=lines.append)
+        assert not out.exists()
+    assert checked == ["model.plan"]

@@ -205,8 +205,15 @@ def _set_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> str:
 
     Returns:
         ``"loaded"``, ``"empty"`` (no file) or ``"rejected"`` (stale or corrupt file).
+
+    Raises:
+        DunetError: when the file cannot be read or TensorRT cannot make even an
+            empty cache.
     """
-    data = path.read_bytes() if path is not None and path.is_file() else b""
+    try:
+        data = path.read_bytes() if path is not None and path.is_file() else b""
+    except OSError as e:
+        raise DunetError(f"{path}: cannot read the timing cache ({e.strerror})") from None
     state = "loaded" if data else "empty"
     cache = config.create_timing_cache(data) if data else None
     if cache is None or not config.set_timing_cache(cache, False):

@@ -203,7 +203,8 @@ class OnnxRuntimeRunner(Runner):
             ort, dev = self._ort, self._binding_device
             x = ort.OrtValue.ortvalue_from_shape_and_type((n, self._c, self._s, self._s), dtype,
                                                           dev, 0)
-            out_type = _ORT_DTYPES.get(self._session.get_outputs()[0].type, np.float32)
+            prob = next(o for o in self._session.get_outputs() if o.name == OUTPUT_NAME)
+            out_type = _ORT_DTYPES.get(prob.type, np.float32)
             y = ort.OrtValue.ortvalue_from_shape_and_type((n, 1, self._s, self._s), out_type,
                                                           dev, 0)
             binding = self._session.io_binding()

@@ -1,20 +1,37 @@
 #!/usr/bin/env bash
-# GPU benchmark for a machine whose image has PyTorch with CUDA, onnx and onnxruntime
-# (maybe without the CUDA provider), maybe TensorRT, and maybe not this package:
-#   torch CUDA eager fp32 / fp16 / bf16 (autocast), torch CUDA graphs, ONNX Runtime CUDA
-#   (fp32 and the mixed fp16 ONNX), TensorRT (engines built with dunet_deploy.export),
-# for dunet, unet3d, unet2d at 192×192, batches 1..128.
+# GPU benchmark for a machine whose image has PyTorch with CUDA, numpy, onnx and onnxruntime
+# (maybe without the CUDA provider), maybe TensorRT, maybe not this package, maybe not click:
+#   torch CUDA eager / CUDA graphs / torch.compile (max-autotune), TensorRT (strongly typed
+#   engines built with dunet_deploy.export), ONNX Runtime CUDA (IOBinding).
+#
+#   bash benchmarks/gpu.sh            # full: dunet, unet3d, unet2d; fp32/fp16/bf16; 1..64
+#   bash benchmarks/gpu.sh --quick    # dunet and unet3d; fp16/bf16; batches 1, 8, 32
+#
+# Either mode stops measuring at DEADLINE seconds (default 480) and the whole script is
+# killed DEADLINE+90 s after it starts. bench.json is rewritten after every record, so
+# whatever was measured before a crash, a kill or the deadline is kept.
 # Results: benchmarks/results/<date>-<gpu-slug>/bench.{json,md,png}; the path is printed.
 #
-# Environment overrides: PYTHON (default python3), OUT, ITERS (50), TIME_BUDGET (20),
-# BATCHES (1,4,8,16,32,64,128). Extra arguments go to dunet-bench.
-# What is not available (no CUDA provider, no TensorRT, bf16 engines...) is reported as
-# skipped with the reason in bench.md, not an error.
+# Environment overrides: PYTHON (python3), OUT, DEADLINE, and everything
+# dunet_deploy.bench.script reads (MODELS, BACKENDS, PRECISIONS, BATCHES, ITERS, TIME_BUDGET,
+# CUDA_GRAPH=1, ...). What is not available (no CUDA provider, no TensorRT, bf16 engines...)
+# is reported as skipped with the reason in bench.md, not an error.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 die() { echo "gpu.sh: error: $*" >&2; exit 1; }
 note() { echo "gpu.sh: $*" >&2; }
+
+QUICK=0
+for arg in "$@"; do
+    case "$arg" in
+        --quick) QUICK=1 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        *) die "unknown argument '$arg' (only --quick; set variables for the rest)" ;;
+    esac
+done
+export QUICK
+export DEADLINE="${DEADLINE:-480}"
 
 PYTHON="${PYTHON:-python3}"
 command -v "$PYTHON" >/dev/null || die "no Python at '$PYTHON' (set PYTHON=/path/to/python)"
@@ -35,20 +52,15 @@ print(f"gpu.sh: torch {torch.__version__}, CUDA {torch.version.cuda}, "
       f"{torch.cuda.get_device_name(0)}", file=sys.stderr)
 PY
 
-# This package: use the installed one, else install it in place without touching
-# dependencies (no network needed), else put the checkout on PYTHONPATH.
+# This package: the installed one, else the checkout on PYTHONPATH (no pip, no network).
 if ! "$PYTHON" -c "import dunet_deploy" 2>/dev/null; then
-    if "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation -e . >&2; then
-        note "installed dunet-deploy in editable mode (--no-deps)"
-    else
-        note "pip install -e . failed; using PYTHONPATH=$PWD instead"
-        export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-    fi
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    note "dunet_deploy not installed: using PYTHONPATH=$PWD"
 fi
 "$PYTHON" -c "import dunet_deploy" 2>/dev/null || die "cannot import dunet_deploy from $PWD"
 
-# Required by dunet-bench itself; the rest only narrows what is measured.
-for mod in numpy onnx click; do
+# Required by the bench itself; the rest only narrows what is measured.
+for mod in numpy onnx; do
     "$PYTHON" -c "import $mod" 2>/dev/null || die "Python module '$mod' is missing: pip install $mod"
 done
 "$PYTHON" -c "import matplotlib" 2>/dev/null \
@@ -57,21 +69,21 @@ done
     || note "nibabel missing: the end-to-end pipeline ratio is skipped (pip install nibabel)"
 if "$PYTHON" -c "import onnxruntime as o, sys; \
         sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
-    note "ONNX Runtime with CUDAExecutionProvider: measured"
+    note "ONNX Runtime with CUDAExecutionProvider: measured (IOBinding)"
 else
     note "no ONNX Runtime CUDA provider (onnxruntime-gpu): ONNX Runtime reported as skipped"
 fi
 if TRT=$("$PYTHON" - 2>&1 <<'PY'
 import sys
 from dunet_deploy.errors import DunetError
-from dunet_deploy.export.tensorrt_build import check_tensorrt_available
+from dunet_deploy.runtime.loaders import require_tensorrt
 try:
-    print(check_tensorrt_available())
+    print(require_tensorrt())
 except DunetError as exc:
     sys.exit(str(exc))
 PY
 ); then
-    note "TensorRT $TRT: engines are built with dunet_deploy.export (takes minutes)"
+    note "TensorRT $TRT: engines are built with dunet_deploy.export (a minute or two each)"
 else
     note "TensorRT not usable ($TRT): reported as skipped"
 fi
@@ -80,17 +92,15 @@ SLUG=$("$PYTHON" -c "
 import torch
 from dunet_deploy.bench.core import slug
 print(slug(torch.cuda.get_device_name(0)))")
-OUT="${OUT:-benchmarks/results/$(date +%F)-$SLUG}"
-note "results -> $OUT"
+export OUT="${OUT:-benchmarks/results/$(date +%F)-$SLUG}"
+note "results -> $OUT (quick=$QUICK, deadline ${DEADLINE} s)"
 
-"$PYTHON" -m dunet_deploy.cli.bench \
-    --device cuda \
-    --models dunet,unet3d,unet2d \
-    --backends torch,torch-cudagraphs,onnxruntime,tensorrt \
-    --precision fp32,fp16,bf16 \
-    --batch-sizes "${BATCHES:-1,4,8,16,32,64,128}" \
-    --image-size 192 \
-    --warmup 10 --iters "${ITERS:-50}" --min-iters 5 --time-budget "${TIME_BUDGET:-20}" \
-    --e2e --e2e-model dunet --e2e-batch-size 32 \
-    --out "$OUT" "$@"
-echo "gpu.sh: results in $OUT (bench.md, bench.json, bench.png)"
+# The bench stops starting work at DEADLINE; the kill is the backstop for a hung call.
+status=0
+timeout --signal=TERM --kill-after=15 "$((${DEADLINE%.*} + 90))" \
+    "$PYTHON" -m dunet_deploy.bench.script || status=$?
+if [[ $status -eq 124 || $status -eq 137 ]]; then
+    note "killed after $((${DEADLINE%.*} + 90)) s; $OUT/bench.json keeps what was measured"
+fi
+[[ $status -eq 0 ]] && echo "gpu.sh: results in $OUT (bench.md, bench.json, bench.png)"
+exit "$status"

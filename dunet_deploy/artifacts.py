@@ -17,6 +17,25 @@ Keys (all values are strings in ONNX metadata; JSON values in sidecars):
 ``dunet.versions``     JSON of package/torch/onnx versions at export time
 ``dunet.precision``    ``"fp32"`` or ``"fp16"`` (mixed precision graph)
 =====================  =====================================================
+
+An engine sidecar adds what the TensorRT builder knows (:class:`EngineSidecar`,
+one spelling per key; written by :func:`write_engine_sidecar`, read by
+:meth:`EngineSidecar.from_info`):
+
+========================  ==================================================
+``tensorrt``              version of the TensorRT that built the engine
+``gpu``                   ``{"name", "compute_capability", "binding"}``
+``profiles``              ``[{"min", "opt", "max"}, ...]`` input shapes of
+                          each optimisation profile, in profile order
+``strongly_typed``        built as a strongly typed network
+``source_onnx``           file name of the ONNX it was built from
+``builder``               workspace, optimisation level, TF32, timing cache
+``layer_precisions``      ``{"fp16": n, "fp32": m, ...}`` layers per precision
+``hardware_compatibility`` ``"none"`` (engine runs on its compute capability only)
+========================  ==================================================
+
+Sidecars written before this format named the version ``tensorrt_version``;
+it is still read.
 """
 
 from __future__ import annotations
@@ -132,6 +151,109 @@ class ArtifactInfo:
             raise DunetError(f"{source}: bad preprocessing spec: {e}") from None
         except (KeyError, ValueError, TypeError) as e:
             raise DunetError(f"{source}: incomplete dunet-deploy sidecar ({e})") from None
+
+
+@dataclass(frozen=True)
+class EngineSidecar:
+    """What a TensorRT engine's sidecar records about its build (see the module docstring).
+
+    Attributes:
+        tensorrt: TensorRT version that built it (engines run only there).
+        gpu_name: device name it was built on.
+        compute_capability: ``"major.minor"`` of that device.
+        binding: Python CUDA binding used by the builder.
+        profiles: ``(min, opt, max)`` input shapes ``[N, C, S, S]`` per optimisation profile.
+        strongly_typed: built as a strongly typed network.
+        source_onnx: file name of the source ONNX.
+        builder: builder settings (JSON-able).
+        layer_precisions: number of engine layers per precision.
+        hardware_compatibility: TensorRT hardware compatibility level (``"none"``).
+    """
+
+    tensorrt: str
+    gpu_name: str
+    compute_capability: str
+    binding: str = "cuda-python"
+    profiles: tuple[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]], ...] = ()
+    strongly_typed: bool = True
+    source_onnx: str = ""
+    builder: dict[str, Any] = field(default_factory=dict)
+    layer_precisions: dict[str, int] = field(default_factory=dict)
+    hardware_compatibility: str = "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The sidecar keys (merged into :attr:`ArtifactInfo.extra`)."""
+        return {
+            "tensorrt": self.tensorrt,
+            "gpu": {"name": self.gpu_name, "compute_capability": self.compute_capability,
+                    "binding": self.binding},
+            "profiles": [{"min": list(lo), "opt": list(opt), "max": list(hi)}
+                         for lo, opt, hi in self.profiles],
+            "strongly_typed": self.strongly_typed,
+            "source_onnx": self.source_onnx,
+            "builder": dict(self.builder),
+            "layer_precisions": dict(self.layer_precisions),
+            "hardware_compatibility": self.hardware_compatibility,
+        }
+
+    @classmethod
+    def from_info(cls, info: ArtifactInfo, source: str) -> EngineSidecar:
+        """Read the engine keys of a sidecar.
+
+        Raises:
+            DunetError: naming ``source`` when the TensorRT version or GPU is missing
+                or malformed.
+        """
+        extra = info.extra
+        version = extra.get("tensorrt", extra.get("tensorrt_version"))
+        if not isinstance(version, str) or not version:
+            raise DunetError(f"{source}: sidecar does not say which TensorRT built the engine "
+                             "(no 'tensorrt' field); rebuild it with dunet-export")
+        gpu = extra.get("gpu")
+        if not isinstance(gpu, Mapping) or not gpu.get("compute_capability"):
+            raise DunetError(f"{source}: sidecar does not say which GPU built the engine "
+                             "(no 'gpu.compute_capability'); rebuild it with dunet-export")
+        try:
+            profiles = tuple(
+                (tuple(p["min"]), tuple(p["opt"]), tuple(p["max"]))
+                for p in extra.get("profiles", [])
+            )
+        except (KeyError, TypeError):
+            raise DunetError(f"{source}: malformed 'profiles' in the sidecar") from None
+        return cls(
+            tensorrt=version,
+            gpu_name=str(gpu.get("name", "")),
+            compute_capability=str(gpu["compute_capability"]),
+            binding=str(gpu.get("binding", "")),
+            profiles=profiles,
+            strongly_typed=bool(extra.get("strongly_typed", True)),
+            source_onnx=str(extra.get("source_onnx", "")),
+            builder=dict(extra.get("builder", {})),
+            layer_precisions={str(k): int(v)
+                              for k, v in dict(extra.get("layer_precisions", {})).items()},
+            hardware_compatibility=str(extra.get("hardware_compatibility", "none")),
+        )
+
+
+def write_engine_sidecar(
+    plan_path: str | os.PathLike[str],
+    info: ArtifactInfo,
+    engine: EngineSidecar,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``model.plan.json`` for an engine: ``info``, ``extra`` and the engine keys.
+
+    Returns:
+        The sidecar path.
+    """
+    side = sidecar_path(plan_path)
+    doc = ArtifactInfo(
+        spec=info.spec, model_name=info.model_name, model_args=info.model_args,
+        params=info.params, metrics=info.metrics, versions=info.versions,
+        precision=info.precision, extra={**dict(extra or {}), **engine.to_dict()},
+    ).to_json_dict()
+    write_json(side, doc)
+    return side
 
 
 def sidecar_path(model_path: str | os.PathLike[str]) -> Path:

@@ -32,8 +32,8 @@ LAYOUTS: tuple[str, ...] = ("atlas-r1.1", "atlas-v2", "pairs")
 #: Which cases of a checkpoint's dataset to evaluate.
 SPLITS: tuple[str, ...] = ("all", "train", "val")
 #: Backends ``dunet-bench`` knows, in report order.
-BENCH_BACKENDS: tuple[str, ...] = ("torch", "torch-cudagraphs", "onnxruntime", "openvino",
-                                   "tensorrt")
+BENCH_BACKENDS: tuple[str, ...] = ("torch", "torch-cudagraphs", "torch-compile", "onnxruntime",
+                                   "openvino", "tensorrt")
 #: Precisions ``dunet-bench`` measures.
 BENCH_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 #: Test-time augmentation: ``flip`` averages the network's output on the slab and on its

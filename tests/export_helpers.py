@@ -96,9 +96,33 @@ def _train(spec: PreprocessSpec, steps: int) -> torch.nn.Module:
     return model.eval()
 
 
+#: What the fake engine inspector reports: (name, type, output Format/Datatype).
+FAKE_LAYERS = (
+    ("conv1", "CaskConvolution", "Channel major FP16 format where channel % 8 == 0"),
+    ("conv2", "CaskConvolution", "Row major linear FP16 format"),
+    ("se_fc", "CaskGemm", "Row major linear FP32"),
+    ("sigmoid", "PointWise", "Row major linear FP32"),
+    ("reformat", "Reformat", "Row major linear FP16 format"),
+)
+
+
 def make_fake_tensorrt(
-    version: str = "10.13.0.35", parse_ok: bool = True, build_ok: bool = True
+    version: str = "10.13.0.35",
+    parse_ok: bool = True,
+    build_ok: bool = True,
+    *,
+    input_names: tuple[str, ...] = ("slabs",),
+    profile_ok: bool = True,
+    cache_state: str = "ok",
 ) -> types.ModuleType:
+    """A stand-in for the ``tensorrt`` module's builder API that records what it is asked.
+
+    Fails the ways the real API fails, without raising: ``parse_from_file`` ->
+    False, ``add_optimization_profile`` -> -1 (``profile_ok=False``),
+    ``create_timing_cache`` -> None on a corrupt cache (``cache_state="corrupt"``)
+    and ``set_timing_cache`` -> False for another GPU's cache (``"mismatch"``),
+    ``build_serialized_network`` -> None.
+    """
     calls: list[tuple[Any, ...]] = []
     trt = types.ModuleType("tensorrt")
 
@@ -119,17 +143,36 @@ def make_fake_tensorrt(
 
     class BuilderFlag(enum.IntEnum):
         FP16 = 0
+        INT8 = 1
+        TF32 = 6
 
     class MemoryPoolType(enum.IntEnum):
         WORKSPACE = 0
 
+    class ProfilingVerbosity(enum.IntEnum):
+        LAYER_NAMES_ONLY = 0
+        NONE = 1
+        DETAILED = 2
+
+    class LayerInformationFormat(enum.IntEnum):
+        ONELINE = 0
+        JSON = 1
+
     class Dims(list):  # type: ignore[type-arg]
         pass
+
+    class Tensor:
+        def __init__(self, name: str) -> None:
+            self.name = name
 
     class Network:
         def __init__(self, flags: int) -> None:
             self.flags = flags
             self.source: str | None = None
+            self.num_inputs = 0
+
+        def get_input(self, index: int) -> Tensor:
+            return Tensor(input_names[index])
 
     class ParserError:
         def node(self) -> int:
@@ -154,7 +197,9 @@ def make_fake_tensorrt(
             self.network.source = Path(path).name
             if not parse_ok:
                 self.num_errors = 2
-            return parse_ok
+                return False
+            self.network.num_inputs = len(input_names)
+            return True
 
         def get_error(self, index: int) -> ParserError:
             return ParserError()
@@ -173,13 +218,16 @@ def make_fake_tensorrt(
 
     class Config:
         def __init__(self) -> None:
-            self.flags: list[BuilderFlag] = []
+            self.flags: list[BuilderFlag] = [BuilderFlag.TF32]  # TensorRT's default
             self.pool: dict[MemoryPoolType, int] = {}
             self.builder_optimization_level = 3
+            self.profiling_verbosity = ProfilingVerbosity.LAYER_NAMES_ONLY
             self.profiles: list[Profile] = []
             self.cache: TimingCache | None = None
 
         def add_optimization_profile(self, profile: Profile) -> int:
+            if not profile_ok:
+                return -1
             self.profiles.append(profile)
             return len(self.profiles) - 1
 
@@ -187,21 +235,49 @@ def make_fake_tensorrt(
             calls.append(("set_flag", flag.name))
             self.flags.append(flag)
 
+        def clear_flag(self, flag: BuilderFlag) -> None:
+            calls.append(("clear_flag", flag.name))
+            self.flags = [f for f in self.flags if f != flag]
+
         def set_memory_pool_limit(self, pool: MemoryPoolType, size: int) -> None:
             calls.append(("set_memory_pool_limit", pool.name, size))
             self.pool[pool] = size
 
-        def create_timing_cache(self, data: bytes) -> TimingCache:
+        def create_timing_cache(self, data: bytes) -> TimingCache | None:
             calls.append(("create_timing_cache", bytes(data)))
+            if data and cache_state == "corrupt":
+                return None
             return TimingCache(data)
 
         def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
+            calls.append(("set_timing_cache", cache.data, ignore_mismatch))
+            if cache.data and cache_state == "mismatch" and not ignore_mismatch:
+                return False
             self.cache = cache
             return True
 
         def get_timing_cache(self) -> TimingCache:
             assert self.cache is not None
             return self.cache
+
+    class Inspector:
+        def get_engine_information(self, fmt: LayerInformationFormat) -> str:
+            assert fmt == LayerInformationFormat.JSON
+            layers = [{"Name": n, "LayerType": t, "Outputs": [{"Name": n + ":0",
+                                                               "Format/Datatype": d}]}
+                      for n, t, d in FAKE_LAYERS]
+            return json.dumps({"Layers": layers, "Bindings": ["slabs", "prob"]})
+
+    class Engine:
+        def create_engine_inspector(self) -> Inspector:
+            return Inspector()
+
+    class Runtime:
+        def __init__(self, logger: Logger) -> None:
+            self.logger = logger
+
+        def deserialize_cuda_engine(self, plan: bytes) -> Engine | None:
+            return Engine() if json.loads(plan).get("verbosity") == "DETAILED" else None
 
     class Builder:
         def __init__(self, logger: Logger) -> None:
@@ -226,7 +302,8 @@ def make_fake_tensorrt(
                 "flags": [f.name for f in config.flags],
                 "workspace": config.pool.get(MemoryPoolType.WORKSPACE),
                 "opt_level": config.builder_optimization_level,
-                "profile": config.profiles[0].shapes,
+                "verbosity": config.profiling_verbosity.name,
+                "profiles": [p.shapes for p in config.profiles],
             }
             return json.dumps(doc).encode()
 
@@ -236,10 +313,27 @@ def make_fake_tensorrt(
         "NetworkDefinitionCreationFlag": NetworkDefinitionCreationFlag,
         "BuilderFlag": BuilderFlag,
         "MemoryPoolType": MemoryPoolType,
+        "ProfilingVerbosity": ProfilingVerbosity,
+        "LayerInformationFormat": LayerInformationFormat,
         "Dims": Dims,
         "OnnxParser": OnnxParser,
         "Builder": Builder,
+        "Runtime": Runtime,
         "calls": calls,
     }.items():
         setattr(trt, name, obj)
     return trt
+
+
+def write_typed_onnx(path: Path, precision: str) -> Path:
+    """A minimal ONNX file carrying ``dunet.precision`` (what the builder reads)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("slabs", TensorProto.FLOAT, ["N", 4, 32, 32])
+    y = helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", 4, 32, 32])
+    graph = helper.make_graph([helper.make_node("Identity", ["slabs"], ["prob"])], "g", [x], [y])
+    model = helper.make_model(graph)
+    helper.set_model_props(model, {"dunet.precision": precision})
+    onnx.save(model, str(path))
+    return path

@@ -91,6 +91,10 @@ def backend_unavailable(backend: str, precision: str, device: str) -> str | None
         return None
     if backend == "torch-cudagraphs":
         return "CUDA graphs need a GPU (--device cuda)" if cpu else None
+    if backend == "torch-compile":
+        # What a user tries before TensorRT; on the CPU it would measure Inductor's C++ codegen.
+        return ("torch.compile (max-autotune, CUDA graphs) is measured on CUDA only "
+                "(--device cuda)") if cpu else None
     if backend == "onnxruntime":
         if not _installed("onnxruntime"):
             return "onnxruntime is not installed (pip install 'dunet-deploy[cpu]')"
@@ -204,57 +208,52 @@ class ModelArtifacts:
 def _build_engine(art: ModelArtifacts, precision: str) -> Path:
     """Build a TensorRT engine and its sidecar with the export module's builder.
 
-    fp16 is the deployment engine (strongly typed from the mixed-precision ONNX
-    on TensorRT >= 10.12, ``BuilderFlag.FP16`` before). An fp32 reference
-    engine exists only with strong typing: the fp32 ONNX given as the typed
-    source builds exactly fp32 (TF32 math where TensorRT allows it).
+    Strongly typed from the ONNX of that precision: fp16 from the
+    mixed-precision ONNX (the deployment engine), fp32 from the FP32 ONNX
+    (true FP32, TF32 off). Profiles: latency 1..8 and throughput up to the
+    largest benchmarked batch.
     """
-    from dataclasses import replace
 
-    from dunet_deploy.artifacts import sidecar_path, write_json
+    from dunet_deploy.artifacts import write_engine_sidecar
     from dunet_deploy.export.onnx_export import artifact_info
     from dunet_deploy.export.tensorrt_build import (
         EngineOptions,
         build_engine,
         check_tensorrt_available,
-        uses_strong_typing,
     )
 
     try:
-        version = check_tensorrt_available()
+        check_tensorrt_available()
     except DunetError as exc:
         raise Unavailable(str(exc)) from None
-    strong = uses_strong_typing(version)
-    if precision == "fp16":
-        sources: tuple[Path, Path | None] = (art.onnx(), art.onnx_fp16() if strong else None)
-    elif precision == "fp32" and strong:
-        sources = (art.onnx(), art.onnx())
-    else:
-        raise Unavailable(
-            f"TensorRT {version} builds {precision} engines only with strong typing (>= 10.12)"
-            if precision == "fp32"
-            else f"the export module builds no {precision} TensorRT engines"
-        )
+    sources = {"fp16": art.onnx_fp16, "fp32": art.onnx}
+    if precision not in sources:
+        raise Unavailable(f"the export module builds no {precision} TensorRT engines")
     spec = art.spec
     chw = (spec.in_channels, spec.image_size, spec.image_size)
-    profile = (1, min(8, art.max_batch), art.max_batch)
+    profile = (1, min(32, art.max_batch), art.max_batch)
     try:
-        plan, fields = build_engine(*sources, chw, EngineOptions(batch_range=profile))
+        built = build_engine(sources[precision](), chw, EngineOptions(batch_range=profile))
     except DunetError as exc:
         raise Unavailable(f"TensorRT engine build failed: {exc}") from None
     out = art.cache_dir / f"{art.name}.{precision}.plan"
-    out.write_bytes(plan)
-    info = replace(artifact_info(art.model, spec, precision=precision), extra=fields)
-    write_json(sidecar_path(out), info.to_json_dict())
+    out.write_bytes(built.plan)
+    info = artifact_info(art.model, spec, precision=precision)
+    write_engine_sidecar(out, info, built.sidecar)
     return out
 
 
-def _torch_session(art: ModelArtifacts, precision: str, device: str, graphs: bool) -> Session:
+def _torch_session(art: ModelArtifacts, precision: str, device: str, graphs: bool,
+                   compiled: bool = False) -> Session:
     import torch
 
     cuda = device.startswith("cuda")
     dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     model = art.model.to(device).eval()
+    if compiled:
+        # max-autotune: Triton GEMM/conv autotuning plus CUDA graphs (Inductor's cudagraph
+        # trees); the warm-up pays for compilation, per batch size (dynamic=False).
+        model = torch.compile(model, mode="max-autotune", dynamic=False)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if dtype is None:
@@ -264,6 +263,8 @@ def _torch_session(art: ModelArtifacts, precision: str, device: str, graphs: boo
             return model(x)
 
     info: dict[str, Any] = {"autocast": str(dtype).replace("torch.", "") if dtype else None}
+    if compiled:
+        info["torch_compile"] = "max-autotune (CUDA graphs)"
     if not cuda:
         def run_cpu(x: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
@@ -306,8 +307,25 @@ def _torch_session(art: ModelArtifacts, precision: str, device: str, graphs: boo
         return Session(run=run_eager, sync=sync, close=close, gpu_memory_mb=gpu_mem,
                        reset_gpu_memory=reset_mem, info=info)
 
-    # CUDA graphs: one graph per batch size, captured (untimed) by prepare().
-    captured: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
+    return _graph_session(forward, host_in, host_out, dev_in,
+                          Session(run=lambda x: None, sync=sync, close=close,
+                                  gpu_memory_mb=gpu_mem, reset_gpu_memory=reset_mem, info=info))
+
+
+def _graph_session(forward: Callable[[Any], Any], host_in: Any, host_out: Any, dev_in: Any,
+                   base: Session) -> Session:
+    """torch CUDA graphs: one static-shape graph per batch size, captured (untimed) by prepare().
+
+    Args:
+        forward: the model call (autocast included) on a device tensor.
+        host_in: pinned host input staging ``[nmax, C, S, S]``.
+        host_out: pinned host output staging ``[nmax, 1, S, S]``.
+        dev_in: device input buffer ``[nmax, C, S, S]`` (graph inputs are its slices).
+        base: the eager session's sync/close/memory callables and info.
+    """
+    import torch
+
+    captured: dict[int, tuple[Any, Any, Any]] = {}
 
     def prepare(n: int) -> None:
         if n in captured:
@@ -332,7 +350,7 @@ def _torch_session(art: ModelArtifacts, precision: str, device: str, graphs: boo
                 y_static = forward(x_static).float()
         captured[n] = (graph, x_static, y_static)
 
-    def run_graph(x: np.ndarray) -> torch.Tensor:
+    def run_graph(x: np.ndarray) -> Any:
         n = len(x)
         prepare(n)
         graph, _, y_static = captured[n]
@@ -346,25 +364,29 @@ def _torch_session(art: ModelArtifacts, precision: str, device: str, graphs: boo
         for graph, _, _ in captured.values():
             graph.reset()
         captured.clear()
-        close()
+        base.close()
 
-    info["cuda_graphs"] = "one static-shape graph per batch size"
-    return Session(run=run_graph, prepare=prepare, sync=sync, close=close_graphs,
-                   gpu_memory_mb=gpu_mem, reset_gpu_memory=reset_mem, info=info)
+    info = {**base.info, "cuda_graphs": "one static-shape graph per batch size"}
+    return Session(run=run_graph, prepare=prepare, sync=base.sync, close=close_graphs,
+                   gpu_memory_mb=base.gpu_memory_mb, reset_gpu_memory=base.reset_gpu_memory,
+                   info=info)
 
 
 def _runner_session(
-    art: ModelArtifacts, backend: str, precision: str, device: str, threads: int | None
+    art: ModelArtifacts, backend: str, precision: str, device: str, threads: int | None,
+    cuda_graph: bool = False,
 ) -> Session:
     from dunet_deploy.runtime.base import open_runner
 
+    cuda = device.startswith("cuda")
     if backend == "tensorrt":
         path = art.engine(precision)
-        opts: dict[str, Any] = {}
+        opts: dict[str, Any] = {"cuda_graph": cuda_graph}
     else:
         path = art.onnx_fp16() if precision == "fp16" and backend == "onnxruntime" else art.onnx()
-        opts = {"threads": threads, "precision": precision,
-                "device": "cuda" if device.startswith("cuda") else "cpu"}
+        opts = {"threads": threads, "precision": precision, "device": "cuda" if cuda else "cpu"}
+        if backend == "onnxruntime" and cuda:
+            opts["cuda_graph"] = cuda_graph  # IOBinding is always on for the CUDA provider
     try:
         runner = open_runner(path, backend, **opts)
     except DunetError as exc:
@@ -409,6 +431,7 @@ def open_session(
     *,
     device: str,
     threads: int | None,
+    cuda_graph: bool = False,
 ) -> Session:
     """Load ``art`` for ``backend`` at ``precision``.
 
@@ -418,6 +441,7 @@ def open_session(
         precision: ``fp32``, ``fp16`` or ``bf16``.
         device: ``"cpu"`` or ``"cuda"`` / ``"cuda:N"``.
         threads: CPU threads for the runners (torch's are set globally).
+        cuda_graph: CUDA graphs in the TensorRT and ONNX Runtime (CUDA) runners.
 
     Raises:
         Unavailable: when this combination cannot run here (with the reason).
@@ -425,6 +449,7 @@ def open_session(
     reason = backend_unavailable(backend, precision, "cpu" if device == "cpu" else "cuda")
     if reason is not None:
         raise Unavailable(reason)
-    if backend in ("torch", "torch-cudagraphs"):
-        return _torch_session(art, precision, device, backend == "torch-cudagraphs")
-    return _runner_session(art, backend, precision, device, threads)
+    if backend in ("torch", "torch-cudagraphs", "torch-compile"):
+        return _torch_session(art, precision, device, backend == "torch-cudagraphs",
+                              compiled=backend == "torch-compile")
+    return _runner_session(art, backend, precision, device, threads, cuda_graph)

@@ -118,24 +118,22 @@ def _runner_for(library: str, device: str, precision: str, n: int, threads: int 
         return call_torch, (torch.cuda.synchronize if cuda else (lambda: None))
     a_np = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
     if library == "onnxruntime":
-        import onnxruntime as ort
+        from dunet_deploy.runtime.loaders import CPU_EP, ort_session
 
-        opts = ort.SessionOptions()
-        if threads is not None:
-            opts.intra_op_num_threads = int(threads)
-        sess = ort.InferenceSession(_matmul_onnx(n), sess_options=opts,
-                                    providers=["CPUExecutionProvider"])
+        sess = ort_session(_matmul_onnx(n), [CPU_EP], threads=threads, source="matmul peak")
         return (lambda: sess.run(None, {"A": a_np})), (lambda: None)
     if library == "openvino":
         import openvino as ov
 
+        from dunet_deploy.runtime.loaders import openvino_compile, openvino_read
+
         core = ov.Core()
-        model = core.read_model(_matmul_onnx(n), b"")
+        model = openvino_read(core, _matmul_onnx(n))
         hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[precision]
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        request = core.compile_model(model, "CPU", config).create_infer_request()
+        request = openvino_compile(core, model, "CPU", config, "matmul peak").create_infer_request()
         return (lambda: request.infer({0: a_np}, share_inputs=True)), (lambda: None)
     raise ValueError(f"unknown matmul library {library!r}")
 

@@ -106,6 +106,11 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--peak-sizes", default=None,
               help="Square matmul sizes for the peak, e.g. 512,1024 [default: "
                    "256,384,512,1024,2048 on the CPU, 4096,8192,16384 on CUDA].")
+@click.option("--deadline", "deadline", type=float, default=None,
+              help="Seconds for the whole run: what is not measured by then is skipped "
+                   "(bench.json is rewritten after every record either way).")
+@click.option("--cuda-graph", is_flag=True,
+              help="CUDA graphs in the TensorRT and ONNX Runtime (CUDA) sessions.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("bench-out"), show_default=True, help="Output folder.")
@@ -115,8 +120,8 @@ def main(models: str, backends: str, batch_sizes: str, precisions: str, iters: i
          time_budget: float | None, min_iters: int | None, image_size: int, threads: int | None,
          device: str, base_filters: int | None, e2e: bool, e2e_model: str, e2e_batch_size: int,
          e2e_repeats: int,
-         cache_dir: Path | None, peak_sizes: str | None, seed: int, out_dir: Path,
-         quiet: bool) -> None:
+         cache_dir: Path | None, peak_sizes: str | None, deadline: float | None,
+         cuda_graph: bool, seed: int, out_dir: Path, quiet: bool) -> None:
     """Benchmark models × backends × precisions × batch sizes; write OUT/bench.{json,md,png}."""
     from dunet_deploy.bench import BenchConfig, run_bench, validate_config
 
@@ -131,6 +136,7 @@ def main(models: str, backends: str, batch_sizes: str, precisions: str, iters: i
         min_iters=min(2, max(iters, 1)) if min_iters is None else min_iters, image_size=image_size,
         device=device, base_filters=base_filters, e2e=e2e, e2e_model=e2e_model,
         e2e_batch_size=e2e_batch_size, e2e_repeats=e2e_repeats, seed=seed,
+        deadline_s=deadline, cuda_graph=cuda_graph,
         cache_dir=str(cache_dir) if cache_dir is not None else None, **kw,
     )
     validate_config(cfg)  # fail before creating OUT

@@ -16,7 +16,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, sidecar_path, write_json
+from dunet_deploy.artifacts import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    write_engine_sidecar,
+    write_json,
+)
 from dunet_deploy.errors import DunetError
 
 FORMATS = ("onnx", "onnx-fp16", "trt", "triton")
@@ -81,8 +86,11 @@ def run_export(req: ExportRequest, log: Callable[[str], None] = print) -> list[P
         EngineOptions,
         build_engine,
         check_tensorrt_available,
+        format_layer_counts,
+        layer_report_path,
         probe_gpu,
         uses_strong_typing,
+        write_layer_report,
     )
     from dunet_deploy.flops import count_flops
     from dunet_deploy.training.checkpoint import load_checkpoint, model_from_checkpoint
@@ -176,19 +184,19 @@ def run_export(req: ExportRequest, log: Callable[[str], None] = print) -> list[P
                 timing_cache=cache_target,
                 timing_cache_out=stage / "timing.cache",
             )
-            plan_bytes, trt_fields = build_engine(onnx32, onnx16 if need_fp16 else None, chw, opts)
-            plan.write_bytes(plan_bytes)
-            side = replace(
-                base_info,
-                precision="fp16",
-                extra={
-                    "source": source,
-                    **trt_fields,
-                    "flops_per_slab": flops,
-                    "verification": fp16_verification,
-                },
-            )
-            write_json(sidecar_path(plan), side.to_json_dict())
+            built = build_engine(onnx16, chw, opts)
+            plan.write_bytes(built.plan)
+            write_engine_sidecar(plan, replace(base_info, precision=built.precision),
+                                 built.sidecar, {"source": source, "flops_per_slab": flops,
+                                                 "verification": fp16_verification})
+            write_layer_report(plan, built.layers)
+            log(format_layer_counts(built.sidecar.layer_precisions))
+            if req.verify:  # on the GPU: the built engine against the FP32 ONNX
+                try:
+                    ver.verify_engine(plan, onnx32, spec, inputs=inputs, log=log)
+                except DunetError as e:
+                    raise DunetError(f"{e}; nothing written") from None
+            written += [layer_report_path(plan).name]
             written += ["model.plan", "model.plan.json"]
 
         # -------------------------------------------------------------- Triton

@@ -48,6 +48,7 @@ __all__ = [
     "run_openvino",
     "run_torch",
     "verification_inputs",
+    "verify_engine",
     "verify_fp16",
     "verify_fp32",
 ]
@@ -238,16 +239,9 @@ def run_onnxruntime(
     Returns:
         float32 ``[N, 1, S, S]``.
     """
-    import onnxruntime as ort
+    from dunet_deploy.runtime.loaders import CPU_EP, ort_session
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    }[optimization]
-    so.log_severity_level = 3  # ORT warns about every cast it inserts around fp16 ops
-    src = model if isinstance(model, bytes) else str(model)
-    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+    sess = ort_session(model, [CPU_EP], optimization=optimization)
     return _batched(lambda x: sess.run(None, {INPUT_NAME: x})[0], slabs, batch_size)
 
 
@@ -281,10 +275,11 @@ def run_openvino(
     """
     import openvino as ov
 
+    from dunet_deploy.runtime.loaders import openvino_compile, openvino_read
+
     core = ov.Core()
-    compiled = core.compile_model(
-        core.read_model(str(Path(model))), "CPU", {"INFERENCE_PRECISION_HINT": precision}
-    )
+    compiled = openvino_compile(core, openvino_read(core, model), "CPU",
+                                {"INFERENCE_PRECISION_HINT": precision}, model)
     request = compiled.create_infer_request()
 
     def one(x: np.ndarray) -> np.ndarray:
@@ -434,3 +429,55 @@ def verify_fp16(
         "rows": [r.to_dict() for r in rows],
         "passed": True,
     }
+
+
+def verify_engine(
+    plan: str | os.PathLike[str],
+    onnx32: str | os.PathLike[str],
+    spec: PreprocessSpec,
+    *,
+    inputs: dict[str, np.ndarray] | None = None,
+    seed: int = 0,
+    max_synthetic_slabs: int = 16,
+    min_agreement: float = FP16_MIN_AGREEMENT,
+    log: Log | None = None,
+) -> dict[str, Any]:
+    """Run a freshly built TensorRT engine (with its sidecar) against the FP32 ONNX.
+
+    On the GPU, through the runtime's TensorRT runner: the same gate as the
+    FP16 ONNX (mask agreement on the synthetic volume).
+
+    Returns:
+        JSON-able ``{"reference": "fp32 onnx", "min_mask_agreement", "rows", "passed": True}``.
+
+    Raises:
+        DunetError: when TensorRT/the GPU is unusable or the engine agrees with
+            the FP32 masks on less than ``min_agreement`` of the synthetic pixels.
+    """
+    from dataclasses import replace
+
+    from dunet_deploy.errors import DunetError
+    from dunet_deploy.runtime.base import open_runner
+
+    if inputs is None:
+        inputs = verification_inputs(spec, seed=seed, max_synthetic_slabs=max_synthetic_slabs)
+    rows = []
+    with open_runner(Path(plan), "tensorrt") as runner:
+        for name, slabs in inputs.items():
+            row = compare(run_onnxruntime(onnx32, slabs), runner.infer(slabs), spec.threshold,
+                          inputs=name, backend="tensorrt", reference_name="fp32 onnx")
+            gate = row.mask_agreement >= min_agreement if name == "synthetic" else None
+            rows.append(replace(row, passed=gate))
+    if log is not None:
+        log(f"verification of {Path(plan).name} (mask agreement >= {100 * min_agreement:g}% "
+            "on the synthetic volume)")
+        log(format_table(rows))
+    bad = [r for r in rows if r.passed is False]
+    if bad:
+        raise DunetError(
+            f"TensorRT verification failed: {Path(plan).name} agrees with the FP32 masks on "
+            f"{100 * bad[0].mask_agreement:.3f}% < {100 * min_agreement:g}% of the "
+            "synthetic-volume pixels"
+        )
+    return {"reference": "fp32 onnx", "min_mask_agreement": min_agreement,
+            "rows": [r.to_dict() for r in rows], "passed": True}

@@ -9,45 +9,31 @@
 * :func:`open_runner` / :class:`Runner` — one interface over ONNX Runtime,
   OpenVINO and TensorRT (backends are imported only when used).
 
-Nothing in this package imports torch (a test checks it).
+Nothing in this package imports torch (a test checks it). Everything but the
+runners is imported on first use: the runners alone need neither nibabel nor
+the data package (a GPU image with only numpy, onnx and a backend runs them).
 """
 
-from dunet_deploy.runtime.base import Runner, backend_for, open_runner
-from dunet_deploy.runtime.core import (
-    NetworkInput,
-    Prediction,
-    Predictor,
-    predict_grid,
-    predict_volume,
-    segment,
-    to_network,
-)
-from dunet_deploy.runtime.pipeline import (
-    CaseResult,
-    Prefetcher,
-    expand_inputs,
-    prepare_volume,
-    run_cases,
-    segment_files,
-)
-from dunet_deploy.runtime.segmenter import Segmenter
+import importlib
+from typing import Any
 
-__all__ = [
-    "CaseResult",
-    "NetworkInput",
-    "Prediction",
-    "Predictor",
-    "Prefetcher",
-    "Runner",
-    "Segmenter",
-    "backend_for",
-    "expand_inputs",
-    "open_runner",
-    "predict_grid",
-    "predict_volume",
-    "prepare_volume",
-    "run_cases",
-    "segment",
-    "segment_files",
-    "to_network",
-]
+from dunet_deploy.runtime.base import Runner, backend_for, open_runner
+
+# name -> module, imported on first access (PEP 562).
+_LAZY = {
+    "NetworkInput": "core", "Prediction": "core", "Predictor": "core",
+    "predict_grid": "core", "predict_volume": "core", "segment": "core",
+    "to_network": "core",
+    "CaseResult": "pipeline", "Prefetcher": "pipeline", "expand_inputs": "pipeline",
+    "prepare_volume": "pipeline", "run_cases": "pipeline", "segment_files": "pipeline",
+    "Segmenter": "segmenter",
+}
+
+__all__ = ["Runner", "backend_for", "open_runner", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dunet_deploy.runtime' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"dunet_deploy.runtime.{module}"), name)

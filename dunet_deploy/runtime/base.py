@@ -34,7 +34,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from dunet_deploy.artifacts import INPUT_NAME, ArtifactInfo, read_artifact_info
+from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo, read_artifact_info
 from dunet_deploy.choices import BACKENDS, DEVICES, PRECISIONS
 from dunet_deploy.errors import DunetError, one_line
 from dunet_deploy.spec import PreprocessSpec
@@ -227,15 +227,35 @@ class Runner(Closeable):
         self._closed = True
 
     # ------------------------------------------------------------ helpers
-    def _check_graph_shape(self, shape: Sequence[int | None]) -> None:
-        """Refuse a graph whose input disagrees with its own metadata spec."""
+    def _check_io(
+        self, inputs: Sequence[str], outputs: Sequence[str], shape: Sequence[int | None]
+    ) -> None:
+        """The checks every backend makes on a loaded graph, in one place.
+
+        Args:
+            inputs: the graph's input names (exactly ``[INPUT_NAME]`` is accepted).
+            outputs: its output names (``OUTPUT_NAME`` must be among them).
+            shape: the input's shape, ``None`` for a dynamic dimension.
+
+        Raises:
+            DunetError: on other names, a rank other than 4, or a slab shape
+                that disagrees with the model's own preprocessing spec.
+        """
+        if list(inputs) != [INPUT_NAME] or OUTPUT_NAME not in outputs:
+            raise DunetError(
+                f"{self.model_path}: graph must have one input '{INPUT_NAME}' and an output "
+                f"'{OUTPUT_NAME}', has {sorted(inputs)} -> {sorted(outputs)}"
+            )
+        if len(shape) != 4:
+            raise DunetError(
+                f"{self.model_path}: input '{INPUT_NAME}' must be 4D, got {list(shape)}"
+            )
         want = (self.spec.in_channels, self.spec.image_size, self.spec.image_size)
         if tuple(shape[1:]) != want:
             raise DunetError(
                 f"{self.model_path}: graph input '{INPUT_NAME}' has shape {list(shape)} but its "
                 f"preprocessing spec needs [N, {want[0]}, {want[1]}, {want[2]}]"
             )
-
 
 
 def fixed_precision(model_path: Path, backend: str, requested: str, model_precision: str) -> str:
@@ -329,7 +349,8 @@ def open_runner(
         info: The model's :class:`ArtifactInfo` when already read (saves a parse).
         **opts: Backend options: ``threads`` (int or None), ``precision`` (one
             of :data:`PRECISIONS`), ``device`` (one of :data:`DEVICES`); the
-            TensorRT backend also takes ``memory`` (a ``CudaMemory``).
+            TensorRT backend also takes ``cuda_graph`` (bool) and ``memory`` (a
+            ``CudaMemory``), ONNX Runtime takes ``cuda_graph`` (CUDA provider).
 
     Returns:
         An open :class:`Runner` (use it as a context manager).

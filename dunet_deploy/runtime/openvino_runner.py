@@ -11,6 +11,7 @@ import numpy as np
 from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
 from dunet_deploy.errors import DunetError
 from dunet_deploy.runtime.base import Runner, one_line
+from dunet_deploy.runtime.loaders import openvino_compile, openvino_read
 
 __all__ = ["OpenVINORunner", "choose_precision_hint"]
 
@@ -98,24 +99,18 @@ class OpenVINORunner(Runner):
         self._cpu_name = str(core.get_property("CPU", "FULL_DEVICE_NAME"))
         caps = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
         hint = choose_precision_hint(precision, caps, self._cpu_name)
-        try:
-            model = core.read_model(str(self.model_path))
-        except Exception as exc:  # openvino raises RuntimeError/GeneralFailure subclasses
-            raise DunetError(
-                f"{self.model_path}: openvino cannot read the model ({one_line(exc)})"
-            ) from None
-        names = [sorted(p.get_names()) for p in model.inputs]
-        if len(model.inputs) != 1 or INPUT_NAME not in names[0]:
-            raise DunetError(f"{self.model_path}: graph must have one input '{INPUT_NAME}', "
-                             f"has {names}")
-        if not any(OUTPUT_NAME in o.get_names() for o in model.outputs):
-            raise DunetError(f"{self.model_path}: graph has no output '{OUTPUT_NAME}'")
+        model = openvino_read(core, self.model_path)
+        # A tensor may carry several names; the one we look for counts.
+        inputs = [INPUT_NAME if INPUT_NAME in p.get_names() else p.get_any_name()
+                  for p in model.inputs]
+        outputs = [OUTPUT_NAME if OUTPUT_NAME in o.get_names() else o.get_any_name()
+                   for o in model.outputs]
         pshape = model.input(0).get_partial_shape()
-        if pshape.rank.is_dynamic or pshape.rank.get_length() != 4:
-            raise DunetError(f"{self.model_path}: input '{INPUT_NAME}' must be 4D, got {pshape}")
+        graph: tuple[int | None, ...] = ()
+        if not pshape.rank.is_dynamic:
+            graph = tuple(None if d.is_dynamic else d.get_length() for d in pshape)
+        self._check_io(inputs, outputs, graph)
         c, s = self.spec.in_channels, self.spec.image_size
-        graph = tuple(None if d.is_dynamic else d.get_length() for d in pshape)
-        self._check_graph_shape(graph)
         if not (pshape[0].is_dynamic and graph[1:] == (c, s, s)):
             # Dynamic batch, static slab: any N runs without recompiling.
             model.reshape({INPUT_NAME: ov.PartialShape([-1, c, s, s])})
@@ -125,12 +120,7 @@ class OpenVINORunner(Runner):
         }
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        try:
-            self._compiled = core.compile_model(model, "CPU", config)
-        except Exception as exc:
-            raise DunetError(
-                f"{self.model_path}: openvino cannot compile the model ({one_line(exc)})"
-            ) from None
+        self._compiled = openvino_compile(core, model, "CPU", config, self.model_path)
         actual = self._compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self._precision = _NAMES.get(actual, actual)
         self._threads = int(self._compiled.get_property("INFERENCE_NUM_THREADS"))

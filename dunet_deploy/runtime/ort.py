@@ -1,4 +1,19 @@
-"""ONNX Runtime backend: CPU, CUDA or TensorRT execution providers."""
+"""ONNX Runtime backend: CPU, CUDA or TensorRT execution providers.
+
+On a GPU provider the session is run through IOBinding: the input is copied
+into a device ``OrtValue`` kept per batch size and the output is bound to
+another one, so each call costs one host->device and one device->host copy,
+as in the TensorRT runner and the torch bench sessions (plain ``session.run``
+with numpy arrays would stage pageable memory on every call). With
+``cuda_graph=True`` the CUDA provider captures one CUDA graph per batch size
+(``enable_cuda_graph``, a ``gpu_graph_id`` per size) and replays it.
+
+The TensorRT provider gets engine and timing caches (``<model>.trt-ep-cache/``
+beside the model), the batch profile 1..64 (opt 32) and FP16 for an FP16
+model. ONNX Runtime builds TensorRT networks weakly typed: the FP32 islands of
+the mixed-precision policy are not guaranteed there; a ``.plan`` from
+``dunet-export`` (strongly typed) is the path that honours them.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +25,12 @@ import numpy as np
 from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
 from dunet_deploy.errors import DunetError
 from dunet_deploy.runtime.base import Runner, fixed_precision, one_line
+from dunet_deploy.runtime.loaders import CPU_EP, CUDA_EP, TRT_EP, ort_errors, ort_session
 
-__all__ = ["OnnxRuntimeRunner", "pick_providers"]
+__all__ = ["OnnxRuntimeRunner", "pick_providers", "provider_options"]
 
-CPU_EP = "CPUExecutionProvider"
-CUDA_EP = "CUDAExecutionProvider"
-TRT_EP = "TensorrtExecutionProvider"
+#: Batch profile of the TensorRT provider: (min, opt, max).
+TRT_EP_PROFILE = (1, 32, 64)
 
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -53,6 +68,42 @@ def pick_providers(device: str, available: list[str]) -> list[str]:
     return [*wanted[device], CPU_EP]
 
 
+def provider_options(
+    providers: list[str], model_path: Path, precision: str, chw: tuple[int, int, int],
+    *, cuda_graph: bool = False,
+) -> dict[str, dict[str, str]]:
+    """Provider options for a session over ``model_path``.
+
+    Args:
+        providers: from :func:`pick_providers`.
+        model_path: the ``.onnx`` (the TensorRT provider's caches go beside it).
+        precision: the model's precision (``fp16`` enables the provider's FP16).
+        chw: ``(C, S, S)`` of the input, for the TensorRT provider's profile.
+        cuda_graph: capture CUDA graphs on the CUDA provider.
+
+    Returns:
+        ``{provider: {option: value}}`` (values as strings, ONNX Runtime's form).
+    """
+    out: dict[str, dict[str, str]] = {}
+    if TRT_EP in providers:
+        cache = model_path.with_name(model_path.name + ".trt-ep-cache")
+        dims = "x".join(str(d) for d in chw)
+        lo, opt, hi = TRT_EP_PROFILE
+        out[TRT_EP] = {
+            "trt_fp16_enable": "1" if precision == "fp16" else "0",
+            "trt_engine_cache_enable": "1",
+            "trt_engine_cache_path": str(cache),
+            "trt_timing_cache_enable": "1",
+            "trt_timing_cache_path": str(cache),
+            "trt_profile_min_shapes": f"{INPUT_NAME}:{lo}x{dims}",
+            "trt_profile_opt_shapes": f"{INPUT_NAME}:{opt}x{dims}",
+            "trt_profile_max_shapes": f"{INPUT_NAME}:{hi}x{dims}",
+        }
+    if CUDA_EP in providers and cuda_graph:
+        out[CUDA_EP] = {"enable_cuda_graph": "1"}
+    return out
+
+
 class OnnxRuntimeRunner(Runner):
     """A model run by an ONNX Runtime ``InferenceSession``.
 
@@ -66,10 +117,12 @@ class OnnxRuntimeRunner(Runner):
         threads: Intra-op threads, ``None`` for the default.
         precision: ``auto`` or the model's own precision.
         device: ``auto``, ``cpu``, ``cuda`` or ``tensorrt`` (execution provider).
+        cuda_graph: CUDA graphs on the CUDA provider (``device="cuda"``).
+        io_binding: Run through IOBinding (default: on a GPU provider only).
 
     Raises:
-        DunetError: when onnxruntime is missing, the provider is unavailable,
-            or the graph cannot be loaded or does not fit its metadata.
+        DunetError: when onnxruntime is missing, the provider is unavailable or
+            does not load, or the graph cannot be loaded or does not fit its metadata.
     """
 
     backend = "onnxruntime"
@@ -82,6 +135,8 @@ class OnnxRuntimeRunner(Runner):
         threads: int | None = None,
         precision: str = "auto",
         device: str = "auto",
+        cuda_graph: bool = False,
+        io_binding: bool | None = None,
     ) -> None:
         super().__init__(model_path, info)
         try:
@@ -90,41 +145,35 @@ class OnnxRuntimeRunner(Runner):
             raise DunetError(f"onnxruntime is not importable ({one_line(exc)})") from None
         self._precision = fixed_precision(self.model_path, self.backend, precision, info.precision)
         providers = pick_providers(device, list(ort.get_available_providers()))
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.inter_op_num_threads = 1  # one sequential graph: inter-op threads only idle
-        if threads is not None:
-            opts.intra_op_num_threads = int(threads)
-        opts.log_severity_level = 3  # errors only; warnings would clutter the CLI
-        try:
-            self._session = ort.InferenceSession(
-                str(self.model_path), sess_options=opts, providers=providers
-            )
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise DunetError(
-                f"{self.model_path}: onnxruntime cannot load the model ({one_line(exc)})"
-            ) from None
+        if cuda_graph and CUDA_EP not in providers:
+            raise DunetError(f"{self.model_path}: --cuda-graph needs the CUDA provider "
+                             "(--device cuda)")
+        self._c, self._s = self.spec.in_channels, self.spec.image_size
+        options = provider_options(providers, self.model_path, info.precision,
+                                   (self._c, self._s, self._s), cuda_graph=cuda_graph)
+        # "auto" may fall back to the CPU (reported by .device); an explicit device may not.
+        self._session = ort_session(self.model_path, providers, provider_options=options,
+                                    threads=threads, require_providers=device != "auto")
         inputs = {i.name: i for i in self._session.get_inputs()}
-        outputs = {o.name for o in self._session.get_outputs()}
-        if INPUT_NAME not in inputs or OUTPUT_NAME not in outputs:
-            raise DunetError(
-                f"{self.model_path}: graph must have input '{INPUT_NAME}' and output "
-                f"'{OUTPUT_NAME}', has {sorted(inputs)} -> {sorted(outputs)}"
-            )
-        node = inputs[INPUT_NAME]
+        outputs = [o.name for o in self._session.get_outputs()]
+        node = inputs.get(INPUT_NAME)
+        dims = list(node.shape) if node is not None else []
+        graph = [d if isinstance(d, int) and d > 0 else None for d in dims]
+        self._check_io(list(inputs), outputs, graph)
+        assert node is not None  # checked above
         self._in_dtype = _ORT_DTYPES.get(node.type)
         if self._in_dtype is None:
             raise DunetError(f"{self.model_path}: unsupported input type {node.type}")
-        dims = list(node.shape)
-        if len(dims) != 4:
-            raise DunetError(f"{self.model_path}: input '{INPUT_NAME}' must be 4D, got {dims}")
-        graph = [d if isinstance(d, int) and d > 0 else None for d in dims]
-        self._check_graph_shape(graph)
         self._static_batch: int | None = graph[0]
-        self._c, self._s = self.spec.in_channels, self.spec.image_size
         self._providers = self._session.get_providers()
         self.threads = threads
+        self._errors = ort_errors()
+        gpu = CUDA_EP in self._providers or TRT_EP in self._providers
+        use_binding = gpu if io_binding is None else io_binding
+        self._binding_device = ("cuda" if gpu else "cpu") if use_binding else None
+        self._cuda_graph = cuda_graph
+        self._bound: dict[int, tuple[Any, Any, Any, Any]] = {}
+        self._ort = ort
 
     @property
     def input_shape(self) -> tuple[int | None, int, int, int]:
@@ -145,7 +194,28 @@ class OnnxRuntimeRunner(Runner):
         return "cuda" if CUDA_EP in self._providers else "cpu"
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "providers": list(self._providers), "threads": self.threads}
+        return {**super().describe(), "providers": list(self._providers), "threads": self.threads,
+                "io_binding": self._binding_device, "cuda_graph": self._cuda_graph}
+
+    def _binding(self, n: int, dtype: Any) -> tuple[Any, Any, Any, Any]:
+        """``(binding, input, output, run options)`` for batch ``n`` (made once)."""
+        if n not in self._bound:
+            ort, dev = self._ort, self._binding_device
+            x = ort.OrtValue.ortvalue_from_shape_and_type((n, self._c, self._s, self._s), dtype,
+                                                          dev, 0)
+            prob = next(o for o in self._session.get_outputs() if o.name == OUTPUT_NAME)
+            out_type = _ORT_DTYPES.get(prob.type, np.float32)
+            y = ort.OrtValue.ortvalue_from_shape_and_type((n, 1, self._s, self._s), out_type,
+                                                          dev, 0)
+            binding = self._session.io_binding()
+            binding.bind_ortvalue_input(INPUT_NAME, x)
+            binding.bind_ortvalue_output(OUTPUT_NAME, y)
+            run_options = ort.RunOptions()
+            if self._cuda_graph:
+                # One captured graph per batch size (ids > 0; -1 means "no graph").
+                run_options.add_run_config_entry("gpu_graph_id", str(len(self._bound) + 1))
+            self._bound[n] = (binding, x, y, run_options)
+        return self._bound[n]
 
     def _run(self, slabs: np.ndarray) -> np.ndarray:
         x = slabs if self._in_dtype is np.float32 else slabs.astype(self._in_dtype)
@@ -154,9 +224,20 @@ class OnnxRuntimeRunner(Runner):
             # A static-batch export: pad the last batch, drop the padding after.
             pad = np.zeros((self._static_batch - n, *x.shape[1:]), dtype=x.dtype)
             x = np.concatenate([x, pad])
-        out: np.ndarray = self._session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        try:
+            if self._binding_device is None:
+                out: np.ndarray = self._session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+            else:
+                binding, x_dev, y_dev, run_options = self._binding(x.shape[0], x.dtype)
+                x_dev.update_inplace(np.ascontiguousarray(x))
+                self._session.run_with_iobinding(binding, run_options)
+                out = y_dev.numpy()
+        except self._errors as exc:  # e.g. CUDA out of memory at a large batch
+            raise DunetError(f"{self.model_path}: onnxruntime failed on a batch of "
+                             f"{x.shape[0]} ({one_line(exc)})") from None
         return out[:n]
 
     def close(self) -> None:
-        self._session = None  # type: ignore[assignment]  # frees the session
+        self._bound = {}
+        self._session = None  # frees the session
         super().close()

@@ -1,318 +1,57 @@
 """TensorRT backend: a serialised engine (``model.plan``) run on one CUDA stream.
 
-The engine's sidecar ``model.plan.json`` (see :mod:`dunet_deploy.artifacts`)
-must name the TensorRT version and GPU the engine was built with; an engine
-is only valid for that TensorRT version and GPU, so a mismatch is refused
-with one line before TensorRT would fail or silently run slowly. Fields read
-from the sidecar (any of the spellings):
+The engine's sidecar ``model.plan.json`` (:class:`~dunet_deploy.artifacts.EngineSidecar`)
+names the TensorRT version and the GPU the engine was built with. A TensorRT
+version mismatch and a compute-capability mismatch are refused with one line;
+another SKU of the same compute capability (an H100 PCIe engine on an H100
+SXM, a MIG slice) is accepted — TensorRT itself refuses an engine it cannot
+run (``deserialize_cuda_engine`` returns ``None``), which is reported too.
 
-* TensorRT version: ``tensorrt`` (what :mod:`dunet_deploy.export.tensorrt_build`
-  writes), ``tensorrt_version`` or ``tensorrt.version``;
-* GPU: ``gpu.name`` (what the builder writes), ``gpu_name`` or ``gpu`` as a
-  string; ``gpu.compute_capability`` or ``compute_capability`` (``"9.0"`` or
-  ``[9, 0]``).
-
-Memory: device buffers for the optimisation profile's largest batch and
+Memory: device buffers for the largest batch of any optimisation profile and
 page-locked host buffers are allocated once; each call copies host->device,
-runs ``execute_async_v3`` and copies device->host on one stream, then waits.
-Device memory goes through a small :class:`CudaMemory` abstraction with a
-cuda-python (``cuda.bindings.runtime`` or legacy ``cuda.cudart``) and a pycuda
-implementation; whichever is installed is used.
+runs ``execute_async_v3`` (or replays a CUDA graph captured around it, with
+``cuda_graph=True``) and copies device->host on one stream, then waits.
+Engines built by :mod:`dunet_deploy.export.tensorrt_build` have two profiles
+(latency: batch 1-8 tuned for 1; throughput: up to 64 tuned for 32); each call
+runs on the profile with the smallest maximum that fits its batch, one
+execution context per profile. Device memory goes through
+:class:`dunet_deploy.cuda.CudaMemory` (cuda-python, else pycuda).
 """
 
 from __future__ import annotations
 
-import abc
-import ctypes
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy.typing as npt
 
-from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
+from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo, EngineSidecar
+from dunet_deploy.cuda import CudaMemory, GpuInfo, default_memory
 from dunet_deploy.errors import DunetError
-from dunet_deploy.runtime.base import Runner, fixed_precision, one_line
+from dunet_deploy.runtime.base import Runner, fixed_precision
+from dunet_deploy.runtime.loaders import require_tensorrt, tensorrt_engine
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
 __all__ = [
     "CudaMemory",
-    "CudaPythonMemory",
     "GpuInfo",
-    "PyCudaMemory",
     "TensorRTRunner",
     "check_sidecar",
     "default_memory",
 ]
 
 
-# ---------------------------------------------------------------- CUDA memory
-@dataclass(frozen=True)
-class GpuInfo:
-    """The GPU a :class:`CudaMemory` works on.
-
-    Attributes:
-        index: CUDA device ordinal.
-        name: Marketing name, e.g. ``"NVIDIA H100 80GB HBM3"``.
-        compute_capability: ``"major.minor"``, e.g. ``"9.0"``.
-    """
-
-    index: int
-    name: str
-    compute_capability: str
-
-
-class CudaMemory(abc.ABC):
-    """Device and pinned host memory plus one stream, released by :meth:`close`.
-
-    Everything allocated through an instance is freed by its :meth:`close`.
-    """
-
-    #: Name of the Python package behind the implementation.
-    package: ClassVar[str] = ""
-
-    @property
-    @abc.abstractmethod
-    def gpu(self) -> GpuInfo:
-        """The device in use."""
-
-    @property
-    @abc.abstractmethod
-    def stream_handle(self) -> int:
-        """The ``cudaStream_t`` as an integer, for ``execute_async_v3``."""
-
-    @abc.abstractmethod
-    def alloc(self, nbytes: int) -> int:
-        """Allocate ``nbytes`` of device memory; returns the device pointer."""
-
-    @abc.abstractmethod
-    def pinned(self, shape: tuple[int, ...], dtype: npt.DTypeLike) -> np.ndarray:
-        """A page-locked host array (needed for truly asynchronous copies)."""
-
-    @abc.abstractmethod
-    def htod(self, dst: int, src: np.ndarray) -> None:
-        """Enqueue a copy of contiguous ``src`` to device pointer ``dst`` on the stream."""
-
-    @abc.abstractmethod
-    def dtoh(self, dst: np.ndarray, src: int) -> None:
-        """Enqueue a copy from device pointer ``src`` into contiguous ``dst`` on the stream."""
-
-    @abc.abstractmethod
-    def synchronize(self) -> None:
-        """Wait until everything enqueued on the stream has finished."""
-
-    @abc.abstractmethod
-    def close(self) -> None:
-        """Free every allocation and the stream (idempotent)."""
-
-
-def _import_cudart() -> Any:
-    """cuda-python's runtime API module: new location first, then the legacy one."""
-    try:
-        from cuda.bindings import runtime
-
-        return runtime
-    except ImportError:
-        from cuda import cudart  # cuda-python < 12.6 layout
-
-        return cudart
-
-
-class CudaPythonMemory(CudaMemory):
-    """:class:`CudaMemory` on NVIDIA's cuda-python runtime bindings.
-
-    Args:
-        device: CUDA device ordinal.
-
-    Raises:
-        DunetError: when no usable GPU is found (no driver, no device).
-    """
-
-    package = "cuda-python"
-
-    def __init__(self, device: int = 0) -> None:
-        self._rt = _import_cudart()
-        self._device_ptrs: list[int] = []
-        self._host_ptrs: list[int] = []
-        self._stream: Any = None
-        count = self._call("cudaGetDeviceCount", no_gpu=True)
-        if count <= device:
-            raise DunetError(f"TensorRT needs an NVIDIA GPU: CUDA sees {count} device(s)")
-        self._call("cudaSetDevice", device, no_gpu=True)
-        prop = self._call("cudaGetDeviceProperties", device)
-        name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else prop.name
-        self._gpu = GpuInfo(device, str(name).rstrip("\x00"), f"{prop.major}.{prop.minor}")
-        self._stream = self._call("cudaStreamCreate")
-
-    def _call(self, func: str, *args: Any, no_gpu: bool = False) -> Any:
-        """Call ``cudart.<func>``; raise a one-line DunetError unless it succeeded."""
-        result = getattr(self._rt, func)(*args)
-        err, rest = result[0], result[1:]
-        if err != self._rt.cudaError_t.cudaSuccess:
-            _, raw = self._rt.cudaGetErrorName(err)
-            what = raw.decode() if isinstance(raw, bytes) else str(raw)
-            _, raw_text = self._rt.cudaGetErrorString(err)
-            text = raw_text.decode() if isinstance(raw_text, bytes) else str(raw_text)
-            prefix = "TensorRT needs a usable NVIDIA GPU: " if no_gpu else "CUDA error: "
-            raise DunetError(f"{prefix}{func} failed with {what} ({text})")
-        if not rest:
-            return None
-        return rest[0] if len(rest) == 1 else rest
-
-    @property
-    def gpu(self) -> GpuInfo:
-        return self._gpu
-
-    @property
-    def stream_handle(self) -> int:
-        return int(self._stream)
-
-    def alloc(self, nbytes: int) -> int:
-        ptr = int(self._call("cudaMalloc", max(int(nbytes), 1)))
-        self._device_ptrs.append(ptr)
-        return ptr
-
-    def pinned(self, shape: tuple[int, ...], dtype: npt.DTypeLike) -> np.ndarray:
-        dt = np.dtype(dtype)
-        nbytes = max(int(np.prod(shape)) * dt.itemsize, 1)
-        ptr = int(self._call("cudaMallocHost", nbytes))
-        self._host_ptrs.append(ptr)
-        raw = (ctypes.c_byte * nbytes).from_address(ptr)
-        return np.frombuffer(memoryview(raw), dtype=dt, count=int(np.prod(shape))).reshape(shape)
-
-    def htod(self, dst: int, src: np.ndarray) -> None:
-        kind = self._rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self._call("cudaMemcpyAsync", dst, src.ctypes.data, src.nbytes, kind, self._stream)
-
-    def dtoh(self, dst: np.ndarray, src: int) -> None:
-        kind = self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self._call("cudaMemcpyAsync", dst.ctypes.data, src, dst.nbytes, kind, self._stream)
-
-    def synchronize(self) -> None:
-        self._call("cudaStreamSynchronize", self._stream)
-
-    def close(self) -> None:
-        # Best effort: a failing free must not hide the error that led here.
-        for ptr in self._device_ptrs:
-            self._rt.cudaFree(ptr)
-        for ptr in self._host_ptrs:
-            self._rt.cudaFreeHost(ptr)
-        self._device_ptrs, self._host_ptrs = [], []
-        if self._stream is not None:
-            self._rt.cudaStreamDestroy(self._stream)
-            self._stream = None
-
-
-class PyCudaMemory(CudaMemory):
-    """:class:`CudaMemory` on pycuda, using (and pushing) the device's primary context.
-
-    Args:
-        device: CUDA device ordinal.
-
-    Raises:
-        DunetError: when no usable GPU is found.
-    """
-
-    package = "pycuda"
-
-    def __init__(self, device: int = 0) -> None:
-        import pycuda.driver as cuda
-
-        self._cuda = cuda
-        self._allocs: list[Any] = []
-        self._ctx: Any = None
-        try:
-            cuda.init()
-            count = cuda.Device.count()
-            if count <= device:
-                raise DunetError(f"TensorRT needs an NVIDIA GPU: CUDA sees {count} device(s)")
-            dev = cuda.Device(device)
-            # The primary context is the one the CUDA runtime (and TensorRT) uses.
-            self._ctx = dev.retain_primary_context()
-            self._ctx.push()
-            major, minor = dev.compute_capability()
-            self._gpu = GpuInfo(device, str(dev.name()), f"{major}.{minor}")
-            self._stream = cuda.Stream()
-        except cuda.Error as exc:
-            self.close()
-            raise DunetError(f"TensorRT needs a usable NVIDIA GPU: {one_line(exc)}") from None
-
-    @property
-    def gpu(self) -> GpuInfo:
-        return self._gpu
-
-    @property
-    def stream_handle(self) -> int:
-        return int(self._stream.handle)
-
-    def alloc(self, nbytes: int) -> int:
-        mem = self._cuda.mem_alloc(max(int(nbytes), 1))
-        self._allocs.append(mem)
-        return int(mem)
-
-    def pinned(self, shape: tuple[int, ...], dtype: npt.DTypeLike) -> np.ndarray:
-        arr: np.ndarray = self._cuda.pagelocked_empty(shape, np.dtype(dtype))
-        return arr
-
-    def htod(self, dst: int, src: np.ndarray) -> None:
-        self._cuda.memcpy_htod_async(dst, src, self._stream)
-
-    def dtoh(self, dst: np.ndarray, src: int) -> None:
-        self._cuda.memcpy_dtoh_async(dst, src, self._stream)
-
-    def synchronize(self) -> None:
-        self._stream.synchronize()
-
-    def close(self) -> None:
-        for mem in self._allocs:
-            mem.free()
-        self._allocs = []
-        if self._ctx is not None:
-            self._ctx.pop()
-            self._ctx = None
-
-
-def default_memory(device: int = 0) -> CudaMemory:
-    """The first available :class:`CudaMemory`: cuda-python, else pycuda.
-
-    Raises:
-        DunetError: naming what is missing (no bindings, no driver, no GPU).
-    """
-    errors = []
-    for factory, module in ((CudaPythonMemory, "cuda-python"), (PyCudaMemory, "pycuda")):
-        try:
-            return factory(device)
-        except ImportError as exc:
-            errors.append(f"{module}: {one_line(exc)}")
-    raise DunetError(
-        "TensorRT backend needs CUDA Python bindings: pip install cuda-python (or pycuda) "
-        f"[{'; '.join(errors)}]"
-    )
-
-
 # --------------------------------------------------------------- the sidecar
-def _lookup(extra: Mapping[str, Any], *paths: tuple[str, ...]) -> Any:
-    for path in paths:
-        node: Any = extra
-        for key in path:
-            node = node.get(key) if isinstance(node, Mapping) else None
-        if node is not None and not isinstance(node, Mapping):
-            return node
-    return None
-
-
-def _cc_text(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return ".".join(str(int(v)) for v in value)
-    return str(value)
-
-
 def check_sidecar(model_path: Path, info: ArtifactInfo, trt_version: str, gpu: GpuInfo) -> None:
-    """Refuse an engine built for another TensorRT version or GPU.
+    """Refuse an engine built for another TensorRT version or compute capability.
+
+    The GPU's name is not compared: engines run on any device of the same
+    compute capability (other SKUs, MIG slices); TensorRT itself refuses the
+    rest at deserialisation.
 
     Args:
         model_path: The engine (for messages).
@@ -323,30 +62,19 @@ def check_sidecar(model_path: Path, info: ArtifactInfo, trt_version: str, gpu: G
     Raises:
         DunetError: one line saying what differs (or what the sidecar lacks).
     """
-    built_trt = _lookup(info.extra, ("tensorrt",), ("tensorrt_version",), ("tensorrt", "version"))
-    if built_trt is None:
+    side = EngineSidecar.from_info(info, str(model_path))
+    if side.tensorrt != trt_version:
         raise DunetError(
-            f"{model_path}: sidecar does not say which TensorRT built the engine "
-            "(no 'tensorrt' field); rebuild it with dunet-export"
-        )
-    if str(built_trt) != trt_version:
-        raise DunetError(
-            f"{model_path}: engine was built with TensorRT {built_trt}, this is TensorRT "
+            f"{model_path}: engine was built with TensorRT {side.tensorrt}, this is TensorRT "
             f"{trt_version}; rebuild the engine here (dunet-export) or install TensorRT "
-            f"{built_trt}"
+            f"{side.tensorrt}"
         )
-    built_cc = _lookup(info.extra, ("gpu", "compute_capability"), ("compute_capability",))
-    built_gpu = _lookup(info.extra, ("gpu", "name"), ("gpu_name",), ("gpu",))
-    if built_cc is not None and _cc_text(built_cc) != gpu.compute_capability:
+    if side.compute_capability != gpu.compute_capability:
+        built_on = f" ({side.gpu_name})" if side.gpu_name else ""
         raise DunetError(
-            f"{model_path}: engine was built for a GPU of compute capability {_cc_text(built_cc)}"
-            f"{f' ({built_gpu})' if built_gpu else ''}, this GPU is {gpu.name} "
+            f"{model_path}: engine was built for a GPU of compute capability "
+            f"{side.compute_capability}{built_on}, this GPU is {gpu.name} "
             f"({gpu.compute_capability}); rebuild the engine on this GPU"
-        )
-    if built_gpu is not None and str(built_gpu) != gpu.name:
-        raise DunetError(
-            f"{model_path}: engine was built on {built_gpu}, this GPU is {gpu.name}; "
-            "rebuild the engine on this GPU (engines are tuned per GPU model)"
         )
 
 
@@ -356,24 +84,30 @@ def _dims(dims: trt.Dims) -> tuple[int, ...]:
     return tuple(int(dims[i]) for i in range(len(dims)))
 
 
-def _require_tensorrt() -> str:
-    """Check that the real TensorRT is importable; returns its version.
+@dataclass
+class _Profile:
+    """One optimisation profile and the execution context that runs it."""
 
-    Raises:
-        DunetError: naming what is missing.
+    index: int
+    min_batch: int
+    max_batch: int
+    context: Any
+    bound_batch: int = -1
+    graphs: dict[int, Any] = field(default_factory=dict)
+
+
+def pick_profile(profiles: list[tuple[int, int]], n: int) -> int:
+    """Index of the profile for a batch of ``n``: the smallest maximum that fits.
+
+    Args:
+        profiles: ``(min_batch, max_batch)`` per profile, in profile order.
+        n: batch size.
+
+    Returns:
+        The profile index; -1 when none accepts ``n``.
     """
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise DunetError(
-            f"TensorRT is not installed ({one_line(exc)}): pip install 'dunet-deploy[gpu]'"
-        ) from None
-    # tensorrt-stubs alone installs an importable but empty `tensorrt` namespace package.
-    if not hasattr(tensorrt, "Runtime"):
-        raise DunetError(
-            "TensorRT is not installed (only type stubs found): pip install 'dunet-deploy[gpu]'"
-        )
-    return str(tensorrt.__version__)
+    fits = [(hi, i) for i, (lo, hi) in enumerate(profiles) if lo <= n <= hi]
+    return min(fits)[1] if fits else -1
 
 
 class TensorRTRunner(Runner):
@@ -385,6 +119,8 @@ class TensorRTRunner(Runner):
         threads: Ignored (accepted for a uniform interface).
         precision: ``auto`` or the engine's precision (fixed when it was built).
         device: ``auto`` or ``cuda``.
+        cuda_graph: Capture ``execute_async_v3`` in a CUDA graph per batch size
+            (on its first call) and replay it afterwards; needs cuda-python.
         memory: A :class:`CudaMemory` to use (default: :func:`default_memory`);
             the runner closes it.
 
@@ -404,6 +140,7 @@ class TensorRTRunner(Runner):
         threads: int | None = None,
         precision: str = "auto",
         device: str = "auto",
+        cuda_graph: bool = False,
         memory: CudaMemory | Callable[[], CudaMemory] | None = None,
     ) -> None:
         super().__init__(model_path, info)
@@ -411,8 +148,10 @@ class TensorRTRunner(Runner):
         if device not in ("auto", "cuda"):
             raise DunetError(f"tensorrt: engines run on a CUDA GPU, not --device {device}")
         self._precision = fixed_precision(self.model_path, self.backend, precision, info.precision)
+        self._cuda_graph = bool(cuda_graph)
         self._mem: CudaMemory | None = None
-        self._trt_version = _require_tensorrt()
+        self._profiles: list[_Profile] = []
+        self._trt_version = require_tensorrt()
         if memory is None:
             self._mem = default_memory()
         else:
@@ -424,29 +163,15 @@ class TensorRTRunner(Runner):
             raise
 
     def _setup(self, mem: CudaMemory) -> None:
-        import tensorrt as trt  # checked by _require_tensorrt
+        import tensorrt as trt  # checked by require_tensorrt
 
         check_sidecar(self.model_path, self.info, self._trt_version, mem.gpu)
         self._gpu = mem.gpu
         # ERROR, not WARNING: TensorRT's warnings are multi-line noise for CLI users.
         self._logger = trt.Logger(trt.Logger.ERROR)
-        self._runtime = trt.Runtime(self._logger)
-        self._engine = self._deserialize(self._runtime)
-        self._context = self._create_context(self._engine)
+        self._runtime, self._engine = tensorrt_engine(self.model_path, self._logger,
+                                                      self._trt_version)
         self._bind(mem)
-
-    def _deserialize(self, runtime: trt.Runtime) -> trt.ICudaEngine:
-        try:
-            blob = self.model_path.read_bytes()
-        except OSError as exc:
-            raise DunetError(f"{self.model_path}: cannot read engine ({exc.strerror})") from None
-        engine = runtime.deserialize_cuda_engine(blob)
-        if engine is None:
-            raise DunetError(
-                f"{self.model_path}: TensorRT {self._trt_version} cannot deserialise this engine "
-                "(corrupt, or built with another TensorRT/GPU); rebuild it with dunet-export"
-            )
-        return engine
 
     def _create_context(self, engine: trt.ICudaEngine) -> trt.IExecutionContext:
         context = engine.create_execution_context()
@@ -462,43 +187,49 @@ class TensorRTRunner(Runner):
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if inputs != [INPUT_NAME] or OUTPUT_NAME not in outputs:
-            raise DunetError(
-                f"{self.model_path}: engine must have input '{INPUT_NAME}' and output "
-                f"'{OUTPUT_NAME}', has {inputs} -> {outputs}"
-            )
-        shape = _dims(engine.get_tensor_shape(INPUT_NAME))
-        if len(shape) != 4:
-            raise DunetError(f"{self.model_path}: input '{INPUT_NAME}' must be 4D, got {shape}")
-        self._check_graph_shape([d if d >= 0 else None for d in shape])
-        if shape[0] >= 0:
-            max_batch = shape[0]
-        else:
-            # Profile 0 gives (min, opt, max) shapes; buffers are sized for max.
-            _, _, max_shape = engine.get_tensor_profile_shape(INPUT_NAME, 0)
-            max_batch = int(max_shape[0])
-        self._max_batch = max_batch
+        shape = _dims(engine.get_tensor_shape(INPUT_NAME)) if INPUT_NAME in inputs else ()
+        self._check_io(inputs, outputs, [d if d >= 0 else None for d in shape])
         self._c, self._s = shape[1], shape[2]
         self._dynamic = shape[0] < 0
+        ranges = self._profile_ranges(shape)
+        self._max_batch = max(hi for _, hi in ranges)
         self._in_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(INPUT_NAME)))
         self._out_dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(OUTPUT_NAME)))
-        in_shape = (max_batch, self._c, self._s, self._s)
-        out_shape = (max_batch, 1, self._s, self._s)
-        self._h_in = mem.pinned(in_shape, self._in_dtype)
-        self._h_out = mem.pinned(out_shape, self._out_dtype)
+        nmax = self._max_batch
+        self._h_in = mem.pinned((nmax, self._c, self._s, self._s), self._in_dtype)
+        self._h_out = mem.pinned((nmax, 1, self._s, self._s), self._out_dtype)
         self._d_in = mem.alloc(self._h_in.nbytes)
         self._d_out = mem.alloc(self._h_out.nbytes)
-        for name, ptr in ((INPUT_NAME, self._d_in), (OUTPUT_NAME, self._d_out)):
-            if not self._context.set_tensor_address(name, ptr):
-                raise DunetError(f"{self.model_path}: TensorRT refused the buffer for '{name}'")
-        # Any extra outputs still need an address; give each its own buffer.
-        for name in outputs:
-            if name != OUTPUT_NAME:
-                dims = [max_batch if d < 0 else d for d in _dims(engine.get_tensor_shape(name))]
-                size = int(np.prod(dims)) * np.dtype(
-                    trt.nptype(engine.get_tensor_dtype(name))).itemsize
-                self._context.set_tensor_address(name, mem.alloc(size))
-        self._bound_batch = -1
+        addresses = {INPUT_NAME: self._d_in, OUTPUT_NAME: self._d_out}
+        for name in outputs:  # any extra outputs still need an address
+            if name not in addresses:
+                dims = [nmax if d < 0 else d for d in _dims(engine.get_tensor_shape(name))]
+                itemsize = np.dtype(trt.nptype(engine.get_tensor_dtype(name))).itemsize
+                addresses[name] = mem.alloc(int(np.prod(dims)) * itemsize)
+        for index, (lo, hi) in enumerate(ranges):
+            context = self._create_context(engine)
+            if index > 0 and not context.set_optimization_profile_async(index,
+                                                                         mem.stream_handle):
+                raise DunetError(f"{self.model_path}: TensorRT refused optimisation profile "
+                                 f"{index}")
+            for name, ptr in addresses.items():
+                if not context.set_tensor_address(name, ptr):
+                    raise DunetError(f"{self.model_path}: TensorRT refused the buffer for "
+                                     f"'{name}'")
+            self._profiles.append(_Profile(index, lo, hi, context))
+        if len(ranges) > 1:
+            mem.synchronize()  # the profile switches are stream operations
+
+    def _profile_ranges(self, shape: tuple[int, ...]) -> list[tuple[int, int]]:
+        """``(min_batch, max_batch)`` of each optimisation profile (one for a fixed batch)."""
+        if shape[0] >= 0:
+            return [(shape[0], shape[0])]
+        engine = self._engine
+        out = []
+        for index in range(max(1, int(engine.num_optimization_profiles))):
+            lo, _, hi = engine.get_tensor_profile_shape(INPUT_NAME, index)
+            out.append((int(lo[0]), int(hi[0])))
+        return out
 
     @property
     def input_shape(self) -> tuple[int | None, int, int, int]:
@@ -517,7 +248,40 @@ class TensorRTRunner(Runner):
         return f"cuda:{self._gpu.index} ({self._gpu.name}, sm {self._gpu.compute_capability})"
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "tensorrt": self._trt_version}
+        return {**super().describe(), "tensorrt": self._trt_version,
+                "profiles": [[p.min_batch, p.max_batch] for p in self._profiles],
+                "cuda_graph": self._cuda_graph}
+
+    def _profile_for(self, n: int) -> _Profile:
+        index = pick_profile([(p.min_batch, p.max_batch) for p in self._profiles], n)
+        if index < 0:
+            raise DunetError(f"{self.model_path}: no optimisation profile takes batch size {n} "
+                             f"(profiles: {[(p.min_batch, p.max_batch) for p in self._profiles]})")
+        return self._profiles[index]
+
+    def _enqueue(self, mem: CudaMemory, profile: _Profile, run_n: int) -> None:
+        """Enqueue the engine for ``run_n`` slabs: directly, or as a (new) CUDA graph."""
+        context = profile.context
+        if self._dynamic and run_n != profile.bound_batch:
+            if not context.set_input_shape(INPUT_NAME, (run_n, self._c, self._s, self._s)):
+                raise DunetError(f"{self.model_path}: TensorRT refused batch size {run_n}")
+            profile.bound_batch = run_n
+        graph = profile.graphs.get(run_n)
+        if graph is not None:
+            mem.launch(graph)
+            return
+        if not context.execute_async_v3(mem.stream_handle):
+            raise DunetError(f"{self.model_path}: TensorRT execution failed")
+        if self._cuda_graph:
+            # The call above ran outside capture: TensorRT does its deferred
+            # shape-dependent set-up there, which a captured call must not do.
+            mem.begin_capture()
+            ok = context.execute_async_v3(mem.stream_handle)
+            graph = mem.end_capture()
+            if not ok:
+                raise DunetError(f"{self.model_path}: TensorRT execution failed under CUDA "
+                                 "graph capture")
+            profile.graphs[run_n] = graph
 
     def _run(self, slabs: np.ndarray) -> np.ndarray:
         mem = self._mem
@@ -525,23 +289,20 @@ class TensorRTRunner(Runner):
         n = slabs.shape[0]
         # Fixed-batch engines run the whole buffer; the tail stays from earlier calls.
         run_n = n if self._dynamic else self._max_batch
-        if self._dynamic and run_n != self._bound_batch:
-            if not self._context.set_input_shape(INPUT_NAME, (run_n, self._c, self._s, self._s)):
-                raise DunetError(f"{self.model_path}: TensorRT refused batch size {run_n}")
-            self._bound_batch = run_n
+        profile = self._profile_for(run_n)
         h_in = self._h_in[:run_n]
         h_out = self._h_out[:run_n]
         h_in[:n] = slabs  # casts to the engine's input dtype
         mem.htod(self._d_in, h_in)
-        if not self._context.execute_async_v3(mem.stream_handle):
-            raise DunetError(f"{self.model_path}: TensorRT execution failed")
+        self._enqueue(mem, profile, run_n)
         mem.dtoh(h_out, self._d_out)
         mem.synchronize()
         return np.array(h_out[:n], dtype=np.float32, copy=True)
 
     def close(self) -> None:
         # TensorRT objects first (they may reference device memory), then the memory.
-        for attr in ("_context", "_engine", "_runtime"):
+        self._profiles = []
+        for attr in ("_engine", "_runtime"):
             self.__dict__.pop(attr, None)
         if self._mem is not None:
             self._mem.close()

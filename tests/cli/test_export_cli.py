@@ -133,7 +133,7 @@ def test_trt_with_fake_tensorrt(
     out = tmp_path / "out"
     out.mkdir()
     (out / "timing.cache").write_bytes(b"cache")
-    code, _, err = run(
+    code, stdout, err = run(
         ckpt,
         "-o",
         out,
@@ -153,6 +153,7 @@ def test_trt_with_fake_tensorrt(
     assert _files(out) == [
         "model.plan",
         "model.plan.json",
+        "model.plan.layers.json",
         "timing.cache",
         "triton",
         "triton/dunet",
@@ -166,9 +167,11 @@ def test_trt_with_fake_tensorrt(
     assert (out / "timing.cache").read_bytes() == b"cache+tuned"
     side = read_artifact_info(out / "model.plan")
     assert side.precision == "fp16"
-    assert side.extra["tensorrt_version"] == "10.13.0.35"
+    assert side.extra["tensorrt"] == "10.13.0.35"
     assert side.extra["gpu"]["compute_capability"] == "9.0"
-    assert side.extra["profile"]["opt"] == [8, 4, 32, 32]
+    assert [p["opt"] for p in side.extra["profiles"]] == [[1, 4, 32, 32], [8, 4, 32, 32]]
+    assert side.extra["layer_precisions"] == {"fp16": 3, "fp32": 2}
+    assert "TensorRT engine: 5 layers (fp16 3, fp32 2)" in stdout + err
     assert 'platform: "tensorrt_plan"' in (out / "triton/dunet/config.pbtxt").read_text()
 
 

@@ -7,7 +7,6 @@ packages).
 
 from __future__ import annotations
 
-import json
 import types
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from dunet_deploy.artifacts import ArtifactInfo, sidecar_path
+from dunet_deploy.artifacts import ArtifactInfo, EngineSidecar, write_engine_sidecar
+from dunet_deploy.cuda import CudaMemory, GpuInfo
 from dunet_deploy.data.nifti import load_nifti
 from dunet_deploy.data.preprocess import (
     binarize,
@@ -25,13 +25,12 @@ from dunet_deploy.data.preprocess import (
     volume_to_slices,
 )
 from dunet_deploy.data.synth import synth_affine, synthesize_case
-from dunet_deploy.runtime.tensorrt_runner import CudaMemory, GpuInfo
 from dunet_deploy.spec import PreprocessSpec
 
 SHAPE = (40, 48, 24)
 IMAGE_SIZE = 32
 TRT_VERSION = "10.13.0.35"
-GPU = GpuInfo(0, "NVIDIA H100 80GB HBM3", "9.0")
+GPU = GpuInfo("NVIDIA H100 80GB HBM3", "9.0")
 
 
 def tiny_spec() -> PreprocessSpec:
@@ -122,7 +121,12 @@ def fake_engine_fn(x: np.ndarray) -> np.ndarray:
 
 
 class FakeMemory(CudaMemory):
-    """Host-backed stand-in for device memory that records what the runner does."""
+    """Host-backed stand-in for device memory that records what the runner does.
+
+    Stream work is executed at once, except while a CUDA graph is captured:
+    then it is recorded (as real stream capture does) and only runs when the
+    graph is launched.
+    """
 
     package = "fake"
 
@@ -133,6 +137,8 @@ class FakeMemory(CudaMemory):
         self.pinned_shapes: list[tuple[int, ...]] = []
         self.copies: list[str] = []
         self.closed = False
+        self.capturing: list[Any] | None = None
+        self.graphs: list[list[Any]] = []
         self._next = 0x1000
 
     @property
@@ -154,7 +160,15 @@ class FakeMemory(CudaMemory):
         self.pinned_shapes.append(tuple(shape))
         return np.zeros(shape, dtype)
 
+    def enqueue(self, op: Any) -> None:
+        """Run ``op`` now, or record it while capturing."""
+        if self.capturing is not None:
+            self.capturing.append(op)
+        else:
+            op()
+
     def htod(self, dst: int, src: np.ndarray) -> None:
+        assert self.capturing is None, "copies are not part of the captured graph"
         self.copies.append("htod")
         raw = np.ascontiguousarray(src).view(np.uint8).reshape(-1)
         self.buffers[dst][: raw.size] = raw
@@ -165,19 +179,41 @@ class FakeMemory(CudaMemory):
         flat[:] = self.buffers[src][: flat.size]
 
     def synchronize(self) -> None:
+        assert self.capturing is None, "cudaStreamSynchronize is illegal during capture"
         self.copies.append("sync")
+
+    def begin_capture(self) -> None:
+        assert self.capturing is None
+        self.capturing = []
+
+    def end_capture(self) -> Any:
+        assert self.capturing is not None
+        graph, self.capturing = self.capturing, None
+        self.graphs.append(graph)
+        return graph
+
+    def launch(self, graph: Any) -> None:
+        self.copies.append("launch")
+        for op in graph:
+            op()
 
     def close(self) -> None:
         self.closed = True
 
 
 def make_fake_tensorrt(memory: FakeMemory, spec: PreprocessSpec, max_batch: int = 16,
-                       version: str = TRT_VERSION) -> types.ModuleType:
-    """A module with the part of the TensorRT 10 API the runner uses, computing fake_engine_fn."""
+                       version: str = TRT_VERSION,
+                       profiles: list[tuple[int, int]] | None = None) -> types.ModuleType:
+    """A module with the part of the TensorRT 10 API the runner uses, computing fake_engine_fn.
+
+    ``profiles`` are ``(min, max)`` batch ranges (default: one, ``1..max_batch``).
+    Like the real API, calls return ``False`` / ``None`` on refusal rather than raise.
+    """
     c, s = spec.in_channels, spec.image_size
+    ranges = profiles or [(1, max_batch)]
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version  # type: ignore[attr-defined]
-    calls: dict[str, list[Any]] = {"set_input_shape": [], "execute": []}
+    calls: dict[str, list[Any]] = {"set_input_shape": [], "execute": [], "profile": []}
     trt.calls = calls  # type: ignore[attr-defined]
 
     class TensorIOMode:
@@ -194,11 +230,18 @@ def make_fake_tensorrt(memory: FakeMemory, spec: PreprocessSpec, max_batch: int 
         def __init__(self) -> None:
             self.addr: dict[str, int] = {}
             self.shape: tuple[int, ...] | None = None
+            self.profile = 0
+
+        def set_optimization_profile_async(self, index: int, stream: int) -> bool:
+            calls["profile"].append(index)
+            self.profile = index
+            return 0 <= index < len(ranges) and stream == 42
 
         def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
-            calls["set_input_shape"].append(tuple(shape))
+            calls["set_input_shape"].append((self.profile, tuple(shape)))
             self.shape = tuple(shape)
-            return 1 <= shape[0] <= max_batch
+            lo, hi = ranges[self.profile]
+            return lo <= shape[0] <= hi
 
         def set_tensor_address(self, name: str, ptr: int) -> bool:
             self.addr[name] = ptr
@@ -208,13 +251,18 @@ def make_fake_tensorrt(memory: FakeMemory, spec: PreprocessSpec, max_batch: int 
             assert self.shape is not None and stream == 42
             n = self.shape[0]
             calls["execute"].append(n)
-            x = memory.buffers[self.addr["slabs"]][: n * c * s * s * 4].view(np.float32)
-            y = fake_engine_fn(x.reshape(n, c, s, s))
-            memory.buffers[self.addr["prob"]][: y.nbytes] = y.view(np.uint8).reshape(-1)
+
+            def op() -> None:
+                x = memory.buffers[self.addr["slabs"]][: n * c * s * s * 4].view(np.float32)
+                y = fake_engine_fn(x.reshape(n, c, s, s))
+                memory.buffers[self.addr["prob"]][: y.nbytes] = y.view(np.uint8).reshape(-1)
+
+            memory.enqueue(op)
             return True
 
     class Engine:
         num_io_tensors = 2
+        num_optimization_profiles = len(ranges)
 
         def get_tensor_name(self, i: int) -> str:
             return ["slabs", "prob"][i]
@@ -226,7 +274,8 @@ def make_fake_tensorrt(memory: FakeMemory, spec: PreprocessSpec, max_batch: int 
             return (-1, c, s, s) if name == "slabs" else (-1, 1, s, s)
 
         def get_tensor_profile_shape(self, name: str, profile: int) -> list[tuple[int, ...]]:
-            return [(1, c, s, s), (max_batch // 2, c, s, s), (max_batch, c, s, s)]
+            lo, hi = ranges[profile]
+            return [(lo, c, s, s), (lo, c, s, s), (hi, c, s, s)]
 
         def get_tensor_dtype(self, name: str) -> str:
             return "float32"
@@ -250,16 +299,15 @@ def make_fake_tensorrt(memory: FakeMemory, spec: PreprocessSpec, max_batch: int 
 
 def write_fake_engine(path: Path, spec: PreprocessSpec, *, trt_version: str = TRT_VERSION,
                       gpu: GpuInfo = GPU, blob: bytes = b"FAKEPLAN") -> Path:
-    """A ``.plan`` plus the sidecar the export library writes (tensorrt, gpu, profile)."""
+    """A ``.plan`` plus its sidecar, written by the builder's own writer."""
     path.write_bytes(blob)
     info = ArtifactInfo(spec=spec, model_name="dunet", model_args={"base_filters": 8},
                         params=1, precision="fp32")
-    doc = info.to_json_dict()
-    doc.update({"tensorrt": trt_version,
-                "gpu": {"name": gpu.name, "compute_capability": gpu.compute_capability,
-                        "binding": "cuda-python"},
-                "profile": {"input": "slabs"}})
-    sidecar_path(path).write_text(json.dumps(doc))
+    chw = (spec.in_channels, spec.image_size, spec.image_size)
+    engine = EngineSidecar(tensorrt=trt_version, gpu_name=gpu.name,
+                           compute_capability=gpu.compute_capability, binding=gpu.binding,
+                           profiles=(((1, *chw), (8, *chw), (16, *chw)),))
+    write_engine_sidecar(path, info, engine)
     return path
 
 

@@ -12,11 +12,13 @@ import pytest
 import runtime_testutils as rt
 import trt_stubs  # tests/trt_stubs.py (tests/ is on sys.path through its conftest)
 
+from dunet_deploy import cuda as cuda_mod
 from dunet_deploy.artifacts import read_artifact_info
+from dunet_deploy.cuda import GpuInfo
 from dunet_deploy.errors import DunetError
 from dunet_deploy.runtime import open_runner
 from dunet_deploy.runtime import tensorrt_runner as trt_runner
-from dunet_deploy.runtime.tensorrt_runner import GpuInfo, check_sidecar
+from dunet_deploy.runtime.tensorrt_runner import check_sidecar, pick_profile
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,7 +52,7 @@ def test_runner_with_fake_tensorrt(engine, fake_trt):
     # Buffers once, for the profile's max batch; shapes rebound only when N changes.
     assert len(memory.allocs) == 2 and memory.pinned_shapes == [(16, 4, 32, 32), (16, 1, 32, 32)]
     assert module.calls["execute"] == [16, 16, 5, 5]
-    assert module.calls["set_input_shape"] == [(16, 4, 32, 32), (5, 4, 32, 32)]
+    assert module.calls["set_input_shape"] == [(0, (16, 4, 32, 32)), (0, (5, 4, 32, 32))]
     assert memory.copies[:3] == ["htod", "dtoh", "sync"]
     assert memory.closed
 
@@ -65,10 +67,8 @@ def test_fixed_precision_of_engine(engine, fake_trt):
     ("trt_version", "gpu", "match"),
     [
         ("10.9.0.34", rt.GPU, r"built with TensorRT 10\.9\.0\.34, this is TensorRT 10\.13\.0\.35"),
-        (rt.TRT_VERSION, GpuInfo(0, "NVIDIA A100-SXM4-80GB", "8.0"),
+        (rt.TRT_VERSION, GpuInfo("NVIDIA A100-SXM4-80GB", "8.0"),
          r"compute capability 8\.0 \(NVIDIA A100-SXM4-80GB\), this GPU is NVIDIA H100"),
-        (rt.TRT_VERSION, GpuInfo(0, "NVIDIA H100 PCIe", "9.0"),
-         r"built on NVIDIA H100 PCIe, this GPU is NVIDIA H100 80GB HBM3"),
     ],
 )
 def test_sidecar_mismatch_is_refused(tmp_path, fake_trt, trt_version, gpu, match):
@@ -80,16 +80,86 @@ def test_sidecar_mismatch_is_refused(tmp_path, fake_trt, trt_version, gpu, match
     assert fake_trt[1].closed
 
 
+def test_same_compute_capability_other_sku_runs(tmp_path, fake_trt):
+    """An H100 PCIe engine on an H100 SXM (or a MIG slice): same SM, accepted."""
+    plan = rt.write_fake_engine(tmp_path / "model.plan", rt.tiny_spec(),
+                                gpu=GpuInfo("NVIDIA H100 PCIe", "9.0"))
+    with open_runner(plan) as runner:
+        assert runner.infer(np.zeros((2, 4, 32, 32), np.float32)).shape == (2, 1, 32, 32)
+
+
 def test_sidecar_without_version(tmp_path):
     plan = rt.write_fake_engine(tmp_path / "m.plan", rt.tiny_spec())
     info = read_artifact_info(plan)
+    assert info.extra["tensorrt"] == rt.TRT_VERSION  # the one spelling the builder writes
     bare = type(info)(**{**info.__dict__, "extra": {}})
     with pytest.raises(DunetError, match="does not say which TensorRT"):
         check_sidecar(plan, bare, rt.TRT_VERSION, rt.GPU)
-    nested = type(info)(**{**info.__dict__, "extra": {"tensorrt_version": rt.TRT_VERSION,
-                                                      "gpu_name": rt.GPU.name,
-                                                      "compute_capability": [9, 0]}})
-    check_sidecar(plan, nested, rt.TRT_VERSION, rt.GPU)
+    no_gpu = type(info)(**{**info.__dict__, "extra": {"tensorrt": rt.TRT_VERSION}})
+    with pytest.raises(DunetError, match="does not say which GPU"):
+        check_sidecar(plan, no_gpu, rt.TRT_VERSION, rt.GPU)
+    # Sidecars written before the typed sidecar named the version tensorrt_version.
+    legacy = {k: v for k, v in info.extra.items() if k != "tensorrt"}
+    old = type(info)(**{**info.__dict__, "extra": {**legacy, "tensorrt_version": rt.TRT_VERSION}})
+    check_sidecar(plan, old, rt.TRT_VERSION, rt.GPU)
+
+
+def test_pick_profile():
+    profiles = [(1, 8), (1, 64)]
+    assert [pick_profile(profiles, n) for n in (1, 8, 9, 64, 65)] == [0, 0, 1, 1, -1]
+    assert pick_profile([(4, 4)], 4) == 0 and pick_profile([(4, 4)], 3) == -1
+
+
+def test_two_profiles_chosen_by_batch(engine, monkeypatch):
+    memory = rt.FakeMemory()
+    module = rt.make_fake_tensorrt(memory, rt.tiny_spec(), profiles=[(1, 8), (1, 64)])
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    monkeypatch.setattr(trt_runner, "default_memory", lambda device=0: memory)
+    x = np.random.default_rng(2).standard_normal((40, 4, 32, 32)).astype(np.float32)
+    with open_runner(engine) as runner:
+        assert runner.max_batch == 64
+        np.testing.assert_allclose(runner.infer(x[:3]), rt.fake_engine_fn(x[:3]), rtol=1e-6)
+        np.testing.assert_allclose(runner.infer(x), rt.fake_engine_fn(x), rtol=1e-6)
+        assert runner.describe()["profiles"] == [[1, 8], [1, 64]]
+    # Context 1 switched to profile 1 once; batch 3 ran on profile 0, batch 40 on profile 1.
+    assert module.calls["profile"] == [1]
+    assert module.calls["set_input_shape"] == [(0, (3, 4, 32, 32)), (1, (40, 4, 32, 32))]
+
+
+def test_refused_profile_switch(engine, monkeypatch):
+    memory = rt.FakeMemory()
+    module = rt.make_fake_tensorrt(memory, rt.tiny_spec(), profiles=[(1, 8), (1, 64)])
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    monkeypatch.setattr(trt_runner, "default_memory", lambda device=0: memory)
+    monkeypatch.setattr(type(memory), "stream_handle", property(lambda self: 7))
+    with pytest.raises(DunetError, match="refused optimisation profile 1"):
+        open_runner(engine)
+    assert memory.closed
+
+
+def test_cuda_graph_replays_captured_engine(engine, fake_trt):
+    module, memory = fake_trt
+    x = np.random.default_rng(3).standard_normal((21, 4, 32, 32)).astype(np.float32)
+    with open_runner(engine, cuda_graph=True) as runner:
+        outs = [runner.infer(x[:5]), runner.infer(x[5:10]), runner.infer(x[10:15]),
+                runner.infer(x)]
+    np.testing.assert_allclose(outs[0], rt.fake_engine_fn(x[:5]), rtol=1e-6)
+    np.testing.assert_allclose(outs[1], rt.fake_engine_fn(x[5:10]), rtol=1e-6)  # replayed
+    np.testing.assert_allclose(outs[2], rt.fake_engine_fn(x[10:15]), rtol=1e-6)
+    np.testing.assert_allclose(outs[3], rt.fake_engine_fn(x), rtol=1e-6)
+    # Per batch size (5, then 16 for x's first 16): one eager run and one captured run,
+    # then only graph launches (x[5:10], x[10:15] and the 5-slab tail of x).
+    assert len(memory.graphs) == 2 and all(len(g) == 1 for g in memory.graphs)
+    assert module.calls["execute"] == [5, 5, 16, 16]
+    assert memory.copies.count("launch") == 3
+
+
+def test_cuda_graph_without_capture_support(engine, fake_trt, monkeypatch):
+    memory = fake_trt[1]
+    monkeypatch.setattr(type(memory), "begin_capture", cuda_mod.CudaMemory.begin_capture)
+    with open_runner(engine, cuda_graph=True) as runner, pytest.raises(
+            DunetError, match="CUDA graphs need cuda-python; fake cannot capture"):
+        runner.infer(np.zeros((2, 4, 32, 32), np.float32))
 
 
 def test_corrupt_engine(tmp_path, fake_trt):
@@ -145,7 +215,9 @@ class _FakeCudart:
 def test_no_gpu(engine, fake_trt, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "tensorrt", fake_trt[0])
-    monkeypatch.setattr(trt_runner, "_import_cudart", lambda: _FakeCudart())
+    monkeypatch.setattr(cuda_mod, "import_cudart", lambda: _FakeCudart())
+    monkeypatch.setitem(sys.modules, "pycuda", None)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", None)
     with pytest.raises(DunetError, match=r"^TensorRT needs a usable NVIDIA GPU: cudaGetDeviceCount "
                                          r"failed with cudaErrorInsufficientDriver"):
         open_runner(engine)

@@ -107,6 +107,8 @@ class _Progress:
 @click.option("--resample", type=click.Choice(RESAMPLE_MODES), default="auto", show_default=True,
               help="auto: scans with another spacing or grid are resampled onto the model's "
                    "training grid (and the mask back); never: refuse them.")
+@click.option("--cuda-graph", is_flag=True,
+              help="TensorRT / ONNX Runtime CUDA: capture and replay a CUDA graph per batch size.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Worker processes that read/preprocess and post-process/write while this "
                    "process keeps the model busy; 0 = all in this process.  [default: 0 on "
@@ -116,7 +118,7 @@ class _Progress:
 def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str, device: str,
          batch_size: int, save_prob: bool, threads: int | None, precision: str,
          triton_url: str | None, tta: str | None, min_lesion_mm3: float | None, resample: str,
-         workers: int | None, quiet: bool) -> None:
+         cuda_graph: bool, workers: int | None, quiet: bool) -> None:
     """Segment stroke lesions in INPUT volumes (NIfTI files, directories or glob patterns).
 
     Writes OUT/<name>_mask.nii.gz per input (same shape, affine, qform/sform
@@ -150,6 +152,7 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
             save_prob=save_prob, threads=threads, precision=precision, device=device,
             tta=tta, min_lesion_mm3=min_lesion_mm3, resample=resample,
             workers=default_workers() if workers is None else workers,
+            runner_opts={"cuda_graph": True} if cuda_graph else None,
             on_start=on_start, on_result=on_result,
             runner_factory=triton_runner if triton_url else None,
         )

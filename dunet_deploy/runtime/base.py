@@ -372,6 +372,11 @@ def open_runner(
     threads = opts.get("threads")
     if threads is not None and int(threads) < 1:
         raise DunetError(f"threads must be >= 1, got {threads}")
+    if opts.get("cuda_graph") and name == "openvino":
+        raise DunetError(f"{path}: CUDA graphs need a CUDA backend (--backend tensorrt, or "
+                         "onnxruntime with --device cuda); openvino runs on the CPU")
+    if not opts.get("cuda_graph", True):
+        opts.pop("cuda_graph")
     if info is None:
         info = read_artifact_info(path)
     cls = _runner_class(name)

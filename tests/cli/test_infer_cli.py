@@ -195,6 +195,9 @@ def test_usage_errors(tiny, tmp_path):
     res = invoke(["--engine", onnx_path, vols[0], "-o", tmp_path / "o", "--backend",
                   "onnxruntime", "--precision", "bf16"])
     assert res.exit_code == 2 and "exported precision fp32" in res.stderr
+    res = invoke(["--engine", onnx_path, vols[0], "-o", tmp_path / "o", "--backend",
+                  "openvino", "--cuda-graph"])
+    assert res.exit_code == 2 and "CUDA graphs need a CUDA backend" in res.stderr
 
 
 def test_eval_engine_agrees_with_checkpoint(tiny, tmp_path):

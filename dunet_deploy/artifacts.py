@@ -16,6 +16,9 @@ Keys (all values are strings in ONNX metadata; JSON values in sidecars):
 ``dunet.metrics``      JSON of the checkpoint's validation metrics (may be {})
 ``dunet.versions``     JSON of package/torch/onnx versions at export time
 ``dunet.precision``    ``"fp32"`` or ``"fp16"`` (mixed precision graph)
+``dunet.inference.*``  the :class:`~dunet_deploy.spec.InferenceDefaults`
+                       (``tta``, ``min_lesion_mm3``; sidecar key
+                       ``inference``); absent means the defaults
 =====================  =====================================================
 """
 
@@ -24,13 +27,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dunet_deploy.errors import DunetError
-from dunet_deploy.spec import PreprocessSpec
+from dunet_deploy.spec import InferenceDefaults, PreprocessSpec
 
 FORMAT = "dunet-deploy"
 PREFIX = "dunet."
@@ -52,6 +55,8 @@ class ArtifactInfo:
         versions: package versions at export time.
         precision: ``"fp32"`` or ``"fp16"``.
         extra: anything else found in a sidecar (TensorRT version, GPU, profile…).
+        inference: the post-processing the model is shipped with (TTA, small
+            lesion removal); command-line flags override it.
     """
 
     spec: PreprocessSpec
@@ -62,6 +67,7 @@ class ArtifactInfo:
     versions: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"
     extra: dict[str, Any] = field(default_factory=dict)
+    inference: InferenceDefaults = field(default_factory=InferenceDefaults)
 
     def to_metadata(self) -> dict[str, str]:
         """String key/value pairs for ONNX ``metadata_props``."""
@@ -74,6 +80,7 @@ class ArtifactInfo:
             f"{PREFIX}metrics": json.dumps(self.metrics, sort_keys=True),
             f"{PREFIX}versions": json.dumps(self.versions, sort_keys=True),
             f"{PREFIX}precision": self.precision,
+            **self.inference.to_parameters(),
         }
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -87,6 +94,7 @@ class ArtifactInfo:
             "metrics": self.metrics,
             "versions": self.versions,
             "precision": self.precision,
+            "inference": self.inference.to_dict(),
             **self.extra,
         }
 
@@ -95,6 +103,7 @@ class ArtifactInfo:
         """Parse ONNX ``metadata_props``; ``DunetError`` naming ``source`` when not ours."""
         if meta.get(f"{PREFIX}format") != FORMAT:
             raise DunetError(f"{source}: not a dunet-deploy model (no '{PREFIX}format' metadata)")
+        inference = _inference(lambda: InferenceDefaults.from_parameters(meta), source)
         try:
             return cls(
                 spec=PreprocessSpec.from_json(meta[f"{PREFIX}spec"]),
@@ -104,6 +113,7 @@ class ArtifactInfo:
                 metrics=json.loads(meta.get(f"{PREFIX}metrics", "{}")),
                 versions=json.loads(meta.get(f"{PREFIX}versions", "{}")),
                 precision=meta.get(f"{PREFIX}precision", "fp32"),
+                inference=inference,
             )
         except DunetError as e:
             raise DunetError(f"{source}: bad preprocessing spec in metadata: {e}") from None
@@ -116,7 +126,9 @@ class ArtifactInfo:
         if not isinstance(doc, Mapping) or doc.get("format") != FORMAT:
             raise DunetError(f"{source}: not a dunet-deploy sidecar (no 'format': '{FORMAT}')")
         known = {"format", "spec", "model_name", "model_args", "params", "metrics", "versions",
-                 "precision"}
+                 "precision", "inference"}
+        inference = _inference(lambda: InferenceDefaults.from_dict(doc.get("inference", {})),
+                               source)
         try:
             return cls(
                 spec=PreprocessSpec.from_dict(doc["spec"]),
@@ -127,11 +139,20 @@ class ArtifactInfo:
                 versions=dict(doc.get("versions", {})),
                 precision=str(doc.get("precision", "fp32")),
                 extra={k: v for k, v in doc.items() if k not in known},
+                inference=inference,
             )
         except DunetError as e:
             raise DunetError(f"{source}: bad preprocessing spec: {e}") from None
         except (KeyError, ValueError, TypeError) as e:
             raise DunetError(f"{source}: incomplete dunet-deploy sidecar ({e})") from None
+
+
+def _inference(parse: Callable[[], InferenceDefaults], source: str) -> InferenceDefaults:
+    """Parse stored inference defaults, naming ``source`` when they are bad."""
+    try:
+        return parse()
+    except DunetError as e:
+        raise DunetError(f"{source}: bad inference defaults: {e}") from None
 
 
 def sidecar_path(model_path: str | os.PathLike[str]) -> Path:

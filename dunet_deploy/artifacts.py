@@ -16,6 +16,9 @@ Keys (all values are strings in ONNX metadata; JSON values in sidecars):
 ``dunet.metrics``      JSON of the checkpoint's validation metrics (may be {})
 ``dunet.versions``     JSON of package/torch/onnx versions at export time
 ``dunet.precision``    ``"fp32"`` or ``"fp16"`` (mixed precision graph)
+``dunet.inference.*``  the :class:`~dunet_deploy.spec.InferenceDefaults`
+                       (``tta``, ``min_lesion_mm3``; sidecar key
+                       ``inference``); absent means the defaults
 =====================  =====================================================
 
 An engine sidecar adds what the TensorRT builder knows (:class:`EngineSidecar`,
@@ -40,16 +43,17 @@ it is still read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dunet_deploy.errors import DunetError
-from dunet_deploy.spec import PreprocessSpec
+from dunet_deploy.spec import InferenceDefaults, PreprocessSpec
 
 FORMAT = "dunet-deploy"
 PREFIX = "dunet."
@@ -71,6 +75,8 @@ class ArtifactInfo:
         versions: package versions at export time.
         precision: ``"fp32"`` or ``"fp16"``.
         extra: anything else found in a sidecar (TensorRT version, GPU, profile…).
+        inference: the post-processing the model is shipped with (TTA, small
+            lesion removal); command-line flags override it.
     """
 
     spec: PreprocessSpec
@@ -81,6 +87,7 @@ class ArtifactInfo:
     versions: dict[str, Any] = field(default_factory=dict)
     precision: str = "fp32"
     extra: dict[str, Any] = field(default_factory=dict)
+    inference: InferenceDefaults = field(default_factory=InferenceDefaults)
 
     def to_metadata(self) -> dict[str, str]:
         """String key/value pairs for ONNX ``metadata_props``."""
@@ -93,6 +100,7 @@ class ArtifactInfo:
             f"{PREFIX}metrics": json.dumps(self.metrics, sort_keys=True),
             f"{PREFIX}versions": json.dumps(self.versions, sort_keys=True),
             f"{PREFIX}precision": self.precision,
+            **self.inference.to_parameters(),
         }
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -106,6 +114,7 @@ class ArtifactInfo:
             "metrics": self.metrics,
             "versions": self.versions,
             "precision": self.precision,
+            "inference": self.inference.to_dict(),
             **self.extra,
         }
 
@@ -114,6 +123,7 @@ class ArtifactInfo:
         """Parse ONNX ``metadata_props``; ``DunetError`` naming ``source`` when not ours."""
         if meta.get(f"{PREFIX}format") != FORMAT:
             raise DunetError(f"{source}: not a dunet-deploy model (no '{PREFIX}format' metadata)")
+        inference = _inference(lambda: InferenceDefaults.from_parameters(meta), source)
         try:
             return cls(
                 spec=PreprocessSpec.from_json(meta[f"{PREFIX}spec"]),
@@ -123,6 +133,7 @@ class ArtifactInfo:
                 metrics=json.loads(meta.get(f"{PREFIX}metrics", "{}")),
                 versions=json.loads(meta.get(f"{PREFIX}versions", "{}")),
                 precision=meta.get(f"{PREFIX}precision", "fp32"),
+                inference=inference,
             )
         except DunetError as e:
             raise DunetError(f"{source}: bad preprocessing spec in metadata: {e}") from None
@@ -135,7 +146,9 @@ class ArtifactInfo:
         if not isinstance(doc, Mapping) or doc.get("format") != FORMAT:
             raise DunetError(f"{source}: not a dunet-deploy sidecar (no 'format': '{FORMAT}')")
         known = {"format", "spec", "model_name", "model_args", "params", "metrics", "versions",
-                 "precision"}
+                 "precision", "inference"}
+        inference = _inference(lambda: InferenceDefaults.from_dict(doc.get("inference", {})),
+                               source)
         try:
             return cls(
                 spec=PreprocessSpec.from_dict(doc["spec"]),
@@ -146,6 +159,7 @@ class ArtifactInfo:
                 versions=dict(doc.get("versions", {})),
                 precision=str(doc.get("precision", "fp32")),
                 extra={k: v for k, v in doc.items() if k not in known},
+                inference=inference,
             )
         except DunetError as e:
             raise DunetError(f"{source}: bad preprocessing spec: {e}") from None
@@ -247,13 +261,17 @@ def write_engine_sidecar(
         The sidecar path.
     """
     side = sidecar_path(plan_path)
-    doc = ArtifactInfo(
-        spec=info.spec, model_name=info.model_name, model_args=info.model_args,
-        params=info.params, metrics=info.metrics, versions=info.versions,
-        precision=info.precision, extra={**dict(extra or {}), **engine.to_dict()},
-    ).to_json_dict()
-    write_json(side, doc)
+    doc = dataclasses.replace(info, extra={**dict(extra or {}), **engine.to_dict()})
+    write_json(side, doc.to_json_dict())
     return side
+
+
+def _inference(parse: Callable[[], InferenceDefaults], source: str) -> InferenceDefaults:
+    """Parse stored inference defaults, naming ``source`` when they are bad."""
+    try:
+        return parse()
+    except DunetError as e:
+        raise DunetError(f"{source}: bad inference defaults: {e}") from None
 
 
 def sidecar_path(model_path: str | os.PathLike[str]) -> Path:

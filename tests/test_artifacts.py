@@ -80,3 +80,38 @@ def test_foreign_and_broken_artifacts(tmp_path):
     _tiny_onnx(p, meta)
     with pytest.raises(DunetError, match="bad preprocessing spec"):
         read_artifact_info(p)
+
+
+def test_inference_defaults_travel_in_metadata_and_sidecars(tmp_path):
+    from dataclasses import replace
+
+    from dunet_deploy.spec import InferenceDefaults
+
+    assert INFO.inference == InferenceDefaults()  # absent = defaults
+    shipped = replace(INFO, inference=InferenceDefaults(tta="flip", min_lesion_mm3=12.5))
+    meta = shipped.to_metadata()
+    assert meta["dunet.inference.tta"] == "flip"
+    assert meta["dunet.inference.min_lesion_mm3"] == "12.5"
+    p = tmp_path / "model.onnx"
+    _tiny_onnx(p, meta)
+    assert read_artifact_info(p).inference == shipped.inference
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"engine")
+    write_json(sidecar_path(plan), shipped.to_json_dict())
+    info = read_artifact_info(plan)
+    assert info.inference == shipped.inference and "inference" not in info.extra
+    # Artefacts written before the defaults existed read as the defaults.
+    old = {k: v for k, v in meta.items() if not k.startswith("dunet.inference.")}
+    _tiny_onnx(p, old)
+    assert read_artifact_info(p).inference == InferenceDefaults()
+    doc = shipped.to_json_dict()
+    del doc["inference"]
+    write_json(sidecar_path(plan), doc)
+    assert read_artifact_info(plan).inference == InferenceDefaults()
+    # Bad stored values are one-line errors naming the file.
+    _tiny_onnx(p, {**meta, "dunet.inference.tta": "spin"})
+    with pytest.raises(DunetError, match=r"model.onnx: bad inference defaults: .*tta"):
+        read_artifact_info(p)
+    write_json(sidecar_path(plan), {**doc, "inference": {"min_lesion_mm3": -3}})
+    with pytest.raises(DunetError, match=r"model.plan.json: bad inference defaults"):
+        read_artifact_info(plan)

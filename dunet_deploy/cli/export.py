@@ -6,6 +6,7 @@ Examples::
     dunet-export runs/best.pt -o export --format onnx --format onnx-fp16
     dunet-export runs/best.pt -o export --format trt --batch-range 1,8,32
     dunet-export runs/best.pt -o export --format trt --format triton --triton-backend trt
+    dunet-export runs/best.pt -o export --tta flip --min-lesion-mm3 10   # shipped defaults
 
 Everything is written into a temporary folder beside ``OUT_DIR`` and moved into
 place only when every requested artefact was built and verified: a failed
@@ -18,9 +19,11 @@ from pathlib import Path
 
 import click
 
+from dunet_deploy.choices import TTA_MODES
 from dunet_deploy.cli._common import DunetCommand, handle_errors
 from dunet_deploy.errors import DunetError
 from dunet_deploy.export.pipeline import FORMATS, TRITON_BACKENDS, ExportRequest, run_export
+from dunet_deploy.spec import InferenceDefaults
 
 
 # -------------------------------------------------------------------- options
@@ -106,6 +109,21 @@ def _opset(ctx: click.Context, param: click.Parameter, value: int) -> int:
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seed of the verification inputs."
 )
+@click.option(
+    "--tta",
+    type=click.Choice(TTA_MODES),
+    default="none",
+    show_default=True,
+    help="Default test-time augmentation stored in the artefacts (flip: mean with the "
+    "left-right mirror); dunet-infer --tta overrides it.",
+)
+@click.option(
+    "--min-lesion-mm3",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Default smallest lesion (mm3) kept in masks, stored in the artefacts (0 = keep all).",
+)
 @handle_errors
 def main(
     checkpoint: Path,
@@ -120,6 +138,8 @@ def main(
     opt_level: int | None,
     verify_slabs: int,
     seed: int,
+    tta: str,
+    min_lesion_mm3: float,
 ) -> None:
     """Export a dunet-deploy CHECKPOINT for deployment (ONNX, FP16 ONNX, TensorRT, Triton)."""
     fmts = tuple(dict.fromkeys(formats or ("onnx",)))
@@ -131,6 +151,8 @@ def main(
                 f"--triton-backend trt needs a batch range starting at 1 (Triton sends single "
                 f"requests), got {','.join(map(str, batch_range))}"
             )
+    if not (min_lesion_mm3 >= 0 and min_lesion_mm3 != float("inf")):
+        raise DunetError(f"--min-lesion-mm3 {min_lesion_mm3}: must be a finite number >= 0")
     req = ExportRequest(
         checkpoint=checkpoint,
         out_dir=out_dir,
@@ -144,6 +166,7 @@ def main(
         opt_level=opt_level,
         verify_slabs=verify_slabs,
         seed=seed,
+        inference=InferenceDefaults(tta=tta, min_lesion_mm3=min_lesion_mm3),
     )
     written = run_export(req, log=click.echo)
     for rel in written:

@@ -1,8 +1,11 @@
 """A preprocessed, memory-mapped slice cache for training.
 
-Preprocessing (normalise, orient, crop, resize) runs once per case and the
-result is kept on disk, so training never holds a dataset of float32 volumes
-in memory and data loading is a memory-mapped read plus a slab gather.
+Preprocessing (bring the case onto the model's grid as inference does, i.e.
+reorient it exactly to the spec's orientation or resample it to the training
+spacing — see :mod:`dunet_deploy.data.geometry` — then normalise, orient,
+crop, resize) runs once per case and the result is kept on disk, so training
+never holds a dataset of float32 volumes in memory and data loading is a
+memory-mapped read plus a slab gather.
 
 Layout of ``cache_dir``::
 
@@ -27,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from dunet_deploy.data.geometry import plan_model_space
 from dunet_deploy.data.layouts import Case, load_case
 from dunet_deploy.data.preprocess import (
     mask_to_labels,
@@ -245,7 +249,7 @@ def build_cache(
 
     Raises:
         DunetError: when a case cannot be read, its image and mask shapes
-            differ, the spec cannot take its shape, or case ids repeat.
+            differ, the spec cannot take its geometry, or case ids repeat.
     """
     out = Path(cache_dir)
     ids = [c.case_id for c in cases]
@@ -268,12 +272,14 @@ def build_cache(
     for k, (case, key) in enumerate(zip(cases, keys, strict=True)):
         image, mask = load_case(case)
         try:
-            spec.check_volume_shape(image.data.shape)
+            space = plan_model_space(image.shape, image.affine, spec)
         except DunetError as exc:
             raise DunetError(f"case {case.case_id}: {exc}") from None
-        slices = volume_to_slices(image.data, spec)
+        # Exactly what inference does: the image and its mask on the model's grid.
+        volume, mask = space.to_model(image.data), space.mask_to_model(mask)
+        slices = volume_to_slices(volume, spec)
         labels = mask_to_labels(mask, spec)[:, 0]
-        flags = nonempty_slice_flags(image.data, spec)
+        flags = nonempty_slice_flags(volume, spec)
         z = slices.shape[0]
         img_name, lab_name = f"case_{k:05d}_images.npy", f"case_{k:05d}_labels.npy"
         img_map = np.lib.format.open_memmap(out / img_name, mode="w+", dtype=np.float16,
@@ -288,7 +294,8 @@ def build_cache(
         entries.append({
             "case_id": case.case_id,
             "source": key,
-            "volume_shape": list(image.data.shape),
+            "volume_shape": list(volume.shape),
+            "geometry": space.describe(),
             "z": int(z),
             "images": img_name,
             "labels": lab_name,

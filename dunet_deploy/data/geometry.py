@@ -224,7 +224,6 @@ class ModelSpace:
         model_affine: float64 ``[4, 4]`` voxel-to-world of that volume.
         method: ``"none"`` (voxels unchanged), ``"reorient"`` (exact flips and
             transposes) or ``"linear"`` (resampled through the affines).
-        ornt: nibabel orientation transform input -> model (``"reorient"``).
         model_orientation: Axis codes of the model grid (``None``: unknown).
         grid: Name of the training grid when the spec has one.
         overlap: World-box overlap with the training grid (``None`` without one).
@@ -236,15 +235,25 @@ class ModelSpace:
     model_shape: tuple[int, int, int]
     model_affine: np.ndarray
     method: str
-    ornt: np.ndarray | None = None
     model_orientation: tuple[str, str, str] | None = None
     grid: str | None = None
     overlap: float | None = None
     warnings: tuple[str, ...] = field(default=())
 
-    def _check(self, data: np.ndarray, shape: tuple[int, ...], what: str) -> None:
-        if data.shape != shape:
-            raise ValueError(f"{what} has shape {data.shape}, this plan is for {shape}")
+    def _map(self, data: npt.ArrayLike, *, forward: bool) -> np.ndarray:
+        """Move voxels input -> model grid (``forward``) or model -> input grid."""
+        src = (self.input_shape, self.input_affine)
+        dst = (self.model_shape, self.model_affine)
+        if not forward:
+            src, dst = dst, src
+        arr = np.asarray(data)
+        if arr.shape != src[0]:
+            raise ValueError(f"array has shape {arr.shape}, this plan maps {src[0]} -> {dst[0]}")
+        if self.method == "linear":
+            return _resample(arr, src[1], dst[1], dst[0])
+        if self.method == "reorient":
+            arr = nio.apply_orientation(arr, _reorientation(src[1], axcodes(dst[1])))
+        return np.ascontiguousarray(arr, dtype=np.float32)
 
     def to_model(self, data: npt.ArrayLike) -> np.ndarray:
         """Input voxels -> the model's grid.
@@ -256,14 +265,7 @@ class ModelSpace:
             float32 ``model_shape`` (exact for ``"none"``/``"reorient"``;
             linear interpolation, 0 outside the input, for ``"linear"``).
         """
-        arr = np.asarray(data)
-        self._check(arr, self.input_shape, "input")
-        if self.method == "linear":
-            return _resample(arr, self.input_affine, self.model_affine, self.model_shape)
-        if self.method == "reorient":
-            assert self.ornt is not None
-            arr = nio.apply_orientation(arr, self.ornt)
-        return np.ascontiguousarray(arr, dtype=np.float32)
+        return self._map(data, forward=True)
 
     def mask_to_model(self, mask: npt.ArrayLike) -> np.ndarray:
         """A lesion mask (``> 0``) on the model grid: exact, or linear then ``>= 0.5``.
@@ -284,16 +286,7 @@ class ModelSpace:
             float32 ``input_shape``: the exact inverse of :meth:`to_model` for
             ``"none"``/``"reorient"``, linear interpolation for ``"linear"``.
         """
-        arr = np.asarray(prob)
-        self._check(arr, self.model_shape, "probabilities")
-        if self.method == "linear":
-            return _resample(arr, self.model_affine, self.input_affine, self.input_shape)
-        if self.method == "reorient":
-            assert self.ornt is not None
-            back = nio.ornt_transform(nio.io_orientation(self.model_affine),
-                                      nio.io_orientation(self.input_affine))
-            arr = nio.apply_orientation(arr, back)
-        return np.ascontiguousarray(arr, dtype=np.float32)
+        return self._map(prob, forward=False)
 
     @property
     def model_zooms(self) -> tuple[float, float, float]:
@@ -388,7 +381,7 @@ def plan_model_space(
         return ModelSpace(shp, aff, shp, aff, "none",
                           warnings=_oblique_warnings(aff, oblique_warn_deg, "none"))
     codes = spec.orientation
-    shape_r, aff_r, ornt = _reoriented(shp, aff, codes)
+    shape_r, aff_r, _ = _reoriented(shp, aff, codes)
     method = "none" if shape_r == shp and np.allclose(aff_r, aff) else "reorient"
     grid = spec.grid_matrix
     target: tuple[tuple[int, int, int], np.ndarray] | None = None
@@ -428,7 +421,6 @@ def plan_model_space(
     except DunetError as exc:
         raise DunetError(f"{exc} (after reorienting {''.join(axcodes(aff))} to "
                          f"{''.join(codes)})") from None
-    return ModelSpace(shp, aff, shape_r, aff_r, method,
-                      ornt=ornt if method == "reorient" else None, model_orientation=codes,
+    return ModelSpace(shp, aff, shape_r, aff_r, method, model_orientation=codes,
                       grid=name, overlap=overlap,
                       warnings=_oblique_warnings(aff, oblique_warn_deg, method))

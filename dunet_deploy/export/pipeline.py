@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from dunet_deploy.artifacts import (
     write_json,
 )
 from dunet_deploy.errors import DunetError
+from dunet_deploy.spec import InferenceDefaults
 
 FORMATS = ("onnx", "onnx-fp16", "trt", "triton")
 TRITON_BACKENDS = ("onnx", "trt")
@@ -44,6 +45,7 @@ class ExportRequest:
     opt_level: int | None
     verify_slabs: int
     seed: int
+    inference: InferenceDefaults = field(default_factory=InferenceDefaults)
 
 
 def _sha256(path: Path) -> str:
@@ -113,7 +115,8 @@ def run_export(req: ExportRequest, log: Callable[[str], None] = print) -> list[P
         "epoch": doc.get("epoch"),
         "best_metrics": doc.get("best_metrics", {}),
     }
-    base_info = artifact_info(model, spec, metrics=doc.get("metrics") or {})
+    base_info = replace(artifact_info(model, spec, metrics=doc.get("metrics") or {}),
+                        inference=req.inference)
     chw = (spec.in_channels, spec.image_size, spec.image_size)
 
     stage = _staging_dir(req.out_dir)

@@ -268,8 +268,7 @@ class Segmenter(Closeable):
 
 def model_defaults(info: ArtifactInfo) -> InferenceDefaults:
     """The inference defaults a model was exported with (built-in defaults if none)."""
-    found = getattr(info, "inference", None)
-    return found if isinstance(found, InferenceDefaults) else InferenceDefaults()
+    return info.inference
 
 
 def resolve_inference(

@@ -79,7 +79,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,7 @@ from torch import nn
 from dunet_deploy.artifacts import atomic_write_bytes, write_json
 from dunet_deploy.choices import TRAIN_DEVICES as DEVICES
 from dunet_deploy.data.cache import SliceCache, build_cache
+from dunet_deploy.data.geometry import measure_geometry, reoriented_shape
 from dunet_deploy.data.layouts import Case, check_case, discover_cases, split_cases
 from dunet_deploy.errors import DunetError
 from dunet_deploy.losses import LOSSES, get_loss
@@ -302,11 +303,14 @@ def restore_rng_state(state: dict[str, Any] | None) -> None:
         random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
 
 
-def build_spec(cfg: TrainConfig, volume_shape: Sequence[int]) -> PreprocessSpec:
+def build_spec(cfg: TrainConfig, volume_shape: Sequence[int],
+               geometry: Mapping[str, Any] | None = None) -> PreprocessSpec:
     """The preprocessing spec of a run: ``PreprocessSpec.for_geometry`` of the data.
 
     The paper's crop is used when the volumes have ATLAS's shape; the model's
-    registry ``slab_offsets`` define the channels.
+    registry ``slab_offsets`` define the channels; ``geometry`` (from
+    :func:`~dunet_deploy.data.geometry.measure_geometry`) records the data's
+    orientation, voxel size and shared grid.
     """
     info = model_info(cfg.model)
     if cfg.image_size is not None and (cfg.image_size <= 0 or cfg.image_size % 16):
@@ -319,6 +323,7 @@ def build_spec(cfg: TrainConfig, volume_shape: Sequence[int]) -> PreprocessSpec:
         image_size=cfg.image_size,
         model_name=cfg.model,
         slab_offsets=info.slab_offsets,
+        **dict(geometry or {}),
     )
 
 
@@ -379,13 +384,13 @@ def check_config(cfg: TrainConfig) -> None:
             raise DunetError(message)
 
 
-def _volume_shape(case: Case) -> tuple[int, ...]:
-    """Shape of a case's image from its header (no voxel data read)."""
+def _volume_shape(case: Case, orientation: Sequence[str] | None = None) -> tuple[int, ...]:
+    """Shape of a case's image from its header (no voxel data read), once reoriented."""
     img: Any = nib.load(str(case.image))
     shape = tuple(int(n) for n in img.shape)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
-    return shape
+    return reoriented_shape(shape, img.affine, orientation)
 
 
 def resume_path(resume: str, out: str | os.PathLike[str]) -> Path:
@@ -674,10 +679,11 @@ def _inputs(cfg: TrainConfig) -> tuple[str, list[Case], PreprocessSpec, dict[str
                          "(one for validation)")
     for case in cases:
         check_case(case)
-    spec = build_spec(cfg, _volume_shape(cases[0]))
+    geometry = measure_geometry(cases)
+    spec = build_spec(cfg, _volume_shape(cases[0], geometry["orientation"]), geometry)
     for case in cases:
         try:
-            spec.check_volume_shape(_volume_shape(case))
+            spec.check_volume_shape(_volume_shape(case, spec.orientation))
         except DunetError as exc:
             raise DunetError(f"case {case.case_id}: {exc}") from None
     train_cases, val_cases = split_cases(cases, cfg.val_fraction, cfg.seed)

@@ -20,6 +20,7 @@ from dunet_deploy.cli import export as cli
 from dunet_deploy.export import tensorrt_build as tb
 from dunet_deploy.export import verify as ver
 from dunet_deploy.models import create_model, model_kwargs
+from dunet_deploy.spec import InferenceDefaults
 from dunet_deploy.training.checkpoint import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,6 +121,23 @@ def test_fp16_and_triton(ckpt: Path, tmp_path: Path) -> None:
     syn = [r for r in doc["verification"]["rows"] if r["inputs"] == "synthetic"]
     assert syn and all(r["passed"] and r["positives"] > 0 for r in syn)
     assert "max_batch_size: 16" in (out / "triton/dunet/config.pbtxt").read_text()
+    assert info.inference.tta == "none" and info.inference.min_lesion_mm3 == 0.0
+
+
+def test_inference_defaults_are_stored_in_every_artefact(ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, _, err = run(ckpt, "-o", out, "--format", "onnx", "--format", "onnx-fp16",
+                       "--format", "triton", "--no-verify", "--tta", "flip",
+                       "--min-lesion-mm3", "12.5")
+    assert code == 0, err
+    want = InferenceDefaults(tta="flip", min_lesion_mm3=12.5)
+    for name in ("model.onnx", "model_fp16.onnx", "triton/dunet/1/model.onnx"):
+        assert read_artifact_info(out / name).inference == want, name
+    for name in ("model.json", "model_fp16.json"):
+        assert read_sidecar(out / name).inference == want, name
+    config = (out / "triton/dunet/config.pbtxt").read_text()
+    for key, value in want.to_parameters().items():
+        assert key in config and value in config
     m = onnx.load(str(out / "triton/dunet/1/model.onnx"))
     assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
@@ -334,6 +352,8 @@ def test_payload_checkpoint_in_a_real_process(tmp_path: Path) -> None:
         (["--batch-range", "8,4,32"], "MIN <= OPT <= MAX"),
         (["--batch-range", "0,1,2"], ">= 1"),
         (["--opset", "16"], "opset >= 17"),
+        (["--min-lesion-mm3", "-1"], "--min-lesion-mm3"),
+        (["--tta", "spin"], "--tta"),
         (["--opt-level", "9"], "--opt-level"),
         (["--format", "triton", "--triton-backend", "trt"], "needs --format trt"),
         (

@@ -199,3 +199,64 @@ def test_open_errors(tmp_path: Path) -> None:
     (tmp_path / MANIFEST).write_text(json.dumps({"format": 99}))
     with pytest.raises(DunetError, match="unsupported"):
         SliceCache(tmp_path)
+
+
+def _save_reoriented(src: Path, dst: Path, codes: tuple[str, str, str]) -> Path:
+    img = nib.load(str(src))
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine),
+                                           nib.orientations.axcodes2ornt(codes))
+    nib.save(img.as_reoriented(ornt), str(dst))
+    return dst
+
+
+def test_mixed_orientations_are_brought_to_the_spec_exactly(dataset: list[Case],
+                                                            tmp_path: Path) -> None:
+    from dunet_deploy.data.geometry import axcodes, measure_geometry
+
+    # Case 1 stored PIR and case 2 stored RAS (image and mask): same scans, other voxel orders.
+    moved = []
+    for case, codes in zip(dataset[1:], (("P", "I", "R"), ("R", "A", "S")), strict=True):
+        image = _save_reoriented(case.image, tmp_path / f"{case.case_id}.nii.gz", codes)
+        masks = tuple(_save_reoriented(m, tmp_path / f"{case.case_id}_m{k}.nii.gz", codes)
+                      for k, m in enumerate(case.masks))
+        moved.append(Case(case.case_id, image, masks))
+    mixed = [dataset[0], *moved]
+    assert [axcodes(nib.load(str(c.image)).affine) for c in mixed] == [
+        ("L", "A", "S"), ("P", "I", "R"), ("R", "A", "S")]
+    geom = measure_geometry([dataset[0], moved[0], dataset[2]])  # LAS is the majority
+    spec = PreprocessSpec.for_geometry(SHAPE, **geom)
+    assert spec.orientation == ("L", "A", "S") and spec.grid_affine is not None
+    cache = build_cache(mixed, spec, tmp_path / "cache")
+    for case, original in zip(mixed, dataset, strict=True):
+        images, labels = cache.case_slabs(case.case_id)
+        vol = load_nifti(original.image).data
+        # The voxels are reordered exactly; normalisation and resizing then sum in another
+        # order, so values may differ by one float16 step (stored as float16).
+        np.testing.assert_allclose(
+            images, slices_to_slabs(volume_to_slices(vol, spec), spec), rtol=1e-3, atol=2e-3)
+        np.testing.assert_array_equal(labels, mask_to_labels(load_mask(list(original.masks)),
+                                                             spec))
+    entries = {e["case_id"]: e for e in cache.manifest["cases"]}
+    assert entries[moved[0].case_id]["geometry"]["method"] == "reorient"
+    assert entries[moved[0].case_id]["geometry"]["input_orientation"] == "PIR"
+    assert entries[dataset[0].case_id]["geometry"]["method"] == "none"
+    assert entries[moved[0].case_id]["volume_shape"] == list(SHAPE)
+
+
+def test_cases_off_the_training_grid_are_refused_or_resampled(dataset: list[Case],
+                                                              tmp_path: Path) -> None:
+    from dunet_deploy.data.geometry import measure_geometry
+
+    spec = PreprocessSpec.for_geometry(SHAPE, **measure_geometry(dataset[:1]))
+    img = nib.load(str(dataset[0].image))
+    far = img.affine.copy()
+    far[:3, 3] += 500.0  # the same voxels far away: not in the training space
+    path = tmp_path / "far.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), far), str(path))
+    mask = tmp_path / "far_mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(nib.load(str(dataset[0].masks[0])).dataobj), far),
+             str(mask))
+    with pytest.raises(DunetError) as exc:
+        build_cache([Case("far", path, (mask,))], spec, tmp_path / "c")
+    assert "case far" in str(exc.value) and "registered" in str(exc.value)
+    assert not (tmp_path / "c" / MANIFEST).exists()

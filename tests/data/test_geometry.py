@@ -57,9 +57,9 @@ def _save(path: Path, data: np.ndarray, affine: np.ndarray, codes: str = "RAS") 
     return path
 
 
-def _resampled(data: np.ndarray, affine: np.ndarray, zoom: float):
+def _resampled(data: np.ndarray, affine: np.ndarray, zoom: float, like=SHAPE):
     """The same scan on a ``zoom`` mm grid covering the same world box."""
-    shape = tuple(int(n) for n in np.rint(np.asarray(SHAPE) / zoom))
+    shape = tuple(int(n) for n in np.rint(np.asarray(like) / zoom))
     new_aff = np.diag([zoom, zoom, zoom, 1.0])
     new_aff[:3, 3] = affine[:3, 3] - 0.5 + zoom / 2.0  # first voxel corner stays put
     m = np.linalg.solve(affine, new_aff)
@@ -253,3 +253,66 @@ def test_measure_geometry_of_cases_images_and_pairs(scan, tmp_path) -> None:
     assert mixed["voxel_size"] == pytest.approx((1.2, 1.2, 1.2))
     with pytest.raises(DunetError):
         measure_geometry([])
+
+
+# ------------------------------------------- through the network (ONNX Runtime)
+def _segment(path: Path, spec: PreprocessSpec, predict, **plan_kw) -> tuple[np.ndarray, object]:
+    """NIfTI in, probabilities on the file's own grid out: the runtime's path."""
+    from dunet_deploy.training.evaluate import predict_volume  # torch-free at import
+
+    vol = load_nifti(path)
+    space = plan_model_space(vol.shape, vol.affine, spec, **plan_kw)
+    prob = predict_volume(space.to_model(vol.data), spec, predict)
+    return space.to_input(prob), vol
+
+
+def test_onnx_probabilities_agree_across_voxel_orders(scan, tmp_path) -> None:
+    pytest.importorskip("torch")
+    ort = pytest.importorskip("onnxruntime")
+    import torch
+
+    from dunet_deploy.export.onnx_export import export_onnx
+    from dunet_deploy.models import create_model
+
+    image, _, affine = scan
+    spec = PreprocessSpec.for_geometry(SHAPE, image_size=32,
+                                       **measure_geometry([(SHAPE, affine)]))
+    torch.manual_seed(0)
+    export_onnx(create_model("dunet", base_filters=8).eval(), spec, tmp_path / "m.onnx")
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return session.run(None, {"slabs": x})[0]
+
+    ref, _ = _segment(_save(tmp_path / "RAS.nii.gz", image, affine), spec, predict)
+    assert ref.max() > 0.0
+    for codes in ORDERS[1:]:
+        prob, vol = _segment(_save(tmp_path / f"{codes}.nii.gz", image, affine, codes), spec,
+                             predict)
+        assert prob.shape == vol.shape  # the input's own voxel order
+        back = nib.Nifti1Image(prob, vol.affine).as_reoriented(
+            nio.ornt_transform(nio.io_orientation(vol.affine), nio.axcodes2ornt(tuple("RAS"))))
+        np.testing.assert_allclose(np.asarray(back.dataobj), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("zoom", [1.25, 0.8])
+def test_masks_of_resampled_scans_agree_with_the_1mm_mask(tmp_path, zoom) -> None:
+    shape = (80, 96, 64)  # structures of about real size (boundary voxels are few)
+    image, _ = synthesize_case(shape, seed=3)
+    affine = _centred_affine(shape)
+    spec = PreprocessSpec.for_geometry(shape, image_size=80,
+                                       **measure_geometry([(shape, affine)]))
+
+    def tissue(x: np.ndarray) -> np.ndarray:  # a deterministic "network": brain tissue
+        return (x[:, spec.label_index : spec.label_index + 1] > -0.5).astype(np.float32)
+
+    ref, _ = _segment(_save(tmp_path / "ref.nii.gz", image, affine), spec, tissue)
+    ref_mask = ref >= spec.threshold
+    data, new_aff = _resampled(image, affine, zoom, shape)
+    prob, vol = _segment(_save(tmp_path / "z.nii.gz", data, new_aff), spec, tissue)
+    assert prob.shape == vol.shape != shape
+    mask = (prob >= spec.threshold).astype(np.float32)
+    # Once on one grid (the 1 mm one), the two masks agree.
+    on_1mm = plan_model_space(vol.shape, vol.affine, spec).mask_to_model(mask) > 0
+    assert ref_mask.sum() > 50_000
+    assert _dsc(on_1mm, ref_mask) >= 0.9

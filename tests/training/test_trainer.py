@@ -199,6 +199,13 @@ def test_spec_follows_the_data_geometry_and_the_model():
     assert single.model_name == "unet2d"
     with pytest.raises(DunetError, match="--image-size 40"):
         build_spec(TrainConfig(data="d", out="o", image_size=40), TINY)
+    # The data's geometry (as measure_geometry returns it) is recorded in the spec.
+    mni = np.array([[1.0, 0, 0, -98], [0, 1, 0, -134], [0, 0, 1, -72], [0, 0, 0, 1]])
+    geo = build_spec(TrainConfig(data="d", out="o"), (197, 233, 189),
+                     {"orientation": ("R", "A", "S"), "voxel_size": (1.0, 1.0, 1.0),
+                      "grid_affine": mni})
+    assert geo.orientation == ("R", "A", "S") and geo.voxel_size == (1.0, 1.0, 1.0)
+    np.testing.assert_array_equal(geo.grid_matrix, mni)
 
 
 def test_single_slice_model_trains_on_one_channel_slabs(tiny, tmp_path):

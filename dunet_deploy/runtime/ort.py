@@ -10,6 +10,7 @@ import numpy as np
 from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
 from dunet_deploy.errors import DunetError
 from dunet_deploy.runtime.base import Runner, fixed_precision, one_line
+from dunet_deploy.runtime.executed import Executed, onnxruntime_executed
 
 __all__ = ["OnnxRuntimeRunner", "pick_providers"]
 
@@ -125,6 +126,12 @@ class OnnxRuntimeRunner(Runner):
         self._c, self._s = self.spec.in_channels, self.spec.image_size
         self._providers = self._session.get_providers()
         self.threads = threads
+        self._executed: Executed | None = None
+        if info.precision == "int8":  # report the kernels that run, not the label
+            self._executed = onnxruntime_executed(
+                lambda o: ort.InferenceSession(str(self.model_path), o, providers=providers),
+                opts, "fp32")
+            self._precision = self._executed.precision
 
     @property
     def input_shape(self) -> tuple[int | None, int, int, int]:
@@ -145,7 +152,9 @@ class OnnxRuntimeRunner(Runner):
         return "cuda" if CUDA_EP in self._providers else "cpu"
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "providers": list(self._providers), "threads": self.threads}
+        executed = {"executed": self._executed.to_dict()} if self._executed else {}
+        return {**super().describe(), "providers": list(self._providers), "threads": self.threads,
+                **executed}
 
     def _run(self, slabs: np.ndarray) -> np.ndarray:
         x = slabs if self._in_dtype is np.float32 else slabs.astype(self._in_dtype)

@@ -117,21 +117,27 @@ def _runner_for(library: str, device: str, precision: str, n: int, threads: int 
         cuda = device.startswith("cuda")
         return call_torch, (torch.cuda.synchronize if cuda else (lambda: None))
     a_np = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    if precision == "int8":
+        from dunet_deploy.export.int8 import qdq_matmul_onnx
+
+        graph = qdq_matmul_onnx(n)
+    else:
+        graph = _matmul_onnx(n)
     if library == "onnxruntime":
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
-        sess = ort.InferenceSession(_matmul_onnx(n), sess_options=opts,
+        sess = ort.InferenceSession(graph, sess_options=opts,
                                     providers=["CPUExecutionProvider"])
         return (lambda: sess.run(None, {"A": a_np})), (lambda: None)
     if library == "openvino":
         import openvino as ov
 
         core = ov.Core()
-        model = core.read_model(_matmul_onnx(n), b"")
-        hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[precision]
+        model = core.read_model(graph, b"")
+        hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}[precision]
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -151,6 +157,8 @@ def libraries_for(device: str, precision: str) -> tuple[str, ...]:
     """
     if device.startswith("cuda"):
         return ("torch",)
+    if precision == "int8":  # a QDQ graph both CPU runtimes fuse into an integer GEMM
+        return ("onnxruntime", "openvino")
     return ("torch", "openvino") if precision != "fp32" else ("torch", "onnxruntime", "openvino")
 
 

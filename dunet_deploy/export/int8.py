@@ -521,3 +521,57 @@ def export_int8(
     q.metadata_props.add(key=METADATA_KEY, value=json.dumps(summary, sort_keys=True))
     onnx.save(q, os.fspath(out))
     return q, facts
+
+
+# ------------------------------------------------------------------ bench
+def bench_int8_onnx(onnx32: Path, info: ArtifactInfo, out: Path, *, n_slabs: int = 32,
+                    seed: int = 0) -> Path:
+    """The QDQ model ``dunet-bench`` times for a randomly initialised model.
+
+    Calibrated on synthetic slabs (:func:`synthetic_calibration_slabs`), with
+    the export's policy; no gate (a random model has no accuracy to keep).
+
+    Returns:
+        ``out``, written.
+    """
+    slabs = synthetic_calibration_slabs(info.spec, n_slabs, seed=seed)
+    q = quantize_qdq(onnx.load(os.fspath(onnx32)), slabs)
+    del q.metadata_props[:]
+    for key, value in info.to_metadata().items():
+        q.metadata_props.add(key=key, value=value)
+    onnx.save(q, os.fspath(out))
+    return out
+
+
+def qdq_matmul_onnx(n: int, seed: int = 1) -> bytes:
+    """A QDQ ``Y = A @ B`` graph (``n``×``n``, int8 per-tensor symmetric) for the int8 peak.
+
+    Runtimes fuse it into one integer GEMM (ONNX Runtime ``MatMulIntegerToFloat`` /
+    ``QLinearMatMul``, OpenVINO an i8 ``FullyConnected``): 2·n³ int8 operations per run.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    b = rng.integers(-127, 128, (n, n), dtype=np.int8)
+    inits = [
+        numpy_helper.from_array(b, "B_q"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "a_scale"),
+        numpy_helper.from_array(np.array(0.01, np.float32), "b_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "zp"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["A", "a_scale", "zp"], ["A_q"]),
+        helper.make_node("DequantizeLinear", ["A_q", "a_scale", "zp"], ["A_dq"]),
+        helper.make_node("DequantizeLinear", ["B_q", "b_scale", "zp"], ["B_dq"]),
+        helper.make_node("MatMul", ["A_dq", "B_dq"], ["Y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "qdq_matmul",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [n, n])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()

@@ -246,3 +246,22 @@ def test_calibration_reads_every_layout(layout: str, spec32: PreprocessSpec,
 def test_synthetic_calibration_slabs(spec32: PreprocessSpec) -> None:
     slabs = int8.synthetic_calibration_slabs(spec32, 16, seed=2)
     assert slabs.shape == (16, 4, 32, 32) and np.isfinite(slabs).all()
+
+
+# ------------------------------------------------------- the runtime's CLIs
+def test_infer_and_eval_run_the_int8_model(exported: Path, int8_data: Path,
+                                           tmp_path: Path) -> None:
+    from dunet_deploy.cli.eval import main as eval_main
+    from dunet_deploy.cli.infer import main as infer_main
+
+    _, cases = discover_cases(int8_data)
+    res = CliRunner().invoke(infer_main, ["--engine", str(exported / "model_int8.onnx"),
+                                          str(cases[-1].image), "-o", str(tmp_path / "masks"),
+                                          "--precision", "int8"])
+    assert res.exit_code == 0, res.output
+    assert any(p.name.endswith("_mask.nii.gz") for p in (tmp_path / "masks").iterdir())
+    res = CliRunner().invoke(eval_main, ["--engine", str(exported / "model_int8.onnx"),
+                                         "--data", str(int8_data), "--out", str(tmp_path / "ev"),
+                                         "--backend", "onnxruntime", "--no-boxplot"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "ev").is_dir() and any((tmp_path / "ev").iterdir())

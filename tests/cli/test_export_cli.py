@@ -13,7 +13,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 
 from dunet_deploy.artifacts import read_artifact_info, read_sidecar
 from dunet_deploy.cli import export as cli
@@ -48,18 +47,8 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory, spec32) -> Path:  # type: ign
     return path
 
 
-def run(*args: str) -> tuple[int, str, str]:
-    res = CliRunner().invoke(cli.main, [str(a) for a in args])
-    if res.exception and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    return res.exit_code, res.stdout, res.stderr
-
-
-def _one_line_error(code: int, err: str) -> str:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
+run = H.run_export_cli
+_one_line_error = H.one_line_error
 
 
 def _files(root: Path) -> list[str]:

@@ -13,7 +13,6 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from dunet_deploy.artifacts import read_artifact_info
-from dunet_deploy.cli import export as cli
 from dunet_deploy.data.layouts import discover_cases, load_case
 from dunet_deploy.data.synth import write_dataset
 from dunet_deploy.errors import DunetError
@@ -25,18 +24,8 @@ from dunet_deploy.training.evaluate import predict_volume
 H = export_helpers
 
 
-def run(*args: object) -> tuple[int, str, str]:
-    res = CliRunner().invoke(cli.main, [str(a) for a in args])
-    if res.exception and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    return res.exit_code, res.stdout, res.stderr
-
-
-def _error_line(code: int, err: str) -> str:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
+run = H.run_export_cli
+_error_line = H.one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +254,9 @@ def test_infer_and_eval_run_the_int8_model(exported: Path, int8_data: Path,
                                          "--backend", "onnxruntime", "--no-boxplot"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "ev").is_dir() and any((tmp_path / "ev").iterdir())
+
+
+def test_auto_backend_runs_int8_on_openvino(exported: Path) -> None:
+    """OpenVINO runs the QDQ model ~8x faster than ONNX Runtime (docs/int8.md): auto picks it."""
+    with open_runner(exported / "model_int8.onnx") as runner:
+        assert runner.backend == "openvino" and runner.precision == "int8"

@@ -249,6 +249,9 @@ def test_infer_and_eval_run_the_int8_model(exported: Path, int8_data: Path,
                                           "--precision", "int8"])
     assert res.exit_code == 0, res.output
     assert any(p.name.endswith("_mask.nii.gz") for p in (tmp_path / "masks").iterdir())
+    summary = json.loads((tmp_path / "masks" / "summary.json").read_text())
+    assert summary["precision"] == "int8" and summary["model"]["model_precision"] == "int8"
+    assert summary["backend_details"]["executed"]["integer_layers"] >= 30
     res = CliRunner().invoke(eval_main, ["--engine", str(exported / "model_int8.onnx"),
                                          "--data", str(int8_data), "--out", str(tmp_path / "ev"),
                                          "--backend", "onnxruntime", "--no-boxplot"])

@@ -36,21 +36,13 @@ def _batch_range(ctx: click.Context, param: click.Parameter, value: str) -> tupl
         raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
 
 
-def _opset(ctx: click.Context, param: click.Parameter, value: int) -> int:
-    from dunet_deploy.export.onnx_export import MIN_OPSET
-
-    if value < MIN_OPSET:
-        raise click.BadParameter(f"{value} is too old; dunet-deploy exports opset >= {MIN_OPSET}")
-    return value
-
-
 @click.command(cls=DunetCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
     "-o",
     "--out-dir",
     type=click.Path(path_type=Path, file_okay=False),
-    default=Path("export"),
+    default=ExportRequest.out_dir,
     show_default=True,
     help="Output folder.",
 )
@@ -66,13 +58,14 @@ def _opset(ctx: click.Context, param: click.Parameter, value: int) -> int:
 )
 @click.option(
     "--batch-range",
-    default="1,8,32",
+    default=",".join(map(str, ExportRequest.batch_range)),
     show_default=True,
     callback=_batch_range,
     help="MIN,OPT,MAX batch sizes: TensorRT profile; MAX is Triton's max_batch_size.",
 )
 @click.option(
-    "--opset", type=int, default=17, show_default=True, callback=_opset, help="ONNX opset (>= 17)."
+    "--opset", type=int, default=ExportRequest.opset, show_default=True,
+    help="ONNX opset (>= 17).",
 )
 @click.option(
     "--no-verify",
@@ -82,7 +75,7 @@ def _opset(ctx: click.Context, param: click.Parameter, value: int) -> int:
 @click.option(
     "--triton-backend",
     type=click.Choice(TRITON_BACKENDS),
-    default="onnx",
+    default=ExportRequest.triton_backend,
     show_default=True,
     help="Model file served by Triton (trt needs --format trt).",
 )
@@ -103,12 +96,12 @@ def _opset(ctx: click.Context, param: click.Parameter, value: int) -> int:
 @click.option(
     "--verify-slabs",
     type=click.IntRange(min=1),
-    default=16,
+    default=ExportRequest.verify_slabs,
     show_default=True,
     help="Most non-empty synthetic slabs used for verification.",
 )
 @click.option(
-    "--seed", type=int, default=0, show_default=True,
+    "--seed", type=int, default=ExportRequest.seed, show_default=True,
     help="Seed of the verification inputs and of the calibration sampling.",
 )
 @click.option(

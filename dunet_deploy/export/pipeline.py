@@ -30,8 +30,6 @@ FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "trt", "triton")
 TRITON_BACKENDS = ("onnx", "trt")
 #: Name prefix of the staging folder made inside the output folder.
 STAGING_PREFIX = ".dunet-export-"
-# Lowest ONNX opset we export (dunet_deploy.export.onnx_export.MIN_OPSET, which imports torch).
-_MIN_OPSET = 17
 
 Log = Callable[[str], None]
 
@@ -95,11 +93,13 @@ class ExportRequest:
         if self.triton_backend not in TRITON_BACKENDS:
             raise DunetError(f"--triton-backend {self.triton_backend}: choose from "
                              f"{', '.join(TRITON_BACKENDS)}")
+        from dunet_deploy.export.onnx_export import MIN_OPSET  # imports torch, as the export
+
         lo, opt, hi = self.batch_range
         if not 1 <= lo <= opt <= hi:
             raise DunetError(f"--batch-range {lo},{opt},{hi}: need 1 <= MIN <= OPT <= MAX")
-        if self.opset < _MIN_OPSET:
-            raise DunetError(f"--opset {self.opset}: dunet-deploy exports opset >= {_MIN_OPSET}")
+        if self.opset < MIN_OPSET:
+            raise DunetError(f"--opset {self.opset}: dunet-deploy exports opset >= {MIN_OPSET}")
         if "triton" in fmts and self.triton_backend == "trt":
             if "trt" not in fmts:
                 raise DunetError("--triton-backend trt needs --format trt (the engine to serve)")

@@ -453,7 +453,7 @@ def check_gate(gate: dict[str, Any], name: str = "model_int8.onnx") -> None:
         f"int8 gate refused {name} ({bad['backend']}): DSC drop {bad['dsc_drop']:+.4f} "
         f"(max {t['max_dsc_drop']:g}; fp32 {bad['dsc_fp32']:.4f}, int8 {bad['dsc_int8']:.4f}), "
         f"voxel agreement {100 * bad['voxel_agreement']:.3f}% (min "
-        f"{100 * t['min_agreement']:g}%) on {bad['cases']} held-out cases; nothing written"
+        f"{100 * t['min_agreement']:g}%) on {bad['cases']} held-out case(s); nothing written"
     )
 
 

@@ -203,6 +203,14 @@ def test_gate_data_when_calibrating_elsewhere(
     assert doc["int8"]["calibration"]["slabs"] == 40
 
 
+def test_gate_data_must_be_held_out(int8_ckpt: Path, int8_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    line = _error_line(*run(int8_ckpt, "-o", out, "--format", "onnx-int8", "--calibration",
+                            int8_data, "--gate-data", int8_data)[::2])
+    assert "are also calibration cases" in line and "held-out" in line
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

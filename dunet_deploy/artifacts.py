@@ -15,7 +15,8 @@ Keys (all values are strings in ONNX metadata; JSON values in sidecars):
 ``dunet.params``       Keras-style parameter count
 ``dunet.metrics``      JSON of the checkpoint's validation metrics (may be {})
 ``dunet.versions``     JSON of package/torch/onnx versions at export time
-``dunet.precision``    ``"fp32"`` or ``"fp16"`` (mixed precision graph)
+``dunet.precision``    ``"fp32"``, ``"fp16"`` (mixed precision graph) or ``"int8"`` (QDQ)
+``dunet.int8``         int8 models: JSON of the quantization policy and accuracy gate
 ``dunet.inference.*``  the :class:`~dunet_deploy.spec.InferenceDefaults`
                        (``tta``, ``min_lesion_mm3``; sidecar key
                        ``inference``); absent means the defaults
@@ -73,7 +74,7 @@ class ArtifactInfo:
         params: Keras-style parameter count.
         metrics: validation metrics of the source checkpoint.
         versions: package versions at export time.
-        precision: ``"fp32"`` or ``"fp16"``.
+        precision: ``"fp32"``, ``"fp16"`` or ``"int8"``.
         extra: anything else found in a sidecar (TensorRT version, GPU, profile…).
         inference: the post-processing the model is shipped with (TTA, small
             lesion removal); command-line flags override it.

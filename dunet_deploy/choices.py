@@ -22,7 +22,7 @@ __all__ = [
 #: Runtime backends (besides ``"auto"``): what ``dunet-infer``/``dunet-eval``/``dunet-serve`` run.
 BACKENDS: tuple[str, ...] = ("onnxruntime", "openvino", "tensorrt")
 #: Precision requests: ``auto`` = the backend's best for this model and machine.
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16", "int8")
 #: Runtime device requests: ``cuda`` / ``tensorrt`` select ONNX Runtime execution providers.
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "tensorrt")
 #: Where PyTorch trains and evaluates checkpoints.
@@ -35,7 +35,7 @@ SPLITS: tuple[str, ...] = ("all", "train", "val")
 BENCH_BACKENDS: tuple[str, ...] = ("torch", "torch-cudagraphs", "torch-compile", "onnxruntime",
                                    "openvino", "tensorrt")
 #: Precisions ``dunet-bench`` measures.
-BENCH_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+BENCH_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
 #: Test-time augmentation: ``flip`` averages the network's output on the slab and on its
 #: left-right mirror.
 TTA_MODES: tuple[str, ...] = ("none", "flip")

@@ -514,12 +514,12 @@ class InferenceDefaults:
 
     def __post_init__(self) -> None:
         if not isinstance(self.tta, str) or self.tta not in TTA_MODES:
-            raise DunetError(f"inference default 'tta': {self.tta!r} is not one of "
+            raise DunetError(f"inference default 'tta' (--tta): {self.tta!r} is not one of "
                              f"{', '.join(TTA_MODES)}")
         value = self.min_lesion_mm3
         if not _scalar_ok(value, _FLOAT) or not math.isfinite(float(value)) or value < 0:
-            raise DunetError(f"inference default 'min_lesion_mm3': {value!r} must be a finite "
-                             "number >= 0")
+            raise DunetError(f"inference default 'min_lesion_mm3' (--min-lesion-mm3): {value!r} "
+                             "must be a finite number >= 0")
         object.__setattr__(self, "min_lesion_mm3", float(value))
 
     def to_dict(self) -> dict[str, Any]:

@@ -337,3 +337,23 @@ def write_typed_onnx(path: Path, precision: str) -> Path:
     helper.set_model_props(model, {"dunet.precision": precision})
     onnx.save(model, str(path))
     return path
+
+
+def run_export_cli(*args: object) -> tuple[int, str, str]:
+    """``dunet-export ARGS`` through click's runner: ``(exit code, stdout, stderr)``."""
+    from click.testing import CliRunner
+
+    from dunet_deploy.cli import export as cli
+
+    res = CliRunner().invoke(cli.main, [str(a) for a in args])
+    if res.exception and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return res.exit_code, res.stdout, res.stderr
+
+
+def one_line_error(code: int, err: str) -> str:
+    """The ``error: ...`` line of a CLI that failed as a user error (exit 2, one line)."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]

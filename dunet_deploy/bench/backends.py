@@ -81,6 +81,8 @@ def backend_unavailable(backend: str, precision: str, device: str) -> str | None
         return f"unknown backend {backend!r}"
     cpu = device == "cpu"
     feats = cpu_features() if cpu else {}
+    if precision == "int8" and backend.startswith("torch"):
+        return "int8 is measured on the calibrated QDQ ONNX (onnxruntime, openvino)"
     if backend == "torch":
         if cpu and precision == "bf16" and not feats["native_bf16"]:
             return (f"CPU '{feats['model']}' has no native bf16 (no avx512_bf16/amx_bf16); "
@@ -196,6 +198,17 @@ class ModelArtifacts:
             path.write_bytes(proto.SerializeToString())
             self._paths["onnx_fp16"] = path
         return self._paths["onnx_fp16"]
+
+    def onnx_int8(self) -> Path:
+        """The QDQ int8 ONNX, calibrated on synthetic slabs (see dunet_deploy.export.int8)."""
+        if "onnx_int8" not in self._paths:
+            from dunet_deploy.export.int8 import bench_int8_onnx
+            from dunet_deploy.export.onnx_export import artifact_info
+
+            info = artifact_info(self.model, self.spec, precision="int8")
+            path = self.cache_dir / f"{self.name}.int8.onnx"
+            self._paths["onnx_int8"] = bench_int8_onnx(self.onnx(), info, path)
+        return self._paths["onnx_int8"]
 
     def engine(self, precision: str) -> Path:
         """A TensorRT engine for ``precision`` built by the export module (once)."""
@@ -384,6 +397,7 @@ def _runner_session(
         opts: dict[str, Any] = {"cuda_graph": cuda_graph}
     else:
         path = art.onnx_fp16() if precision == "fp16" and backend == "onnxruntime" else art.onnx()
+        path = art.onnx_int8() if precision == "int8" else path
         opts = {"threads": threads, "precision": precision, "device": "cuda" if cuda else "cpu"}
         if backend == "onnxruntime" and cuda:
             opts["cuda_graph"] = cuda_graph  # IOBinding is always on for the CUDA provider

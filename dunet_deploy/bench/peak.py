@@ -117,10 +117,16 @@ def _runner_for(library: str, device: str, precision: str, n: int, threads: int 
         cuda = device.startswith("cuda")
         return call_torch, (torch.cuda.synchronize if cuda else (lambda: None))
     a_np = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    if precision == "int8":
+        from dunet_deploy.export.int8 import qdq_matmul_onnx
+
+        graph = qdq_matmul_onnx(n)
+    else:
+        graph = _matmul_onnx(n)
     if library == "onnxruntime":
         from dunet_deploy.runtime.loaders import CPU_EP, ort_session
 
-        sess = ort_session(_matmul_onnx(n), [CPU_EP], threads=threads, source="matmul peak")
+        sess = ort_session(graph, [CPU_EP], threads=threads, source="matmul peak")
         return (lambda: sess.run(None, {"A": a_np})), (lambda: None)
     if library == "openvino":
         import openvino as ov
@@ -128,8 +134,8 @@ def _runner_for(library: str, device: str, precision: str, n: int, threads: int 
         from dunet_deploy.runtime.loaders import openvino_compile, openvino_read
 
         core = ov.Core()
-        model = openvino_read(core, _matmul_onnx(n))
-        hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}[precision]
+        model = openvino_read(core, graph)
+        hint = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}[precision]
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -149,6 +155,8 @@ def libraries_for(device: str, precision: str) -> tuple[str, ...]:
     """
     if device.startswith("cuda"):
         return ("torch",)
+    if precision == "int8":  # a QDQ graph both CPU runtimes fuse into an integer GEMM
+        return ("onnxruntime", "openvino")
     return ("torch", "openvino") if precision != "fp32" else ("torch", "onnxruntime", "openvino")
 
 

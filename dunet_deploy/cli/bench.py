@@ -76,7 +76,7 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--batch-sizes", default=DEFAULT_BATCHES, show_default=True,
               help="Comma-separated slabs per call.")
 @click.option("--precision", "precisions", default=",".join(PRECISIONS), show_default=True,
-              help="Comma-separated: fp32, fp16, bf16.")
+              help="Comma-separated: " + ", ".join(PRECISIONS) + ".")
 @click.option("--iters", type=int, default=20, show_default=True,
               help="Timed iterations per record (the most, see --time-budget).")
 @click.option("--warmup", type=int, default=3, show_default=True,

@@ -6,11 +6,14 @@ Examples::
     dunet-export runs/best.pt -o export --format onnx --format onnx-fp16
     dunet-export runs/best.pt -o export --format trt --batch-range 1,8,32
     dunet-export runs/best.pt -o export --format trt --format triton --triton-backend trt
+    dunet-export runs/best.pt -o export --format onnx-int8 --calibration data
     dunet-export runs/best.pt -o export --tta flip --min-lesion-mm3 10   # shipped defaults
 
-Everything is written into a temporary folder beside ``OUT_DIR`` and moved into
+Everything is written into a staging folder inside ``OUT_DIR`` and moved into
 place only when every requested artefact was built and verified: a failed
 export leaves no file behind. Errors are one line on stderr, exit status 2.
+The rules between options live in :meth:`ExportRequest.checked`; this module
+only parses.
 """
 
 from __future__ import annotations
@@ -36,21 +39,13 @@ def _batch_range(ctx: click.Context, param: click.Parameter, value: str) -> tupl
         raise click.BadParameter(str(e).split(": ", 1)[-1]) from None
 
 
-def _opset(ctx: click.Context, param: click.Parameter, value: int) -> int:
-    from dunet_deploy.export.onnx_export import MIN_OPSET
-
-    if value < MIN_OPSET:
-        raise click.BadParameter(f"{value} is too old; dunet-deploy exports opset >= {MIN_OPSET}")
-    return value
-
-
 @click.command(cls=DunetCommand, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
     "-o",
     "--out-dir",
     type=click.Path(path_type=Path, file_okay=False),
-    default=Path("export"),
+    default=ExportRequest.out_dir,
     show_default=True,
     help="Output folder.",
 )
@@ -61,17 +56,19 @@ def _opset(ctx: click.Context, param: click.Parameter, value: int) -> int:
     multiple=True,
     help="Artefact to build (repeatable; default: onnx). onnx: model.onnx + "
     "model.json; onnx-fp16: model_fp16.onnx + model_fp16.json; trt: model.plan "
-    "+ model.plan.json; triton: triton/dunet/ model repository.",
+    "+ model.plan.json; onnx-int8: model_int8.onnx + model_int8.json (needs "
+    "--calibration); triton: triton/dunet/ model repository.",
 )
 @click.option(
     "--batch-range",
-    default="1,8,32",
+    default=",".join(map(str, ExportRequest.batch_range)),
     show_default=True,
     callback=_batch_range,
     help="MIN,OPT,MAX batch sizes: TensorRT profile; MAX is Triton's max_batch_size.",
 )
 @click.option(
-    "--opset", type=int, default=17, show_default=True, callback=_opset, help="ONNX opset (>= 17)."
+    "--opset", type=int, default=ExportRequest.opset, show_default=True,
+    help="ONNX opset (>= 17).",
 )
 @click.option(
     "--no-verify",
@@ -81,7 +78,7 @@ def _opset(ctx: click.Context, param: click.Parameter, value: int) -> int:
 @click.option(
     "--triton-backend",
     type=click.Choice(TRITON_BACKENDS),
-    default="onnx",
+    default=ExportRequest.triton_backend,
     show_default=True,
     help="Model file served by Triton (trt needs --format trt).",
 )
@@ -102,12 +99,42 @@ def _opset(ctx: click.Context, param: click.Parameter, value: int) -> int:
 @click.option(
     "--verify-slabs",
     type=click.IntRange(min=1),
-    default=16,
+    default=ExportRequest.verify_slabs,
     show_default=True,
     help="Most non-empty synthetic slabs used for verification.",
 )
 @click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of the verification inputs."
+    "--seed", type=int, default=ExportRequest.seed, show_default=True,
+    help="Seed of the verification inputs and of the calibration sampling.",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="onnx-int8: dataset (any layout) whose slabs calibrate the int8 ranges; when it is "
+    "the checkpoint's training set, its validation split is the gate's held-out set.",
+)
+@click.option(
+    "--calibration-slabs", type=click.IntRange(min=1), default=ExportRequest.calibration_slabs,
+    show_default=True, help="onnx-int8: number of calibration slabs (lesion slabs favoured).",
+)
+@click.option(
+    "--calibration-cases", type=click.IntRange(min=1),
+    help="onnx-int8: use at most this many calibration cases [default: all].",
+)
+@click.option(
+    "--gate-data",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="onnx-int8: held-out cases of the accuracy gate (needed when --calibration is not "
+    "the checkpoint's training set).",
+)
+@click.option(
+    "--gate-max-dsc-drop", type=float, default=ExportRequest.gate_max_dsc_drop, show_default=True,
+    help="onnx-int8 gate: largest accepted drop of the mean per-case DSC vs fp32.",
+)
+@click.option(
+    "--gate-min-agreement", type=click.FloatRange(0.0, 1.0),
+    default=ExportRequest.gate_min_agreement, show_default=True,
+    help="onnx-int8 gate: smallest accepted fraction of head voxels whose mask equals fp32's.",
 )
 @click.option(
     "--tta",
@@ -138,25 +165,20 @@ def main(
     opt_level: int | None,
     verify_slabs: int,
     seed: int,
+    calibration: Path | None,
+    calibration_slabs: int,
+    calibration_cases: int | None,
+    gate_data: Path | None,
+    gate_max_dsc_drop: float,
+    gate_min_agreement: float,
     tta: str,
     min_lesion_mm3: float,
 ) -> None:
-    """Export a dunet-deploy CHECKPOINT for deployment (ONNX, FP16 ONNX, TensorRT, Triton)."""
-    fmts = tuple(dict.fromkeys(formats or ("onnx",)))
-    if "triton" in fmts and triton_backend == "trt":
-        if "trt" not in fmts:
-            raise DunetError("--triton-backend trt needs --format trt (the engine to serve)")
-        if batch_range[0] != 1:
-            raise DunetError(
-                f"--triton-backend trt needs a batch range starting at 1 (Triton sends single "
-                f"requests), got {','.join(map(str, batch_range))}"
-            )
-    if not (min_lesion_mm3 >= 0 and min_lesion_mm3 != float("inf")):
-        raise DunetError(f"--min-lesion-mm3 {min_lesion_mm3}: must be a finite number >= 0")
+    """Export a dunet-deploy CHECKPOINT for deployment (ONNX, FP16/INT8 ONNX, TensorRT, Triton)."""
     req = ExportRequest(
         checkpoint=checkpoint,
         out_dir=out_dir,
-        formats=fmts,
+        formats=formats,
         batch_range=batch_range,
         opset=opset,
         verify=not no_verify,
@@ -166,6 +188,12 @@ def main(
         opt_level=opt_level,
         verify_slabs=verify_slabs,
         seed=seed,
+        calibration=calibration,
+        calibration_slabs=calibration_slabs,
+        calibration_cases=calibration_cases,
+        gate_data=gate_data,
+        gate_max_dsc_drop=gate_max_dsc_drop,
+        gate_min_agreement=gate_min_agreement,
         inference=InferenceDefaults(tta=tta, min_lesion_mm3=min_lesion_mm3),
     )
     written = run_export(req, log=click.echo)

@@ -1,17 +1,22 @@
-"""Checkpoint -> verified ONNX / FP16 ONNX / TensorRT engine / Triton repository.
+"""Checkpoint -> verified ONNX / FP16 ONNX / INT8 ONNX / TensorRT engine / Triton repository.
 
-:func:`run_export` is what ``dunet-export`` runs. Everything is written into a
-temporary folder beside ``out_dir`` and moved into place only when every
-requested artefact was built and verified: a failed export leaves no file behind.
+:func:`run_export` is what ``dunet-export`` runs: :meth:`ExportRequest.checked`
+applies the option rules, then one step per artefact (:data:`STEPS`) builds
+into a staging folder *inside* the output folder — on the same file system,
+so the final renames are atomic even when the output is a mount point — and
+only when every requested artefact was built and verified are the files
+moved into place. A failed export leaves no file behind (not even the output
+folder, when it did not exist before).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,33 +24,162 @@ from typing import Any
 from dunet_deploy.artifacts import (
     INPUT_NAME,
     OUTPUT_NAME,
+    ArtifactInfo,
     write_engine_sidecar,
     write_json,
 )
 from dunet_deploy.errors import DunetError
 from dunet_deploy.spec import InferenceDefaults
 
-FORMATS = ("onnx", "onnx-fp16", "trt", "triton")
+__all__ = ["FORMATS", "STAGING_PREFIX", "TRITON_BACKENDS", "ExportRequest", "run_export"]
+
+FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "trt", "triton")
 TRITON_BACKENDS = ("onnx", "trt")
+#: Name prefix of the staging folder made inside the output folder.
+STAGING_PREFIX = ".dunet-export-"
+
+Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class ExportRequest:
-    """Validated command-line options."""
+    """What to export; the defaults are ``dunet-export``'s.
+
+    Attributes:
+        checkpoint: the ``.pt`` file.
+        out_dir: output folder (created when missing).
+        formats: artefacts to build (:data:`FORMATS`), in any order.
+        batch_range: ``(min, opt, max)`` batch sizes (TensorRT profile; max is
+            Triton's ``max_batch_size``).
+        opset: ONNX opset (>= 17).
+        verify: run the numerical verification of every artefact.
+        triton_backend: model file Triton serves (:data:`TRITON_BACKENDS`).
+        timing_cache: TensorRT timing cache (default ``out_dir/timing.cache``).
+        workspace_mb: TensorRT workspace limit.
+        opt_level: TensorRT builder optimisation level.
+        verify_slabs: most synthetic slabs used for verification.
+        seed: seed of the verification inputs and calibration sampling.
+        calibration: dataset calibrating ``onnx-int8`` (any of our layouts).
+        calibration_slabs: number of calibration slabs.
+        calibration_cases: at most this many calibration cases (``None``: all).
+        gate_data: held-out cases of the int8 gate when ``calibration`` is not
+            the checkpoint's training set.
+        gate_max_dsc_drop: int8 gate: largest accepted mean-DSC drop.
+        inference: TTA and post-processing defaults stored in every artefact.
+        gate_min_agreement: int8 gate: smallest accepted voxel agreement with fp32.
+    """
 
     checkpoint: Path
-    out_dir: Path
-    formats: tuple[str, ...]
-    batch_range: tuple[int, int, int]
-    opset: int
-    verify: bool
-    triton_backend: str
-    timing_cache: Path | None
-    workspace_mb: int | None
-    opt_level: int | None
-    verify_slabs: int
-    seed: int
+    out_dir: Path = Path("export")
+    formats: tuple[str, ...] = ("onnx",)
+    batch_range: tuple[int, int, int] = (1, 8, 32)
+    opset: int = 17
+    verify: bool = True
+    triton_backend: str = "onnx"
+    timing_cache: Path | None = None
+    workspace_mb: int | None = None
+    opt_level: int | None = None
+    verify_slabs: int = 16
+    seed: int = 0
+    calibration: Path | None = None
+    calibration_slabs: int = 512
+    calibration_cases: int | None = None
+    gate_data: Path | None = None
+    gate_max_dsc_drop: float = 0.01
+    gate_min_agreement: float = 0.999
     inference: InferenceDefaults = field(default_factory=InferenceDefaults)
+
+    def checked(self) -> ExportRequest:
+        """The request with its formats de-duplicated (default ``onnx``), once its rules hold.
+
+        Raises:
+            DunetError: naming the option that breaks a rule.
+        """
+        fmts = tuple(dict.fromkeys(self.formats or ("onnx",)))
+        unknown = [f for f in fmts if f not in FORMATS]
+        if unknown:
+            raise DunetError(f"--format {unknown[0]}: choose from {', '.join(FORMATS)}")
+        if self.triton_backend not in TRITON_BACKENDS:
+            raise DunetError(f"--triton-backend {self.triton_backend}: choose from "
+                             f"{', '.join(TRITON_BACKENDS)}")
+        from dunet_deploy.export.onnx_export import MIN_OPSET  # imports torch, as the export
+
+        lo, opt, hi = self.batch_range
+        if not 1 <= lo <= opt <= hi:
+            raise DunetError(f"--batch-range {lo},{opt},{hi}: need 1 <= MIN <= OPT <= MAX")
+        if self.opset < MIN_OPSET:
+            raise DunetError(f"--opset {self.opset}: dunet-deploy exports opset >= {MIN_OPSET}")
+        if "triton" in fmts and self.triton_backend == "trt":
+            if "trt" not in fmts:
+                raise DunetError("--triton-backend trt needs --format trt (the engine to serve)")
+            if lo != 1:
+                raise DunetError(
+                    f"--triton-backend trt needs a batch range starting at 1 (Triton sends single "
+                    f"requests), got {lo},{opt},{hi}"
+                )
+        self._check_int8(fmts)
+        return replace(self, formats=fmts)
+
+    def _check_int8(self, fmts: tuple[str, ...]) -> None:
+        if "onnx-int8" not in fmts:
+            given = [name for name, value in (("--calibration", self.calibration),
+                                              ("--gate-data", self.gate_data),
+                                              ("--calibration-cases", self.calibration_cases))
+                     if value is not None]
+            if given:
+                raise DunetError(f"{given[0]} is for --format onnx-int8, which was not requested")
+            return
+        if self.calibration is None:
+            raise DunetError("--format onnx-int8 needs --calibration DATA (a dataset folder)")
+        if self.calibration_slabs < 1 or (self.calibration_cases or 1) < 1:
+            raise DunetError("--calibration-slabs and --calibration-cases must be >= 1")
+        if not 0.0 <= self.gate_min_agreement <= 1.0:
+            raise DunetError(f"--gate-min-agreement {self.gate_min_agreement}: must be in [0, 1]")
+        if not self.verify:
+            raise DunetError("--format onnx-int8 cannot skip verification (--no-verify): "
+                             "the accuracy gate is what makes an int8 model safe")
+
+
+@dataclass
+class _Job:
+    """State shared by the export steps (one export)."""
+
+    req: ExportRequest
+    stage: Path
+    log: Log
+    model: Any
+    doc: dict[str, Any]
+    spec: Any
+    source: dict[str, Any]
+    base_info: ArtifactInfo
+    trt_version: str | None
+    proto: Any = None
+    flops: int = 0
+    inputs: dict[str, Any] = field(default_factory=dict)
+    fp16_verification: dict[str, Any] = field(default_factory=lambda: {"skipped": True})
+    written: list[str] = field(default_factory=list)
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return self.req.formats
+
+    @property
+    def need_fp16(self) -> bool:
+        # The TensorRT engine is built strongly typed from the mixed FP16 ONNX.
+        return "onnx-fp16" in self.formats or "trt" in self.formats
+
+    def onnx_json(self, name: str, info: ArtifactInfo, **extra: Any) -> None:
+        """Write ``<name>.json`` beside ``<name>.onnx`` in the stage."""
+        s = self.spec.image_size
+        io = {
+            "input": {"name": INPUT_NAME, "dtype": "float32",
+                      "shape": ["N", self.spec.in_channels, s, s]},
+            "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", 1, s, s]},
+        }
+        doc = {"source": self.source,
+               "onnx": {"file": f"{name}.onnx", "opset": self.req.opset, **io},
+               "flops_per_slab": self.flops, **extra}
+        write_json(self.stage / f"{name}.json", replace(info, extra=doc).to_json_dict())
 
 
 def _sha256(path: Path) -> str:
@@ -56,23 +190,213 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _staging_dir(out_dir: Path) -> Path:
-    """A temporary folder on the same file system as ``out_dir`` (renames stay atomic)."""
-    parent = out_dir.absolute().parent
-    while not parent.is_dir():
-        parent = parent.parent
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.dunet-export-", dir=parent))
+@contextlib.contextmanager
+def _staging(out_dir: Path) -> Iterator[Path]:
+    """A staging folder inside ``out_dir`` (same file system: renames out of it are atomic).
+
+    Folders this creates are removed again on failure; the stage always is.
+    """
+    created: list[Path] = []
+    cur = out_dir.absolute()
+    while not cur.exists():
+        created.append(cur)
+        cur = cur.parent
+    for d in reversed(created):
+        try:
+            d.mkdir()
+        except OSError as e:
+            raise DunetError(f"{out_dir}: cannot create the output folder ({e.strerror})") from None
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out_dir))
+    except OSError as e:
+        raise DunetError(f"{out_dir}: output folder is not writable ({e.strerror})") from None
+    ok = False
+    try:
+        yield stage
+        ok = True
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if not ok:
+            for d in created:  # innermost first; only what is still empty
+                with contextlib.suppress(OSError):
+                    d.rmdir()
 
 
-def _onnx_io(spec: Any) -> dict[str, Any]:
-    s = spec.image_size
-    return {
-        "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["N", spec.in_channels, s, s]},
-        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", 1, s, s]},
+@contextlib.contextmanager
+def _nothing_written() -> Iterator[None]:
+    """Say in a verification error that the export wrote nothing."""
+    try:
+        yield
+    except DunetError as e:
+        raise DunetError(f"{e}; nothing written") from None
+
+
+def _open_job(req: ExportRequest, stage: Path, log: Log, trt_version: str | None) -> _Job:
+    """Load the checkpoint and describe it."""
+    from dunet_deploy.export.onnx_export import artifact_info
+    from dunet_deploy.training.checkpoint import load_checkpoint, model_from_checkpoint
+
+    doc = load_checkpoint(req.checkpoint)
+    model = model_from_checkpoint(doc, source=str(req.checkpoint))
+    source = {
+        "checkpoint": req.checkpoint.name,
+        "sha256": _sha256(req.checkpoint),
+        "epoch": doc.get("epoch"),
+        "best_metrics": doc.get("best_metrics", {}),
     }
+    info = replace(artifact_info(model, doc["spec_obj"], metrics=doc.get("metrics") or {}),
+                   inference=req.inference)
+    return _Job(req, stage, log, model, doc, doc["spec_obj"], source, info, trt_version)
 
 
-def run_export(req: ExportRequest, log: Callable[[str], None] = print) -> list[Path]:
+def _fp32_step(job: _Job) -> None:
+    """``model.onnx`` (always built: every other artefact derives from it)."""
+    from dunet_deploy.export import verify as ver
+    from dunet_deploy.export.onnx_export import export_onnx
+    from dunet_deploy.flops import count_flops
+
+    req, spec = job.req, job.spec
+    onnx32 = job.stage / "model.onnx"
+    job.proto = export_onnx(job.model, spec, onnx32, info=job.base_info, opset=req.opset)
+    chw = (spec.in_channels, spec.image_size, spec.image_size)
+    job.flops = count_flops(job.proto, (1, *chw))["per_sample"]
+    verification: dict[str, Any] = {"skipped": True}
+    if req.verify:
+        job.inputs = ver.verification_inputs(spec, seed=req.seed,
+                                             max_synthetic_slabs=req.verify_slabs)
+        with _nothing_written():
+            verification = ver.verify_fp32(job.model, onnx32, spec, inputs=job.inputs,
+                                           log=job.log)
+    job.onnx_json("model", job.base_info, verification=verification)
+    if "onnx" in job.formats:
+        job.written += ["model.onnx", "model.json"]
+
+
+def _fp16_step(job: _Job) -> None:
+    """``model_fp16.onnx`` (also the strongly typed TensorRT build's input)."""
+    from dunet_deploy.export import fp16 as fp16_mod
+    from dunet_deploy.export import verify as ver
+    from dunet_deploy.export.onnx_export import set_metadata
+
+    if not job.need_fp16:
+        return
+    info16 = replace(job.base_info, precision="fp16")
+    proto16, report = fp16_mod.convert_to_mixed_fp16(job.proto)
+    set_metadata(proto16, info16)
+    onnx16 = job.stage / "model_fp16.onnx"
+    onnx16.write_bytes(proto16.SerializeToString())
+    if job.req.verify:
+        with _nothing_written():
+            job.fp16_verification = ver.verify_fp16(
+                job.stage / "model.onnx", onnx16, job.spec, inputs=job.inputs, log=job.log)
+    policy = {"policy": fp16_mod.DEFAULT_POLICY.to_dict(), "conversion": report.to_dict()}
+    job.onnx_json("model_fp16", info16, fp16=policy, verification=job.fp16_verification)
+    if "onnx-fp16" in job.formats:
+        job.written += ["model_fp16.onnx", "model_fp16.json"]
+
+
+def _int8_step(job: _Job) -> None:
+    """``model_int8.onnx``: calibrated QDQ model, written only when its accuracy gate passes."""
+    from dunet_deploy.export.int8 import GateThresholds, export_int8
+
+    if "onnx-int8" not in job.formats:
+        return
+    req = job.req
+    assert req.calibration is not None  # ExportRequest.checked()
+    info8 = replace(job.base_info, precision="int8")
+    _, facts = export_int8(
+        job.proto, job.stage / "model.onnx", job.stage / "model_int8.onnx", job.doc, info8,
+        calibration=req.calibration, gate_data=req.gate_data, n_slabs=req.calibration_slabs,
+        max_cases=req.calibration_cases, seed=req.seed, log=job.log,
+        thresholds=GateThresholds(req.gate_max_dsc_drop, req.gate_min_agreement),
+    )
+    job.onnx_json("model_int8", info8, int8=facts, verification=facts["gate"])
+    job.written += ["model_int8.onnx", "model_int8.json"]
+
+
+def _cache_target(req: ExportRequest) -> Path:
+    return req.timing_cache or (req.out_dir / "timing.cache")
+
+
+def _trt_step(job: _Job) -> None:
+    """``model.plan`` + its sidecar and layer report, built strongly typed from the FP16 ONNX.
+
+    On the GPU the new engine is run on the verification inputs against the
+    FP32 ONNX; below the FP16 gate nothing is written.
+    """
+    from dunet_deploy.export import verify as ver
+    from dunet_deploy.export.tensorrt_build import (
+        EngineOptions,
+        build_engine,
+        format_layer_counts,
+        layer_report_path,
+        write_layer_report,
+    )
+
+    if "trt" not in job.formats:
+        return
+    req, spec = job.req, job.spec
+    opts = EngineOptions(
+        batch_range=req.batch_range,
+        workspace_mb=req.workspace_mb,
+        opt_level=req.opt_level,
+        timing_cache=_cache_target(req),
+        timing_cache_out=job.stage / "timing.cache",
+    )
+    chw = (spec.in_channels, spec.image_size, spec.image_size)
+    built = build_engine(job.stage / "model_fp16.onnx", chw, opts)
+    plan = job.stage / "model.plan"
+    plan.write_bytes(built.plan)
+    write_engine_sidecar(plan, replace(job.base_info, precision=built.precision), built.sidecar,
+                         {"source": job.source, "flops_per_slab": job.flops,
+                          "verification": job.fp16_verification})
+    write_layer_report(plan, built.layers)
+    job.log(format_layer_counts(built.sidecar.layer_precisions))
+    if req.verify:
+        with _nothing_written():
+            ver.verify_engine(plan, job.stage / "model.onnx", spec, inputs=job.inputs,
+                              log=job.log)
+    job.written += [layer_report_path(plan).name, "model.plan", "model.plan.json"]
+
+
+def _triton_step(job: _Job) -> None:
+    """``triton/dunet/`` model repository serving the ONNX or the engine."""
+    from dunet_deploy.export.triton_repo import write_triton_repo
+
+    if "triton" not in job.formats:
+        return
+    backend = job.req.triton_backend
+    info = replace(job.base_info, precision="fp16") if backend == "trt" else job.base_info
+    _lo, opt, hi = job.req.batch_range
+    model_file = job.stage / ("model.plan" if backend == "trt" else "model.onnx")
+    model_dir = write_triton_repo(job.stage / "triton", model_file, info, backend=backend,
+                                  max_batch_size=hi, preferred_batch_sizes=(opt, hi))
+    job.written += [str(p.relative_to(job.stage)) for p in sorted(model_dir.rglob("*"))
+                    if p.is_file()]
+
+
+#: The export steps, in order; each reads what the earlier ones left in the job.
+STEPS: tuple[Callable[[_Job], None], ...] = (
+    _fp32_step, _fp16_step, _int8_step, _trt_step, _triton_step,
+)
+
+
+def _commit(job: _Job) -> list[Path]:
+    """Move every written file from the stage into the output folder."""
+    out = job.req.out_dir
+    for rel in job.written:
+        dst = out / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(job.stage / rel, dst)
+    cache = job.stage / "timing.cache"
+    if "trt" in job.formats and cache.is_file():
+        target = _cache_target(job.req)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(cache), str(target))  # may be on another file system
+    return [Path(p) for p in job.written]
+
+
+def run_export(req: ExportRequest, log: Log = print) -> list[Path]:
     """Build, verify and write every requested artefact.
 
     Returns:
@@ -81,156 +405,17 @@ def run_export(req: ExportRequest, log: Callable[[str], None] = print) -> list[P
     Raises:
         DunetError: on any user-facing failure (nothing is written then).
     """
-    from dunet_deploy.export import fp16 as fp16_mod
-    from dunet_deploy.export import verify as ver
-    from dunet_deploy.export.onnx_export import artifact_info, export_onnx, set_metadata
-    from dunet_deploy.export.tensorrt_build import (
-        EngineOptions,
-        build_engine,
-        check_tensorrt_available,
-        format_layer_counts,
-        layer_report_path,
-        probe_gpu,
-        uses_strong_typing,
-        write_layer_report,
-    )
-    from dunet_deploy.flops import count_flops
-    from dunet_deploy.training.checkpoint import load_checkpoint, model_from_checkpoint
+    from dunet_deploy.export.tensorrt_build import check_tensorrt_available, probe_gpu
 
-    formats = set(req.formats)
+    req = req.checked()
     trt_version = None
-    if "trt" in formats:  # fail fast, before minutes of export work
+    if "trt" in req.formats:  # fail fast, before minutes of export work
         trt_version = check_tensorrt_available()
         probe_gpu()
-    need_fp16 = "onnx-fp16" in formats or (
-        trt_version is not None and uses_strong_typing(trt_version)
-    )
-
-    doc = load_checkpoint(req.checkpoint)
-    model = model_from_checkpoint(doc, source=str(req.checkpoint))
-    spec = doc["spec_obj"]
-    source = {
-        "checkpoint": req.checkpoint.name,
-        "sha256": _sha256(req.checkpoint),
-        "epoch": doc.get("epoch"),
-        "best_metrics": doc.get("best_metrics", {}),
-    }
-    base_info = replace(artifact_info(model, spec, metrics=doc.get("metrics") or {}),
-                        inference=req.inference)
-    chw = (spec.in_channels, spec.image_size, spec.image_size)
-
-    stage = _staging_dir(req.out_dir)
-    try:
-        written: list[str] = []
-        # ---------------------------------------------------------------- FP32
-        onnx32 = stage / "model.onnx"
-        proto = export_onnx(model, spec, onnx32, info=base_info, opset=req.opset)
-        flops = count_flops(proto, (1, *chw))["per_sample"]
-        inputs = (
-            ver.verification_inputs(spec, seed=req.seed, max_synthetic_slabs=req.verify_slabs)
-            if req.verify
-            else {}
-        )
-        verification: dict[str, Any] = {"skipped": True}
-        if req.verify:
-            try:
-                verification = ver.verify_fp32(model, onnx32, spec, inputs=inputs, log=log)
-            except DunetError as e:
-                raise DunetError(f"{e}; nothing written") from None
-        extra32 = {
-            "source": source,
-            "onnx": {"file": "model.onnx", "opset": req.opset, **_onnx_io(spec)},
-            "flops_per_slab": flops,
-            "verification": verification,
-        }
-        write_json(stage / "model.json", replace(base_info, extra=extra32).to_json_dict())
-        if "onnx" in formats:
-            written += ["model.onnx", "model.json"]
-
-        # ---------------------------------------------------------------- FP16
-        onnx16 = stage / "model_fp16.onnx"
-        fp16_verification: dict[str, Any] = {"skipped": True}
-        if need_fp16:
-            info16 = replace(base_info, precision="fp16")
-            proto16, report = fp16_mod.convert_to_mixed_fp16(proto)
-            set_metadata(proto16, info16)
-            onnx16.write_bytes(proto16.SerializeToString())
-            if req.verify:
-                try:
-                    fp16_verification = ver.verify_fp16(
-                        onnx32, onnx16, spec, inputs=inputs, log=log
-                    )
-                except DunetError as e:
-                    raise DunetError(f"{e}; nothing written") from None
-            extra16 = {
-                "source": source,
-                "onnx": {"file": "model_fp16.onnx", "opset": req.opset, **_onnx_io(spec)},
-                "flops_per_slab": flops,
-                "fp16": {
-                    "policy": fp16_mod.DEFAULT_POLICY.to_dict(),
-                    "conversion": report.to_dict(),
-                },
-                "verification": fp16_verification,
-            }
-            write_json(stage / "model_fp16.json", replace(info16, extra=extra16).to_json_dict())
-            if "onnx-fp16" in formats:
-                written += ["model_fp16.onnx", "model_fp16.json"]
-
-        # ------------------------------------------------------------ TensorRT
-        plan = stage / "model.plan"
-        cache_target = req.timing_cache or (req.out_dir / "timing.cache")
-        if "trt" in formats:
-            opts = EngineOptions(
-                batch_range=req.batch_range,
-                workspace_mb=req.workspace_mb,
-                opt_level=req.opt_level,
-                timing_cache=cache_target,
-                timing_cache_out=stage / "timing.cache",
-            )
-            built = build_engine(onnx16, chw, opts)
-            plan.write_bytes(built.plan)
-            write_engine_sidecar(plan, replace(base_info, precision=built.precision),
-                                 built.sidecar, {"source": source, "flops_per_slab": flops,
-                                                 "verification": fp16_verification})
-            write_layer_report(plan, built.layers)
-            log(format_layer_counts(built.sidecar.layer_precisions))
-            if req.verify:  # on the GPU: the built engine against the FP32 ONNX
-                try:
-                    ver.verify_engine(plan, onnx32, spec, inputs=inputs, log=log)
-                except DunetError as e:
-                    raise DunetError(f"{e}; nothing written") from None
-            written += [layer_report_path(plan).name]
-            written += ["model.plan", "model.plan.json"]
-
-        # -------------------------------------------------------------- Triton
-        if "triton" in formats:
-            from dunet_deploy.export.triton_repo import write_triton_repo
-
-            backend = req.triton_backend
-            triton_info = replace(base_info, precision="fp16") if backend == "trt" else base_info
-            _lo, opt, hi = req.batch_range
-            model_dir = write_triton_repo(
-                stage / "triton",
-                plan if backend == "trt" else onnx32,
-                triton_info,
-                backend=backend,
-                max_batch_size=hi,
-                preferred_batch_sizes=(opt, hi),
-            )
-            written += [
-                str(p.relative_to(stage)) for p in sorted(model_dir.rglob("*")) if p.is_file()
-            ]
-
-        # --------------------------------------------------------------- commit
-        req.out_dir.mkdir(parents=True, exist_ok=True)
-        for rel in written:
-            dst = req.out_dir / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(stage / rel, dst)
-        paths = [Path(p) for p in written]
-        if "trt" in formats and (stage / "timing.cache").is_file():
-            cache_target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(stage / "timing.cache"), str(cache_target))
-        return paths
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    if not req.checkpoint.is_file():  # before creating the output folder
+        raise DunetError(f"{req.checkpoint}: checkpoint not found")
+    with _staging(req.out_dir) as stage:
+        job = _open_job(req, stage, log, trt_version)
+        for step in STEPS:
+            step(job)
+        return _commit(job)

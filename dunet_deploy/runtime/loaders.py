@@ -71,6 +71,7 @@ def ort_session(
     optimization: str = "all",
     source: str | None = None,
     require_providers: bool = True,
+    optimized_model_path: str | None = None,
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` whose requested providers really are active.
 
@@ -87,6 +88,8 @@ def ort_session(
         source: the name used in messages (default: the path).
         require_providers: refuse a session in which the first requested GPU
             provider is not active (``False``: accept the fallback).
+        optimized_model_path: also write the optimised graph ONNX Runtime will
+            run there (to inspect which kernels execute).
 
     Returns:
         The session.
@@ -113,6 +116,8 @@ def ort_session(
     if threads is not None:
         so.intra_op_num_threads = int(threads)
     so.log_severity_level = 3  # errors only; ORT warns about every cast around fp16 ops
+    if optimized_model_path is not None:
+        so.optimized_model_filepath = optimized_model_path
     opts = provider_options or {}
     plist: list[Any] = [(p, dict(opts[p])) if p in opts else p for p in providers]
     src = model if isinstance(model, bytes) else str(model)

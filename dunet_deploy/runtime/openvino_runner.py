@@ -11,6 +11,7 @@ import numpy as np
 from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
 from dunet_deploy.errors import DunetError
 from dunet_deploy.runtime.base import Runner, one_line
+from dunet_deploy.runtime.executed import Executed, int8_float_request, openvino_executed
 from dunet_deploy.runtime.loaders import openvino_compile, openvino_read
 
 __all__ = ["OpenVINORunner", "choose_precision_hint"]
@@ -98,7 +99,8 @@ class OpenVINORunner(Runner):
         core = ov.Core()
         self._cpu_name = str(core.get_property("CPU", "FULL_DEVICE_NAME"))
         caps = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-        hint = choose_precision_hint(precision, caps, self._cpu_name)
+        float_request = int8_float_request(self.model_path, precision, info.precision)
+        hint = choose_precision_hint(float_request, caps, self._cpu_name)
         model = openvino_read(core, self.model_path)
         # A tensor may carry several names; the one we look for counts.
         inputs = [INPUT_NAME if INPUT_NAME in p.get_names() else p.get_any_name()
@@ -123,6 +125,10 @@ class OpenVINORunner(Runner):
         self._compiled = openvino_compile(core, model, "CPU", config, self.model_path)
         actual = self._compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         self._precision = _NAMES.get(actual, actual)
+        self._executed: Executed | None = None
+        if info.precision == "int8":  # what the compiled graph runs, not the label
+            self._executed = openvino_executed(self._compiled, self._precision)
+            self._precision = self._executed.precision
         self._threads = int(self._compiled.get_property("INFERENCE_NUM_THREADS"))
         self._request = self._compiled.create_infer_request()
         self._out_index = next(
@@ -144,7 +150,9 @@ class OpenVINORunner(Runner):
         return f"cpu ({self._cpu_name})"
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "threads": self._threads, "openvino": self.version}
+        executed = {"executed": self._executed.to_dict()} if self._executed else {}
+        return {**super().describe(), "threads": self._threads, "openvino": self.version,
+                **executed}
 
     def _run(self, slabs: np.ndarray) -> np.ndarray:
         # share_inputs: no copy of the (contiguous float32) slabs into OpenVINO.

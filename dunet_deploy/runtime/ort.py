@@ -25,6 +25,7 @@ import numpy as np
 from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
 from dunet_deploy.errors import DunetError
 from dunet_deploy.runtime.base import Runner, fixed_precision, one_line
+from dunet_deploy.runtime.executed import Executed, onnxruntime_executed
 from dunet_deploy.runtime.loaders import CPU_EP, CUDA_EP, TRT_EP, ort_errors, ort_session
 
 __all__ = ["OnnxRuntimeRunner", "pick_providers", "provider_options"]
@@ -174,6 +175,13 @@ class OnnxRuntimeRunner(Runner):
         self._cuda_graph = cuda_graph
         self._bound: dict[int, tuple[Any, Any, Any, Any]] = {}
         self._ort = ort
+        self._executed: Executed | None = None
+        if info.precision == "int8":  # report the kernels that run, not the label
+            self._executed = onnxruntime_executed(
+                lambda path: ort_session(self.model_path, providers, provider_options=options,
+                                         threads=threads, require_providers=False,
+                                         optimized_model_path=path), "fp32")
+            self._precision = self._executed.precision
 
     @property
     def input_shape(self) -> tuple[int | None, int, int, int]:
@@ -194,8 +202,9 @@ class OnnxRuntimeRunner(Runner):
         return "cuda" if CUDA_EP in self._providers else "cpu"
 
     def describe(self) -> dict[str, Any]:
+        executed = {"executed": self._executed.to_dict()} if self._executed else {}
         return {**super().describe(), "providers": list(self._providers), "threads": self.threads,
-                "io_binding": self._binding_device, "cuda_graph": self._cuda_graph}
+                "io_binding": self._binding_device, "cuda_graph": self._cuda_graph, **executed}
 
     def _binding(self, n: int, dtype: Any) -> tuple[Any, Any, Any, Any]:
         """``(binding, input, output, run options)`` for batch ``n`` (made once)."""

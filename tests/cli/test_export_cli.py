@@ -13,7 +13,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from click.testing import CliRunner
 
 from dunet_deploy.artifacts import read_artifact_info, read_sidecar
 from dunet_deploy.cli import export as cli
@@ -49,18 +48,8 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory, spec32) -> Path:  # type: ign
     return path
 
 
-def run(*args: str) -> tuple[int, str, str]:
-    res = CliRunner().invoke(cli.main, [str(a) for a in args])
-    if res.exception and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    return res.exit_code, res.stdout, res.stderr
-
-
-def _one_line_error(code: int, err: str) -> str:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
+run = H.run_export_cli
+_one_line_error = H.one_line_error
 
 
 def _files(root: Path) -> list[str]:
@@ -399,3 +388,60 @@ def test_paper_size_export(tmp_path: Path) -> None:
     doc = json.loads((out / "model.json").read_text())
     assert all(r["passed"] for r in doc["verification"]["rows"])
     assert doc["flops_per_slab"] > 10**10  # tens of GFLOPs per 192×192 slab
+
+
+# ------------------------------------------------- staging (mounts, issue 13)
+def test_staging_is_inside_the_output_folder(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Renames from the stage never cross a file system: it lives in OUT_DIR itself."""
+    from dunet_deploy.export import pipeline
+
+    moves: list[tuple[Path, Path]] = []
+    real_replace = os.replace
+
+    def spy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        moves.append((Path(src), Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(pipeline.os, "replace", spy)
+    out = tmp_path / "mnt" / "out"
+    code, _, err = run(ckpt, "-o", out, "--no-verify")
+    assert code == 0, err
+    commits = [(s, d) for s, d in moves if d.parent == out]  # atomic writes use os.replace too
+    assert {d.name for _, d in commits} == {"model.onnx", "model.json"}
+    for src, _ in commits:
+        assert src.parent.parent == out.absolute() and src.parent.name.startswith(".dunet-export-")
+    assert _files(out) == ["model.json", "model.onnx"]
+
+
+def test_failure_removes_the_folders_it_created(
+    ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = ver.run_onnxruntime
+    monkeypatch.setattr(ver, "run_onnxruntime", lambda *a, **k: real(*a, **k) + 1e-3)
+    out = tmp_path / "new" / "deeper" / "out"
+    code, _, err = run(ckpt, "-o", out)
+    assert "verification failed" in _one_line_error(code, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_folder_that_cannot_be_created(ckpt: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    line = _one_line_error(*run(ckpt, "-o", blocker / "out")[::2])
+    assert "file/out" in line and "cannot create the output folder" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_request_defaults_and_rules_live_in_the_library(ckpt: Path, tmp_path: Path) -> None:
+    from dunet_deploy.export.pipeline import ExportRequest, run_export
+
+    req = ExportRequest(ckpt, out_dir=tmp_path / "lib")
+    assert req.checked().formats == ("onnx",) and req.batch_range == (1, 8, 32)
+    bad = ExportRequest(ckpt, formats=("triton",), triton_backend="trt")
+    with pytest.raises(cli.DunetError, match="needs --format trt"):
+        run_export(bad, log=lambda _: None)
+    written = run_export(ExportRequest(ckpt, out_dir=tmp_path / "lib", verify=False),
+                         log=lambda _: None)
+    assert written == [Path("model.onnx"), Path("model.json")]

@@ -60,3 +60,47 @@ def tiny_onnx(
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     export_onnx(trained_tiny, spec32, path)
     return path
+
+
+# ------------------------------------------------------------------ int8
+#: Training steps of the int8 tests' model: 40 steps leave lesion predictions so
+#: unsure (fp32 DSC ~0.24) that any perturbation moves them; 150 give DSC ~0.66.
+INT8_STEPS = 150
+
+
+@pytest.fixture(scope="session")
+def int8_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic ATLAS R1.1 dataset made by ``dunet-synth`` (8 cases at the tiny geometry).
+
+    Cases 0-5 are ``synthesize_case(seed=1..6)``: the training slabs of the model.
+    """
+    from click.testing import CliRunner
+
+    from dunet_deploy.cli.synth import main as synth
+
+    out = tmp_path_factory.mktemp("int8") / "data"
+    shape = ",".join(map(str, H.TINY_SHAPE))
+    res = CliRunner().invoke(synth, [str(out), "--cases", "8", "--shape", shape, "--seed", "1"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def int8_ckpt(
+    tmp_path_factory: pytest.TempPathFactory, spec32: PreprocessSpec, int8_data: Path
+) -> Path:
+    """A trained tiny D-UNet; its checkpoint records ``int8_data`` and a split, as dunet-train."""
+    from dunet_deploy.data.layouts import discover_cases
+
+    _, cases = discover_cases(int8_data)
+    ids = [c.case_id for c in cases]
+    path = tmp_path_factory.mktemp("ckpt") / "int8.pt"
+    save_checkpoint(
+        path,
+        model=H.train_tiny(spec32, steps=INT8_STEPS),
+        spec=spec32,
+        epoch=4,
+        config={"data": str(int8_data), "split": {"train": ids[:6], "val": ids[6:]}},
+        metrics={"dsc_mean": 0.6},
+    )
+    return path

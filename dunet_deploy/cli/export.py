@@ -58,7 +58,7 @@ def _opset(ctx: click.Context, param: click.Parameter, value: int) -> int:
     multiple=True,
     help="Artefact to build (repeatable; default: onnx). onnx: model.onnx + "
     "model.json; onnx-fp16: model_fp16.onnx + model_fp16.json; trt: model.plan "
-    "+ model.plan.json; triton: triton/dunet/ model repository.",
+    "+ model.plan.json; triton: triton/ model repository (dunet + dunet_volume).",
 )
 @click.option(
     "--batch-range",
@@ -80,7 +80,9 @@ def _opset(ctx: click.Context, param: click.Parameter, value: int) -> int:
     type=click.Choice(TRITON_BACKENDS),
     default="onnx",
     show_default=True,
-    help="Model file served by Triton (trt needs --format trt).",
+    help="Network model served by Triton (trt needs --format trt; python runs model.onnx "
+    "through our runtime, OpenVINO / ONNX Runtime, for CPU servers). dunet_volume, the "
+    "whole pipeline on NIfTI bytes, is written beside it.",
 )
 @click.option(
     "--timing-cache",

@@ -20,7 +20,7 @@ from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, sidecar_path, write_
 from dunet_deploy.errors import DunetError
 
 FORMATS = ("onnx", "onnx-fp16", "trt", "triton")
-TRITON_BACKENDS = ("onnx", "trt")
+TRITON_BACKENDS = ("onnx", "trt", "python")
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ def run_export(req: ExportRequest, log: Callable[[str], None] = print) -> list[P
 
         # -------------------------------------------------------------- Triton
         if "triton" in formats:
-            from dunet_deploy.export.triton_repo import write_triton_repo
+            from dunet_deploy.export.triton_repo import write_triton_repo, write_volume_model
 
             backend = req.triton_backend
             triton_info = replace(base_info, precision="fp16") if backend == "trt" else base_info
@@ -206,8 +206,10 @@ def run_export(req: ExportRequest, log: Callable[[str], None] = print) -> list[P
                 max_batch_size=hi,
                 preferred_batch_sizes=(opt, hi),
             )
+            volume_dir = write_volume_model(stage / "triton", triton_info, batch_size=hi)
             written += [
-                str(p.relative_to(stage)) for p in sorted(model_dir.rglob("*")) if p.is_file()
+                str(p.relative_to(stage))
+                for d in (model_dir, volume_dir) for p in sorted(d.rglob("*")) if p.is_file()
             ]
 
         # --------------------------------------------------------------- commit

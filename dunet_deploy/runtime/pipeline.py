@@ -167,6 +167,9 @@ class CaseResult:
         slabs_run: Slabs sent to the model.
         slabs_skipped: All-background slabs not sent (probability 0).
         times: Seconds spent per stage: read, preprocess, infer, postprocess, write.
+        bytes_sent: Tensor bytes sent to a Triton server (``None``: local model).
+        bytes_received: Tensor bytes received from it.
+        server: The server's summary (``--server-side``).
     """
 
     input: str
@@ -181,6 +184,9 @@ class CaseResult:
     slabs_run: int = 0
     slabs_skipped: int = 0
     times: dict[str, float] = field(default_factory=lambda: dict.fromkeys(TIME_KEYS, 0.0))
+    bytes_sent: int | None = None
+    bytes_received: int | None = None
+    server: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -391,8 +397,12 @@ def _finish_case(
     stem = output_stem(prep.item.path)
     mask_path, prob_path = out_dir / f"{stem}{MASK_SUFFIX}", out_dir / f"{stem}{PROB_SUFFIX}"
     written: list[Path] = []
+    traffic = getattr(runner, "traffic", None)  # (sent, received) of a Triton client
     try:
         probs = predict_probs(runner, prep.slices, prep.indices, spec, batch_size, result.times)
+        if traffic is not None:
+            sent, received = runner.traffic  # type: ignore[attr-defined]
+            result.bytes_sent, result.bytes_received = sent - traffic[0], received - traffic[1]
         prep.slices = None  # free the slices before allocating the output volume
         t0 = time.perf_counter()
         prob_vol = probs_to_volume(probs, spec, prep.ref.shape)

@@ -48,13 +48,17 @@ def parse_url(url: str) -> tuple[str, str]:
 
 
 def _module(protocol: str) -> Any:
-    if protocol == "http":
-        import tritonclient.http as th
+    try:
+        if protocol == "http":
+            import tritonclient.http as th
 
-        return th
-    import tritonclient.grpc as tg
+            return th
+        import tritonclient.grpc as tg
 
-    return tg
+        return tg
+    except ImportError:
+        raise DunetError(f"--triton-url {protocol}:// needs tritonclient: pip install "
+                         "'dunet-deploy[serve]'") from None
 
 
 def make_client(protocol: str, address: str, timeout_s: float) -> Any:

@@ -208,7 +208,8 @@ class TritonProcess:
     Args:
         repository: the model repository folder.
         endpoints: where to listen.
-        verbose: show the server's log on our stdout instead of keeping it in a file.
+        verbose: also show the server's log on our stdout (it is always kept in a
+            file for error messages, removed at :meth:`stop`).
         log_verbose: Triton's ``--log-verbose`` level.
     """
 
@@ -221,11 +222,12 @@ class TritonProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self._work: Path | None = None
         self._log: IO[bytes] | None = None
+        self._tee: threading.Thread | None = None
 
     @property
     def log_path(self) -> Path | None:
-        """The server's log file (``None`` with ``verbose``)."""
-        return None if self._work is None or self.verbose else self._work / "tritonserver.log"
+        """The server's log file (while it runs)."""
+        return None if self._work is None else self._work / "tritonserver.log"
 
     def start(self) -> None:
         """Check the ports, then start the server (returns at once; see :meth:`wait_ready`)."""
@@ -243,19 +245,30 @@ class TritonProcess:
             "--allow-gpu-metrics=false", f"--log-verbose={self.log_verbose}",
             f"--exit-timeout-secs={int(STOP_TIMEOUT_S)}",
         ]
-        out: IO[bytes] | None = None
-        if not self.verbose:
-            self._log = out = open(self._work / "tritonserver.log", "wb")
+        self._log = open(self._work / "tritonserver.log", "wb")
         try:
             self.proc = subprocess.Popen(
-                cmd, env=server_env(libs=dist.libs), stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT if out is not None else None,
+                cmd, env=server_env(libs=dist.libs), stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if self.verbose else self._log, stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches us; we stop the server in order
                 preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             self.stop()
             raise DunetError(f"{dist.binary}: cannot start ({exc.strerror})") from None
+        if self.verbose:  # show the log as it comes, and keep it for error messages
+            self._tee = threading.Thread(target=self._copy_log, args=(self.proc.stdout,),
+                                         name="tritonserver-log", daemon=True)
+            self._tee.start()
+
+    def _copy_log(self, pipe: IO[bytes]) -> None:
+        log = self._log
+        for line in iter(pipe.readline, b""):
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+            if log is not None and not log.closed:
+                log.write(line)
+                log.flush()
 
     def log_error(self) -> str:
         """The most telling line of the server's log (Triton's ``E`` lines), or ''."""
@@ -271,10 +284,11 @@ class TritonProcess:
 
     def _died(self) -> DunetError:
         assert self.proc is not None
+        if self._tee is not None:
+            self._tee.join(timeout=5)  # the whole log is in the file
         detail = self.log_error()
-        where = f" (log: {self.log_path})" if self.log_path else ""
         return DunetError(f"tritonserver exited with code {self.proc.returncode}"
-                          f"{': ' + detail if detail else ''}{where}")
+                          f"{': ' + detail if detail else ''}")
 
     def models(self) -> dict[str, str]:
         """Model name -> state, from the repository index."""
@@ -328,6 +342,9 @@ class TritonProcess:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                     self.proc.wait(timeout=30)
             code = self.proc.returncode
+        if self._tee is not None:
+            self._tee.join(timeout=5)
+            self._tee = None
         if self._log is not None:
             self._log.close()
             self._log = None

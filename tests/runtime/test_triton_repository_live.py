@@ -180,11 +180,13 @@ def test_wrong_spec_and_not_a_server_side_model(served, tmp_path):
     assert len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
 
 
-def _serve_repository(repo: Path, ports: list[int]) -> subprocess.CompletedProcess[str]:
+def _serve_repository(repo: Path, ports: list[int],
+                      *extra: str) -> subprocess.CompletedProcess[str]:
     http, grpc, metrics = ports
     return subprocess.run(
         [sys.executable, "-m", "dunet_deploy.cli.serve", "--repository", str(repo),
-         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+         "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+         *extra],
         capture_output=True, text=True, timeout=180,
     )
 
@@ -211,15 +213,22 @@ def test_busy_port_is_an_immediate_one_line_error(tmp_path):
         assert res.stdout == ""
 
 
-def test_model_that_fails_to_load_is_one_line(tmp_path):
+@pytest.mark.parametrize("verbose", [False, True])
+def test_model_that_fails_to_load_is_one_line(tmp_path, verbose):
     model = tmp_path / "model.onnx"
     export_tiny_onnx(model)
     repo = write_repository(tmp_path, model, batch_size=32)  # > the network's max batch 16
-    res = _serve_repository(repo, free_ports(3))
+    res = _serve_repository(repo, free_ports(3), *(["--verbose"] if verbose else []))
     assert res.returncode == 2, res.stderr
     err = res.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: tritonserver exited with code"), err
-    assert "volume.batch_size 32 exceeds the max_batch_size 16" in err[0]
+    assert err[-1].startswith("error: tritonserver exited with code"), err
+    assert "volume.batch_size 32 exceeds the max_batch_size 16" in err[-1]
+    triton_log = [ln for ln in (res.stdout + res.stderr).splitlines()
+                  if ln[:1] in "IWE" and ln[1:5].isdigit()]
+    if verbose:  # Triton's own log, shown as it runs
+        assert any("failed to load 'dunet_volume'" in ln for ln in triton_log), res.stdout
+    else:
+        assert len(err) == 1 and not triton_log and res.stdout == ""
 
 
 @pytest.mark.parametrize("mode", ["repository", "engine"])

@@ -98,3 +98,17 @@ def infer(model: Path, inputs: list[Path], out: Path, *extra: str) -> subprocess
          *map(str, inputs), "-o", str(out), "--quiet", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+
+
+def write_repository(root: Path, model: Path, *, batch_size: int = 8) -> Path:
+    """What ``dunet-export --format triton --triton-backend python`` writes, from a model."""
+    from dunet_deploy.artifacts import read_artifact_info
+    from dunet_deploy.export.triton_repo import write_triton_repo, write_volume_model
+
+    info = read_artifact_info(model)
+    repo = root / "repo"
+    write_triton_repo(repo, model, info, backend="python", max_batch_size=16,
+                      preferred_batch_sizes=(8, 16),
+                      runtime={"runtime.backend": "onnxruntime", "runtime.threads": "1"})
+    write_volume_model(repo, info, batch_size=batch_size)
+    return repo

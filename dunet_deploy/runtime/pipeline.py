@@ -461,6 +461,16 @@ def run_cases(
     return results
 
 
+def make_output_dir(out: Path) -> None:
+    """Create the output folder (``DunetError`` naming it when that is impossible)."""
+    if out.exists() and not out.is_dir():
+        raise DunetError(f"{out}: output path exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DunetError(f"{out}: cannot create output directory ({exc.strerror})") from None
+
+
 def segment_files(
     model_path: str | os.PathLike[str],
     inputs: Sequence[str | os.PathLike[str]],
@@ -514,12 +524,7 @@ def segment_files(
     model = Path(model_path)
     out = Path(out_dir)
     info = read_artifact_info(model)  # before creating anything: a bad model writes nothing
-    if out.exists() and not out.is_dir():
-        raise DunetError(f"{out}: output path exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DunetError(f"{out}: cannot create output directory ({exc.strerror})") from None
+    make_output_dir(out)
     items = expand_inputs(inputs)
     with Prefetcher(items, info.spec, depth=prefetch) as prefetcher:
         t_load = time.perf_counter()

@@ -70,6 +70,14 @@ def make_client(protocol: str, address: str, timeout_s: float) -> Any:
     return mod.InferenceServerClient(address)
 
 
+def thread_client(local: threading.local, protocol: str, address: str, timeout_s: float) -> Any:
+    """This thread's client in ``local`` (tritonclient's clients are not thread-safe)."""
+    client = getattr(local, "client", None)
+    if client is None:
+        client = local.client = make_client(protocol, address, timeout_s)
+    return client
+
+
 def wait_model_ready(client: Any, url: str, model: str, timeout_s: float = READY_TIMEOUT_S) -> None:
     """Poll until ``model`` answers ready (a server still loading is not an error).
 
@@ -141,11 +149,7 @@ class TritonRunner(Runner):
 
     # -- connection -----------------------------------------------------------
     def _client(self) -> Any:
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = self._local.client = make_client(self.protocol, self.address,
-                                                      self.timeout_s)
-        return client
+        return thread_client(self._local, self.protocol, self.address, self.timeout_s)
 
     def _module(self) -> Any:
         return _module(self.protocol)
@@ -287,11 +291,7 @@ class ServerSideClient:
             )
 
     def _client(self) -> Any:
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = self._local.client = make_client(self.protocol, self.address,
-                                                      self.timeout_s)
-        return client
+        return thread_client(self._local, self.protocol, self.address, self.timeout_s)
 
     def request(self, data: bytes, name: str) -> tuple[bytes, dict[str, Any], int]:
         """One file's bytes -> (mask ``.nii.gz`` bytes, the server's summary, bytes received).
@@ -404,18 +404,13 @@ def segment_server_side(
     from dunet_deploy import __version__
     from dunet_deploy.artifacts import write_json
     from dunet_deploy.machine import machine_info
-    from dunet_deploy.runtime.pipeline import SUMMARY_NAME, expand_inputs
+    from dunet_deploy.runtime.pipeline import SUMMARY_NAME, expand_inputs, make_output_dir
 
     t_start = time.perf_counter()
     out = Path(out_dir)
     client = ServerSideClient(url, expected, model_name=model_name, in_flight=in_flight,
                               ready_timeout_s=ready_timeout_s)
-    if out.exists() and not out.is_dir():
-        raise DunetError(f"{out}: output path exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DunetError(f"{out}: cannot create output directory ({exc.strerror})") from None
+    make_output_dir(out)
     items = expand_inputs(inputs)
     if on_start is not None:
         on_start(len(items))

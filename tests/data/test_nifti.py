@@ -300,8 +300,11 @@ def peak_rss_mb(code: str) -> tuple[float, str]:
     import subprocess
     import sys
 
-    wrapped = (code + "\nimport resource\n"
-               "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
+    # VmHWM, not getrusage's ru_maxrss: Linux keeps ru_maxrss across exec, so a child of a
+    # big pytest process would report the parent's peak.
+    wrapped = (code + "\nimport re\n"
+               "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]\n"
+               "print('RSS', hwm)\n")
     out = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True,
                          timeout=120, check=True).stdout
     rss_kb = int(out.strip().splitlines()[-1].split()[1])

@@ -8,6 +8,7 @@ first-ready tests of this mode are in test_triton_repository_live.py.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from runtime_testutils import export_tiny_onnx, write_volume
-from triton_testutils import Server, infer
+from triton_testutils import Server, infer, model_and_volumes
 
 pytest.importorskip("pytriton")
 pytest.importorskip("tritonclient.http")
@@ -34,15 +34,13 @@ def _infer(model: Path, inputs: list[Path], out: Path, *extra: str) -> subproces
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("triton")
-    model = root / "model.onnx"
-    export_tiny_onnx(model)
-    volumes = [write_volume(root / f"case{i}.nii.gz", seed=i) for i in range(4)]
+    model, volumes = model_and_volumes(root)
     server = Server(["--engine", str(model), "--backend", "onnxruntime", "--threads", "1"],
                     root / "server.log")
     try:
         yield root, model, volumes, server
     finally:
-        rc = server.stop()
+        rc = server.stop(signal.SIGINT)  # Ctrl-C; the repository tests stop with SIGTERM
         log = server.log_path.read_text()[-2000:]
         assert rc == 0, f"server did not stop cleanly (rc={rc}):\n{log}"
 

@@ -22,7 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from runtime_testutils import export_tiny_onnx, write_volume
-from triton_testutils import Server, free_ports, infer, write_repository
+from triton_testutils import Server, free_ports, infer, model_and_volumes, write_repository
 
 pytest.importorskip("pytriton")
 pytest.importorskip("tritonclient.http")
@@ -57,9 +57,7 @@ def mask_of(path: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("repo_live")
-    model = root / "model.onnx"
-    export_tiny_onnx(model)
-    volumes = [write_volume(root / f"case{i}.nii.gz", seed=i) for i in range(4)]
+    model, volumes = model_and_volumes(root)
     repo = write_repository(root, model)
     server = Server(["--repository", str(repo)], root / "server.log")
     try:
@@ -224,9 +222,10 @@ def test_client_started_at_first_ready_succeeds_then_server_killed(mode, tmp_pat
     volumes = [write_volume(tmp_path / f"v{i}.nii.gz", seed=10 + i) for i in range(10)]
     if mode == "repository":
         args, extra = ["--repository", str(write_repository(tmp_path, model))], ["--server-side"]
+        models = ["dunet", "dunet_volume"]
     else:
         args = ["--engine", str(model), "--backend", "onnxruntime", "--threads", "1"]
-        extra = ["--batch-size", "1"]
+        extra, models = ["--batch-size", "1"], ["dunet", "dunet_spec"]
     server = Server(args, tmp_path / "server.log", wait=False)
     try:
         deadline = time.monotonic() + 120
@@ -238,6 +237,10 @@ def test_client_started_at_first_ready_succeeds_then_server_killed(mode, tmp_pat
                         break
             except OSError:
                 time.sleep(0.05)
+        for name in models:  # the first 200 already means every model is loaded
+            with urllib.request.urlopen(f"{server.http_url}/v2/models/{name}/ready",
+                                        timeout=2) as r:
+                assert r.status == 200
         first = infer(model, volumes[:1], tmp_path / "first", "--triton-url", server.grpc_url,
                       *extra)
         assert first.wait(timeout=300) == 0, first.stderr.read()

@@ -81,3 +81,19 @@ def test_serve_needs_exactly_one_source(tmp_path: Path) -> None:
             "error: give exactly one of --engine MODEL and --repository DIR")
     res = CliRunner().invoke(serve.main, ["--repository", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "no such model repository folder" in res.output
+
+
+def test_serving_modules_never_import_torch() -> None:
+    code = (
+        "import sys\n"
+        "import dunet_deploy.serving.volume_model, dunet_deploy.serving.network_model\n"
+        "import dunet_deploy.serving.spec_model, dunet_deploy.runtime.serve\n"
+        "import dunet_deploy.runtime.tritonserver, dunet_deploy.runtime.triton_client\n"
+        "import dunet_deploy.cli.serve, dunet_deploy.export.triton_repo\n"
+        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "assert not bad, bad\n"
+        "print('torch-free')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "torch-free", res.stderr

@@ -73,9 +73,10 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
 
-    def stop(self) -> int | None:
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        """Stop with ``sig`` (SIGTERM or SIGINT, as docker stop / Ctrl-C do); its exit code."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
@@ -112,3 +113,12 @@ def write_repository(root: Path, model: Path, *, batch_size: int = 8) -> Path:
                       runtime={"runtime.backend": "onnxruntime", "runtime.threads": "1"})
     write_volume_model(repo, info, batch_size=batch_size)
     return repo
+
+
+def model_and_volumes(root: Path, n: int = 4, seed: int = 0) -> tuple[Path, list[Path]]:
+    """A tiny ONNX model and ``n`` synthetic volumes under ``root``."""
+    from runtime_testutils import export_tiny_onnx, write_volume
+
+    model = root / "model.onnx"
+    export_tiny_onnx(model, seed=seed)
+    return model, [write_volume(root / f"case{i}.nii.gz", seed=seed * 10 + i) for i in range(n)]

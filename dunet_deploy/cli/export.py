@@ -57,7 +57,7 @@ def _batch_range(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     help="Artefact to build (repeatable; default: onnx). onnx: model.onnx + "
     "model.json; onnx-fp16: model_fp16.onnx + model_fp16.json; trt: model.plan "
     "+ model.plan.json; onnx-int8: model_int8.onnx + model_int8.json (needs "
-    "--calibration); triton: triton/dunet/ model repository.",
+    "--calibration); triton: triton/ model repository (dunet + dunet_volume).",
 )
 @click.option(
     "--batch-range",
@@ -80,7 +80,9 @@ def _batch_range(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     type=click.Choice(TRITON_BACKENDS),
     default=ExportRequest.triton_backend,
     show_default=True,
-    help="Model file served by Triton (trt needs --format trt).",
+    help="Network model served by Triton (trt needs --format trt; python runs model.onnx "
+    "through our runtime, OpenVINO / ONNX Runtime, for CPU servers). dunet_volume, the "
+    "whole pipeline on NIfTI bytes, is written beside it.",
 )
 @click.option(
     "--timing-cache",

@@ -31,6 +31,7 @@ import click
 
 from dunet_deploy.choices import BACKENDS, DEVICES, PRECISIONS, RESAMPLE_MODES, TTA_MODES
 from dunet_deploy.cli._common import DunetCommand, handle_errors, one_line
+from dunet_deploy.errors import DunetError
 
 EXIT_SOME_FAILED = 1
 # Same as dunet_deploy.runtime.base (a test keeps them equal); not imported
@@ -113,12 +114,16 @@ class _Progress:
               help="Worker processes that read/preprocess and post-process/write while this "
                    "process keeps the model busy; 0 = all in this process.  [default: 0 on "
                    "1-2 cores, else half the cores, at most 4]")
+@click.option("--server-side", is_flag=True,
+              help="With --triton-url: send each file's bytes to the server's dunet_volume "
+                   "model (dunet-serve --repository), which runs the whole pipeline.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no final summary line.")
 @handle_errors
 def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str, device: str,
          batch_size: int, save_prob: bool, threads: int | None, precision: str,
          triton_url: str | None, tta: str | None, min_lesion_mm3: float | None, resample: str,
-         cuda_graph: bool, workers: int | None, quiet: bool) -> None:
+         cuda_graph: bool, workers: int | None, server_side: bool,
+         quiet: bool) -> None:
     """Segment stroke lesions in INPUT volumes (NIfTI files, directories or glob patterns).
 
     Writes OUT/<name>_mask.nii.gz per input (same shape, affine, qform/sform
@@ -147,15 +152,25 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
         progress.advance()
 
     try:
-        summary = segment_files(
-            model_path, inputs, out_dir, backend=backend, batch_size=batch_size,
-            save_prob=save_prob, threads=threads, precision=precision, device=device,
-            tta=tta, min_lesion_mm3=min_lesion_mm3, resample=resample,
-            workers=default_workers() if workers is None else workers,
-            runner_opts={"cuda_graph": True} if cuda_graph else None,
-            on_start=on_start, on_result=on_result,
-            runner_factory=triton_runner if triton_url else None,
-        )
+        if server_side:
+            from dunet_deploy.artifacts import read_artifact_info
+            from dunet_deploy.runtime.triton_client import segment_server_side
+
+            if not triton_url or save_prob:
+                raise DunetError("--server-side needs --triton-url and cannot --save-prob")
+            summary = segment_server_side(
+                triton_url, inputs, out_dir, expected=read_artifact_info(model_path),
+                on_start=progress.start, on_result=on_result)
+        else:
+            summary = segment_files(
+                model_path, inputs, out_dir, backend=backend, batch_size=batch_size,
+                save_prob=save_prob, threads=threads, precision=precision, device=device,
+                tta=tta, min_lesion_mm3=min_lesion_mm3, resample=resample,
+                workers=default_workers() if workers is None else workers,
+                runner_opts={"cuda_graph": True} if cuda_graph else None,
+                on_start=on_start, on_result=on_result,
+                runner_factory=triton_runner if triton_url else None,
+            )
     finally:
         progress.close()
     if not quiet:

@@ -4,12 +4,22 @@ Only numpy and nibabel are used. Every failure a user can cause (missing
 file, not NIfTI, truncated gzip, wrong dimensionality, NaN voxels, unwritable
 output) is raised as :class:`~dunet_deploy.errors.DunetError` whose message
 starts with the file name.
+
+Files and request bytes are untrusted: the header is checked against
+:class:`NiftiLimits` (3D, supported data type, voxel count and bytes, finite
+affine and voxel sizes, compressed size) before any voxel data is inflated or
+allocated, and gzip streams are inflated only up to the bytes the header
+declares, so neither a header claiming 10^12 voxels nor a small ``.nii.gz``
+that inflates to tens of GB (a gzip bomb) costs more than the limits allow.
 """
 
 from __future__ import annotations
 
+import gzip
+import io
 import os
 import secrets
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +31,53 @@ import numpy.typing as npt
 
 from dunet_deploy.errors import DunetError
 
-__all__ = ["NiftiVolume", "load_mask", "load_nifti", "nifti_suffix", "save_nifti_like"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "NiftiLimits",
+    "NiftiVolume",
+    "check_header",
+    "load_mask",
+    "load_nifti",
+    "load_nifti_bytes",
+    "nifti_bytes_like",
+    "nifti_suffix",
+    "save_nifti_like",
+]
 
 PathLike = str | os.PathLike[str]
+_GIB = 1 << 30
+#: On-disk voxel types we read (NIfTI codes 2, 4, 8, 16, 64, 256, 512, 768, 1024, 1280).
+SUPPORTED_DTYPES = frozenset(
+    np.dtype(t).name
+    for t in (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64,
+              np.float32, np.float64)
+)
+_GZIP_MAGIC = b"\x1f\x8b"
+_MAX_VOX_OFFSET = 16 << 20  # header + extensions; real files have a few KB at most
+
+
+@dataclass(frozen=True)
+class NiftiLimits:
+    """What an untrusted NIfTI file or request may cost before it is refused.
+
+    Attributes:
+        max_voxels: Most voxels (the float32 volume we build is 4 bytes each).
+        max_voxel_bytes: Most bytes of voxel data as stored (dims × dtype size).
+        max_file_bytes: Most bytes of the file or request as sent (compressed
+            size for ``.nii.gz``).
+    """
+
+    max_voxels: int = _GIB // 4
+    max_voxel_bytes: int = _GIB
+    max_file_bytes: int = _GIB
+
+    def __post_init__(self) -> None:
+        for name in ("max_voxels", "max_voxel_bytes", "max_file_bytes"):
+            if int(getattr(self, name)) < 1:
+                raise DunetError(f"NIfTI limit {name} must be >= 1, got {getattr(self, name)}")
+
+
+DEFAULT_LIMITS = NiftiLimits()
 
 
 @dataclass
@@ -90,7 +144,7 @@ def _open_image(path: Path) -> Any:
     return img
 
 
-def _spatial_shape(path: Path, shape: Sequence[int]) -> tuple[int, ...]:
+def _spatial_shape(path: PathLike, shape: Sequence[int]) -> tuple[int, ...]:
     """Squeeze trailing singleton dims beyond 3; reject anything not 3D."""
     dims = tuple(int(n) for n in shape)
     while len(dims) > 3 and dims[-1] == 1:
@@ -102,38 +156,175 @@ def _spatial_shape(path: Path, shape: Sequence[int]) -> tuple[int, ...]:
     return dims
 
 
-def load_nifti(path: PathLike) -> NiftiVolume:
+def _bytes_text(n: int) -> str:
+    return f"{n / _GIB:.2f} GiB" if n >= _GIB else f"{n / (1 << 20):.1f} MiB"
+
+
+def check_header(header: Any, name: PathLike, limits: NiftiLimits = DEFAULT_LIMITS) -> int:
+    """Refuse a NIfTI header whose data we must not read, before reading any.
+
+    Args:
+        header: A ``nib.Nifti1Header`` or ``nib.Nifti2Header``.
+        name: The file (or request) name for the message.
+        limits: The limits to enforce.
+
+    Returns:
+        The number of bytes of voxel data the header declares.
+
+    Raises:
+        DunetError: ``"<name>: <reason>"`` for a non-3D shape, an unsupported
+            data type, too many voxels or bytes, a non-finite or singular
+            affine, non-positive or non-finite voxel sizes, or a bad
+            ``vox_offset``.
+    """
+    ndim = int(header["dim"][0])
+    raw_dims = [int(d) for d in header["dim"][1 : 1 + ndim]] if 1 <= ndim <= 7 else []
+    if not raw_dims or min(raw_dims) < 0:
+        raise DunetError(f"{name}: corrupt NIfTI header (dim = {list(header['dim'])})")
+    dims = _spatial_shape(name, raw_dims)
+    try:
+        dtype = header.get_data_dtype()
+    except Exception:  # nibabel raises HeaderDataError/KeyError for unknown codes
+        raise DunetError(f"{name}: unknown NIfTI datatype code {int(header['datatype'])}") from None
+    if dtype.name not in SUPPORTED_DTYPES:
+        raise DunetError(f"{name}: unsupported voxel type {dtype} (use an integer or float type)")
+    voxels = int(np.prod(np.array(raw_dims, dtype=object)))
+    nbytes = voxels * dtype.itemsize
+    if voxels > limits.max_voxels or nbytes > limits.max_voxel_bytes:
+        raise DunetError(
+            f"{name}: header declares {'x'.join(map(str, dims))} {dtype} voxels "
+            f"({_bytes_text(nbytes)}), over the limit of {limits.max_voxels} voxels / "
+            f"{_bytes_text(limits.max_voxel_bytes)}"
+        )
+    zooms = np.asarray(header["pixdim"][1:4], dtype=np.float64)
+    if not (np.isfinite(zooms).all() and (np.abs(zooms) > 0).all()):
+        raise DunetError(f"{name}: voxel sizes {zooms.tolist()} must be finite and non-zero")
+    affine = np.asarray(header.get_best_affine(), dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(float(np.linalg.det(affine[:3, :3]))) < 1e-12:
+        raise DunetError(f"{name}: the voxel-to-world affine is not finite or is singular")
+    offset = float(header["vox_offset"])
+    if not (np.isfinite(offset) and 0 <= offset <= _MAX_VOX_OFFSET):
+        raise DunetError(f"{name}: corrupt NIfTI header (vox_offset = {offset})")
+    return nbytes
+
+
+def _volume_from_image(img: Any, name: PathLike, path: Path | None) -> NiftiVolume:
+    """Read the voxels of a checked image as float32 (scaling applied) and validate them."""
+    shape = _spatial_shape(name, img.shape)
+    try:
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except MemoryError:
+        raise
+    except Exception as exc:  # EOFError, zlib.error, OSError, ValueError on truncation
+        raise DunetError(f"{name}: cannot read voxel data, file truncated or corrupt "
+                         f"({_reason(exc)})") from None
+    data = data.reshape(shape)
+    finite = np.isfinite(data)
+    if not finite.all():
+        bad = int(data.size - np.count_nonzero(finite))
+        raise DunetError(f"{name}: {bad} voxel(s) are NaN or Inf")
+    return NiftiVolume(data=data, affine=np.asarray(img.affine, dtype=np.float64),
+                       header=img.header, path=path)
+
+
+def load_nifti(path: PathLike, limits: NiftiLimits = DEFAULT_LIMITS) -> NiftiVolume:
     """Load a 3D NIfTI volume (.nii or .nii.gz, any numeric on-disk type).
 
     A 4D (or 5D) image whose extra dimensions are all 1 is squeezed to 3D.
+    The header is checked with :func:`check_header` before the voxel data is
+    read, and only the bytes the header declares are ever inflated.
 
     Args:
         path: File to read.
+        limits: What the file may cost (file size, voxels, bytes).
 
     Returns:
         The volume with float32 data (scaling applied).
 
     Raises:
         DunetError: ``"<path>: <reason>"`` for a missing file, non-NIfTI or
-            corrupt/truncated file, non-3D image, or NaN/Inf voxels.
+            corrupt/truncated file, non-3D image, a header over ``limits``,
+            or NaN/Inf voxels.
     """
     p = Path(path)
     img = _open_image(p)
-    shape = _spatial_shape(p, img.shape)
+    size = p.stat().st_size
+    if size > limits.max_file_bytes:
+        raise DunetError(f"{p}: file of {_bytes_text(size)} is over the limit of "
+                         f"{_bytes_text(limits.max_file_bytes)}")
+    check_header(img.header, p, limits)
+    return _volume_from_image(img, p, p)
+
+
+def _inflate(data: bytes, name: str, need: int) -> bytes:
+    """The first ``need`` bytes of a gzip stream (multi-member), never inflating more."""
+    out = bytearray()
+    rest: bytes | memoryview = memoryview(data)
     try:
-        data = np.asarray(img.get_fdata(dtype=np.float32))
-    except MemoryError:
-        raise
-    except Exception as exc:  # EOFError, zlib.error, OSError, ValueError on truncation
-        raise DunetError(f"{p}: cannot read voxel data, file truncated or corrupt "
-                         f"({_reason(exc)})") from None
-    data = data.reshape(shape)
-    finite = np.isfinite(data)
-    if not finite.all():
-        bad = int(data.size - np.count_nonzero(finite))
-        raise DunetError(f"{p}: {bad} voxel(s) are NaN or Inf")
-    return NiftiVolume(data=data, affine=np.asarray(img.affine, dtype=np.float64),
-                       header=img.header, path=p)
+        while len(out) < need and len(rest):
+            d = zlib.decompressobj(wbits=31)  # one gzip member
+            chunk: bytes | memoryview = rest
+            while len(out) < need and chunk and not d.eof:
+                out += d.decompress(chunk, need - len(out))  # max_length caps the inflation
+                chunk = d.unconsumed_tail
+            if not d.eof:
+                break
+            rest = d.unused_data
+    except zlib.error as exc:
+        raise DunetError(f"{name}: corrupt gzip data ({_reason(exc)})") from None
+    return bytes(out)
+
+
+def load_nifti_bytes(data: bytes, name: str,
+                     limits: NiftiLimits = DEFAULT_LIMITS) -> NiftiVolume:
+    """Load a 3D NIfTI volume from a file's bytes (``.nii`` or ``.nii.gz``, told apart by content).
+
+    For untrusted input (a server request): the size of ``data``, then the
+    header (:func:`check_header`) are checked before any voxel data is
+    inflated; a gzip stream is inflated only up to the header's
+    ``vox_offset`` + voxel bytes, so trailing data (a gzip bomb) is never
+    decompressed.
+
+    Args:
+        data: The file's bytes.
+        name: Name used in messages (e.g. the client's file name).
+        limits: What the request may cost.
+
+    Returns:
+        The volume (``path`` is ``None``; ``header`` set).
+
+    Raises:
+        DunetError: ``"<name>: <reason>"`` for anything but a valid 3D NIfTI
+            within ``limits``.
+    """
+    if len(data) > limits.max_file_bytes:
+        raise DunetError(f"{name}: {_bytes_text(len(data))} sent, over the limit of "
+                         f"{_bytes_text(limits.max_file_bytes)}")
+    gz = bytes(data[:2]) == _GZIP_MAGIC
+    head = _inflate(data, name, 540) if gz else bytes(data[:540])
+    image_class: Any = None
+    for cls in (nib.Nifti1Image, nib.Nifti2Image):
+        size = cls.header_class.sizeof_hdr
+        first = bytes(head[:4])
+        if len(head) >= size and size in (int.from_bytes(first, "little"),
+                                          int.from_bytes(first, "big")):
+            image_class = cls
+    if image_class is None:
+        raise DunetError(f"{name}: not a NIfTI file")
+    try:
+        header = image_class.header_class.from_fileobj(io.BytesIO(head))
+    except Exception as exc:  # nibabel's HeaderDataError / ValueError on bad magic etc.
+        raise DunetError(f"{name}: cannot read NIfTI header ({_reason(exc)})") from None
+    need = int(header["vox_offset"]) + check_header(header, name, limits)
+    raw = _inflate(data, name, need) if gz else bytes(data[:need])
+    if len(raw) < need:
+        raise DunetError(f"{name}: cannot read voxel data, file truncated or corrupt "
+                         f"({len(raw)} of {need} bytes)")
+    try:
+        img = image_class.from_bytes(raw)
+    except Exception as exc:  # nibabel raises many types on corrupt input
+        raise DunetError(f"{name}: cannot read NIfTI ({_reason(exc)})") from None
+    return _volume_from_image(img, name, None)
 
 
 def load_mask(paths: PathLike | Sequence[PathLike]) -> np.ndarray:
@@ -195,6 +386,47 @@ def _header_for(affine: np.ndarray, shape: tuple[int, ...]) -> Any:
     return hdr
 
 
+def _image_like(name: PathLike, data: npt.ArrayLike, ref: NiftiVolume,
+                dtype: npt.DTypeLike) -> Any:
+    """A NIfTI image of ``data`` with the geometry of ``ref`` (see :func:`save_nifti_like`)."""
+    arr = np.asarray(data)
+    if arr.shape != ref.data.shape:
+        raise DunetError(f"{name}: data shape {arr.shape} differs from reference {ref.data.shape}")
+    np_dtype = np.dtype(dtype)
+    arr = _check_representable(Path(name), arr, np_dtype)
+    ref_hdr = ref.header if ref.header is not None else _header_for(ref.affine, ref.data.shape)
+    hdr = ref_hdr.copy()
+    hdr.set_data_dtype(np_dtype)
+    image_class = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
+    img = image_class(arr, ref.affine, header=hdr)
+    img.set_sform(ref_hdr.get_sform(), code=int(ref_hdr["sform_code"]))
+    img.set_qform(ref_hdr.get_qform(), code=int(ref_hdr["qform_code"]))
+    img.header.set_zooms(tuple(float(z) for z in ref_hdr.get_zooms()[:3]))
+    # Store values as-is; the reference's scaling/display range mean nothing here.
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header["cal_min"] = 0.0
+    img.header["cal_max"] = 0.0
+    return img
+
+
+def nifti_bytes_like(data: npt.ArrayLike, ref: NiftiVolume, dtype: npt.DTypeLike = np.uint8,
+                     *, name: str = "output", compresslevel: int = 1) -> bytes:
+    """The ``.nii.gz`` bytes of ``data`` with the geometry of ``ref`` (what a server returns).
+
+    Args:
+        data: Array of ``ref.data.shape``.
+        ref: The volume whose geometry to copy.
+        dtype: Stored dtype (integer dtypes require integral, in-range data).
+        name: Name used in messages.
+        compresslevel: gzip level (1: fast; masks compress well anyway).
+
+    Returns:
+        A gzip-compressed NIfTI file, readable by :func:`load_nifti_bytes`.
+    """
+    img = _image_like(name, data, ref, dtype)
+    return gzip.compress(img.to_bytes(), compresslevel=compresslevel, mtime=0)
+
+
 def save_nifti_like(
     path: PathLike,
     data: npt.ArrayLike,
@@ -227,27 +459,10 @@ def save_nifti_like(
     suffix = nifti_suffix(out)
     if not suffix:
         raise DunetError(f"{out}: output file name must end in .nii or .nii.gz")
-    arr = np.asarray(data)
-    if arr.shape != ref.data.shape:
-        raise DunetError(f"{out}: data shape {arr.shape} differs from reference {ref.data.shape}")
-    np_dtype = np.dtype(dtype)
-    arr = _check_representable(out, arr, np_dtype)
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise DunetError(f"{out}: directory {parent} does not exist")
-
-    ref_hdr = ref.header if ref.header is not None else _header_for(ref.affine, ref.data.shape)
-    hdr = ref_hdr.copy()
-    hdr.set_data_dtype(np_dtype)
-    image_class = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
-    img = image_class(arr, ref.affine, header=hdr)
-    img.set_sform(ref_hdr.get_sform(), code=int(ref_hdr["sform_code"]))
-    img.set_qform(ref_hdr.get_qform(), code=int(ref_hdr["qform_code"]))
-    img.header.set_zooms(tuple(float(z) for z in ref_hdr.get_zooms()[:3]))
-    # Store values as-is; the reference's scaling/display range mean nothing here.
-    img.header.set_slope_inter(1.0, 0.0)
-    img.header["cal_min"] = 0.0
-    img.header["cal_max"] = 0.0
+    img = _image_like(out, data, ref, dtype)
 
     # Same directory so os.replace is an atomic rename; the suffix tells
     # nibabel whether to gzip. (Not mkstemp: its 0600 mode would stick.)

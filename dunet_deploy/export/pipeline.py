@@ -34,7 +34,7 @@ from dunet_deploy.spec import InferenceDefaults
 __all__ = ["FORMATS", "STAGING_PREFIX", "TRITON_BACKENDS", "ExportRequest", "run_export"]
 
 FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "trt", "triton")
-TRITON_BACKENDS = ("onnx", "trt")
+TRITON_BACKENDS = ("onnx", "trt", "python")
 #: Name prefix of the staging folder made inside the output folder.
 STAGING_PREFIX = ".dunet-export-"
 
@@ -361,7 +361,7 @@ def _trt_step(job: _Job) -> None:
 
 def _triton_step(job: _Job) -> None:
     """``triton/dunet/`` model repository serving the ONNX or the engine."""
-    from dunet_deploy.export.triton_repo import write_triton_repo
+    from dunet_deploy.export.triton_repo import write_triton_repo, write_volume_model
 
     if "triton" not in job.formats:
         return
@@ -371,8 +371,10 @@ def _triton_step(job: _Job) -> None:
     model_file = job.stage / ("model.plan" if backend == "trt" else "model.onnx")
     model_dir = write_triton_repo(job.stage / "triton", model_file, info, backend=backend,
                                   max_batch_size=hi, preferred_batch_sizes=(opt, hi))
-    job.written += [str(p.relative_to(job.stage)) for p in sorted(model_dir.rglob("*"))
-                    if p.is_file()]
+    # dunet_volume: the whole pipeline on the server (NIfTI bytes in, mask out), via BLS.
+    volume_dir = write_volume_model(job.stage / "triton", info, batch_size=hi)
+    job.written += [str(p.relative_to(job.stage)) for d in (model_dir, volume_dir)
+                    for p in sorted(d.rglob("*")) if p.is_file()]
 
 
 #: The export steps, in order; each reads what the earlier ones left in the job.

@@ -4,7 +4,15 @@ Layout (``name`` defaults to ``dunet``)::
 
     ROOT/NAME/config.pbtxt
     ROOT/NAME/1/model.onnx      platform "onnxruntime_onnx"   (or)
-    ROOT/NAME/1/model.plan      platform "tensorrt_plan"
+    ROOT/NAME/1/model.plan      platform "tensorrt_plan"      (or)
+    ROOT/NAME/1/model.py        backend "python": our runtime (OpenVINO / ONNX Runtime)
+    ROOT/NAME/1/model.onnx        on model.onnx, for CPU servers
+    ROOT/dunet_volume/config.pbtxt   backend "python": NIfTI bytes in, mask bytes out,
+    ROOT/dunet_volume/1/model.py       the whole pipeline, calling NAME through BLS
+
+The python-backend ``model.py`` files only import :mod:`dunet_deploy.serving`:
+the server's Python must find our package (``dunet-serve --repository`` sets
+``PYTHONPATH``; see README, "Serving").
 
 ``config.pbtxt`` declares the batch dimension implicitly (``max_batch_size``;
 ``dims`` exclude it), enables the dynamic batcher, and carries the model's
@@ -20,22 +28,54 @@ tests parse it with Triton's own ``ModelConfig`` message.
 from __future__ import annotations
 
 import os
+import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from dunet_deploy import __version__
 from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
+from dunet_deploy.data.nifti import DEFAULT_LIMITS, NiftiLimits
 from dunet_deploy.errors import DunetError
 
-__all__ = ["DEFAULT_MODEL_NAME", "PLATFORMS", "triton_config_text", "write_triton_repo"]
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "PLATFORMS",
+    "VOLUME_MODEL_NAME",
+    "read_config",
+    "triton_config_text",
+    "volume_config_text",
+    "write_spec_model",
+    "write_triton_repo",
+    "write_volume_model",
+]
 
 DEFAULT_MODEL_NAME = "dunet"
-#: backend -> (Triton platform, file name in the version folder, instance kind)
+VOLUME_MODEL_NAME = "dunet_volume"
+#: backend -> (Triton platform, file name in the version folder, instance kind);
+#: "python" is Triton's python backend running :mod:`dunet_deploy.serving.network_model`.
 PLATFORMS: dict[str, tuple[str, str, str]] = {
     "onnx": ("onnxruntime_onnx", "model.onnx", "KIND_AUTO"),  # GPU when the server has one
     "trt": ("tensorrt_plan", "model.plan", "KIND_GPU"),
+    "python": ("python", "model.onnx", "KIND_CPU"),
 }
+#: Runtime options of a python-backend network model, as config parameters.
+RUNTIME_DEFAULTS = {"runtime.backend": "auto", "runtime.precision": "auto",
+                    "runtime.threads": "", "runtime.model_file": "model.onnx"}
+_MODEL_PY = """\"\"\"{doc} Written by dunet-export {version}.
+
+The code is dunet_deploy.serving.{module}: the server's Python must import
+dunet_deploy (dunet-serve --repository sets PYTHONPATH; see README, Serving).
+\"\"\"
+
+try:
+    from dunet_deploy.serving.{module} import TritonPythonModel  # noqa: F401
+except ImportError as exc:
+    raise ImportError(
+        f"{{exc}}: this model needs the dunet_deploy package on the Triton server's "
+        "PYTHONPATH (dunet-serve --repository sets it)"
+    ) from exc
+"""
 
 
 def _quote(text: str) -> str:
@@ -57,19 +97,23 @@ def triton_config_text(
     max_queue_delay_us: int = 100,
     instances: int = 1,
     name: str = DEFAULT_MODEL_NAME,
+    runtime: Mapping[str, str] | None = None,
 ) -> str:
     """The ``config.pbtxt`` of a dunet model.
 
     Args:
         info: the model's self-description (spec -> tensor dims; metadata ->
             ``parameters``).
-        backend: ``"onnx"`` or ``"trt"``.
+        backend: ``"onnx"``, ``"trt"`` or ``"python"`` (our runtime on ``model.onnx``).
         max_batch_size: largest batch the server may form (the engine's
             profile maximum for ``trt``).
         preferred_batch_sizes: batch sizes the dynamic batcher aims for.
         max_queue_delay_us: how long the batcher may hold a request.
         instances: model instances per device.
         name: model name (must equal the folder name).
+        runtime: for ``"python"``: overrides of :data:`RUNTIME_DEFAULTS`
+            (``runtime.backend``, ``runtime.precision``, ``runtime.threads``,
+            ``runtime.model_file``), stored as parameters.
 
     Returns:
         Protobuf text of a ``inference.ModelConfig``; input ``slabs``
@@ -83,12 +127,20 @@ def triton_config_text(
     spec = info.spec
     s = spec.image_size
     preferred = sorted({int(b) for b in preferred_batch_sizes if 1 <= int(b) <= max_batch_size})
+    params = dict(info.to_metadata())
+    if backend == "python":
+        unknown = set(runtime or {}) - set(RUNTIME_DEFAULTS)
+        if unknown:
+            raise DunetError(f"unknown runtime parameter(s) {sorted(unknown)}")
+        params.update({**RUNTIME_DEFAULTS, **(runtime or {})})
+        head = ['backend: "python"']
+    else:
+        head = [f"platform: {_quote(platform)}", f"default_model_filename: {_quote(filename)}"]
     lines = [
         f"# Written by dunet-export {__version__}: {info.model_name} ({info.precision}), "
         f"spec digest {spec.digest()}.",
         f"name: {_quote(name)}",
-        f"platform: {_quote(platform)}",
-        f"default_model_filename: {_quote(filename)}",
+        *head,
         f"max_batch_size: {int(max_batch_size)}",
         "input [",
         "  {",
@@ -118,19 +170,24 @@ def triton_config_text(
         "  }",
         "]",
     ]
-    for key, value in sorted(info.to_metadata().items()):
+    return "\n".join(lines + _parameters(params)) + "\n"
+
+
+def _parameters(params: Mapping[str, str]) -> list[str]:
+    lines = []
+    for key, value in sorted(params.items()):
         lines += [
             "parameters {",
             f"  key: {_quote(key)}",
             f"  value: {{ string_value: {_quote(value)} }}",
             "}",
         ]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def write_triton_repo(
     root: str | os.PathLike[str],
-    model_file: str | os.PathLike[str],
+    model_file: str | os.PathLike[str] | None,
     info: ArtifactInfo,
     *,
     backend: str,
@@ -139,12 +196,16 @@ def write_triton_repo(
     max_queue_delay_us: int = 100,
     instances: int = 1,
     name: str = DEFAULT_MODEL_NAME,
+    runtime: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``ROOT/NAME/config.pbtxt`` and copy ``model_file`` into ``ROOT/NAME/1/``.
 
     Args:
         root: the repository folder (created if needed).
-        model_file: the ``.onnx`` (``backend="onnx"``) or ``.plan`` (``"trt"``).
+        model_file: the ``.onnx`` (``backend="onnx"`` or ``"python"``, which
+            also gets a ``model.py``) or ``.plan`` (``"trt"``); ``None`` with
+            ``"python"`` when ``runtime["runtime.model_file"]`` names an absolute
+            path to use in place (``dunet-serve --engine``).
         info: see :func:`triton_config_text` (the rest of the arguments too).
 
     Returns:
@@ -158,10 +219,158 @@ def write_triton_repo(
         max_queue_delay_us=max_queue_delay_us,
         instances=instances,
         name=name,
+        runtime=runtime,
     )
     model_dir = Path(root) / name
     version_dir = model_dir / "1"
     version_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(model_file, version_dir / PLATFORMS[backend][1])
+    if model_file is not None:
+        shutil.copyfile(model_file, version_dir / PLATFORMS[backend][1])
+    elif backend != "python" or not Path(dict(runtime or {}).get("runtime.model_file",
+                                                                  "")).is_absolute():
+        raise ValueError("model_file=None needs backend 'python' and an absolute "
+                         "runtime.model_file")
+    if backend == "python":
+        _write_model_py(version_dir, "network_model",
+                        "Triton python-backend model: slabs -> probabilities via our runtime.")
     (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
     return model_dir
+
+
+def _write_model_py(version_dir: Path, module: str, doc: str) -> None:
+    text = _MODEL_PY.format(doc=doc, version=__version__, module=module)
+    (version_dir / "model.py").write_text(text, encoding="utf-8")
+
+
+def volume_config_text(
+    info: ArtifactInfo,
+    *,
+    network: str = DEFAULT_MODEL_NAME,
+    batch_size: int = 16,
+    instances: int = 2,
+    limits: NiftiLimits = DEFAULT_LIMITS,
+    name: str = VOLUME_MODEL_NAME,
+) -> str:
+    """The ``config.pbtxt`` of ``dunet_volume`` (:mod:`dunet_deploy.serving.volume_model`).
+
+    Args:
+        info: the network model's description (its spec preprocesses requests).
+        network: the network model called through BLS.
+        batch_size: slabs per BLS call (at most the network's ``max_batch_size``).
+        instances: model instances (requests handled at once).
+        limits: what one request may cost (bytes sent, voxels, voxel bytes).
+        name: model name (must equal the folder name).
+
+    Returns:
+        Protobuf text: input ``nifti`` ``TYPE_STRING [1]``, outputs ``mask``
+        and ``summary`` ``TYPE_STRING [1]``, no batching, parameters
+        ``dunet.*`` (the network's metadata, checked at load) and ``volume.*``.
+    """
+    if batch_size < 1 or instances < 1:
+        raise DunetError(f"dunet_volume batch size and instances must be >= 1, got "
+                         f"{batch_size} and {instances}")
+    params = {
+        **info.to_metadata(),
+        "volume.network_model": network,
+        "volume.batch_size": str(int(batch_size)),
+        "volume.max_request_bytes": str(limits.max_file_bytes),
+        "volume.max_voxels": str(limits.max_voxels),
+        "volume.max_voxel_bytes": str(limits.max_voxel_bytes),
+    }
+    lines = [
+        f"# Written by dunet-export {__version__}: NIfTI bytes -> mask bytes through "
+        f"{network!r} ({info.model_name}), spec digest {info.spec.digest()}.",
+        f"name: {_quote(name)}",
+        'backend: "python"',
+        "max_batch_size: 0",
+        "input [",
+        '  { name: "nifti" data_type: TYPE_STRING dims: [ 1 ] }',
+        "]",
+        "output [",
+        '  { name: "mask" data_type: TYPE_STRING dims: [ 1 ] },',
+        '  { name: "summary" data_type: TYPE_STRING dims: [ 1 ] }',
+        "]",
+        "instance_group [",
+        f"  {{ count: {int(instances)} kind: KIND_CPU }}",
+        "]",
+    ]
+    return "\n".join(lines + _parameters(params)) + "\n"
+
+
+def write_volume_model(root: str | os.PathLike[str], info: ArtifactInfo, **options: object) -> Path:
+    """Write ``ROOT/dunet_volume/`` (``config.pbtxt`` and ``1/model.py``).
+
+    Args:
+        root: the repository folder holding the network model.
+        info: the network model's description.
+        **options: see :func:`volume_config_text`.
+
+    Returns:
+        The model folder.
+    """
+    text = volume_config_text(info, **options)  # type: ignore[arg-type]
+    model_dir = Path(root) / str(options.get("name", VOLUME_MODEL_NAME))
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    _write_model_py(model_dir / "1", "volume_model",
+                    "Triton python-backend model: NIfTI bytes -> lesion mask bytes + summary.")
+    (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
+    return model_dir
+
+
+def write_spec_model(root: str | os.PathLike[str], info: ArtifactInfo, name: str) -> Path:
+    """Write ``ROOT/NAME/`` (python backend): returns ``info`` as JSON (``dunet-serve --engine``).
+
+    Input ``request`` ``TYPE_INT32 [1]``, output ``info`` ``TYPE_STRING [1]``, no batching;
+    see :mod:`dunet_deploy.serving.spec_model`.
+
+    Returns:
+        The model folder.
+    """
+    lines = [
+        f"# Written by dunet-serve {__version__}: the description of {info.model_name}.",
+        f"name: {_quote(name)}",
+        'backend: "python"',
+        "max_batch_size: 0",
+        'input [ { name: "request" data_type: TYPE_INT32 dims: [ 1 ] } ]',
+        'output [ { name: "info" data_type: TYPE_STRING dims: [ 1 ] } ]',
+        "instance_group [ { count: 1 kind: KIND_CPU } ]",
+    ]
+    model_dir = Path(root) / name
+    (model_dir / "1").mkdir(parents=True, exist_ok=True)
+    _write_model_py(model_dir / "1", "spec_model", "Triton python-backend model: the model's "
+                    "description as JSON.")
+    text = "\n".join(lines + _parameters(info.to_metadata())) + "\n"
+    (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
+    return model_dir
+
+
+_PARAM = re.compile(
+    r'parameters\s*[:]?\s*\{\s*key\s*:\s*"((?:[^"\\]|\\.)*)"\s*value\s*:?\s*\{\s*'
+    r'string_value\s*:\s*"((?:[^"\\]|\\.)*)"\s*\}\s*\}'
+)
+_UNESCAPE = {"n": "\n", "t": "\t", "r": "\r"}
+
+
+def _unquote(text: str) -> str:
+    return re.sub(r"\\(.)", lambda m: _UNESCAPE.get(m[1], m[1]), text)
+
+
+def read_config(path: str | os.PathLike[str]) -> tuple[dict[str, str], int]:
+    """The string parameters and ``max_batch_size`` of a ``config.pbtxt`` we wrote.
+
+    Args:
+        path: the model's ``config.pbtxt``.
+
+    Returns:
+        (parameters, max_batch_size; 0 when not set).
+
+    Raises:
+        DunetError: when the file cannot be read.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DunetError(f"{path}: cannot read the model configuration ({exc.strerror})") from None
+    params = {_unquote(k): _unquote(v) for k, v in _PARAM.findall(text)}
+    found = re.search(r"^\s*max_batch_size\s*:\s*(\d+)", text, re.MULTILINE)
+    return params, int(found[1]) if found else 0

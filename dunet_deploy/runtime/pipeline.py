@@ -46,6 +46,7 @@ from dunet_deploy.spec import PreprocessSpec
 __all__ = [
     "CaseResult",
     "InputItem",
+    "Meter",
     "OutputOptions",
     "Prefetcher",
     "PreparedVolume",
@@ -169,6 +170,9 @@ class CaseResult:
             resampled, obliquity; see ``ModelSpace.describe``).
         lesions_removed: Lesions removed for being under ``min_lesion_mm3``.
         warnings: One-line warnings about the input (e.g. oblique).
+        bytes_sent: Tensor bytes sent to a Triton server (``None``: local model).
+        bytes_received: Tensor bytes received from it.
+        server: The server's summary (``--server-side``).
     """
 
     input: str
@@ -186,6 +190,9 @@ class CaseResult:
     geometry: dict[str, Any] | None = None
     lesions_removed: int = 0
     warnings: list[str] = field(default_factory=list)
+    bytes_sent: int | None = None
+    bytes_received: int | None = None
+    server: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -404,19 +411,33 @@ def write_case(
     return result
 
 
+#: ``() -> (bytes sent, bytes received)`` so far by a model behind a network (a Triton
+#: client), or ``None`` for a local model.
+Meter = Callable[[], "tuple[int, int] | None"]
+
+
 def infer_case(
-    predict: Predictor, spec: PreprocessSpec, prep: PreparedVolume, batch_size: int
+    predict: Predictor, spec: PreprocessSpec, prep: PreparedVolume, batch_size: int,
+    meter: Meter | None = None,
 ) -> np.ndarray | None:
-    """Run the network on one prepared volume; ``None`` (and a failed result) on an error."""
+    """Run the network on one prepared volume; ``None`` (and a failed result) on an error.
+
+    With a ``meter``, the bytes this case sent and received are recorded in its result.
+    """
     if not prep.result.ok:
         return None
     assert prep.net is not None
+    before = meter() if meter is not None else None
     try:
         grid = predict_grid(prep.net, spec, predict, batch_size=batch_size,
                             times=prep.result.times)
     except CASE_ERRORS as exc:
         prep.result.fail(prep.item.path, exc)
         return None
+    after = meter() if meter is not None else None
+    if before is not None and after is not None:
+        prep.result.bytes_sent = after[0] - before[0]
+        prep.result.bytes_received = after[1] - before[1]
     prep.net.release()  # free the slices before the output volume is allocated
     return grid
 
@@ -430,6 +451,7 @@ def run_cases(
     batch_size: int = 16,
     on_result: Callable[[CaseResult], None] | None = None,
     results: list[CaseResult] | None = None,
+    meter: Meter | None = None,
 ) -> list[CaseResult]:
     """Segment prepared volumes one after the other, in this process, and write their outputs.
 
@@ -442,13 +464,14 @@ def run_cases(
         on_result: Called with each finished result (progress, error lines).
         results: Finished results are appended here, so an interrupted caller
             still has them.
+        meter: Traffic counter of a remote model (see :func:`infer_case`).
 
     Returns:
         ``results``: one :class:`CaseResult` per volume, in order.
     """
     results = [] if results is None else results
     for prep in volumes:
-        grid = infer_case(predict, spec, prep, batch_size)
+        grid = infer_case(predict, spec, prep, batch_size, meter)
         result = prep.result if grid is None else write_case(grid, prep, spec, opts)
         results.append(result)
         if on_result is not None:

@@ -157,6 +157,11 @@ class Segmenter(Closeable):
         return {**self.inference.to_dict(), "resample": self.resample,
                 "source": dict(self._inference_source)}
 
+    def _traffic(self) -> tuple[int, int] | None:
+        """Bytes sent and received so far by a remote runner (a Triton client), else ``None``."""
+        traffic = getattr(self._runner, "traffic", None)
+        return None if traffic is None else (int(traffic[0]), int(traffic[1]))
+
     def predictor(self) -> Predictor:
         """The runner, wrapped for test-time augmentation when asked for."""
         return with_tta(self.runner.infer, self.inference.tta, self.spec)
@@ -246,12 +251,14 @@ class Segmenter(Closeable):
             if workers:
                 run_in_workers(predictor, self.spec, items, opts, workers=workers,
                                batch_size=self.batch_size, prefetch=prefetch,
-                               resample=self.resample, on_result=on_result, results=results)
+                               resample=self.resample, on_result=on_result, results=results,
+                               meter=self._traffic)
             else:
                 with Prefetcher(items, self.spec, depth=prefetch,
                                 resample=self.resample) as prefetcher:
                     run_cases(predictor(), self.spec, prefetcher, opts,
-                              batch_size=self.batch_size, on_result=on_result, results=results)
+                              batch_size=self.batch_size, on_result=on_result, results=results,
+                              meter=self._traffic)
         except KeyboardInterrupt as exc:
             interrupted = exc
         summary = summary_document(

@@ -1,38 +1,44 @@
-"""Serve a model through a real Triton Inference Server (PyTriton), torch-free.
+"""Serve models through a real Triton Inference Server, torch-free; ready means ready.
 
-The server hosts two Triton models:
+Two modes, one launcher (:class:`~dunet_deploy.runtime.tritonserver.TritonProcess`):
 
-* ``<name>`` (default ``dunet``): input ``slabs`` ``FP32[-1, C, S, S]``, output
-  ``prob`` ``FP32[-1, 1, S, S]``, with Triton's dynamic batcher in front of
-  one :class:`~dunet_deploy.runtime.base.Runner` per instance;
-* ``<name>_spec``: no batching; returns the model's
-  :class:`~dunet_deploy.artifacts.ArtifactInfo` as JSON (output ``info``,
-  ``BYTES[1]``) so clients can check that the server runs what they expect.
+* :func:`serve_repository` (``dunet-serve --repository DIR``): a native model repository,
+  e.g. the one ``dunet-export --format triton`` writes (``dunet`` + ``dunet_volume``);
+* :func:`serve` (``dunet-serve --engine MODEL``): writes a temporary repository with two
+  python-backend models and serves it:
 
-For GPU fleets the native model repository written by ``dunet-export --format
-triton`` is the better fit; this server is for running our runtime's backends
-(OpenVINO bf16 on CPUs, ONNX Runtime, TensorRT) behind Triton's protocol.
+  - ``<name>`` (default ``dunet``): input ``slabs`` ``FP32[-1, C, S, S]``, output
+    ``prob`` ``FP32[-1, 1, S, S]``, Triton's dynamic batcher in front of one
+    :class:`~dunet_deploy.runtime.base.Runner` per instance
+    (:mod:`dunet_deploy.serving.network_model` on MODEL, in place);
+  - ``<name>_spec``: no batching; returns the model's
+    :class:`~dunet_deploy.artifacts.ArtifactInfo` as JSON (output ``info``,
+    ``BYTES[1]``) so clients can check that the server runs what they expect.
+
+Either way every model is loaded before the endpoints open (Triton's ``none`` model
+control mode), so the first 200 from ``/v2/health/ready`` means every model answers, and
+``on_ready`` is called only after each model said ready.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import signal
-import sys
-import sysconfig
+import tempfile
 import threading
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
-from dunet_deploy.errors import DunetError, first_line
+from dunet_deploy.artifacts import ArtifactInfo
+from dunet_deploy.errors import DunetError
+from dunet_deploy.runtime.tritonserver import Endpoints, TritonProcess
 
 SPEC_OUTPUT = "info"
+READY_TIMEOUT_S = 300.0
+ReadyCallback = Callable[[dict[str, Any]], None]
 
 
 def spec_model_name(model_name: str) -> str:
@@ -45,28 +51,9 @@ def info_document(info: ArtifactInfo) -> dict[str, Any]:
     return {**info.to_json_dict(), "spec_digest": info.spec.digest()}
 
 
-def fix_libpython_path(env: MutableMapping[str, str] | None = None) -> None:
-    """Make the Triton server load *this* interpreter's libpython.
-
-    PyTriton's Python backend stub links ``libpython3.x.so``; when the running
-    interpreter is not the system one, the server would otherwise pick the
-    system library and the backend fails to start. The server inherits our
-    environment, so prefixing ``LD_LIBRARY_PATH`` with ``LIBDIR`` is enough.
-    """
-    if env is None:
-        env = os.environ
-    libdir = sysconfig.get_config_var("LIBDIR")
-    ldlib = sysconfig.get_config_var("LDLIBRARY") or ""
-    if not libdir or not ldlib or not (Path(libdir) / ldlib).exists():
-        return
-    current = env.get("LD_LIBRARY_PATH", "")
-    if current.split(":")[0] != libdir:
-        env["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
-
-
 @dataclass(frozen=True)
 class ServeConfig:
-    """Options of ``dunet-serve``.
+    """Options of ``dunet-serve --engine``.
 
     Attributes:
         model_path: ``.onnx`` or TensorRT ``.plan``.
@@ -81,6 +68,7 @@ class ServeConfig:
         model_name: Triton model name.
         threads: backend threads per instance (``None``: backend default).
         precision: runtime precision (``auto``, ``fp32``, ``bf16``, ``fp16``).
+        verbose: show Triton's own log.
     """
 
     model_path: Path
@@ -95,112 +83,107 @@ class ServeConfig:
     model_name: str = "dunet"
     threads: int | None = None
     precision: str = "auto"
+    verbose: bool = False
+
+    @property
+    def endpoints(self) -> Endpoints:
+        """Where the server listens."""
+        return Endpoints(self.host, self.http_port, self.grpc_port, self.metrics_port)
 
 
-def _make_infer(runner: Any) -> Callable[..., dict[str, np.ndarray]]:
-    from pytriton.decorators import batch
-
-    @batch
-    def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
-        slabs = np.ascontiguousarray(inputs[INPUT_NAME], dtype=np.float32)
-        return {OUTPUT_NAME: np.asarray(runner.infer(slabs), dtype=np.float32)}
-
-    return infer
-
-
-def serve(cfg: ServeConfig, stop: threading.Event | None = None,
-          on_ready: Callable[[dict[str, str]], None] | None = None) -> None:
-    """Run the server until SIGINT/SIGTERM (or ``stop`` is set), then shut it down cleanly.
+def serve_repository(
+    repository: str | os.PathLike[str],
+    endpoints: Endpoints,
+    *,
+    verbose: bool = False,
+    stop: threading.Event | None = None,
+    on_ready: ReadyCallback | None = None,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+) -> None:
+    """Run ``tritonserver`` on a repository until SIGINT/SIGTERM (or ``stop``), then stop it.
 
     Args:
-        cfg: server options.
+        repository: a Triton model repository (one folder with a ``config.pbtxt`` per model).
+        endpoints: where to listen.
+        verbose: show the server's log.
         stop: optional event that stops the server when set (tests, embedding).
-        on_ready: called with the endpoint URLs once the server accepts requests.
+        on_ready: called once every model answers ready, with ``{"models": [...],
+            "http": URL, "grpc": URL, "metrics": URL}``.
+        ready_timeout_s: how long the models may take to load.
 
     Raises:
-        DunetError: bad model, missing PyTriton, or a server that fails to start.
+        DunetError: a missing/empty repository, a busy port, no ``tritonserver``, or a
+            server that fails to start or dies (one line from its log).
     """
-    from dunet_deploy.runtime.base import open_runner
+    repo = Path(repository)
+    if not repo.is_dir():
+        raise DunetError(f"{repo}: no such model repository folder")
+    if not any(p.is_file() for p in repo.glob("*/config.pbtxt")):
+        raise DunetError(f"{repo}: not a Triton model repository (no */config.pbtxt); "
+                         "write one with dunet-export --format triton")
+    stop = stop or threading.Event()
+    main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if main:
+        for sig in previous:
+            signal.signal(sig, lambda *_: stop.set())
+    server = TritonProcess(repo, endpoints, verbose=verbose)
+    try:
+        server.start()
+        models = server.wait_ready(ready_timeout_s, stop)
+        if models and on_ready is not None:
+            on_ready({"models": models, **endpoints.urls()})
+        while not stop.wait(0.5):
+            server.check_alive()
+    finally:
+        server.stop()
+        if main:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def write_engine_repository(cfg: ServeConfig, root: Path) -> ArtifactInfo:
+    """The repository ``dunet-serve --engine`` serves: ``<name>`` and ``<name>_spec``.
+
+    Returns:
+        The model's description.
+    """
+    from dunet_deploy.artifacts import read_artifact_info
+    from dunet_deploy.export.triton_repo import write_spec_model
+    from dunet_deploy.export.triton_repo import write_triton_repo as write_model
+    from dunet_deploy.runtime.base import backend_for
 
     if cfg.instances < 1 or cfg.max_batch_size < 1 or cfg.max_queue_delay_us < 0:
         raise DunetError("--instances and --max-batch-size must be >= 1, the delay >= 0")
+    model = cfg.model_path.resolve()
+    info = read_artifact_info(model)
+    backend_for(model, cfg.backend)  # a backend that cannot run MODEL fails here, at once
+    runtime = {"runtime.backend": cfg.backend, "runtime.precision": cfg.precision,
+               "runtime.threads": str(cfg.threads or ""), "runtime.model_file": str(model)}
+    preferred = [b for b in (4, 8, 16, 32, 64) if b <= cfg.max_batch_size]
+    write_model(root, None, info, backend="python", max_batch_size=cfg.max_batch_size,
+                preferred_batch_sizes=preferred, max_queue_delay_us=cfg.max_queue_delay_us,
+                instances=cfg.instances, name=cfg.model_name, runtime=runtime)
+    write_spec_model(root, info, spec_model_name(cfg.model_name))
+    return info
+
+
+def serve(cfg: ServeConfig, stop: threading.Event | None = None,
+          on_ready: ReadyCallback | None = None) -> None:
+    """Serve one model file (``dunet-serve --engine``) until SIGINT/SIGTERM or ``stop``.
+
+    Args:
+        cfg: server options.
+        stop: optional event that stops the server when set.
+        on_ready: see :func:`serve_repository`.
+
+    Raises:
+        DunetError: bad model, busy port, no server, or a server that fails to start.
+    """
+    root = Path(tempfile.mkdtemp(prefix="dunet-serve-repo-"))
     try:
-        from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-        from pytriton.triton import Triton, TritonConfig
-    except ImportError:
-        raise DunetError(
-            "dunet-serve needs PyTriton: pip install 'dunet-deploy[serve]'"
-        ) from None
-
-    runners = [
-        open_runner(cfg.model_path, backend=cfg.backend, threads=cfg.threads,
-                    precision=cfg.precision)
-        for _ in range(cfg.instances)
-    ]
-    info: ArtifactInfo = runners[0].info
-    spec = info.spec
-    s = spec.image_size
-    doc = json.dumps(info_document(info)).encode()
-
-    def describe(requests: list[Any]) -> list[dict[str, np.ndarray]]:
-        return [{SPEC_OUTPUT: np.array([doc], dtype=object)} for _ in requests]
-
-    fix_libpython_path()
-    stop = stop or threading.Event()
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    if threading.current_thread() is threading.main_thread():
-        for sig in previous:
-            signal.signal(sig, lambda *_: stop.set())
-    triton_cfg = TritonConfig(
-        http_address=cfg.host, http_port=cfg.http_port,
-        grpc_address=cfg.host, grpc_port=cfg.grpc_port,
-        metrics_address=cfg.host, metrics_port=cfg.metrics_port,
-        exit_timeout_secs=5,
-    )
-    preferred = [b for b in (4, 8, 16, 32, 64) if b <= cfg.max_batch_size] or None
-    try:
-        with Triton(config=triton_cfg) as triton:
-            triton.bind(
-                model_name=cfg.model_name,
-                infer_func=[_make_infer(r) for r in runners],
-                inputs=[Tensor(name=INPUT_NAME, dtype=np.float32, shape=(spec.in_channels, s, s))],
-                outputs=[Tensor(name=OUTPUT_NAME, dtype=np.float32, shape=(1, s, s))],
-                config=ModelConfig(
-                    max_batch_size=cfg.max_batch_size,
-                    batcher=DynamicBatcher(
-                        max_queue_delay_microseconds=cfg.max_queue_delay_us,
-                        preferred_batch_size=preferred,
-                    ),
-                ),
-                strict=True,
-            )
-            triton.bind(
-                model_name=spec_model_name(cfg.model_name),
-                infer_func=describe,
-                inputs=[Tensor(name="request", dtype=np.int32, shape=(1,))],
-                outputs=[Tensor(name=SPEC_OUTPUT, dtype=bytes, shape=(1,))],
-                config=ModelConfig(batching=False),
-            )
-            triton.run()
-            urls = {
-                "http": f"http://{cfg.host}:{cfg.http_port}",
-                "grpc": f"grpc://{cfg.host}:{cfg.grpc_port}",
-                "metrics": f"http://{cfg.host}:{cfg.metrics_port}/metrics",
-            }
-            if on_ready is not None:
-                on_ready(urls)
-            while not stop.wait(0.5):
-                if not triton.is_alive():
-                    raise DunetError("the Triton server process died; see its log above")
-    except DunetError:
-        raise
-    except Exception as e:  # PyTriton raises its own exception tree for start-up failures
-        msg = first_line(e)
-        raise DunetError(f"Triton server failed: {msg}") from None
+        write_engine_repository(cfg, root)
+        serve_repository(root, cfg.endpoints, verbose=cfg.verbose, stop=stop,
+                         on_ready=on_ready)
     finally:
-        for r in runners:
-            r.close()
-        if threading.current_thread() is threading.main_thread():
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        sys.stdout.flush()
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,26 +1,42 @@
-"""A runner whose model lives in a Triton server (``dunet-infer --triton-url``).
+"""Clients of a Triton server (``dunet-infer --triton-url [--server-side]``).
 
-Preprocessing and the native-space inverse stay in the client; only slabs
-travel. ``infer`` splits a batch into requests of at most ``request_batch``
-slabs and keeps up to ``in_flight`` of them on the wire at once (one client per
-worker thread, since tritonclient's clients are not thread-safe), so the
-server's dynamic batcher can merge requests from this and other clients.
+* :class:`TritonRunner` (client side): preprocessing and the native-space inverse
+  stay in the client; only slabs travel. ``infer`` splits a batch into requests of
+  at most ``request_batch`` slabs and keeps up to ``in_flight`` of them on the wire
+  at once (one client per worker thread, since tritonclient's clients are not
+  thread-safe), so the server's dynamic batcher can merge requests from this and
+  other clients.
+* :func:`segment_server_side`: each file's bytes go to ``dunet_volume``, which runs
+  the whole pipeline; the returned ``.nii.gz`` masks are written atomically.
+
+Both wait for *model* readiness (with a timeout) before the first request, so a
+client started while the server is still loading does not fail on a 404, and both
+count the tensor bytes they send and receive (``summary.json``).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import threading
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
 
 from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
-from dunet_deploy.errors import DunetError, first_line
+from dunet_deploy.errors import DunetError, first_line, one_line
 from dunet_deploy.runtime.base import Runner
 from dunet_deploy.runtime.serve import SPEC_OUTPUT, spec_model_name
+
+#: How long a client waits for its model to answer ready before the first request.
+READY_TIMEOUT_S = 60.0
+VOLUME_MODEL = "dunet_volume"
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -29,6 +45,58 @@ def parse_url(url: str) -> tuple[str, str]:
     if parsed.scheme not in ("http", "grpc") or not parsed.hostname or not parsed.port:
         raise DunetError(f"--triton-url {url!r}: expected http://HOST:PORT or grpc://HOST:PORT")
     return parsed.scheme, f"{parsed.hostname}:{parsed.port}"
+
+
+def _module(protocol: str) -> Any:
+    try:
+        if protocol == "http":
+            import tritonclient.http as th
+
+            return th
+        import tritonclient.grpc as tg
+
+        return tg
+    except ImportError:
+        raise DunetError(f"--triton-url {protocol}:// needs tritonclient: pip install "
+                         "'dunet-deploy[serve]'") from None
+
+
+def make_client(protocol: str, address: str, timeout_s: float) -> Any:
+    """A tritonclient ``InferenceServerClient`` for ``http`` or ``grpc``."""
+    mod = _module(protocol)
+    if protocol == "http":
+        return mod.InferenceServerClient(address, connection_timeout=timeout_s,
+                                         network_timeout=timeout_s)
+    return mod.InferenceServerClient(address)
+
+
+def thread_client(local: threading.local, protocol: str, address: str, timeout_s: float) -> Any:
+    """This thread's client in ``local`` (tritonclient's clients are not thread-safe)."""
+    client = getattr(local, "client", None)
+    if client is None:
+        client = local.client = make_client(protocol, address, timeout_s)
+    return client
+
+
+def wait_model_ready(client: Any, url: str, model: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Poll until ``model`` answers ready (a server still loading is not an error).
+
+    Raises:
+        DunetError: not ready within ``timeout_s`` (naming the server and the model).
+    """
+    deadline = time.monotonic() + timeout_s
+    last = "not ready"
+    while True:
+        try:
+            if client.is_model_ready(model):
+                return
+            last = "not ready"
+        except Exception as e:  # connection refused/reset while the server starts
+            last = first_line(e)
+        if time.monotonic() >= deadline:
+            raise DunetError(f"Triton server {url}: model {model!r} not ready after "
+                             f"{timeout_s:.0f} s ({last[:200]})")
+        time.sleep(0.2)
 
 
 class TritonRunner(Runner):
@@ -56,6 +124,7 @@ class TritonRunner(Runner):
         request_batch: int = 8,
         in_flight: int = 4,
         timeout_s: float = 60.0,
+        ready_timeout_s: float = READY_TIMEOUT_S,
     ) -> None:
         self.url = url
         self.protocol, self.address = parse_url(url)
@@ -65,7 +134,11 @@ class TritonRunner(Runner):
         self.timeout_s = float(timeout_s)
         self._local = threading.local()
         self._pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="triton-client")
+        self._lock = threading.Lock()
+        self._sent = self._received = 0
         try:
+            for model in (spec_model_name(model_name), model_name):
+                wait_model_ready(self._client(), url, model, ready_timeout_s)
             info = self._fetch_info()
             if expected is not None:
                 self._check(info, expected)
@@ -76,30 +149,16 @@ class TritonRunner(Runner):
 
     # -- connection -----------------------------------------------------------
     def _client(self) -> Any:
-        client = getattr(self._local, "client", None)
-        if client is None:
-            if self.protocol == "http":
-                import tritonclient.http as th
-
-                client = th.InferenceServerClient(
-                    self.address, connection_timeout=self.timeout_s,
-                    network_timeout=self.timeout_s,
-                )
-            else:
-                import tritonclient.grpc as tg
-
-                client = tg.InferenceServerClient(self.address)
-            self._local.client = client
-        return client
+        return thread_client(self._local, self.protocol, self.address, self.timeout_s)
 
     def _module(self) -> Any:
-        if self.protocol == "http":
-            import tritonclient.http as th
+        return _module(self.protocol)
 
-            return th
-        import tritonclient.grpc as tg
-
-        return tg
+    @property
+    def traffic(self) -> tuple[int, int]:
+        """Tensor bytes (sent, received) so far: slabs out, probabilities back."""
+        with self._lock:
+            return self._sent, self._received
 
     def _call(self, model: str, inputs: list[Any]) -> Any:
         kwargs: dict[str, Any] = {}
@@ -143,6 +202,9 @@ class TritonRunner(Runner):
         out = self._call(self.model_name, [inp]).as_numpy(OUTPUT_NAME)
         if out is None or out.shape != (chunk.shape[0], 1, *chunk.shape[2:]):
             raise DunetError(f"Triton server {self.url} returned a malformed '{OUTPUT_NAME}'")
+        with self._lock:
+            self._sent += chunk.nbytes
+            self._received += out.nbytes
         return out
 
     @property
@@ -169,3 +231,210 @@ class TritonRunner(Runner):
         if not self._closed:
             self._pool.shutdown(wait=True)
         super().close()
+
+
+# ---------------------------------------------------------------- server side
+def _server_params(client: Any, protocol: str, model: str) -> dict[str, str]:
+    """A served model's string parameters (its ``config.pbtxt``), via the model-config API."""
+    if protocol == "http":
+        cfg = client.get_model_config(model)
+    else:
+        cfg = client.get_model_config(model, as_json=True).get("config", {})
+    params = cfg.get("parameters", {}) or {}
+    return {str(k): str((v or {}).get("string_value", "")) for k, v in params.items()}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write through a temporary name in the same folder (mode from the umask) and rename."""
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class ServerSideClient:
+    """Sends whole NIfTI files to ``dunet_volume`` and writes the masks it returns.
+
+    Args:
+        url: ``http://HOST:PORT`` or ``grpc://HOST:PORT``.
+        expected: the model the caller means (the server's spec digest must match).
+        model_name: the volume model's name.
+        in_flight: files on the wire at once.
+        timeout_s: per-request network timeout (a whole volume).
+        ready_timeout_s: how long to wait for the model to answer ready.
+    """
+
+    def __init__(self, url: str, expected: ArtifactInfo | None = None,
+                 model_name: str = VOLUME_MODEL, in_flight: int = 2,
+                 timeout_s: float = 600.0, ready_timeout_s: float = READY_TIMEOUT_S) -> None:
+        self.url = url
+        self.protocol, self.address = parse_url(url)
+        self.model_name = model_name
+        self.in_flight = max(1, int(in_flight))
+        self.timeout_s = float(timeout_s)
+        self._local = threading.local()
+        client = self._client()
+        wait_model_ready(client, url, model_name, ready_timeout_s)
+        try:
+            params = _server_params(client, self.protocol, model_name)
+        except Exception as e:  # tritonclient's exception tree
+            raise DunetError(f"Triton server {url} failed: {first_line(e)[:200]}") from None
+        self.info = ArtifactInfo.from_metadata(params, f"Triton server {url} {model_name}")
+        if expected is not None and self.info.spec.digest() != expected.spec.digest():
+            raise DunetError(
+                f"Triton server {url} serves a model with another preprocessing spec "
+                f"(digest {self.info.spec.digest()} != {expected.spec.digest()})"
+            )
+
+    def _client(self) -> Any:
+        return thread_client(self._local, self.protocol, self.address, self.timeout_s)
+
+    def request(self, data: bytes, name: str) -> tuple[bytes, dict[str, Any], int]:
+        """One file's bytes -> (mask ``.nii.gz`` bytes, the server's summary, bytes received).
+
+        Raises:
+            DunetError: the server refused the file (its one-line reason, without
+                the file name) or could not be reached.
+        """
+        mod = _module(self.protocol)
+        inp = mod.InferInput("nifti", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([data], dtype=np.object_))
+        kwargs: dict[str, Any] = {"request_id": name}
+        if self.protocol == "grpc":
+            kwargs["client_timeout"] = self.timeout_s
+        try:
+            res = self._client().infer(self.model_name, [inp], **kwargs)
+        except Exception as e:  # refused files, connection refused/reset, timeouts
+            status = str(e.status()) if hasattr(e, "status") and e.status() else ""
+            text = e.message() if hasattr(e, "message") and callable(e.message) else str(e)
+            text = one_line(text or first_line(e), 300)
+            if text.startswith(f"{name}: "):  # the server's own message about this file
+                raise DunetError(f"{text[len(name) + 2:]} ({self.model_name} on {self.url})"
+                                 ) from None
+            raise DunetError(f"Triton server {self.url} failed: {status} {text}".strip()
+                             ) from None
+        mask, summary = res.as_numpy("mask"), res.as_numpy("summary")
+        if mask is None or summary is None or mask.size != 1 or summary.size != 1:
+            raise DunetError(f"Triton server {self.url} returned a malformed response")
+        blob, raw = bytes(mask.reshape(-1)[0]), bytes(summary.reshape(-1)[0])
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise DunetError(f"Triton server {self.url} returned an unreadable summary") from None
+        return blob, doc, len(blob) + len(raw)
+
+
+def _server_side_case(client: ServerSideClient, item: Any, out: Path) -> Any:
+    """Read, send, check and write one input; errors go into its result."""
+    from dunet_deploy.data.nifti import load_nifti_bytes
+    from dunet_deploy.runtime.pipeline import MASK_SUFFIX, CaseResult, output_stem
+
+    result = CaseResult(input=str(item.path))
+    if item.error is not None:
+        return result.fail(item.path, item.error)
+    try:
+        t0 = time.perf_counter()
+        if not item.path.is_file():
+            raise DunetError(f"{item.path}: no such file")
+        data = item.path.read_bytes()
+        t1 = time.perf_counter()
+        blob, doc, received = client.request(data, item.path.name)
+        t2 = time.perf_counter()
+        mask = load_nifti_bytes(blob, f"mask of {item.path} from {client.url}")
+        if list(mask.shape) != list(doc.get("shape", [])):
+            raise DunetError(f"Triton server {client.url} returned a mask of shape "
+                             f"{list(mask.shape)} for a volume of shape {doc.get('shape')}")
+        target = out / f"{output_stem(item.path)}{MASK_SUFFIX}"
+        _write_atomic(target, blob)
+        t3 = time.perf_counter()
+    except (DunetError, OSError) as exc:
+        return result.fail(item.path, exc)
+    result.mask = str(target)
+    result.shape = [int(n) for n in doc["shape"]]
+    result.zooms = [float(z) for z in doc["zooms"]]
+    result.lesion_voxels = int(doc["lesion_voxels"])
+    result.lesion_volume_mm3 = float(doc["lesion_volume_mm3"])
+    result.times.update(read=t1 - t0, infer=t2 - t1, write=t3 - t2)
+    result.bytes_sent, result.bytes_received = len(data), received
+    result.server = doc
+    return result
+
+
+def segment_server_side(
+    url: str,
+    inputs: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    expected: ArtifactInfo | None = None,
+    model_name: str = VOLUME_MODEL,
+    in_flight: int = 2,
+    on_start: Callable[[int], None] | None = None,
+    on_result: Callable[[Any], None] | None = None,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+) -> dict[str, Any]:
+    """Segment files on the server (``dunet-infer --triton-url URL --server-side``).
+
+    Each file's bytes go to ``model_name`` (``in_flight`` at once, in input order
+    for the results); the returned masks are checked and written atomically as
+    ``OUT/<name>_mask.nii.gz``; ``OUT/summary.json`` has a case per input with the
+    bytes sent and received and the server's own summary.
+
+    Args:
+        url: the server.
+        inputs: files, folders or globs (see :func:`dunet_deploy.runtime.pipeline.expand_inputs`).
+        out_dir: output folder (created when missing).
+        expected: the local model's description; the server's spec must match.
+        model_name: the volume model.
+        in_flight: concurrent requests.
+        on_start: called with the number of inputs once the server is ready.
+        on_result: called with each :class:`~dunet_deploy.runtime.pipeline.CaseResult`.
+        ready_timeout_s: how long to wait for the model to answer ready.
+
+    Returns:
+        The summary document.
+
+    Raises:
+        DunetError: bad URL, a server that is not ready or serves another spec, an
+            output folder that cannot be created (per-file problems go in the summary).
+    """
+    from dunet_deploy import __version__
+    from dunet_deploy.artifacts import write_json
+    from dunet_deploy.machine import machine_info
+    from dunet_deploy.runtime.pipeline import SUMMARY_NAME, expand_inputs, prepare_output_dir
+
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    client = ServerSideClient(url, expected, model_name=model_name, in_flight=in_flight,
+                              ready_timeout_s=ready_timeout_s)
+    prepare_output_dir(out)
+    items = expand_inputs(inputs)
+    if on_start is not None:
+        on_start(len(items))
+    results = []
+    with ThreadPoolExecutor(client.in_flight, thread_name_prefix="triton-volume") as pool:
+        for result in pool.map(lambda item: _server_side_case(client, item, out), items):
+            results.append(result)
+            if on_result is not None:
+                on_result(result)
+    summary = {
+        "dunet_deploy": __version__,
+        "model": {"model_name": client.info.model_name, "spec_digest": client.info.spec.digest(),
+                  "server_model": model_name},
+        "backend": "triton-server-side",
+        "device": f"triton {url}",
+        "precision": client.info.precision,
+        "machine": machine_info(),
+        "wall_s": round(time.perf_counter() - t_start, 6),
+        "total": len(results),
+        "ok": sum(r.ok for r in results),
+        "failed": sum(not r.ok for r in results),
+        "bytes_sent": sum(r.bytes_sent or 0 for r in results),
+        "bytes_received": sum(r.bytes_received or 0 for r in results),
+        "cases": [r.to_dict() for r in results],
+    }
+    write_json(out / SUMMARY_NAME, summary)
+    return summary

@@ -32,6 +32,7 @@ from dunet_deploy.runtime.core import Predictor
 from dunet_deploy.runtime.pipeline import (
     CaseResult,
     InputItem,
+    Meter,
     OutputOptions,
     PreparedVolume,
     infer_case,
@@ -102,6 +103,7 @@ def run_in_workers(
     resample: str = "auto",
     on_result: Callable[[CaseResult], None] | None = None,
     results: list[CaseResult] | None = None,
+    meter: Meter | None = None,
 ) -> list[CaseResult]:
     """Segment ``items`` with reading/writing in ``workers`` processes and the model here.
 
@@ -118,6 +120,7 @@ def run_in_workers(
         on_result: Called with each finished result, in input order.
         results: Finished results are appended here as they complete, so an
             interrupted caller still has them.
+        meter: Traffic counter of a remote model (see ``pipeline.infer_case``).
 
     Returns:
         ``results``: one :class:`CaseResult` per input, in order.
@@ -148,7 +151,7 @@ def run_in_workers(
             while preparing:
                 prep = preparing.popleft().result()
                 submit_prepares(pool)
-                grid = infer_case(predict, spec, prep, batch_size)
+                grid = infer_case(predict, spec, prep, batch_size, meter)
                 if grid is None:
                     writing.append(_Done(prep.result))
                 else:

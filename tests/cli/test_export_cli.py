@@ -101,6 +101,10 @@ def test_fp16_and_triton(ckpt: Path, tmp_path: Path) -> None:
         "triton/dunet/1",
         "triton/dunet/1/model.onnx",
         "triton/dunet/config.pbtxt",
+        "triton/dunet_volume",
+        "triton/dunet_volume/1",
+        "triton/dunet_volume/1/model.py",
+        "triton/dunet_volume/config.pbtxt",
     ]
     assert "verification of model_fp16.onnx" in stdout
     info = read_artifact_info(out / "model_fp16.onnx")
@@ -167,6 +171,10 @@ def test_trt_with_fake_tensorrt(
         "triton/dunet/1",
         "triton/dunet/1/model.plan",
         "triton/dunet/config.pbtxt",
+        "triton/dunet_volume",
+        "triton/dunet_volume/1",
+        "triton/dunet_volume/1/model.py",
+        "triton/dunet_volume/config.pbtxt",
     ]
     built = json.loads((out / "model.plan").read_bytes())
     assert built["source"] == "model_fp16.onnx" and built["network_flags"] == 2

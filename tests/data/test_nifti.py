@@ -257,3 +257,188 @@ def test_save_like_a_squeezed_4d_reference(tmp_path: Path) -> None:
     img = nib.load(str(out))
     assert img.shape == SHAPE
     assert img.header.get_zooms() == pytest.approx((0.9, 0.9, 3.0))
+
+
+# ----------------------------------------------------- untrusted bytes (limits)
+from dunet_deploy.data.nifti import (  # noqa: E402
+    NiftiLimits,
+    load_nifti_bytes,
+    nifti_bytes_like,
+)
+
+ZEROS_MEMBER_BYTES = 64 << 20
+
+
+def header_bytes(shape: tuple[int, ...], dtype: type = np.uint8,
+                 affine: np.ndarray = AFFINE) -> bytes:
+    """A NIfTI-1 header (+ the 4 extension bytes) declaring ``shape`` voxels of ``dtype``."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(dtype)
+    hdr.set_data_shape(shape)
+    hdr.set_sform(affine, code=2)
+    hdr.set_qform(affine, code=1)
+    hdr["vox_offset"] = 352
+    return hdr.binaryblock + b"\0\0\0\0"
+
+
+def write_gzip_bomb(path: Path, shape: tuple[int, ...], inflated_gib: int) -> Path:
+    """A small ``.nii.gz`` whose gzip stream inflates to ``inflated_gib`` GiB of zeros.
+
+    One member holds the header; the rest repeat one compressed 64 MiB block of
+    zeros (gzip files may have many members), so ~1 MB on disk per GiB.
+    """
+    zeros = gzip.compress(bytes(ZEROS_MEMBER_BYTES), compresslevel=9, mtime=0)
+    with open(path, "wb") as f:
+        f.write(gzip.compress(header_bytes(shape), mtime=0))
+        for _ in range((inflated_gib << 30) // ZEROS_MEMBER_BYTES):
+            f.write(zeros)
+    return path
+
+
+def peak_rss_mb(code: str) -> tuple[float, str]:
+    """Run ``code`` in a fresh interpreter; (its peak RSS in MiB, its stdout)."""
+    import subprocess
+    import sys
+
+    # VmHWM, not getrusage's ru_maxrss: Linux keeps ru_maxrss across exec, so a child of a
+    # big pytest process would report the parent's peak.
+    wrapped = (code + "\nimport re\n"
+               "hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]\n"
+               "print('RSS', hwm)\n")
+    out = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    rss_kb = int(out.strip().splitlines()[-1].split()[1])
+    return rss_kb / 1024, out
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_load_bytes_equals_load_file(tmp_path: Path, suffix: str) -> None:
+    raw = (np.arange(np.prod(SHAPE)) % 2000).reshape(SHAPE).astype(np.int16)
+    path = write(tmp_path / f"a{suffix}", raw, slope=0.5)
+    from_file = load_nifti(path)
+    from_bytes = load_nifti_bytes(path.read_bytes(), "sent.nii")
+    np.testing.assert_array_equal(from_bytes.data, from_file.data)
+    np.testing.assert_allclose(from_bytes.affine, from_file.affine)
+    assert from_bytes.zooms == from_file.zooms and from_bytes.path is None
+
+
+def test_mask_bytes_round_trip_keep_geometry(tmp_path: Path) -> None:
+    ref = load_nifti(write(tmp_path / "r.nii.gz", np.ones(SHAPE, np.float32), qcode=1, scode=4))
+    mask = (np.random.default_rng(1).random(SHAPE) > 0.7).astype(np.uint8)
+    blob = nifti_bytes_like(mask, ref, np.uint8)
+    assert blob[:2] == b"\x1f\x8b"
+    (tmp_path / "m.nii.gz").write_bytes(blob)
+    back = nib.load(str(tmp_path / "m.nii.gz"))
+    np.testing.assert_array_equal(np.asarray(back.dataobj), mask)
+    assert back.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(back.affine, ref.affine)
+    assert int(back.header["sform_code"]) == 4 and int(back.header["qform_code"]) == 1
+
+
+def test_absurd_header_is_refused_from_file_and_bytes(tmp_path: Path) -> None:
+    blob = header_bytes((10_000, 10_000, 10_000)) + bytes(1024)
+    path = tmp_path / "huge.nii"
+    path.write_bytes(blob)
+    with pytest.raises(DunetError) as exc:
+        load_nifti(path)
+    assert_one_line_naming(exc, path, "10000x10000x10000", "over the limit")
+    with pytest.raises(DunetError, match=r"^huge\.nii: header declares 10000x10000x10000"):
+        load_nifti_bytes(blob, "huge.nii")
+    with pytest.raises(DunetError, match="over the limit"):
+        load_nifti_bytes(gzip.compress(blob), "huge.nii.gz")
+
+
+def test_issue_case_claiming_2048x2048x1024_uint8_is_refused_cheaply(tmp_path: Path) -> None:
+    path = write_gzip_bomb(tmp_path / "bomb.nii.gz", (2048, 2048, 1024), inflated_gib=4)
+    assert path.stat().st_size < 8 << 20  # small on disk, 4 GiB inflated
+    rss, out = peak_rss_mb(
+        "from dunet_deploy.data.nifti import load_nifti\n"
+        "from dunet_deploy.errors import DunetError\n"
+        f"try:\n    load_nifti({str(path)!r})\nexcept DunetError as e:\n    print('ERR', e)\n"
+    )
+    assert "ERR" in out and "over the limit" in out
+    assert rss < 400, f"peak RSS {rss:.0f} MiB"
+
+
+def test_gzip_bomb_past_the_declared_data_is_never_inflated(tmp_path: Path) -> None:
+    # The header declares 64^3 uint8; the stream goes on for 12 GiB of zeros.
+    path = write_gzip_bomb(tmp_path / "tail.nii.gz", (64, 64, 64), inflated_gib=12)
+    assert path.stat().st_size < 24 << 20
+    rss, out = peak_rss_mb(
+        "from pathlib import Path\n"
+        "from dunet_deploy.data.nifti import load_nifti, load_nifti_bytes\n"
+        f"p = Path({str(path)!r})\n"
+        "a = load_nifti(p); b = load_nifti_bytes(p.read_bytes(), p.name)\n"
+        "print('SHAPES', a.shape, b.shape, float(a.data.max()), float(b.data.max()))\n"
+    )
+    assert "SHAPES (64, 64, 64) (64, 64, 64) 0.0 0.0" in out
+    assert rss < 400, f"peak RSS {rss:.0f} MiB"
+
+
+def test_limits_are_configurable(tmp_path: Path) -> None:
+    blob = write(tmp_path / "a.nii.gz", np.zeros(SHAPE, np.float32)).read_bytes()
+    voxels = int(np.prod(SHAPE))
+    load_nifti_bytes(blob, "a", NiftiLimits(max_voxels=voxels, max_voxel_bytes=4 * voxels))
+    with pytest.raises(DunetError, match="over the limit of 1000 voxels"):
+        load_nifti_bytes(blob, "a", NiftiLimits(max_voxels=1000))
+    with pytest.raises(DunetError, match=r"^a: .* sent, over the limit"):
+        load_nifti_bytes(blob, "a", NiftiLimits(max_file_bytes=100))
+    with pytest.raises(DunetError) as exc:
+        load_nifti(tmp_path / "a.nii.gz", NiftiLimits(max_file_bytes=100))
+    assert_one_line_naming(exc, tmp_path / "a.nii.gz", "over the limit")
+    with pytest.raises(DunetError, match="max_voxels must be >= 1"):
+        NiftiLimits(max_voxels=0)
+
+
+def _header_with(**fields: object) -> bytes:
+    hdr = nib.Nifti1Header.from_fileobj(__import__("io").BytesIO(header_bytes((8, 8, 8))))
+    for key, value in fields.items():
+        hdr[key] = value
+    return hdr.binaryblock + b"\0\0\0\0" + bytes(8 * 8 * 8 * 16)
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"pixdim": [1, np.nan, 1, 1, 1, 0, 0, 0]}, "voxel sizes"),
+        ({"srow_x": [np.inf, 0, 0, 0]}, "affine"),
+        ({"datatype": 32, "bitpix": 64}, "unsupported voxel type complex64"),
+        ({"datatype": 9999}, "data code 9999"),
+        ({"dim": [4, 8, 8, 8, 3, 1, 1, 1]}, "3D"),
+        ({"dim": [3, 8, -8, 8, 1, 1, 1, 1]}, "corrupt NIfTI header"),
+        ({"vox_offset": 1e12}, "vox_offset"),
+    ],
+)
+def test_bad_headers_are_one_line_errors(tmp_path: Path, fields: dict[str, object],
+                                         needle: str) -> None:
+    blob = _header_with(**fields)
+    with pytest.raises(DunetError, match=f"^bad.nii: .*{needle}") as exc:
+        load_nifti_bytes(blob, "bad.nii")
+    assert "\n" not in str(exc.value)
+    path = tmp_path / "bad.nii"
+    path.write_bytes(blob)
+    with pytest.raises(DunetError) as exc:
+        load_nifti(path)
+    assert "\n" not in str(exc.value) and str(path) in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("blob", "needle"),
+    [
+        (b"", "not a NIfTI"),
+        (b"hello world" * 100, "not a NIfTI"),
+        (b"\x1f\x8b" + b"junk" * 100, "corrupt gzip"),
+    ],
+)
+def test_junk_bytes(blob: bytes, needle: str) -> None:
+    with pytest.raises(DunetError, match=f"^x: .*{needle}"):
+        load_nifti_bytes(blob, "x")
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_truncated_bytes(tmp_path: Path, gz: bool) -> None:
+    path = write(tmp_path / ("t.nii.gz" if gz else "t.nii"),
+                 np.random.default_rng(0).random(SHAPE).astype(np.float32))
+    blob = path.read_bytes()
+    with pytest.raises(DunetError, match="^t: cannot read voxel data, file truncated"):
+        load_nifti_bytes(blob[: len(blob) // 2], "t")

@@ -1,0 +1,195 @@
+"""``dunet_volume``: a NIfTI file's bytes in, its lesion mask (``.nii.gz`` bytes) out.
+
+Per request (input ``nifti``, ``BYTES [1]``: a ``.nii`` or ``.nii.gz`` file)::
+
+    load_nifti_bytes (limits checked before inflating) -> spec.check_volume_shape
+      -> predict_volume(volume, spec, predict=<BLS call of the network model>)
+      -> binarize -> nifti_bytes_like            -> outputs ``mask`` and ``summary``
+
+The slab predictor is a BLS request to the network model (``volume.network_model``,
+in batches of ``volume.batch_size``), so the dynamic batcher in front of the network
+merges slabs of concurrent volumes. A bad file gets a one-line Triton error naming it
+(the request id, which our client sets to the file name); other requests go on.
+Parameters are checked at load against the network model's ``config.pbtxt``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
+from dunet_deploy.data.nifti import NiftiLimits, load_nifti_bytes, nifti_bytes_like
+from dunet_deploy.data.preprocess import binarize
+from dunet_deploy.errors import DunetError, one_line
+from dunet_deploy.serving._config import artifact_parameters, int_parameter, model_parameters
+from dunet_deploy.training.evaluate import predict_volume
+
+NIFTI_INPUT = "nifti"
+MASK_OUTPUT = "mask"
+SUMMARY_OUTPUT = "summary"
+Predictor = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class VolumeSettings:
+    """``dunet_volume``'s config parameters.
+
+    Attributes:
+        info: the network's description (its spec preprocesses every request).
+        network: the network model's name.
+        batch_size: slabs per BLS call.
+        limits: what one request may cost.
+    """
+
+    info: ArtifactInfo
+    network: str
+    batch_size: int
+    limits: NiftiLimits
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str], source: str) -> VolumeSettings:
+        """Parse and validate the parameters (``DunetError`` naming ``source``)."""
+        network = params.get("volume.network_model", "")
+        if not network:
+            raise DunetError(f"{source}: config.pbtxt has no parameter 'volume.network_model'")
+        return cls(
+            info=artifact_parameters(params, source),
+            network=network,
+            batch_size=int_parameter(params, "volume.batch_size", source),
+            limits=NiftiLimits(
+                max_voxels=int_parameter(params, "volume.max_voxels", source),
+                max_voxel_bytes=int_parameter(params, "volume.max_voxel_bytes", source),
+                max_file_bytes=int_parameter(params, "volume.max_request_bytes", source),
+            ),
+        )
+
+    def check_network(self, params: Mapping[str, str], max_batch_size: int,
+                      source: str) -> ArtifactInfo:
+        """Refuse a network model whose metadata disagrees with ours.
+
+        Args:
+            params: the network's config parameters.
+            max_batch_size: the network's ``max_batch_size``.
+            source: our model name, for messages.
+
+        Returns:
+            The network's description.
+        """
+        net = artifact_parameters(params, f"{source}: network model {self.network!r}")
+        if net.spec.digest() != self.info.spec.digest():
+            raise DunetError(
+                f"{source}: network model {self.network!r} has spec digest "
+                f"{net.spec.digest()}, this model's parameters say {self.info.spec.digest()}"
+            )
+        if max_batch_size < self.batch_size:
+            raise DunetError(
+                f"{source}: volume.batch_size {self.batch_size} exceeds the max_batch_size "
+                f"{max_batch_size} of network model {self.network!r}"
+            )
+        return net
+
+
+def segment_nifti_bytes(data: bytes, name: str, settings: VolumeSettings,
+                        predict: Predictor) -> tuple[bytes, dict[str, Any]]:
+    """The whole pipeline on one file's bytes.
+
+    Args:
+        data: a ``.nii`` / ``.nii.gz`` file.
+        name: its name, for messages.
+        settings: spec, batch size and limits.
+        predict: the network, ``float32 [N, C, S, S] -> float32 [N, 1, S, S]``.
+
+    Returns:
+        (the uint8 mask as ``.nii.gz`` bytes on the input's grid, the summary
+        document: shape, zooms, lesion voxels and mm³, times, bytes).
+
+    Raises:
+        DunetError: ``"<name>: <reason>"`` for a file we refuse or cannot use.
+    """
+    spec = settings.info.spec
+    t0 = time.perf_counter()
+    vol = load_nifti_bytes(data, name, settings.limits)
+    t1 = time.perf_counter()
+    try:
+        spec.check_volume_shape(vol.shape)
+    except DunetError as exc:
+        raise DunetError(f"{name}: {exc}") from None
+    probs = predict_volume(vol.data, spec, predict, batch_size=settings.batch_size)
+    t2 = time.perf_counter()
+    mask = binarize(probs, spec)
+    voxels = int(np.count_nonzero(mask))
+    blob = nifti_bytes_like(mask, vol, np.uint8, name=name)
+    t3 = time.perf_counter()
+    summary = {
+        "input": name,
+        "shape": [int(n) for n in vol.shape],
+        "zooms": [float(z) for z in vol.zooms],
+        "lesion_voxels": voxels,
+        "lesion_volume_mm3": float(voxels * float(np.prod(vol.zooms))),
+        "bytes_received": len(data),
+        "mask_bytes": len(blob),
+        "times": {"read": round(t1 - t0, 6), "infer": round(t2 - t1, 6),
+                  "postprocess": round(t3 - t2, 6)},
+    }
+    return blob, summary
+
+
+class TritonPythonModel:
+    """Triton's python-backend entry points for ``dunet_volume``."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        """Read and check the parameters against the network model's configuration."""
+        from dunet_deploy.export.triton_repo import read_config
+
+        self.name, params, model_dir = model_parameters(args)
+        self.settings = VolumeSettings.from_parameters(params, self.name)
+        net_params, net_max_batch = read_config(
+            Path(model_dir).parent / self.settings.network / "config.pbtxt")
+        self.settings.check_network(net_params, net_max_batch, self.name)
+        self.backend = net_params.get("runtime.backend", "triton")
+
+    def _predict(self, slabs: np.ndarray) -> np.ndarray:
+        import triton_python_backend_utils as pb_utils
+
+        request = pb_utils.InferenceRequest(
+            model_name=self.settings.network, requested_output_names=[OUTPUT_NAME],
+            inputs=[pb_utils.Tensor(INPUT_NAME, np.ascontiguousarray(slabs, np.float32))],
+        )
+        response = request.exec()
+        if response.has_error():
+            raise DunetError(f"network model {self.settings.network!r} failed: "
+                             f"{one_line(response.error().message())}")
+        return pb_utils.get_output_tensor_by_name(response, OUTPUT_NAME).as_numpy()
+
+    def _one(self, request: Any) -> Any:
+        import triton_python_backend_utils as pb_utils
+
+        name = request.request_id() or "request"
+        try:
+            raw = pb_utils.get_input_tensor_by_name(request, NIFTI_INPUT).as_numpy()
+            if raw.size != 1:
+                raise DunetError(f"{name}: input {NIFTI_INPUT!r} must hold one file, "
+                                 f"got {raw.size}")
+            data = raw.reshape(-1)[0]
+            blob, summary = segment_nifti_bytes(bytes(data), name, self.settings, self._predict)
+        except (DunetError, MemoryError) as exc:
+            text = "out of memory" if isinstance(exc, MemoryError) else one_line(exc)
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(text))
+        summary["backend"] = self.backend
+        summary["network_model"] = self.settings.network
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(MASK_OUTPUT, np.array([blob], dtype=np.object_)),
+            pb_utils.Tensor(SUMMARY_OUTPUT, np.array([json.dumps(summary).encode()],
+                                                     dtype=np.object_)),
+        ])
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        """One response per request; a bad file fails only its own request."""
+        return [self._one(r) for r in requests]

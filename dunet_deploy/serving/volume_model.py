@@ -2,9 +2,13 @@
 
 Per request (input ``nifti``, ``BYTES [1]``: a ``.nii`` or ``.nii.gz`` file)::
 
-    load_nifti_bytes (limits checked before inflating) -> spec.check_volume_shape
-      -> predict_volume(volume, spec, predict=<BLS call of the network model>)
-      -> binarize -> nifti_bytes_like            -> outputs ``mask`` and ``summary``
+    load_nifti_bytes (limits checked before inflating)
+      -> core.to_network (reoriented / resampled onto the model's grid)
+      -> core.segment(predict=<BLS call of the network model>, with the model's
+         TTA and small-lesion defaults)    -> nifti_bytes_like -> ``mask`` and ``summary``
+
+The same inference core as ``dunet-infer`` and the Segmenter, so a file
+segmented here gives the mask a local run gives.
 
 The slab predictor is a BLS request to the network model (``volume.network_model``,
 in batches of ``volume.batch_size``), so the dynamic batcher in front of the network
@@ -26,10 +30,10 @@ import numpy as np
 
 from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
 from dunet_deploy.data.nifti import NiftiLimits, load_nifti_bytes, nifti_bytes_like
-from dunet_deploy.data.preprocess import binarize
 from dunet_deploy.errors import DunetError, one_line
+from dunet_deploy.postprocess import with_tta
+from dunet_deploy.runtime.core import geometry_of, segment, to_network
 from dunet_deploy.serving._config import artifact_parameters, int_parameter, model_parameters
-from dunet_deploy.training.evaluate import predict_volume
 
 NIFTI_INPUT = "nifti"
 MASK_OUTPUT = "mask"
@@ -113,30 +117,35 @@ def segment_nifti_bytes(data: bytes, name: str, settings: VolumeSettings,
     Raises:
         DunetError: ``"<name>: <reason>"`` for a file we refuse or cannot use.
     """
-    spec = settings.info.spec
+    spec, defaults = settings.info.spec, settings.info.inference
+    times: dict[str, float] = {}
     t0 = time.perf_counter()
     vol = load_nifti_bytes(data, name, settings.limits)
-    t1 = time.perf_counter()
+    times["read"] = time.perf_counter() - t0
     try:
-        spec.check_volume_shape(vol.shape)
+        net = to_network(vol.data, spec, affine=vol.affine, times=times)
     except DunetError as exc:
         raise DunetError(f"{name}: {exc}") from None
-    probs = predict_volume(vol.data, spec, predict, batch_size=settings.batch_size)
-    t2 = time.perf_counter()
-    mask = binarize(probs, spec)
-    voxels = int(np.count_nonzero(mask))
-    blob = nifti_bytes_like(mask, vol, np.uint8, name=name)
-    t3 = time.perf_counter()
+    pred = segment(net, geometry_of(vol), spec, with_tta(predict, defaults.tta, spec),
+                   batch_size=settings.batch_size, min_lesion_mm3=defaults.min_lesion_mm3,
+                   times=times)
+    t1 = time.perf_counter()
+    blob = nifti_bytes_like(pred.mask, vol, np.uint8, name=name)
+    times["write"] = time.perf_counter() - t1
     summary = {
         "input": name,
         "shape": [int(n) for n in vol.shape],
         "zooms": [float(z) for z in vol.zooms],
-        "lesion_voxels": voxels,
-        "lesion_volume_mm3": float(voxels * float(np.prod(vol.zooms))),
+        "lesion_voxels": pred.lesion_voxels,
+        "lesion_volume_mm3": pred.lesion_volume_mm3,
+        "lesions_removed": pred.lesions_removed,
+        "slabs_run": pred.slabs_run,
+        "geometry": pred.geometry,
+        "warnings": list(pred.warnings),
+        "inference": defaults.to_dict(),
         "bytes_received": len(data),
         "mask_bytes": len(blob),
-        "times": {"read": round(t1 - t0, 6), "infer": round(t2 - t1, 6),
-                  "postprocess": round(t3 - t2, 6)},
+        "times": {k: round(v, 6) for k, v in times.items()},
     }
     return blob, summary
 

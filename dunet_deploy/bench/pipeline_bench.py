@@ -43,9 +43,11 @@ __all__ = [
     "MODELS",
     "PipelineConfig",
     "StandInRunner",
+    "parse_shape",
     "pipeline_spec",
     "run_one",
     "run_pipeline_bench",
+    "run_to_folder",
     "supports_workers",
     "write_standin_onnx",
     "write_volumes",
@@ -117,6 +119,17 @@ class PipelineConfig:
 
 
 # ------------------------------------------------------------------ inputs
+def parse_shape(text: str, option: str = "--volume-shape") -> tuple[int, int, int]:
+    """``"197,233,189"`` -> ``(197, 233, 189)``; :class:`DunetError` unless three sizes >= 8."""
+    try:
+        sizes = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise DunetError(f"{option} {text!r}: expected three integers like 197,233,189") from None
+    if len(sizes) != 3 or min(sizes) < 8:
+        raise DunetError(f"{option} {text!r}: expected three sizes >= 8")
+    return sizes[0], sizes[1], sizes[2]
+
+
 def pipeline_spec(shape: Sequence[int], image_size: int | None = None) -> PreprocessSpec:
     """The spec of a model trained on the synthetic volumes (their grid, 1 mm)."""
     from dunet_deploy.data.geometry import measure_geometry
@@ -259,10 +272,16 @@ def _cpu_s() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def _peak_rss_mb() -> dict[str, float]:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _peak_rss_mb(workers: int) -> dict[str, float | None]:
+    """VmHWM of this process (``getrusage`` would count the parent's RSS before exec)
+    and, with workers, the largest finished child's peak."""
+    from dunet_deploy.bench.core import _read_status_kb
+
+    kb = _read_status_kb("VmHWM")
+    own = kb / 1024.0 if kb is not None else resource.getrusage(
+        resource.RUSAGE_SELF).ru_maxrss / 1024.0
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
-    return {"main": round(own, 1), "largest_child": round(kids, 1)}
+    return {"main": round(own, 1), "largest_worker": round(kids, 1) if workers else None}
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
@@ -304,7 +323,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "wall_s": round(wall, 4), "volumes_per_s": round(n / wall, 4),
         "slabs_per_s": round(slabs / wall, 2), "core_s": round(cpu, 4),
         "core_s_per_volume": round(cpu / n, 4), "stages_s_per_volume": stages,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": _peak_rss_mb(int(job["workers"])),
     }
 
 
@@ -397,7 +416,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"batch {cfg['batch_size']}, save_prob={cfg['save_prob']}.",
         "",
         "| model | backend | stored as | workers | volumes/s | slabs/s | core-s/volume | "
-        + " | ".join(f"{k} s" for k in TIME_KEYS) + " | peak RSS MiB (main / child) |",
+        + " | ".join(f"{k} s" for k in TIME_KEYS) + " | peak RSS MiB (main / worker) |",
         "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(TIME_KEYS) + "---:|",
     ]
     for r in doc["runs"]:
@@ -408,10 +427,12 @@ def render_markdown(doc: dict[str, Any]) -> str:
             f"{r['workers']} | {r['volumes_per_s']:.3f} | {r['slabs_per_s']:.1f} | "
             f"{r['core_s_per_volume']:.3f} | "
             + " | ".join(f"{st[k]:.3f}" for k in TIME_KEYS)
-            + f" | {rss['main']:.0f} / {rss['largest_child']:.0f} |")
+            + f" | {rss['main']:.0f} / {rss['largest_worker'] or '-'} |")
+    if doc["skipped"]:
+        lines.append("")
     for s in doc["skipped"]:
-        lines.append(f"\nSkipped {s['model']} {s['encoding']} workers={s['workers']}: "
-                     f"{s['reason']}")
+        lines.append(f"Skipped {s['model']} {s['encoding']} workers={s['workers']}: "
+                     f"{s['reason']}.  ")
     return "\n".join(lines) + "\n"
 
 
@@ -424,6 +445,30 @@ def write_results(out_dir: Path, doc: dict[str, Any], stem: str = "pipeline") ->
     write_json(js, doc)
     atomic_write_bytes(md, render_markdown(doc).encode())
     return [js, md]
+
+
+def run_to_folder(cfg: PipelineConfig, out_dir: Path, work_dir: Path | None = None,
+                  log: Log = print) -> list[Path]:
+    """:func:`run_pipeline_bench` in ``work_dir`` (default: a temporary folder), then write results.
+
+    Returns:
+        ``[OUT/pipeline.json, OUT/pipeline.md]``.
+
+    Raises:
+        DunetError: for a bad option or ``out_dir`` that is a file, before any work.
+    """
+    import tempfile
+
+    cfg.validate()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DunetError(f"{out_dir}: exists and is not a folder")
+    if work_dir is not None:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        doc = run_pipeline_bench(cfg, work_dir, log)
+    else:
+        with tempfile.TemporaryDirectory(prefix="dunet-pipeline-") as tmp:
+            doc = run_pipeline_bench(cfg, Path(tmp), log)
+    return write_results(out_dir, doc)
 
 
 if __name__ == "__main__":  # the child of _run_child: a job on stdin, figures on stdout

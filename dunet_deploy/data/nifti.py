@@ -200,6 +200,7 @@ def save_nifti_like(
     data: npt.ArrayLike,
     ref: NiftiVolume,
     dtype: npt.DTypeLike = np.float32,
+    scale: float = 1.0,
 ) -> Path:
     """Write ``data`` with the geometry of ``ref``, atomically.
 
@@ -215,6 +216,7 @@ def save_nifti_like(
         data: Array of ``ref.data.shape``.
         ref: The volume whose geometry to copy.
         dtype: On-disk dtype. Integer dtypes require integral, in-range data.
+        scale: ``scl_slope`` stored with the values (readers get ``value * scale``).
 
     Returns:
         The written path.
@@ -244,8 +246,8 @@ def save_nifti_like(
     img.set_sform(ref_hdr.get_sform(), code=int(ref_hdr["sform_code"]))
     img.set_qform(ref_hdr.get_qform(), code=int(ref_hdr["qform_code"]))
     img.header.set_zooms(tuple(float(z) for z in ref_hdr.get_zooms()[:3]))
-    # Store values as-is; the reference's scaling/display range mean nothing here.
-    img.header.set_slope_inter(1.0, 0.0)
+    # Store the values (times `scale`); the reference's scaling/display range mean nothing here.
+    img.header.set_slope_inter(scale, 0.0)
     img.header["cal_min"] = 0.0
     img.header["cal_max"] = 0.0
 

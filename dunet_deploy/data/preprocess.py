@@ -120,8 +120,7 @@ def _intensity_map(vol: np.ndarray, spec: PreprocessSpec) -> IntensityMap | None
     """The per-voxel map the spec's normalisation applies to ``vol`` (float32 work only).
 
     ``robust_zscore`` statistics are over the nonzero voxels of the whole
-    volume; mean and variance are float32 pairwise sums (numpy's reduction),
-    within ~1e-6 relative of a float64 computation.
+    volume; the only float64 values are the two scalar sums (mean, variance).
     """
     if spec.intensity == "dataset_minmax_zscore":
         assert spec.dataset_min is not None and spec.dataset_max is not None
@@ -138,10 +137,12 @@ def _intensity_map(vol: np.ndarray, spec: PreprocessSpec) -> IntensityMap | None
     lo, hi = _percentiles(values, spec.clip_percentiles)
     np.clip(values, np.float32(lo), np.float32(hi), out=values)
     n = values.size
-    mean = float(values.sum()) / n
+    # float32 work arrays, float64 accumulators (numpy casts in small buffers): the
+    # sums then hardly depend on voxel order, so a mirrored scan gets the same map.
+    mean = float(values.sum(dtype=np.float64)) / n
     values -= np.float32(mean)
     np.square(values, out=values)
-    std = float(np.sqrt(float(values.sum()) / n))
+    std = float(np.sqrt(float(values.sum(dtype=np.float64)) / n))
     if not std > 0:
         std = 1.0
     return IntensityMap(True, np.float32(lo), np.float32(hi), np.float32(mean),

@@ -354,6 +354,7 @@ def finish_case(
     batch_size: int = 16,
     save_prob: bool = False,
     min_lesion_mm3: float = 0.0,
+    prob_dtype: str = "float32",
 ) -> CaseResult:
     """Segment one prepared volume and write its outputs; errors go into the result."""
     result = prep.result
@@ -364,8 +365,8 @@ def finish_case(
     mask_path, prob_path = out_dir / f"{stem}{MASK_SUFFIX}", out_dir / f"{stem}{PROB_SUFFIX}"
     try:
         pred = segment(prep.net, prep.ref, spec, predict, batch_size=batch_size,
-                       min_lesion_mm3=min_lesion_mm3, times=result.times)
-        pred.save(mask_path, prob_path if save_prob else None)
+                       min_lesion_mm3=min_lesion_mm3, times=result.times, keep_prob=save_prob)
+        pred.save(mask_path, prob_path if save_prob else None, prob_dtype=prob_dtype)
     except CASE_ERRORS as exc:
         return result.fail(prep.item.path, exc)
     result.mask = str(mask_path)
@@ -386,6 +387,7 @@ def run_cases(
     save_prob: bool = False,
     min_lesion_mm3: float = 0.0,
     on_result: Callable[[CaseResult], None] | None = None,
+    prob_dtype: str = "float32",
 ) -> list[CaseResult]:
     """Segment prepared volumes and write their outputs.
 
@@ -398,6 +400,7 @@ def run_cases(
         save_prob: Also write ``<name>_prob.nii.gz`` (float32).
         min_lesion_mm3: Remove smaller connected lesions from the masks.
         on_result: Called with each finished result (progress, error lines).
+        prob_dtype: On-disk type of the probability maps (``PROB_DTYPES``).
 
     Returns:
         One :class:`CaseResult` per volume, in order.
@@ -406,7 +409,8 @@ def run_cases(
     results = []
     for prep in volumes:
         result = finish_case(predict, spec, prep, out, batch_size=batch_size,
-                             save_prob=save_prob, min_lesion_mm3=min_lesion_mm3)
+                             save_prob=save_prob, min_lesion_mm3=min_lesion_mm3,
+                             prob_dtype=prob_dtype)
         results.append(result)
         if on_result is not None:
             on_result(result)
@@ -475,7 +479,7 @@ def summary_document(
 
 
 #: Keyword arguments of :func:`segment_files` that go to ``Segmenter.predict_files``.
-FILES_OPTS = ("save_prob", "prefetch", "on_start", "on_result")
+FILES_OPTS = ("save_prob", "prefetch", "on_start", "on_result", "prob_dtype")
 
 
 def segment_files(

@@ -195,6 +195,7 @@ class Segmenter(Closeable):
         prefetch: int = 1,
         on_start: Callable[[Runner, int], None] | None = None,
         on_result: Callable[[CaseResult], None] | None = None,
+        prob_dtype: str = "float32",
     ) -> dict[str, Any]:
         """Segment NIfTI files into ``out_dir`` and write ``summary.json``.
 
@@ -212,6 +213,8 @@ class Segmenter(Closeable):
             on_start: Called once the model is loaded, with the runner and the
                 number of inputs.
             on_result: Called with each finished :class:`CaseResult`.
+            prob_dtype: ``float32`` or ``uint16`` probability maps (see
+                :meth:`Prediction.save`).
 
         Returns:
             The summary document (also written to ``out_dir/summary.json``).
@@ -230,7 +233,7 @@ class Segmenter(Closeable):
             results = run_cases(self.predictor(), self.spec, prefetcher, out,
                                 batch_size=self.batch_size, save_prob=save_prob,
                                 min_lesion_mm3=self.inference.min_lesion_mm3,
-                                on_result=on_result)
+                                on_result=on_result, prob_dtype=prob_dtype)
         summary = summary_document(runner, results, batch_size=self.batch_size,
                                    threads=self.threads, load_s=self.load_s,
                                    wall_s=time.perf_counter() - t_start,

@@ -131,7 +131,10 @@ def _intensity_map(vol: np.ndarray, spec: PreprocessSpec) -> IntensityMap | None
         offset /= spec.dataset_std
         return IntensityMap(False, np.float32(0), np.float32(0), np.float32(offset),
                             np.float32(scale), np.float32(offset))
-    values = vol[vol != 0]
+    # Gather in memory order (a view for C or Fortran order): boolean indexing of a
+    # Fortran-order volume (what nibabel returns) would walk it in C order, 6x slower.
+    flat = vol.ravel(order="K")
+    values = flat[flat != 0]
     if values.size == 0:
         return None
     lo, hi = _percentiles(values, spec.clip_percentiles)

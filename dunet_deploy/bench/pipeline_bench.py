@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,10 @@ class PipelineConfig:
         batch_size: Slabs per model call.
         save_prob: Also write the probability maps.
         seed: Seed of the first volume.
+        baseline: A source tree of dunet-deploy (the folder holding its
+            ``dunet_deploy`` package, e.g. ``git worktree add`` of an older
+            commit): each run is repeated with that code right before the
+            current one, on the same files, for an A/B.
     """
 
     volumes: int = 4
@@ -99,7 +103,7 @@ class PipelineConfig:
     batch_size: int = 16
     save_prob: bool = False
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    baseline: str | None = None
 
     def validate(self) -> None:
         """Raise :class:`DunetError` for an option that cannot work."""
@@ -116,6 +120,9 @@ class PipelineConfig:
             raise DunetError(f"--batch-size {self.batch_size}: must be >= 1")
         if self.model_path is not None and not Path(self.model_path).is_file():
             raise DunetError(f"{self.model_path}: model file not found")
+        if self.baseline is not None and not (
+                Path(self.baseline) / "dunet_deploy" / "__init__.py").is_file():
+            raise DunetError(f"--baseline {self.baseline}: no dunet_deploy package in it")
 
 
 # ------------------------------------------------------------------ inputs
@@ -317,7 +324,10 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     slabs = sum(int(c["slabs_run"]) for c in cases)
     stages = {k: round(sum(float(c["times"].get(k, 0.0)) for c in cases) / n, 4)
               for k in TIME_KEYS}
+    import dunet_deploy
+
     return {
+        "code": str(Path(dunet_deploy.__file__).resolve().parents[1]),
         "backend": summary["backend"], "precision": summary["precision"],
         "model_load_s": summary["model_load_s"], "volumes": n, "slabs": slabs,
         "wall_s": round(wall, 4), "volumes_per_s": round(n / wall, 4),
@@ -327,13 +337,18 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run_child(job: dict[str, Any]) -> dict[str, Any]:
-    """:func:`run_one` in a fresh interpreter (own peak RSS, own core-seconds)."""
+def _run_child(job: dict[str, Any], source: str | None = None) -> dict[str, Any]:
+    """:func:`run_one` in a fresh interpreter (own peak RSS, own core-seconds).
+
+    ``source``: run this file's :func:`run_one` against the ``dunet_deploy``
+    package of another source tree (``-P``: this folder is not put on the path).
+    """
     env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[2])
+    src = source or str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-m", "dunet_deploy.bench.pipeline_bench"],
-                          input=json.dumps(job), capture_output=True, text=True, env=env,
+    cmd = [sys.executable, "-P", str(Path(__file__).resolve())] if source else [
+        sys.executable, "-m", "dunet_deploy.bench.pipeline_bench"]
+    proc = subprocess.run(cmd, input=json.dumps(job), capture_output=True, text=True, env=env,
                           check=False)
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
@@ -371,6 +386,7 @@ def run_pipeline_bench(cfg: PipelineConfig, work: Path, log: Log = print) -> dic
     from dunet_deploy.machine import machine_info
 
     cfg.validate()
+    load_start = list(os.getloadavg())
     spec = pipeline_spec(cfg.shape, cfg.image_size)
     if cfg.model_path is not None:
         from dunet_deploy.artifacts import read_artifact_info
@@ -393,14 +409,19 @@ def run_pipeline_bench(cfg: PipelineConfig, work: Path, log: Log = print) -> dic
                        "out_dir": str(work / f"out_{model}_{enc}_w{workers}"),
                        "backend": cfg.backend, "threads": cfg.threads,
                        "batch_size": cfg.batch_size, "save_prob": cfg.save_prob}
-                row = {**key, **_run_child(job)}
-                runs.append(row)
-                log(f"  {model} {enc} workers={workers}: {row['volumes_per_s']:.3f} volumes/s, "
-                    f"{row['core_s_per_volume']:.3f} core-s/volume, stages "
-                    + ", ".join(f"{k} {v:.3f}" for k, v in row["stages_s_per_volume"].items()))
+                sources = ([("baseline", cfg.baseline)] if cfg.baseline else []) + [
+                    ("current", None)]
+                for name, source in sources:
+                    row = {**key, "source": name, **_run_child(job, source)}
+                    runs.append(row)
+                    log(f"  {name} {model} {enc} workers={workers}: {row['volumes_per_s']:.3f} "
+                        f"volumes/s, {row['core_s_per_volume']:.3f} core-s/volume, stages "
+                        + ", ".join(f"{k} {v:.3f}"
+                                    for k, v in row["stages_s_per_volume"].items()))
     return {"config": {**asdict(cfg), "shape": list(spec.volume_shape),
                        "image_size": spec.image_size},
             "machine": machine_info(), "workers_supported": workers_ok,
+            "loadavg": {"start": load_start, "end": list(os.getloadavg())},
             "runs": runs, "skipped": skipped}
 
 
@@ -413,17 +434,22 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "",
         f"CPU: {cpu}, {doc['machine'].get('cores', '?')} cores; {cfg['volumes']} volumes of "
         f"{'x'.join(str(n) for n in cfg['shape'])} at S={cfg['image_size']}, "
-        f"batch {cfg['batch_size']}, save_prob={cfg['save_prob']}.",
+        f"batch {cfg['batch_size']}, save_prob={cfg['save_prob']}; load average "
+        f"{doc['loadavg']['start'][0]:.2f} at the start, "
+        f"{doc['loadavg']['end'][0]:.2f} at the end.",
         "",
-        "| model | backend | stored as | workers | volumes/s | slabs/s | core-s/volume | "
+        "Times are seconds per volume; core-s = user + sys CPU of the run's processes.",
+        "",
+        "| code | model | backend | stored as | workers | volumes/s | slabs/s | core-s/volume | "
         + " | ".join(f"{k} s" for k in TIME_KEYS) + " | peak RSS MiB (main / worker) |",
-        "|---|---|---|---:|---:|---:|---:|" + "---:|" * len(TIME_KEYS) + "---:|",
+        "|---|---|---|---|---:|---:|---:|---:|" + "---:|" * len(TIME_KEYS) + "---:|",
     ]
     for r in doc["runs"]:
         st = r["stages_s_per_volume"]
         rss = r["peak_rss_mb"]
         lines.append(
-            f"| {r['model']} | {r['backend']} {r['precision']} | {r['encoding']} | "
+            f"| {r['source']} | {r['model']} | {r['backend']} {r['precision']} | "
+            f"{r['encoding']} | "
             f"{r['workers']} | {r['volumes_per_s']:.3f} | {r['slabs_per_s']:.1f} | "
             f"{r['core_s_per_volume']:.3f} | "
             + " | ".join(f"{st[k]:.3f}" for k in TIME_KEYS)

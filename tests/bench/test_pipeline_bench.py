@@ -126,6 +126,21 @@ def test_bad_options_are_one_line_errors(tmp_path: Path, args: list[str], needle
     assert "Traceback" not in result.output and not out.exists()
 
 
+def test_baseline_runs_the_other_tree_first_on_the_same_files(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parents[2]  # this tree as its own baseline
+    out = tmp_path / "out"
+    args = [*TINY, "--workers", "0", "--pipeline-models", "standin", "--encodings", "int16",
+            "--baseline", str(repo), "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "pipeline.json").read_text())
+    assert [r["source"] for r in doc["runs"]] == ["baseline", "current"]
+    assert {r["code"] for r in doc["runs"]} == {str(repo)}
+    assert doc["runs"][0]["slabs"] == doc["runs"][1]["slabs"] > 0
+    bad = CliRunner().invoke(main, [*TINY, "--baseline", str(tmp_path), "--out", str(out)])
+    assert bad.exit_code == 2 and "no dunet_deploy package" in bad.output
+
+
 def test_parse_shape() -> None:
     assert parse_shape("197,233,189") == (197, 233, 189)
     assert parse_shape("64,64,32") == (64, 64, 32)  # repeated sizes are fine

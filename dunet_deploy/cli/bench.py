@@ -5,6 +5,10 @@ Example (the full CPU run is ``benchmarks/cpu.sh``)::
     dunet-bench --models dunet,unet3d,unet2d --backends torch,onnxruntime,openvino \\
         --batch-sizes 1,4,8,16,32 --precision fp32,bf16 --iters 5 --warmup 1 --out bench-out
 
+``dunet-bench --pipeline`` measures the file pipeline instead (synthetic volumes,
+a zero-cost stand-in model and the real one; ``--baseline DIR`` for an A/B against
+another source tree) and writes ``OUT/pipeline.{json,md}``.
+
 Writes ``OUT/bench.json``, ``OUT/bench.md`` and ``OUT/bench.png``. Combinations
 that cannot run on this machine (TensorRT without a GPU, bf16 on a CPU without
 native bf16, ...) are listed as skipped with the reason. Until the console

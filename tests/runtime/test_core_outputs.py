@@ -72,3 +72,20 @@ def test_outputs_are_fortran_ordered_and_gzipped_fast(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.asarray(nib.load(str(out)).dataobj), pred.mask)
     with gzip.open(out) as f:  # a whole, valid gzip stream
         assert len(f.read()) >= pred.mask.size
+
+
+def test_segment_files_writes_uint16_probabilities(tmp_path: Path) -> None:
+    from dunet_deploy.bench.pipeline_bench import StandInRunner, pipeline_spec, write_standin_onnx
+    from dunet_deploy.runtime.pipeline import segment_files
+
+    model = write_standin_onnx(tmp_path / "standin.onnx", pipeline_spec(SHAPE, 32))
+    scan = write_volume(tmp_path / "scan.nii.gz", seed=4)
+    out = tmp_path / "out"
+    summary = segment_files(model, [scan], out, runner_factory=StandInRunner, save_prob=True,
+                            prob_dtype="uint16")
+    assert summary["ok"] == 1, summary["cases"]
+    prob = nib.load(str(out / "scan_prob.nii.gz"))
+    mask = np.asarray(nib.load(str(out / "scan_mask.nii.gz")).dataobj)
+    assert prob.get_data_dtype() == np.uint16 and mask.any()
+    # The mask is the thresholded probability map, read back through scl_slope.
+    np.testing.assert_array_equal(mask, prob.get_fdata() >= 0.5)

@@ -315,7 +315,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     with Segmenter(job["model_path"], **opts) as seg:
         cpu0, t0 = _cpu_s(), time.perf_counter()
         summary = seg.predict_files(job["inputs"], job["out_dir"], **files)
-        wall, cpu = time.perf_counter() - t0, _cpu_s() - cpu0
+        wall = time.perf_counter() - t0
+    # After close: worker processes count once they are waited for.
+    cpu = _cpu_s() - cpu0
     cases = summary["cases"]
     failed = [c["message"] for c in cases if c["status"] != "ok"]
     if failed:

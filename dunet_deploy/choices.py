@@ -13,6 +13,7 @@ __all__ = [
     "DEVICES",
     "LAYOUTS",
     "PRECISIONS",
+    "PROB_DTYPES",
     "RESAMPLE_MODES",
     "SPLITS",
     "TRAIN_DEVICES",
@@ -41,3 +42,6 @@ BENCH_PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8")
 TTA_MODES: tuple[str, ...] = ("none", "flip")
 #: How inputs off the training grid are handled: ``auto`` resamples them, ``never`` refuses.
 RESAMPLE_MODES: tuple[str, ...] = ("auto", "never")
+#: On-disk type of probability maps: float32, or uint16 (p * 65535 with scl_slope; NIfTI has
+#: no float16).
+PROB_DTYPES: tuple[str, ...] = ("float32", "uint16")

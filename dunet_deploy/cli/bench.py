@@ -5,6 +5,10 @@ Example (the full CPU run is ``benchmarks/cpu.sh``)::
     dunet-bench --models dunet,unet3d,unet2d --backends torch,onnxruntime,openvino \\
         --batch-sizes 1,4,8,16,32 --precision fp32,bf16 --iters 5 --warmup 1 --out bench-out
 
+``dunet-bench --pipeline`` measures the file pipeline instead (synthetic volumes,
+a zero-cost stand-in model and the real one; ``--baseline DIR`` for an A/B against
+another source tree) and writes ``OUT/pipeline.{json,md}``.
+
 Writes ``OUT/bench.json``, ``OUT/bench.md`` and ``OUT/bench.png``. Combinations
 that cannot run on this machine (TensorRT without a GPU, bf16 on a CPU without
 native bf16, ...) are listed as skipped with the reason. Until the console
@@ -115,14 +119,56 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("bench-out"), show_default=True, help="Output folder.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines.")
+@click.option("--pipeline", is_flag=True,
+              help="Instead: the file pipeline's ceiling (dunet-infer's read, preprocess, "
+                   "postprocess, write) on synthetic volumes with a zero-cost stand-in model and "
+                   "the real one; writes OUT/pipeline.{json,md}.")
+@click.option("--volumes", type=int, default=4, show_default=True,
+              help="--pipeline: volumes per run.")
+@click.option("--volume-shape", default="197,233,189", show_default=True,
+              help="--pipeline: X,Y,Z of the synthetic volumes.")
+@click.option("--workers", "workers_list", default="0", show_default=True,
+              help="--pipeline: comma-separated worker counts (0: one prefetch thread).")
+@click.option("--pipeline-models", default="standin,real", show_default=True,
+              help="--pipeline: standin (zero-cost model), real (the exported network).")
+@click.option("--encodings", default="float32,int16", show_default=True,
+              help="--pipeline: how the volumes are stored (float32, int16 + scl_slope).")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="--pipeline: ONNX for 'real' [default: a random-init export of "
+                                 "--e2e-model].")
+@click.option("--pipeline-backend", type=click.Choice(["auto", "onnxruntime", "openvino"]),
+              default="auto", show_default=True, help="--pipeline: backend of the real model.")
+@click.option("--save-prob", is_flag=True, help="--pipeline: also write probability maps.")
+@click.option("--baseline", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="--pipeline: a dunet-deploy source tree (e.g. a git worktree of an older "
+                   "commit) run before each current run on the same files: an A/B.")
 @handle_errors
 def main(models: str, backends: str, batch_sizes: str, precisions: str, iters: int, warmup: int,
          time_budget: float | None, min_iters: int | None, image_size: int, threads: int | None,
          device: str, base_filters: int | None, e2e: bool, e2e_model: str, e2e_batch_size: int,
          e2e_repeats: int,
          cache_dir: Path | None, peak_sizes: str | None, deadline: float | None,
-         cuda_graph: bool, seed: int, out_dir: Path, quiet: bool) -> None:
+         cuda_graph: bool, seed: int, out_dir: Path, quiet: bool, pipeline: bool,
+         volumes: int, volume_shape: str, workers_list: str, pipeline_models: str,
+         encodings: str, model_path: Path | None, pipeline_backend: str, save_prob: bool,
+         baseline: Path | None) -> None:
     """Benchmark models × backends × precisions × batch sizes; write OUT/bench.{json,md,png}."""
+    if pipeline:
+        from dunet_deploy.bench.pipeline_bench import PipelineConfig, parse_shape, run_to_folder
+
+        pcfg = PipelineConfig(
+            volumes=volumes, image_size=image_size,
+            workers=parse_sizes(workers_list, "--workers", 0), shape=parse_shape(volume_shape),
+            encodings=_names("--encodings", encodings),
+            models=_names("--pipeline-models", pipeline_models),
+            model_path=None if model_path is None else str(model_path), model_name=e2e_model,
+            base_filters=base_filters, backend=pipeline_backend, threads=threads,
+            batch_size=e2e_batch_size, save_prob=save_prob, seed=seed,
+            baseline=None if baseline is None else str(baseline))
+        written = run_to_folder(pcfg, out_dir, cache_dir,
+                                log=(lambda s: None) if quiet else click.echo)
+        click.echo(f"results in {written[-1]}")
+        return
     from dunet_deploy.bench import BenchConfig, run_bench, validate_config
 
     kw = {} if threads is None else {"threads": threads}

@@ -29,7 +29,14 @@ from typing import Any
 
 import click
 
-from dunet_deploy.choices import BACKENDS, DEVICES, PRECISIONS, RESAMPLE_MODES, TTA_MODES
+from dunet_deploy.choices import (
+    BACKENDS,
+    DEVICES,
+    PRECISIONS,
+    PROB_DTYPES,
+    RESAMPLE_MODES,
+    TTA_MODES,
+)
 from dunet_deploy.cli._common import DunetCommand, handle_errors, one_line
 from dunet_deploy.errors import DunetError
 
@@ -89,6 +96,9 @@ class _Progress:
               help="Slabs per model call (capped at an engine's maximum batch).")
 @click.option("--save-prob", is_flag=True,
               help="Also write <name>_prob.nii.gz (float32 probabilities).")
+@click.option("--prob-dtype", type=click.Choice(PROB_DTYPES), default="float32", show_default=True,
+              help="Type of --save-prob maps: float32, or uint16 (p x 65535 with scl_slope: half "
+                   "the size; NIfTI has no float16).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Backend CPU threads (default: the backend's choice, all cores).")
 @click.option("--precision", default="auto", show_default=True,
@@ -120,7 +130,7 @@ class _Progress:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no final summary line.")
 @handle_errors
 def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str, device: str,
-         batch_size: int, save_prob: bool, threads: int | None, precision: str,
+         batch_size: int, save_prob: bool, prob_dtype: str, threads: int | None, precision: str,
          triton_url: str | None, tta: str | None, min_lesion_mm3: float | None, resample: str,
          cuda_graph: bool, workers: int | None, server_side: bool,
          quiet: bool) -> None:
@@ -164,8 +174,9 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
         else:
             summary = segment_files(
                 model_path, inputs, out_dir, backend=backend, batch_size=batch_size,
-                save_prob=save_prob, threads=threads, precision=precision, device=device,
-                tta=tta, min_lesion_mm3=min_lesion_mm3, resample=resample,
+                save_prob=save_prob, prob_dtype=prob_dtype, threads=threads,
+                precision=precision, device=device, tta=tta, min_lesion_mm3=min_lesion_mm3,
+                resample=resample,
                 workers=default_workers() if workers is None else workers,
                 runner_opts={"cuda_graph": True} if cuda_graph else None,
                 on_start=on_start, on_result=on_result,

@@ -387,7 +387,7 @@ def _header_for(affine: np.ndarray, shape: tuple[int, ...]) -> Any:
 
 
 def _image_like(name: PathLike, data: npt.ArrayLike, ref: NiftiVolume,
-                dtype: npt.DTypeLike) -> Any:
+                dtype: npt.DTypeLike, scale: float = 1.0) -> Any:
     """A NIfTI image of ``data`` with the geometry of ``ref`` (see :func:`save_nifti_like`)."""
     arr = np.asarray(data)
     if arr.shape != ref.data.shape:
@@ -402,8 +402,8 @@ def _image_like(name: PathLike, data: npt.ArrayLike, ref: NiftiVolume,
     img.set_sform(ref_hdr.get_sform(), code=int(ref_hdr["sform_code"]))
     img.set_qform(ref_hdr.get_qform(), code=int(ref_hdr["qform_code"]))
     img.header.set_zooms(tuple(float(z) for z in ref_hdr.get_zooms()[:3]))
-    # Store values as-is; the reference's scaling/display range mean nothing here.
-    img.header.set_slope_inter(1.0, 0.0)
+    # Store the values (times `scale`); the reference's scaling/display range mean nothing here.
+    img.header.set_slope_inter(scale, 0.0)
     img.header["cal_min"] = 0.0
     img.header["cal_max"] = 0.0
     return img
@@ -432,6 +432,7 @@ def save_nifti_like(
     data: npt.ArrayLike,
     ref: NiftiVolume,
     dtype: npt.DTypeLike = np.float32,
+    scale: float = 1.0,
 ) -> Path:
     """Write ``data`` with the geometry of ``ref``, atomically.
 
@@ -447,6 +448,7 @@ def save_nifti_like(
         data: Array of ``ref.data.shape``.
         ref: The volume whose geometry to copy.
         dtype: On-disk dtype. Integer dtypes require integral, in-range data.
+        scale: ``scl_slope`` stored with the values (readers get ``value * scale``).
 
     Returns:
         The written path.
@@ -462,7 +464,7 @@ def save_nifti_like(
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise DunetError(f"{out}: directory {parent} does not exist")
-    img = _image_like(out, data, ref, dtype)
+    img = _image_like(out, data, ref, dtype, scale)
 
     # Same directory so os.replace is an atomic rename; the suffix tells
     # nibabel whether to gzip. (Not mkstemp: its 0600 mode would stick.)

@@ -25,6 +25,7 @@ matmuls.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +40,7 @@ __all__ = [
     "nonempty_slice_flags",
     "normalize_intensity",
     "orient_volume",
+    "probs_to_mask",
     "probs_to_volume",
     "resize_bilinear",
     "slab_flags_from_slice_flags",
@@ -74,28 +76,97 @@ def normalize_intensity(volume: npt.ArrayLike, spec: PreprocessSpec) -> np.ndarr
         float32 array of the same shape.
     """
     vol = np.asarray(volume, dtype=np.float32)
+    out = np.empty(vol.shape, dtype=np.float32)
+    _normalize_into(out, vol, _intensity_map(vol, spec))
+    return out
+
+
+class IntensityMap(NamedTuple):
+    """What :func:`_normalize_into` does to each voxel.
+
+    ``robust`` (``robust_zscore``): nonzero ``x -> (clip(x, lo, hi) - center) /
+    scale``, zero -> ``background``. Otherwise (``dataset_minmax_zscore``):
+    every ``x -> x * scale + center``.
+    """
+
+    robust: bool
+    lo: np.float32
+    hi: np.float32
+    center: np.float32
+    scale: np.float32
+    background: np.float32
+
+
+def _percentiles(values: np.ndarray, q: tuple[float, float]) -> tuple[float, float]:
+    """``np.percentile(values, q)`` (linear method) by partitioning ``values`` in place.
+
+    Only the four order statistics needed are placed (``np.partition``, no sort).
+    """
+    n = values.size
+    pos = [p / 100.0 * (n - 1) for p in q]
+    ranks = sorted({k for v in pos for k in (int(np.floor(v)), min(int(np.floor(v)) + 1, n - 1))})
+    values.partition(ranks)
+    out = []
+    for v in pos:
+        k = int(np.floor(v))
+        a, b = float(values[k]), float(values[min(k + 1, n - 1)])
+        t = v - k
+        # numpy's _lerp: from the nearer end, so t = 1 gives b exactly.
+        out.append(b - (b - a) * (1.0 - t) if t >= 0.5 else a + (b - a) * t)
+    return out[0], out[1]
+
+
+def _intensity_map(vol: np.ndarray, spec: PreprocessSpec) -> IntensityMap | None:
+    """The per-voxel map the spec's normalisation applies to ``vol`` (float32 work only).
+
+    ``robust_zscore`` statistics are over the nonzero voxels of the whole
+    volume; the only float64 values are the two scalar sums (mean, variance).
+    """
     if spec.intensity == "dataset_minmax_zscore":
         assert spec.dataset_min is not None and spec.dataset_max is not None
         assert spec.dataset_mean is not None and spec.dataset_std is not None
-        # Fold both affine steps into one multiply-add, computed in float64.
+        # Fold both affine steps into one multiply-add (constants worked out in Python floats).
         scale = 1.0 / ((spec.dataset_max - spec.dataset_min) * spec.dataset_std)
         offset = -(spec.dataset_min / (spec.dataset_max - spec.dataset_min) + spec.dataset_mean)
         offset /= spec.dataset_std
-        return (vol * np.float32(scale) + np.float32(offset)).astype(np.float32, copy=False)
-
-    nonzero = vol != 0
-    values = vol[nonzero]
+        return IntensityMap(False, np.float32(0), np.float32(0), np.float32(offset),
+                            np.float32(scale), np.float32(offset))
+    # Gather in memory order (a view for C or Fortran order): boolean indexing of a
+    # Fortran-order volume (what nibabel returns) would walk it in C order, 6x slower.
+    flat = vol.ravel(order="K")
+    values = flat[flat != 0]
     if values.size == 0:
-        return np.zeros_like(vol)
-    lo, hi = np.percentile(values, spec.clip_percentiles)
-    clipped = np.clip(values, lo, hi)
-    mean = float(clipped.mean(dtype=np.float64))
-    std = float(clipped.std(dtype=np.float64))
+        return None
+    lo, hi = _percentiles(values, spec.clip_percentiles)
+    np.clip(values, np.float32(lo), np.float32(hi), out=values)
+    n = values.size
+    # float32 work arrays, float64 accumulators (numpy casts in small buffers): the
+    # sums then hardly depend on voxel order, so a mirrored scan gets the same map.
+    mean = float(values.sum(dtype=np.float64)) / n
+    values -= np.float32(mean)
+    np.square(values, out=values)
+    std = float(np.sqrt(float(values.sum(dtype=np.float64)) / n))
     if not std > 0:
         std = 1.0
-    out = np.full(vol.shape, -mean / std, dtype=np.float32)
-    out[nonzero] = (clipped - np.float32(mean)) / np.float32(std)
-    return out
+    return IntensityMap(True, np.float32(lo), np.float32(hi), np.float32(mean),
+                        np.float32(std), np.float32(-mean / std))
+
+
+def _normalize_into(out: np.ndarray, vol: np.ndarray, imap: IntensityMap | None) -> None:
+    """``out[...] = normalised vol`` for any (strided) view ``vol`` of ``out``'s shape.
+
+    ``imap`` is ``None`` for a volume without nonzero voxels: all zeros.
+    """
+    if imap is None:
+        out[...] = 0.0
+    elif not imap.robust:  # dataset_minmax_zscore: every voxel, one multiply-add
+        np.multiply(vol, imap.scale, out=out)
+        out += imap.center
+    else:
+        np.clip(vol, imap.lo, imap.hi, out=out)
+        out -= imap.center
+        out /= imap.scale
+        np.copyto(out, imap.background, where=vol == 0)  # background is not clipped
 
 
 # ----------------------------------------------------------------- orientation
@@ -122,12 +193,13 @@ def unorient_volume(stack: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 # ---------------------------------------------------------------------- resize
 @functools.lru_cache(maxsize=64)
-def _bilinear_matrix_cached(in_size: int, out_size: int) -> np.ndarray:
+def _bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                         np.ndarray]:
     # Mirror torch's arithmetic exactly (UpSample.h): the scale is a float32
     # ratio, the source coordinate ``scale * (dst + 0.5) - 0.5`` is evaluated in
     # double (int + 0.5 promotes) and stored as float32, and the weight is
     # taken in float32. This makes the weights bit-identical to torch's, not
-    # merely ~1e-5 close.
+    # merely ~1e-5 close. (Per size pair, cached: not per volume.)
     scale = float(np.float32(in_size) / np.float32(out_size))
     dst = np.arange(out_size, dtype=np.float64)
     # Half-pixel centres; torch clamps negative source coordinates to 0.
@@ -136,6 +208,18 @@ def _bilinear_matrix_cached(in_size: int, out_size: int) -> np.ndarray:
     i1 = np.minimum(i0 + 1, in_size - 1)
     w1 = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1))
     w0 = np.float32(1.0) - w1
+    # At the last pixel both taps are one: fold them (as the matrix sums them).
+    same = i0 == i1
+    w0 = np.where(same, w0 + w1, w0).astype(np.float32)
+    w1 = np.where(same, np.float32(0), w1).astype(np.float32)
+    for a in (i0, i1, w0, w1):
+        a.flags.writeable = False  # shared by the cache: must never be modified
+    return i0, i1, w0, w1
+
+
+@functools.lru_cache(maxsize=64)
+def _bilinear_matrix_cached(in_size: int, out_size: int) -> np.ndarray:
+    i0, i1, w0, w1 = _bilinear_taps(in_size, out_size)
     mat = np.zeros((out_size, in_size), dtype=np.float32)
     rows = np.arange(out_size)
     np.add.at(mat, (rows, i0), w0)
@@ -174,10 +258,37 @@ def resize_bilinear(images: npt.ArrayLike, out_hw: tuple[int, int]) -> np.ndarra
     out_h, out_w = out_hw
     if (h, w) == (out_h, out_w):
         return arr.copy()
-    m_rows = bilinear_matrix(h, out_h)
-    m_cols = bilinear_matrix(w, out_w)
-    # [..., H, W] @ [W, W'] -> [..., H, W'];  [H', H] @ that -> [..., H', W'].
-    return np.matmul(m_rows, np.matmul(arr, m_cols.T))
+    return _resize_axis(_resize_axis(arr, out_w, -1), out_h, -2)
+
+
+def _resize_axis(arr: np.ndarray, size: int, axis: int,
+                 keep: slice = slice(None)) -> np.ndarray:
+    """Linear resize of one axis as two gathers and a weighted sum (2 taps per output).
+
+    Each output is ``w0 * x[i0] + w1 * x[i1]`` in float32, whatever the array
+    around it, so resizing a sub-range (``keep``: which outputs) gives the same
+    bits as resizing everything and cutting. (A dense interpolation matrix
+    would spend ``in_size`` multiply-adds per output instead of 2.)
+
+    Args:
+        arr: float32 array.
+        size: Output length of ``axis``.
+        axis: ``-1`` or ``-2``.
+        keep: The outputs wanted (a slice of ``range(size)``).
+
+    Returns:
+        float32, ``arr`` with ``axis`` resized (to the ``keep`` outputs).
+    """
+    if arr.shape[axis] < 1 or size < 1:
+        raise ValueError(f"sizes must be >= 1, got {arr.shape[axis]} -> {size}")
+    i0, i1, w0, w1 = (t[keep] for t in _bilinear_taps(int(arr.shape[axis]), int(size)))
+    bcast = w0 if axis == -1 else w0[:, None]
+    out = np.take(arr, i0, axis=axis)
+    out *= bcast
+    other = np.take(arr, i1, axis=axis)
+    other *= w1 if axis == -1 else w1[:, None]
+    out += other
+    return out
 
 
 # ------------------------------------------------------------- forward path
@@ -200,13 +311,18 @@ def volume_to_slices(volume: npt.ArrayLike, spec: PreprocessSpec) -> np.ndarray:
         DunetError: when the spec cannot take the volume's shape.
     """
     vol = np.asarray(volume)
+    if vol.dtype != np.float32:
+        vol = vol.astype(np.float32)
     spec.check_volume_shape(vol.shape)
-    # Crop before normalising would change the statistics; normalise the
-    # whole volume (as the paper does), then crop the oriented view.
-    norm = normalize_intensity(vol, spec)
-    cropped = _crop(orient_volume(norm, spec), spec)
+    # The statistics are the whole volume's (as the paper does); the per-voxel
+    # map is then applied to the oriented crop box only, straight into one
+    # contiguous buffer (voxels outside the box never reach the network).
+    imap = _intensity_map(vol, spec)
+    cropped = _crop(orient_volume(vol, spec), spec)
+    norm = np.empty(cropped.shape, dtype=np.float32)
+    _normalize_into(norm, cropped, imap)
     s = spec.image_size
-    return resize_bilinear(np.ascontiguousarray(cropped), (s, s))
+    return resize_bilinear(norm, (s, s))
 
 
 def slices_to_slabs(
@@ -240,8 +356,11 @@ def slices_to_slabs(
     offsets = np.asarray(spec.slab_offsets, dtype=np.int64)
     src = idx[:, None] + offsets[None, :]  # [N, C] source slice per channel
     valid = (src >= 0) & (src < z)
-    out = np.zeros((idx.size, offsets.size, *slices.shape[1:]), dtype=slices.dtype)
-    out[valid] = slices[src[valid]]
+    # One gather into the batch (neighbours past either end read a clamped
+    # slice, then are zeroed: only at the volume's first and last slabs).
+    out = np.take(slices, np.clip(src, 0, max(z - 1, 0)), axis=0)
+    if not valid.all():
+        out[~valid] = 0
     return out
 
 
@@ -290,7 +409,7 @@ def nonempty_slice_flags(volume: npt.ArrayLike, spec: PreprocessSpec) -> np.ndar
     vol = np.asarray(volume)
     spec.check_volume_shape(vol.shape)
     cropped = _crop(orient_volume(vol, spec), spec)
-    return np.asarray(cropped.reshape(cropped.shape[0], -1).any(axis=1))
+    return np.asarray(cropped.any(axis=(1, 2)))  # on the view: no copy of the crop box
 
 
 def slab_flags_from_slice_flags(flags: npt.ArrayLike, spec: PreprocessSpec) -> np.ndarray:
@@ -326,31 +445,10 @@ def nonempty_slab_indices(volume: npt.ArrayLike, spec: PreprocessSpec) -> np.nda
 
 
 # ----------------------------------------------------------- inverse path
-def probs_to_volume(
-    probs: npt.ArrayLike,
-    spec: PreprocessSpec,
-    volume_shape: tuple[int, ...],
-) -> np.ndarray:
-    """Map per-slice network outputs back into the input volume's voxel grid.
-
-    The exact inverse of the forward geometry: each ``S×S`` map is resized
-    bilinearly to the crop size, pasted into a zero slice of the oriented
-    in-plane shape, un-oriented, and the slices are stacked along the axial
-    axis. Voxels outside the crop box are 0.
-
-    Args:
-        probs: float ``[Z, 1, S, S]`` or ``[Z, S, S]``.
-        spec: The preprocessing spec.
-        volume_shape: Shape of the original volume (``Z`` slices on the axial
-            axis).
-
-    Returns:
-        float32 array of ``volume_shape``.
-
-    Raises:
-        DunetError: when ``volume_shape`` does not fit the spec.
-        ValueError: when ``probs`` does not fit ``volume_shape``.
-    """
+def _network_probs(
+    probs: npt.ArrayLike, spec: PreprocessSpec, volume_shape: tuple[int, ...]
+) -> tuple[np.ndarray, int]:
+    """Check and unpack the network's ``[Z, 1, S, S]`` / ``[Z, S, S]`` output into ``(p, Z)``."""
     p = np.asarray(probs, dtype=np.float32)
     shape = tuple(int(n) for n in volume_shape)
     spec.check_volume_shape(shape)
@@ -364,12 +462,99 @@ def probs_to_volume(
         raise ValueError(
             f"probs shape {p.shape} does not match {z} slices of {s}x{s} for volume {shape}"
         )
-    crop = resize_bilinear(p, spec.crop_shape)
+    return p, z
+
+
+def probs_to_volume(
+    probs: npt.ArrayLike,
+    spec: PreprocessSpec,
+    volume_shape: tuple[int, ...],
+) -> np.ndarray:
+    """Map per-slice network outputs back into the input volume's voxel grid.
+
+    The exact inverse of the forward geometry: each ``S×S`` map is resized
+    bilinearly to the crop size, pasted into a zero slice of the oriented
+    in-plane shape, un-oriented, and the slices are stacked along the axial
+    axis. Voxels outside the crop box are 0. All-zero maps (slabs that were
+    not run) are not resized: they stay exactly 0.
+
+    Args:
+        probs: float ``[Z, 1, S, S]`` or ``[Z, S, S]``.
+        spec: The preprocessing spec.
+        volume_shape: Shape of the original volume (``Z`` slices on the axial
+            axis).
+
+    Returns:
+        float32 array of ``volume_shape``: a view of the oriented stack, not
+        copied into C order (for the default spec it is Fortran-contiguous,
+        NIfTI's own order, so writing it needs no transpose either).
+
+    Raises:
+        DunetError: when ``volume_shape`` does not fit the spec.
+        ValueError: when ``probs`` does not fit ``volume_shape``.
+    """
+    p, z = _network_probs(probs, spec, volume_shape)
     rows, cols = spec.inplane_shape
     stack = np.zeros((z, rows, cols), dtype=np.float32)
     (r0, r1), (c0, c1) = spec.crop_rows, spec.crop_cols
-    stack[:, r0:r1, c0:c1] = crop
-    return np.ascontiguousarray(unorient_volume(stack, spec))
+    live = np.flatnonzero(p.any(axis=(1, 2)))
+    if live.size == z:
+        stack[:, r0:r1, c0:c1] = resize_bilinear(p, spec.crop_shape)
+    elif live.size:
+        stack[live, r0:r1, c0:c1] = resize_bilinear(p[live], spec.crop_shape)
+    return unorient_volume(stack, spec)
+
+
+#: Relative margin below the threshold inside which a network pixel may still
+#: produce a lesion voxel: a bilinear output is a convex combination of its
+#: taps, and float32 rounding of two 2-tap stages moves it by < 4e-7 relative.
+MASK_MARGIN = 1e-5
+
+
+def _tap_range(hot: np.ndarray, in_size: int, out_size: int) -> slice:
+    """The outputs of a 1-D resize whose taps reach an index in ``hot`` (bool ``[in]``)."""
+    i0, i1, _, _ = _bilinear_taps(in_size, out_size)
+    reach = np.flatnonzero(hot[i0] | hot[i1])
+    return slice(int(reach[0]), int(reach[-1]) + 1) if reach.size else slice(0, 0)
+
+
+def probs_to_mask(
+    probs: npt.ArrayLike,
+    spec: PreprocessSpec,
+    volume_shape: tuple[int, ...],
+) -> np.ndarray:
+    """``binarize(probs_to_volume(probs, spec, shape), spec)``, resizing only where it can be 1.
+
+    An output voxel is a convex combination of network pixels, so it can
+    reach the threshold only when one of them is within :data:`MASK_MARGIN`
+    of it or above. Only the box (slices × rows × columns) that such pixels
+    reach is resized, with the same 2-tap arithmetic as
+    :func:`probs_to_volume`, so the mask is bit-identical.
+
+    Args:
+        probs: float ``[Z, 1, S, S]`` or ``[Z, S, S]``.
+        spec: The preprocessing spec.
+        volume_shape: Shape of the original volume.
+
+    Returns:
+        uint8 ``{0, 1}`` of ``volume_shape`` (a view, like :func:`probs_to_volume`).
+    """
+    p, z = _network_probs(probs, spec, volume_shape)
+    rows, cols = spec.inplane_shape
+    stack = np.zeros((z, rows, cols), dtype=np.uint8)
+    hot = p >= np.float32(spec.threshold * (1.0 - MASK_MARGIN))
+    zs = np.flatnonzero(hot.any(axis=(1, 2)))
+    if zs.size:
+        s = spec.image_size
+        (r0, _), (c0, _) = spec.crop_rows, spec.crop_cols
+        ch, cw = spec.crop_shape
+        rsl = _tap_range(hot.any(axis=(0, 2)), s, ch)
+        csl = _tap_range(hot.any(axis=(0, 1)), s, cw)
+        zsl = slice(int(zs[0]), int(zs[-1]) + 1)
+        box = _resize_axis(_resize_axis(p[zsl], cw, -1, csl), ch, -2, rsl)
+        stack[zsl, r0 + rsl.start:r0 + rsl.stop, c0 + csl.start:c0 + csl.stop] = binarize(
+            box, spec)
+    return unorient_volume(stack, spec)
 
 
 def binarize(probs: npt.ArrayLike, spec: PreprocessSpec) -> np.ndarray:

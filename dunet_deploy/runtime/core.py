@@ -33,11 +33,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from dunet_deploy.choices import PROB_DTYPES
 from dunet_deploy.data.geometry import ModelSpace, plan_model_space
 from dunet_deploy.data.nifti import NiftiVolume, save_nifti_like
 from dunet_deploy.data.preprocess import (
     binarize,
     nonempty_slab_indices,
+    probs_to_mask,
     probs_to_volume,
     slices_to_slabs,
     volume_to_slices,
@@ -59,6 +61,9 @@ __all__ = [
     "segment",
     "to_network",
 ]
+
+#: uint16 probability maps store ``round(p * PROB_STEPS)`` (``scl_slope = 1 / PROB_STEPS``).
+PROB_STEPS = 65535
 
 #: ``predict(slabs float32 [N, C, S, S]) -> probabilities float32 [N, 1, S, S]``.
 Predictor = Callable[[np.ndarray], np.ndarray]
@@ -85,7 +90,9 @@ class NetworkInput:
 
     def to_input(self, prob: np.ndarray) -> np.ndarray:
         """Model-grid probabilities -> the input's own grid (identity without a plan)."""
-        return prob if self.space is None else self.space.to_input(prob)
+        # "none" is the identity too: skip its copy into C order (NIfTI is Fortran order).
+        return prob if self.space is None or self.space.method == "none" else (
+            self.space.to_input(prob))
 
     def release(self) -> None:
         """Drop the slices (the grid is all that is needed afterwards)."""
@@ -261,7 +268,8 @@ class Prediction:
     Attributes:
         mask: uint8 lesion mask (1 = lesion, ``prob >= spec.threshold``), the
             input's shape.
-        prob: float32 lesion probabilities, the input's shape.
+        prob: float32 lesion probabilities, the input's shape (``None`` when
+            :func:`segment` was told ``keep_prob=False``).
         affine: float64 ``[4, 4]`` voxel-to-world matrix of the input.
         header: The input's NIfTI header (``None`` for an array input).
         zooms: Voxel sizes in mm.
@@ -278,7 +286,7 @@ class Prediction:
     """
 
     mask: np.ndarray
-    prob: np.ndarray
+    prob: np.ndarray | None
     affine: np.ndarray
     header: Any
     zooms: tuple[float, ...]
@@ -308,18 +316,24 @@ class Prediction:
         return geometry_of(NiftiVolume(data=self.mask, affine=self.affine, header=self.header))
 
     def save(
-        self, mask: str | os.PathLike[str], prob: str | os.PathLike[str] | None = None
+        self, mask: str | os.PathLike[str], prob: str | os.PathLike[str] | None = None,
+        *, prob_dtype: str = "float32",
     ) -> list[Path]:
-        """Write the mask (uint8) and optionally the probabilities (float32) as NIfTI.
+        """Write the mask (uint8) and optionally the probabilities as NIfTI.
 
         Each file has the input's shape, affine, qform/sform and voxel sizes
         and is written atomically (missing folders are created); when the
         second write fails the first file is removed too, so a case is never
-        half saved.
+        half saved. ``.nii.gz`` files are written at gzip level 1 (nibabel's
+        default, the fastest).
 
         Args:
             mask: ``.nii`` / ``.nii.gz`` path of the mask.
             prob: Path of the probability map, or ``None``.
+            prob_dtype: One of :data:`~dunet_deploy.choices.PROB_DTYPES`:
+                ``float32``, or ``uint16`` (half the bytes: ``round(p * 65535)``
+                with ``scl_slope = 1/65535``, read back within 7.7e-6; NIfTI
+                has no float16 data type).
 
         Returns:
             The written paths.
@@ -336,13 +350,35 @@ class Prediction:
         try:
             written.append(save_nifti_like(mask, self.mask, ref, dtype=np.uint8))
             if prob is not None:
-                written.append(save_nifti_like(prob, self.prob, ref, dtype=np.float32))
+                written.append(save_prob_map(prob, self.prob, ref, prob_dtype))
         except BaseException:
             for path in written:
                 path.unlink(missing_ok=True)
             raise
         add_time(self.times, "write", time.perf_counter() - t0)
         return written
+
+
+def save_prob_map(path: str | os.PathLike[str], prob: np.ndarray | None, ref: NiftiVolume,
+                  dtype: str = "float32") -> Path:
+    """Write probabilities as float32, or as uint16 fractions of 65535 with ``scl_slope``.
+
+    Raises:
+        ValueError: when there are no probabilities (``keep_prob=False``: a bug
+            of the caller).
+        DunetError: for an unknown ``dtype``, or naming the file that could
+            not be written.
+    """
+    if prob is None:
+        raise ValueError("this prediction kept no probabilities (segment(keep_prob=False))")
+    if dtype == "float32":
+        return save_nifti_like(path, prob, ref, dtype=np.float32)
+    if dtype != "uint16":
+        raise DunetError(f"prob dtype {dtype!r}: choose one of {', '.join(PROB_DTYPES)}")
+    if not np.isfinite(prob).all():
+        raise DunetError(f"{path}: refusing to write NaN or Inf voxels")
+    steps = np.rint(np.clip(prob, 0.0, 1.0) * np.float32(PROB_STEPS)).astype(np.uint16)
+    return save_nifti_like(path, steps, ref, dtype=np.uint16, scale=1.0 / PROB_STEPS)
 
 
 def geometry_of(vol: NiftiVolume) -> NiftiVolume:
@@ -366,6 +402,7 @@ def finish_prediction(
     *,
     min_lesion_mm3: float = 0.0,
     times: dict[str, float] | None = None,
+    keep_prob: bool = True,
 ) -> Prediction:
     """From the network's ``[Z, 1, S, S]`` grid to a thresholded :class:`Prediction`.
 
@@ -382,16 +419,24 @@ def finish_prediction(
         min_lesion_mm3: Remove 3D face-connected lesions smaller than this
             (mm³ on the input's grid); 0 keeps all.
         times: Per-stage seconds so far; the :class:`Prediction` carries them on.
+        keep_prob: ``False`` when no probability map is wanted: on an input
+            that needs no resampling back, only the box where the mask can be
+            1 is resized (the mask is bit-identical) and ``Prediction.prob``
+            is ``None``.
     """
     stage = times if times is not None else {}
-    prob = grid_to_volume(grid, spec, net.shape, times=stage)
+    space = net.space
+    prob: np.ndarray | None = None
     t0 = time.perf_counter()
-    prob = net.to_input(prob)
+    if keep_prob or (space is not None and space.method != "none"):
+        prob = net.to_input(grid_to_volume(grid, spec, net.shape))
+        binary = binarize(prob, spec)
+    else:
+        binary = probs_to_mask(grid, spec, net.shape)
     zooms = tuple(float(v) for v in geometry.zooms)
-    mask, removed = remove_small_lesions(binarize(prob, spec), zooms, min_lesion_mm3)
+    mask, removed = remove_small_lesions(binary, zooms, min_lesion_mm3)
     add_time(stage, "postprocess", time.perf_counter() - t0)
     z = int(net.shape[spec.axial_axis])
-    space = net.space
     return Prediction(
         mask=mask, prob=prob, affine=np.asarray(geometry.affine, dtype=np.float64),
         header=geometry.header, zooms=zooms, slabs_run=int(net.indices.size),
@@ -410,6 +455,7 @@ def segment(
     batch_size: int = 16,
     min_lesion_mm3: float = 0.0,
     times: dict[str, float] | None = None,
+    keep_prob: bool = True,
 ) -> Prediction:
     """Run the network on a prepared volume and threshold on the input's grid.
 
@@ -425,6 +471,10 @@ def segment(
         min_lesion_mm3: Remove 3D face-connected lesions smaller than this
             (mm³ on the input's grid); 0 keeps all.
         times: Per-stage seconds so far; the :class:`Prediction` carries them on.
+        keep_prob: ``False`` when no probability map is wanted: on an input
+            that needs no resampling back, only the box where the mask can be
+            1 is resized (the mask is bit-identical) and ``Prediction.prob``
+            is ``None``.
 
     Returns:
         The :class:`Prediction`.
@@ -433,4 +483,4 @@ def segment(
     grid = predict_grid(net, spec, predict, batch_size=batch_size, times=stage)
     net.release()  # free the slices before allocating the output volume
     return finish_prediction(grid, net, geometry, spec, min_lesion_mm3=min_lesion_mm3,
-                             times=stage)
+                             times=stage, keep_prob=keep_prob)

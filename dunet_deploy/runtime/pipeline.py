@@ -378,11 +378,14 @@ class OutputOptions:
         out_dir: Existing output folder.
         save_prob: Also write ``<name>_prob.nii.gz`` (float32).
         min_lesion_mm3: Remove connected lesions smaller than this from the masks.
+        prob_dtype: On-disk type of the probability maps
+            (:data:`~dunet_deploy.choices.PROB_DTYPES`).
     """
 
     out_dir: Path
     save_prob: bool = False
     min_lesion_mm3: float = 0.0
+    prob_dtype: str = "float32"
 
 
 def write_case(
@@ -399,8 +402,9 @@ def write_case(
     prob_path = opts.out_dir / f"{stem}{PROB_SUFFIX}"
     try:
         pred = finish_prediction(grid, prep.net, prep.ref, spec,
-                                 min_lesion_mm3=opts.min_lesion_mm3, times=result.times)
-        pred.save(mask_path, prob_path if opts.save_prob else None)
+                                 min_lesion_mm3=opts.min_lesion_mm3, times=result.times,
+                                 keep_prob=opts.save_prob)
+        pred.save(mask_path, prob_path if opts.save_prob else None, prob_dtype=opts.prob_dtype)
     except CASE_ERRORS as exc:
         return result.fail(prep.item.path, exc)
     result.mask = str(mask_path)
@@ -551,7 +555,7 @@ def summary_document(
 
 
 #: Keyword arguments of :func:`segment_files` that go to ``Segmenter.predict_files``.
-FILES_OPTS = ("save_prob", "prefetch", "workers", "on_start", "on_result")
+FILES_OPTS = ("save_prob", "prefetch", "workers", "on_start", "on_result", "prob_dtype")
 
 
 def segment_files(

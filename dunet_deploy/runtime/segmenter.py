@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dunet_deploy.artifacts import ArtifactInfo, read_artifact_info, write_json
-from dunet_deploy.choices import RESAMPLE_MODES
+from dunet_deploy.choices import PROB_DTYPES, RESAMPLE_MODES
 from dunet_deploy.data.nifti import NiftiVolume, load_nifti
 from dunet_deploy.errors import DunetError
 from dunet_deploy.postprocess import with_tta
@@ -203,6 +203,7 @@ class Segmenter(Closeable):
         workers: int = 0,
         on_start: Callable[[Runner, int], None] | None = None,
         on_result: Callable[[CaseResult], None] | None = None,
+        prob_dtype: str = "float32",
     ) -> dict[str, Any]:
         """Segment NIfTI files into ``out_dir`` and write ``summary.json``.
 
@@ -224,6 +225,8 @@ class Segmenter(Closeable):
             on_start: Called once the model is loaded, with the runner and the
                 number of inputs.
             on_result: Called with each finished :class:`CaseResult`, in order.
+            prob_dtype: ``float32`` or ``uint16`` probability maps (see
+                :meth:`Prediction.save`).
 
         Returns:
             The summary document (also written to ``out_dir/summary.json``).
@@ -237,8 +240,10 @@ class Segmenter(Closeable):
         t_start = time.perf_counter()
         out = prepare_output_dir(out_dir)
         items = expand_inputs(inputs)
+        if prob_dtype not in PROB_DTYPES:
+            raise DunetError(f"prob_dtype {prob_dtype!r}: choose one of {', '.join(PROB_DTYPES)}")
         opts = OutputOptions(out, save_prob=save_prob,
-                             min_lesion_mm3=self.inference.min_lesion_mm3)
+                             min_lesion_mm3=self.inference.min_lesion_mm3, prob_dtype=prob_dtype)
         results: list[CaseResult] = []
 
         def predictor() -> Predictor:

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
-import runtime_testutils as rt  # noqa: E402
+import runtime_testutils as rt
 
-from dunet_deploy.artifacts import read_artifact_info, read_sidecar  # noqa: E402
-from dunet_deploy.data.nifti import load_nifti  # noqa: E402
-from dunet_deploy.metrics import label_lesions  # noqa: E402
+from dunet_deploy.artifacts import read_artifact_info, read_sidecar
+from dunet_deploy.data.nifti import load_nifti
+from dunet_deploy.metrics import label_lesions
 
 torch = pytest.importorskip("torch")
 

@@ -336,3 +336,135 @@ def test_data_modules_never_import_torch_or_matplotlib() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------ host-work cuts
+def _reference_slices(vol: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The unfused path: normalise everything, orient, crop, copy, resize (float64 stats)."""
+    from dunet_deploy.data.preprocess import orient_volume
+
+    v = vol.astype(np.float64)
+    fg = v != 0
+    lo, hi = np.percentile(v[fg], spec.clip_percentiles)
+    c = np.clip(v[fg], lo, hi)
+    norm = np.full(v.shape, -c.mean() / c.std())
+    norm[fg] = (c - c.mean()) / c.std()
+    (r0, r1), (c0, c1) = spec.crop_rows, spec.crop_cols
+    crop = orient_volume(norm, spec)[:, r0:r1, c0:c1]
+    s = spec.image_size
+    m_r, m_c = bilinear_matrix(r1 - r0, s).astype(np.float64), bilinear_matrix(c1 - c0, s)
+    return m_r @ crop @ m_c.T.astype(np.float64)
+
+
+def test_percentiles_by_partition_equal_numpy() -> None:
+    from dunet_deploy.data.preprocess import _percentiles
+
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 3, 10, 1001, 54321):
+        values = (rng.gamma(2.0, 100.0, n)).astype(np.float32)
+        for q in ((0.5, 99.5), (0.0, 100.0), (25.0, 75.0), (1.0, 99.0)):
+            ref = np.percentile(values, q)
+            ours = _percentiles(values.copy(), q)
+            np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=0)
+
+
+def test_fused_slices_match_float64_reference_and_normalize_path() -> None:
+    rng = np.random.default_rng(8)
+    spec = PreprocessSpec.for_geometry(SMALL, image_size=32)  # 40x40 crop -> 32: a real resize
+    vol = np.zeros(SMALL, dtype=np.float32)
+    vol[4:36, 6:44, 2:22] = rng.gamma(3.0, 50.0, (32, 38, 20)) + 1
+    vol[10, 10, 10] = 1e5  # clipped
+    ours = volume_to_slices(vol, spec)
+    assert ours.dtype == np.float32 and ours.flags.c_contiguous
+    np.testing.assert_allclose(ours, _reference_slices(vol, spec), rtol=0, atol=2e-5)
+    # int16 input (what nibabel hands over before scaling) gives the same slices.
+    as_int = np.round(vol).astype(np.int16)
+    np.testing.assert_array_equal(volume_to_slices(as_int, spec),
+                                  volume_to_slices(as_int.astype(np.float32), spec))
+    # Applying the map to the crop box only is exactly normalising everything, then cropping.
+    (r0, r1), (c0, c1) = spec.crop_rows, spec.crop_cols
+    from dunet_deploy.data.preprocess import orient_volume
+
+    full = orient_volume(normalize_intensity(vol, spec), spec)[:, r0:r1, c0:c1]
+    np.testing.assert_array_equal(ours, resize_bilinear(np.ascontiguousarray(full), (32, 32)))
+    paper = identity_spec(intensity="dataset_minmax_zscore", dataset_min=0.0, dataset_max=300.0,
+                          dataset_mean=0.3, dataset_std=0.2)
+    full = orient_volume(normalize_intensity(vol, paper), paper)[:, 6:38, 3:35]
+    np.testing.assert_array_equal(volume_to_slices(vol, paper), full)
+
+
+def test_resize_by_taps_matches_the_interpolation_matrices() -> None:
+    rng = np.random.default_rng(9)
+    for (h, w), out in [((180, 180), (192, 192)), ((192, 192), (180, 180)), ((7, 5), (1, 13))]:
+        x = rng.standard_normal((3, h, w)).astype(np.float32)
+        ref = bilinear_matrix(h, out[0]).astype(np.float64) @ x @ bilinear_matrix(w, out[1]).T
+        np.testing.assert_allclose(resize_bilinear(x, out), ref, rtol=0, atol=1e-6)
+
+
+def test_one_gather_slabs_equal_slab_by_slab() -> None:
+    spec = identity_spec()
+    slices = np.random.default_rng(10).random((6, 4, 5)).astype(np.float32)
+    idx = np.array([0, 1, 3, 5])
+    got = slices_to_slabs(slices, spec, idx)
+    for n, z in enumerate(idx):
+        for c, off in enumerate(spec.slab_offsets):
+            src = z + off
+            want = slices[src] if 0 <= src < 6 else np.zeros((4, 5), np.float32)
+            np.testing.assert_array_equal(got[n, c], want)
+    assert slices_to_slabs(slices, spec, np.array([], dtype=np.int64)).shape == (0, 4, 4, 5)
+
+
+def test_probs_to_volume_is_fortran_ordered_and_zero_maps_stay_zero() -> None:
+    spec = PreprocessSpec.for_geometry(SMALL, image_size=32)
+    rng = np.random.default_rng(11)
+    probs = np.zeros((24, 1, 32, 32), np.float32)
+    probs[5:19] = rng.random((14, 1, 32, 32))
+    out = probs_to_volume(probs, spec, SMALL)
+    assert out.shape == SMALL and out.flags.f_contiguous  # NIfTI order: written without a copy
+    assert not out[:, :, :5].any() and not out[:, :, 19:].any()
+    (r0, r1), (c0, c1) = spec.crop_rows, spec.crop_cols
+    ref = bilinear_matrix(32, r1 - r0).astype(np.float64) @ probs[:, 0] @ bilinear_matrix(
+        32, c1 - c0).T
+    np.testing.assert_allclose(out.transpose(2, 1, 0)[:, r0:r1, c0:c1], ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [SMALL, (197, 233, 9)])
+def test_probs_to_mask_is_bit_identical_to_thresholding(shape: tuple[int, int, int]) -> None:
+    from dunet_deploy.data.preprocess import probs_to_mask
+
+    spec = PreprocessSpec.for_geometry(shape, image_size=32 if shape == SMALL else None)
+    s, z = spec.image_size, shape[2]
+    rng = np.random.default_rng(12)
+    t = np.float32(spec.threshold)
+    below = np.nextafter(t, np.float32(0))
+    for trial in range(6):
+        probs = (rng.random((z, 1, s, s)) * 0.3).astype(np.float32)
+        probs[:2] = 0  # slabs that were not run
+        # A lesion, pixels a hair below / at the threshold, and a lone hot pixel.
+        r, c = rng.integers(4, s - 12, 2)
+        probs[3:6, 0, r:r + 6, c:c + 5] = rng.uniform(0.3, 0.9, (3, 6, 5)).astype(np.float32)
+        probs[z - 2, 0, rng.integers(0, s), rng.integers(0, s)] = [below, t, 1.0][trial % 3]
+        probs[4, 0, s - 1, s - 1] = below
+        want = binarize(probs_to_volume(probs, spec, shape), spec)
+        got = probs_to_mask(probs, spec, shape)
+        assert got.dtype == np.uint8 and got.shape == shape
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(probs_to_mask(np.zeros((z, 1, s, s), np.float32), spec, shape),
+                                  0)
+
+
+def test_bilinear_of_values_below_the_margin_stays_below_the_threshold() -> None:
+    """Why probs_to_mask may skip pixels under threshold * (1 - MASK_MARGIN): the resize
+    output is a convex combination of its taps, and float32 rounding cannot lift it back."""
+    from dunet_deploy.data.preprocess import MASK_MARGIN
+
+    rng = np.random.default_rng(13)
+    for threshold in (0.5, 0.1, 0.9):
+        cut = np.float32(threshold * (1.0 - MASK_MARGIN))
+        top = np.nextafter(cut, np.float32(0))  # the largest value that is skipped
+        for out_hw in ((180, 180), (192, 192), (37, 250)):
+            x = np.where(rng.random((4, 192, 192)) < 0.7, top,
+                         rng.uniform(0, top, (4, 192, 192))).astype(np.float32)
+            x[0] = top  # every tap at the limit
+            out = resize_bilinear(x, out_hw)
+            assert out.max() < np.float32(threshold), (threshold, out_hw, out.max())

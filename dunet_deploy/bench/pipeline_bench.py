@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
+from dunet_deploy.choices import TTA_MODES
 from dunet_deploy.errors import DunetError
 from dunet_deploy.runtime.base import Runner
 from dunet_deploy.spec import ATLAS_SHAPE, PreprocessSpec
@@ -82,6 +83,8 @@ class PipelineConfig:
         threads: Backend threads (``None``: the backend's choice).
         batch_size: Slabs per model call.
         save_prob: Also write the probability maps.
+        tta: Test-time augmentation modes to run (``flip`` costs a second
+            network call per batch: its price shows with the real model).
         seed: Seed of the first volume.
         baseline: A source tree of dunet-deploy (the folder holding its
             ``dunet_deploy`` package, e.g. ``git worktree add`` of an older
@@ -102,6 +105,7 @@ class PipelineConfig:
     threads: int | None = None
     batch_size: int = 16
     save_prob: bool = False
+    tta: tuple[str, ...] = ("none",)
     seed: int = 0
     baseline: str | None = None
 
@@ -110,7 +114,8 @@ class PipelineConfig:
         if self.volumes < 1:
             raise DunetError(f"--volumes {self.volumes}: must be >= 1")
         for name, given, known in (("--encodings", self.encodings, ENCODINGS),
-                                   ("--pipeline-models", self.models, MODELS)):
+                                   ("--pipeline-models", self.models, MODELS),
+                                   ("--tta", self.tta, TTA_MODES)):
             bad = [g for g in given if g not in known]
             if bad or not given:
                 raise DunetError(f"{name} {','.join(given)}: choose from {', '.join(known)}")
@@ -297,7 +302,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     Args:
         job: ``model`` (``standin`` / ``real``), ``model_path``, ``inputs``,
             ``out_dir``, ``workers``, ``backend``, ``threads``, ``batch_size``,
-            ``save_prob``.
+            ``save_prob``, ``tta``.
 
     Returns:
         The run's figures (load time excluded from rates and core-seconds).
@@ -305,6 +310,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     from dunet_deploy.runtime.segmenter import Segmenter
 
     opts: dict[str, Any] = {"batch_size": job["batch_size"]}
+    if job.get("tta", "none") != "none":  # (a --baseline tree may predate the option)
+        opts["tta"] = job["tta"]
     if job["model"] == "standin":
         opts["runner_factory"] = StandInRunner
     else:
@@ -399,27 +406,28 @@ def run_pipeline_bench(cfg: PipelineConfig, work: Path, log: Log = print) -> dic
     workers_ok = supports_workers()
     runs: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
-    for model, path in models.items():
-        for enc in cfg.encodings:
-            for workers in cfg.workers:
-                key = {"model": model, "encoding": enc, "workers": workers}
-                if workers and not workers_ok:
-                    skipped.append({**key, "reason": "predict_files has no workers= option"})
-                    continue
-                job = {"model": model, "model_path": str(path), "workers": workers,
-                       "inputs": [str(p) for p in volumes[enc]],
-                       "out_dir": str(work / f"out_{model}_{enc}_w{workers}"),
-                       "backend": cfg.backend, "threads": cfg.threads,
-                       "batch_size": cfg.batch_size, "save_prob": cfg.save_prob}
-                sources = ([("baseline", cfg.baseline)] if cfg.baseline else []) + [
-                    ("current", None)]
-                for name, source in sources:
-                    row = {**key, "source": name, **_run_child(job, source)}
-                    runs.append(row)
-                    log(f"  {name} {model} {enc} workers={workers}: {row['volumes_per_s']:.3f} "
-                        f"volumes/s, {row['core_s_per_volume']:.3f} core-s/volume, stages "
-                        + ", ".join(f"{k} {v:.3f}"
-                                    for k, v in row["stages_s_per_volume"].items()))
+    combos = [(model, path, enc, workers, tta) for model, path in models.items()
+              for enc in cfg.encodings for workers in cfg.workers for tta in cfg.tta]
+    for model, path, enc, workers, tta in combos:
+        key = {"model": model, "encoding": enc, "workers": workers, "tta": tta}
+        if workers and not workers_ok:
+            skipped.append({**key, "reason": "predict_files has no workers= option"})
+            continue
+        job = {"model": model, "model_path": str(path), "workers": workers,
+               "inputs": [str(p) for p in volumes[enc]],
+               "out_dir": str(work / f"out_{model}_{enc}_w{workers}_{tta}"),
+               "backend": cfg.backend, "threads": cfg.threads,
+               "batch_size": cfg.batch_size, "save_prob": cfg.save_prob, "tta": tta}
+        sources = ([("baseline", cfg.baseline)] if cfg.baseline else []) + [
+            ("current", None)]
+        for name, source in sources:
+            row = {**key, "source": name, **_run_child(job, source)}
+            runs.append(row)
+            log(f"  {name} {model} {enc} workers={workers} tta={tta}: "
+                f"{row['volumes_per_s']:.3f} "
+                f"volumes/s, {row['core_s_per_volume']:.3f} core-s/volume, stages "
+                + ", ".join(f"{k} {v:.3f}"
+                            for k, v in row["stages_s_per_volume"].items()))
     return {"config": {**asdict(cfg), "shape": list(spec.volume_shape),
                        "image_size": spec.image_size},
             "machine": machine_info(), "workers_supported": workers_ok,
@@ -442,9 +450,10 @@ def render_markdown(doc: dict[str, Any]) -> str:
         "",
         "Times are seconds per volume; core-s = user + sys CPU of the run's processes.",
         "",
-        "| code | model | backend | stored as | workers | volumes/s | slabs/s | core-s/volume | "
-        + " | ".join(f"{k} s" for k in TIME_KEYS) + " | peak RSS MiB (main / worker) |",
-        "|---|---|---|---|---:|---:|---:|---:|" + "---:|" * len(TIME_KEYS) + "---:|",
+        "| code | model | backend | stored as | workers | TTA | volumes/s | slabs/s | "
+        "core-s/volume | " + " | ".join(f"{k} s" for k in TIME_KEYS)
+        + " | peak RSS MiB (main / worker) |",
+        "|---|---|---|---|---:|---|---:|---:|---:|" + "---:|" * len(TIME_KEYS) + "---:|",
     ]
     for r in doc["runs"]:
         st = r["stages_s_per_volume"]
@@ -452,7 +461,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         lines.append(
             f"| {r['source']} | {r['model']} | {r['backend']} {r['precision']} | "
             f"{r['encoding']} | "
-            f"{r['workers']} | {r['volumes_per_s']:.3f} | {r['slabs_per_s']:.1f} | "
+            f"{r['workers']} | {r.get('tta', 'none')} | {r['volumes_per_s']:.3f} | "
+            f"{r['slabs_per_s']:.1f} | "
             f"{r['core_s_per_volume']:.3f} | "
             + " | ".join(f"{st[k]:.3f}" for k in TIME_KEYS)
             + f" | {rss['main']:.0f} / {rss['largest_worker'] or '-'} |")

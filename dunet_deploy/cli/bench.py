@@ -139,6 +139,9 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--pipeline-backend", type=click.Choice(["auto", "onnxruntime", "openvino"]),
               default="auto", show_default=True, help="--pipeline: backend of the real model.")
 @click.option("--save-prob", is_flag=True, help="--pipeline: also write probability maps.")
+@click.option("--tta", "tta_modes", default="none", show_default=True,
+              help="--pipeline: comma-separated test-time augmentation modes (none, flip): "
+                   "flip's cost (a second network call per batch) shows with the real model.")
 @click.option("--baseline", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="--pipeline: a dunet-deploy source tree (e.g. a git worktree of an older "
                    "commit) run before each current run on the same files: an A/B.")
@@ -151,7 +154,7 @@ def main(models: str, backends: str, batch_sizes: str, precisions: str, iters: i
          cuda_graph: bool, seed: int, out_dir: Path, quiet: bool, pipeline: bool,
          volumes: int, volume_shape: str, workers_list: str, pipeline_models: str,
          encodings: str, model_path: Path | None, pipeline_backend: str, save_prob: bool,
-         baseline: Path | None) -> None:
+         tta_modes: str, baseline: Path | None) -> None:
     """Benchmark models × backends × precisions × batch sizes; write OUT/bench.{json,md,png}."""
     if pipeline:
         from dunet_deploy.bench.pipeline_bench import PipelineConfig, parse_shape, run_to_folder
@@ -164,6 +167,7 @@ def main(models: str, backends: str, batch_sizes: str, precisions: str, iters: i
             model_path=None if model_path is None else str(model_path), model_name=e2e_model,
             base_filters=base_filters, backend=pipeline_backend, threads=threads,
             batch_size=e2e_batch_size, save_prob=save_prob, seed=seed,
+            tta=_names("--tta", tta_modes),
             baseline=None if baseline is None else str(baseline))
         written = run_to_folder(pcfg, out_dir, cache_dir,
                                 log=(lambda s: None) if quiet else click.echo)

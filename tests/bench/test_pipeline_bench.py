@@ -79,7 +79,7 @@ def test_figures_finite_and_consistent(bench: tuple[dict[str, Any], Path, str]) 
     backends = {r["model"]: r["backend"] for r in doc["runs"]}
     assert backends == {"standin": "standin", "real": "onnxruntime"}
     # The real outputs exist and are masks on the input grid.
-    masks = sorted((root / "work").glob("out_real_int16_w0/*_mask.nii.gz"))
+    masks = sorted((root / "work").glob("out_real_int16_w0_none/*_mask.nii.gz"))
     assert len(masks) == 2 and nib.load(str(masks[0])).shape == (40, 48, 24)
 
 
@@ -139,6 +139,22 @@ def test_baseline_runs_the_other_tree_first_on_the_same_files(tmp_path: Path) ->
     assert doc["runs"][0]["slabs"] == doc["runs"][1]["slabs"] > 0
     bad = CliRunner().invoke(main, [*TINY, "--baseline", str(tmp_path), "--out", str(out)])
     assert bad.exit_code == 2 and "no dunet_deploy package" in bad.output
+
+
+def test_tta_cost_is_measured_side_by_side(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = [*TINY, "--workers", "0", "--pipeline-models", "real", "--encodings", "int16",
+            "--base-filters", "8", "--pipeline-backend", "onnxruntime", "--tta", "none,flip",
+            "--cache-dir", str(tmp_path / "work"), "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "pipeline.json").read_text())
+    assert [r["tta"] for r in doc["runs"]] == ["none", "flip"]
+    plain, flip = doc["runs"]
+    assert plain["slabs"] == flip["slabs"] > 0  # same slabs, each run twice with flip
+    assert "| flip |" in (out / "pipeline.md").read_text()
+    bad = CliRunner().invoke(main, [*TINY, "--tta", "rotate", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "--tta" in bad.output
 
 
 def test_parse_shape() -> None:

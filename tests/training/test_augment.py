@@ -91,19 +91,23 @@ def test_image_and_label_get_the_same_transform():
 
 
 def test_aspect_ratio_is_respected_for_rotations():
-    # A 90° rotation of a non-square image in pixel space keeps lengths:
-    # a horizontal bar of 10 px stays 10 px long (vertical) after rotation.
-    params = AugmentParams(shift=0.0, zoom=0.0, rotation=0.0, hflip=False)
-    theta = random_affine(1, torch.Generator(), params, size=(32, 64))
+    # random_affine's own rotations of a non-square image are true rotations in pixel
+    # space: a 20 px bar keeps its length at any angle. Without the aspect correction a
+    # 60 degree turn of a 32x64 image would shrink it to about 13 px.
     h, w = 32, 64
-    ang = math.radians(90)
-    theta[0, 0, 0], theta[0, 0, 1] = math.cos(ang), -math.sin(ang) * h / w
-    theta[0, 1, 0], theta[0, 1, 1] = math.sin(ang) * w / h, math.cos(ang)
-    label = torch.zeros(1, 1, h, w)
-    label[0, 0, 16, 27:37] = 1  # 10 px wide, centred
-    _, out = apply_affine(label.clone(), label, theta)
-    rows = out[0, 0].sum(dim=1).nonzero().flatten()
-    assert int(out.sum()) == 10 and rows.numel() == 10
+    params = AugmentParams(shift=0.0, zoom=0.0, rotation=90.0, hflip=False)
+    gen = torch.Generator().manual_seed(5)
+    theta = random_affine(12, gen, params, size=(h, w))
+    angles = torch.rad2deg(torch.atan2(theta[:, 1, 0] * h / w, theta[:, 0, 0]))
+    steep = theta[angles.abs() > 30]
+    assert steep.shape[0] >= 3  # the test exercises real rotations
+    label = torch.zeros(steep.shape[0], 1, h, w)
+    label[:, 0, 16, 22:42] = 1  # 20 px wide, centred
+    _, out = apply_affine(label.clone(), label, steep)
+    for k in range(steep.shape[0]):
+        pts = out[k, 0].nonzero().float()
+        length = torch.cdist(pts, pts).max().item() + 1
+        assert abs(length - 20) <= 2, (k, length)
 
 
 def test_shape_errors():

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(row), flush=True)
 
     machine = machine_info()
-    print(f"\nCPU: {machine['cpu']} ({machine['cpu_count']} logical CPUs), "
+    print(f"\nCPU: {machine['cpu_model']} ({machine['logical_cpus']} logical CPUs), "
           f"volume {ATLAS_SHAPE}, batch {args.batch_size}")
     print(f"{'backend':12} {'precision':9} {'slabs':>5} {'model s':>8} {'e2e s':>8} "
           f"{'ratio':>6} {'per-vol':>7} {'within':>6}  stages (s)")

@@ -14,6 +14,49 @@ from dunet_deploy.errors import DunetError, one_line
 __all__ = ["run_e2e"]
 
 Log = Callable[[str], None]
+#: Backends timed end to end: the runtime's, and torch eager (on CUDA: what a GPU image
+#: without TensorRT can run behind the pipeline).
+E2E_BACKENDS = ("onnxruntime", "openvino", "tensorrt", "torch")
+
+
+def _torch_runner_factory(art: Any, precision: str, device: str) -> Callable[[Path, Any], Any]:
+    """A factory of :class:`~dunet_deploy.runtime.base.Runner` s running the torch model.
+
+    The pipeline takes any runner; this one wraps the bench's torch session (pinned
+    staging buffers on CUDA), so the end-to-end figure has torch as the model.
+    """
+    from dunet_deploy.bench.backends import _torch_session
+    from dunet_deploy.runtime.base import Runner
+
+    class TorchRunner(Runner):
+        backend = "torch"
+
+        def __init__(self, path: Path, info: Any) -> None:
+            super().__init__(path, info)
+            self._session = _torch_session(art, precision, device, graphs=False)
+
+        @property
+        def input_shape(self) -> tuple[int | None, int, int, int]:
+            return (None, self.spec.in_channels, self.spec.image_size, self.spec.image_size)
+
+        @property
+        def precision(self) -> str:
+            return precision
+
+        @property
+        def device(self) -> str:
+            return device
+
+        def _run(self, slabs: Any) -> Any:
+            out = self._session.run(slabs)
+            self._session.sync()
+            return out
+
+        def close(self) -> None:
+            self._session.close()
+            super().close()
+
+    return TorchRunner
 
 
 def run_e2e(
@@ -23,15 +66,17 @@ def run_e2e(
 
     Done for every runtime backend × precision that produced records for the model.
     """
-    from dunet_deploy.bench.backends import RUNNER_BACKENDS, Unavailable
+    from dunet_deploy.bench.backends import Unavailable
 
     rows: list[dict[str, Any]] = []
     skipped: list[Skip] = []
     todo = list(dict.fromkeys((r.backend, r.precision) for r in records
-                              if r.model == art.name and r.backend in RUNNER_BACKENDS))
+                              if r.model == art.name and r.backend in E2E_BACKENDS
+                              and (r.backend != "torch" or cfg.device != "cpu")))
     if not todo:
         return rows, skipped
     try:
+        from dunet_deploy.artifacts import read_artifact_info
         from dunet_deploy.data.preprocess import slices_to_slabs
         from dunet_deploy.data.synth import write_dataset
         from dunet_deploy.runtime.base import open_runner
@@ -55,16 +100,27 @@ def run_e2e(
         pipe_runs: list[tuple[float, dict[str, Any]]] = []
         try:
             opts: dict[str, Any] = {}
+            factory = None
             if backend == "tensorrt":
                 path = art.engine(precision)
+            elif backend == "torch":
+                path = art.onnx()  # its metadata (spec) only; the torch model runs
+                factory = _torch_runner_factory(art, precision, cfg.device)
             else:
                 use16 = precision == "fp16" and backend == "onnxruntime"
                 path = art.onnx_fp16() if use16 else art.onnx()
                 opts = {"threads": cfg.threads, "precision": precision, "device": dev}
+
+            def open_model(path: Path = path, factory: Any = factory,
+                           opts: dict[str, Any] = opts, backend: str = backend) -> Any:
+                if factory is not None:
+                    return factory(path, read_artifact_info(path))
+                return open_runner(path, backend, **opts)
+
             # Interleaved repeats, best of each: a burst of other work on the machine
             # hits one run, not the ratio.
             for rep in range(cfg.e2e_repeats):
-                with open_runner(path, backend, **opts) as runner:
+                with open_model() as runner:
                     step = cfg.e2e_batch_size if runner.max_batch is None else min(
                         cfg.e2e_batch_size, runner.max_batch)
                     batches = [slices_to_slabs(prep.slices, spec, prep.indices[i:i + step])
@@ -76,11 +132,12 @@ def run_e2e(
                         runner.infer(slabs)
                         model_s += time.perf_counter() - t0
                 model_runs.append(model_s)
+                local = {} if factory is not None else {
+                    "backend": backend, "threads": cfg.threads if backend != "tensorrt" else None,
+                    "precision": precision, "device": dev if backend != "tensorrt" else "auto"}
                 summary = segment_files(
                     path, [vol_path], work / f"e2e_{backend}_{precision}_{rep}",
-                    backend=backend, batch_size=cfg.e2e_batch_size,
-                    threads=cfg.threads if backend != "tensorrt" else None,
-                    precision=precision, device=dev if backend != "tensorrt" else "auto")
+                    batch_size=cfg.e2e_batch_size, runner_factory=factory, **local)
                 case = summary["cases"][0]
                 if case["status"] != "ok":
                     raise DunetError(str(case["message"]))
@@ -95,6 +152,7 @@ def run_e2e(
         row = {"model": art.name, "backend": backend, "precision": precision,
                "volume_shape": list(shape), "slabs_run": int(prep.indices.size),
                "batch_size": step, **e2e_ratio(pipeline_s, model_s),
+               "volumes_per_s": 1.0 / pipeline_s if pipeline_s > 0 else None,
                "ratio_with_load": (pipeline_s + float(summary["model_load_s"])) / model_s,
                "model_load_s": float(summary["model_load_s"]),
                "repeats": cfg.e2e_repeats,

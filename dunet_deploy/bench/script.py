@@ -17,7 +17,10 @@ variable        full                                        ``QUICK=1``
 ``ITERS``       ``50`` (``WARMUP`` 10, ``MIN_ITERS`` 5)     ``20`` (5, 3)
 ``TIME_BUDGET`` ``20`` s per record                         ``5``
 ``DEADLINE``    ``480`` s for the whole run                 ``480``
-``E2E``         ``1``                                       ``0``
+``E2E``         ``1``                                       ``1`` (volumes/s of the
+                                                            pipeline with torch CUDA
+                                                            as the model, and any
+                                                            runtime backend that ran)
 ==============  ==========================================  ==========================
 
 Also ``DEVICE`` (``cuda``), ``IMAGE_SIZE`` (192), ``BASE_FILTERS``, ``PEAK_SIZES``,
@@ -44,7 +47,7 @@ _FULL = {"MODELS": "dunet,unet3d,unet2d",
          "PRECISIONS": "fp32,fp16,bf16", "BATCHES": "1,4,8,16,32,64", "ITERS": "50",
          "WARMUP": "10", "MIN_ITERS": "5", "TIME_BUDGET": "20", "DEADLINE": "480", "E2E": "1"}
 _QUICK = {**_FULL, "MODELS": "dunet,unet3d", "PRECISIONS": "fp16,bf16", "BATCHES": "1,8,32",
-          "ITERS": "20", "WARMUP": "5", "MIN_ITERS": "3", "TIME_BUDGET": "5", "E2E": "0"}
+          "ITERS": "20", "WARMUP": "5", "MIN_ITERS": "3", "TIME_BUDGET": "5", "E2E": "1"}
 
 
 def _names(env: Mapping[str, str], key: str) -> tuple[str, ...]:

@@ -262,12 +262,34 @@ def sidecar_path(model_path: str | os.PathLike[str]) -> Path:
     return p.with_name(p.name + ".json")
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (``/proc``).
+
+    Elsewhere it is set and restored at once (``os.umask`` has no getter).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (no partial file)."""
+    """Write ``data`` to ``path`` through a temporary file and a rename (no partial file).
+
+    The file gets the mode an ordinary ``open()`` gives, ``0o666 & ~umask``
+    (``mkstemp`` alone would leave it private, 0600).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
             f.write(data)
         os.replace(tmp, path)
     except BaseException:

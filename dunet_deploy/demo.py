@@ -32,6 +32,7 @@ import numpy as np
 from dunet_deploy.artifacts import read_sidecar, write_json
 from dunet_deploy.errors import DunetError
 from dunet_deploy.machine import machine_info
+from dunet_deploy.metrics import mean_pm_std
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,8 @@ def _train_and_evaluate(cfg: DemoConfig, out: Path, log: Callable[[str], None],
                                           if result.history else 0.0),
                   "val_dsc_best": result.best_metrics.get("dsc_mean")},
         "eval_val": {k: eval_summary.get(k) for k in
-                     ("dsc_mean", "dsc_std", "dsc_global", "recall_mean", "precision_mean")},
+                     ("cases", "dsc_mean", "dsc_std", "dsc_global", "recall_mean",
+                      "precision_mean")},
     }
 
 
@@ -297,7 +299,7 @@ def _markdown(r: dict[str, Any]) -> str:
         "",
         "| split | DSC | DSC (global) | recall | precision |",
         "|---|---|---|---|---|",
-        f"| validation (native space) | {ev['dsc_mean']:.4f}±{ev['dsc_std']:.4f} | "
+        f"| validation (native space) | {mean_pm_std(ev, 'dsc')} | "
         f"{ev['dsc_global']:.4f} | {ev['recall_mean']:.4f} | {ev['precision_mean']:.4f} |",
         f"| held-out case {ho['case']} via dunet-infer ({ho['backend']}, "
         f"{ho['precision_run']}) | {ho['dsc']:.4f} | – | {ho['recall']:.4f} | "

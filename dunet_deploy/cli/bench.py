@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from dunet_deploy.bench.core import BACKENDS, PRECISIONS
-from dunet_deploy.cli._common import DunetCommand, handle_errors
+from dunet_deploy.cli._common import DunetCommand, handle_errors, require_torch
 from dunet_deploy.errors import DunetError
 
 DEFAULT_MODELS = "dunet,unet3d,unet2d"
@@ -123,6 +123,7 @@ def main(models: str, backends: str, batch_sizes: str, precisions: str, iters: i
          cache_dir: Path | None, peak_sizes: str | None, deadline: float | None,
          cuda_graph: bool, seed: int, out_dir: Path, quiet: bool) -> None:
     """Benchmark models × backends × precisions × batch sizes; write OUT/bench.{json,md,png}."""
+    require_torch("dunet-bench")
     from dunet_deploy.bench import BenchConfig, run_bench, validate_config
 
     kw = {} if threads is None else {"threads": threads}

@@ -45,6 +45,23 @@ def _progress(total_hint: str) -> Any:
     return report
 
 
+def _want_boxplot(asked: bool | None) -> bool:
+    """Whether to draw the box plot: ``--boxplot`` needs matplotlib, the default skips it."""
+    if asked is False:
+        return False
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        if asked:
+            raise DunetError(
+                "--boxplot: matplotlib is not installed (pip install matplotlib, or --no-boxplot)"
+            ) from None
+        click.echo("note: matplotlib is not installed: no dsc_boxplot.png "
+                   "(pip install matplotlib)", err=True)
+        return False
+    return True
+
+
 @click.command(cls=DunetCommand)
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="A dunet-train checkpoint (best.pt or last.pt).")
@@ -70,8 +87,9 @@ def _progress(total_hint: str) -> Any:
               help="Force the dataset layout.  [default: auto-detect]")
 @click.option("--amp/--no-amp", default=False, show_default=True,
               help="Mixed-precision inference.")
-@click.option("--boxplot/--no-boxplot", default=True, show_default=True,
-              help="Draw dsc_boxplot.png (needs matplotlib).")
+@click.option("--boxplot/--no-boxplot", default=None,
+              help="Draw dsc_boxplot.png (needs matplotlib).  [default: on when matplotlib "
+                   "is installed, else skipped with a note]")
 @click.option("--tta", type=click.Choice(TTA_MODES), default=None,
               help="Test-time augmentation.  [default: an engine's own, else none]")
 @click.option("--min-lesion-mm3", type=click.FloatRange(min=0), default=None,
@@ -82,7 +100,7 @@ def _progress(total_hint: str) -> Any:
 @handle_errors
 def main(checkpoint: Path | None, engine: Path | None, backend: str, precision: str,
          threads: int | None, data: Path, out: Path, split: str, device: str, batch_size: int,
-         layout: str | None, amp: bool, boxplot: bool, tta: str | None,
+         layout: str | None, amp: bool, boxplot: bool | None, tta: str | None,
          min_lesion_mm3: float | None, resample: str) -> None:
     """Evaluate CHECKPOINT (or ENGINE) on the cases of DATA; write the report to OUT."""
     from dunet_deploy.training.evaluate import (
@@ -95,13 +113,7 @@ def main(checkpoint: Path | None, engine: Path | None, backend: str, precision: 
         raise DunetError(f"--batch-size {batch_size}: must be >= 1")
     if out.exists() and not out.is_dir():
         raise DunetError(f"--out {out}: exists and is not a folder")
-    if boxplot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise DunetError(
-                "matplotlib is not installed (pip install matplotlib, or --no-boxplot)"
-            ) from None
+    boxplot = _want_boxplot(boxplot)
     if (checkpoint is None) == (engine is None):
         raise DunetError("give exactly one of --checkpoint or --engine")
     if engine is not None:  # the runtime path: no torch

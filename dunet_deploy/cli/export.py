@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from dunet_deploy.cli._common import DunetCommand, handle_errors
+from dunet_deploy.cli._common import DunetCommand, handle_errors, require_torch
 from dunet_deploy.errors import DunetError
 from dunet_deploy.export.pipeline import FORMATS, TRITON_BACKENDS, ExportRequest, run_export
 
@@ -122,6 +122,7 @@ def main(
     seed: int,
 ) -> None:
     """Export a dunet-deploy CHECKPOINT for deployment (ONNX, FP16 ONNX, TensorRT, Triton)."""
+    require_torch("dunet-export")
     fmts = tuple(dict.fromkeys(formats or ("onnx",)))
     if "triton" in fmts and triton_backend == "trt":
         if "trt" not in fmts:

@@ -31,7 +31,13 @@ from dunet_deploy.artifacts import atomic_write_bytes
 from dunet_deploy.choices import SPLITS
 from dunet_deploy.data.layouts import Case, discover_cases, load_case
 from dunet_deploy.errors import DunetError
-from dunet_deploy.metrics import CaseMetrics, case_metrics, format_summary, summarize
+from dunet_deploy.metrics import (
+    CaseMetrics,
+    case_metrics,
+    format_summary,
+    mean_pm_std,
+    summarize,
+)
 from dunet_deploy.postprocess import with_tta
 from dunet_deploy.runtime.core import (
     Predictor,
@@ -162,8 +168,7 @@ def table2_markdown(
     """
 
     def pm(key: str, digits: int = 4) -> str:
-        mean, std = float(summary[f"{key}_mean"]), float(summary[f"{key}_std"])
-        return f"{mean:.{digits}f}±{std:.{digits}f}"
+        return mean_pm_std(summary, key, digits)
 
     p = f"{params:,}" if params is not None else "–"
     return (

@@ -96,7 +96,7 @@ from dunet_deploy.data.cache import SliceCache, build_cache
 from dunet_deploy.data.layouts import Case, check_case, discover_cases, split_cases
 from dunet_deploy.errors import DunetError
 from dunet_deploy.losses import LOSSES, get_loss
-from dunet_deploy.metrics import CaseMetrics, summarize
+from dunet_deploy.metrics import CaseMetrics, mean_pm_std, summarize
 from dunet_deploy.models import create_model, list_models, model_info, model_kwargs
 from dunet_deploy.spec import PreprocessSpec
 from dunet_deploy.training.augment import augment_batch
@@ -400,13 +400,16 @@ def resume_config(resume: str, out: str, overrides: dict[str, Any] | None = None
     line replace the checkpoint's settings; :func:`train` then refuses
     overrides of :data:`TRAINING_KEYS` that contradict the checkpoint.
 
+    ``resume="auto"`` on a run folder without ``last.pt`` is a fresh run:
+    the config is ``overrides`` alone (with ``resume`` unset).
+
     Raises:
         DunetError: when the checkpoint is missing, corrupt, foreign or not a
             training checkpoint.
     """
     path = resume_path(resume, out)
     if resume == "auto" and not path.is_file():
-        raise DunetError(f"--resume auto: {path} does not exist (nothing to resume in {out})")
+        return TrainConfig.from_dict({**(overrides or {}), "out": str(out), "resume": None})
     doc = load_checkpoint(path)
     saved = doc.get("config") or {}
     if not isinstance(saved, dict) or "data" not in saved:
@@ -590,7 +593,8 @@ def _tensorboard(out: Path, log: Log) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        log("tensorboard is not installed (pip install tensorboard); --tensorboard ignored")
+        log("tensorboard is not installed (pip install 'dunet-deploy[tensorboard]'); "
+            "--tensorboard ignored")
         return None
     return SummaryWriter(log_dir=str(out / "tensorboard"))
 
@@ -689,7 +693,12 @@ def _inputs(cfg: TrainConfig) -> tuple[str, list[Case], PreprocessSpec, dict[str
 def _resume_doc(
     cfg: TrainConfig, out: Path, spec: PreprocessSpec, split: dict[str, Any]
 ) -> tuple[dict[str, Any] | None, Path | None]:
-    """The checkpoint to resume from (checked against this run), or ``None`` for a new run."""
+    """The checkpoint to resume from (checked against this run), or ``None`` for a new run.
+
+    ``--resume auto`` resumes ``OUT/last.pt`` when it exists and starts fresh otherwise.
+    """
+    if cfg.resume == "auto" and not resume_path(cfg.resume, out).is_file():
+        cfg.resume = None  # nothing to continue yet: a new run (recorded as such in run.json)
     if not cfg.resume:
         if out.exists() and not out.is_dir():
             raise DunetError(f"--out {out}: exists and is not a folder")
@@ -700,8 +709,6 @@ def _resume_doc(
             )
         return None, None
     path = resume_path(cfg.resume, out)
-    if cfg.resume == "auto" and not path.is_file():
-        raise DunetError(f"--resume auto: {path} does not exist (nothing to resume)")
     doc = load_checkpoint(path, map_location="cpu")
     _check_resume(doc, path, cfg, spec, _registry_args(cfg, spec), split)
     return doc, path
@@ -847,10 +854,8 @@ def _save_epoch(run: _Run, epoch: int, record: dict[str, Any], metrics: dict[str
 def _epoch_line(record: dict[str, Any]) -> str:
     """The one log line of an epoch."""
     v = record["val"]
-    std = float(v["dsc_std"])
-    spread = "±n/a" if math.isnan(std) else f"±{std:.4f}"
     return (f"epoch {record['epoch']}/{record['epochs']}  loss {record['train_loss']:.4f}  "
-            f"val DSC {float(v['dsc_mean']):.4f}{spread} (global {float(v['dsc_global']):.4f}, "
+            f"val DSC {mean_pm_std(v, 'dsc')} (global {float(v['dsc_global']):.4f}, "
             f"recall {float(v['recall_mean']):.4f}, precision "
             f"{float(v['precision_mean']):.4f})  {record['seconds']:.1f} s  "
             f"{record['slabs_per_s']:.0f} slabs/s" + ("  *best*" if record["is_best"] else ""))

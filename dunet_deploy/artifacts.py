@@ -297,6 +297,41 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         raise
 
 
+def check_output_dir(path: str | os.PathLike[str], option: str) -> Path:
+    """Check, before any work, that ``path`` is (or can become) a writable folder.
+
+    Nothing is created: the nearest existing folder is probed with a
+    temporary file that is removed at once (``os.access`` is wrong for root
+    and for read-only mounts).
+
+    Args:
+        path: The output folder as the user gave it.
+        option: The option that named it (``"--out"``), for the message.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        DunetError: ``"--out PATH: ..."`` when it is a file, cannot be created
+            or is not writable.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise DunetError(f"{option} {out}: exists and is not a folder")
+    probe = out.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DunetError(f"{option} {out}: cannot be created ({probe} is not a folder)")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        where = "" if probe == out.absolute() else f" (in {probe})"
+        raise DunetError(f"{option} {out}: not writable{where}: {exc.strerror}") from None
+    return out
+
+
 def write_json(path: str | os.PathLike[str], doc: Mapping[str, Any]) -> None:
     """Atomically write ``doc`` as indented JSON."""
     atomic_write_bytes(path, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
@@ -331,10 +366,13 @@ def read_onnx_info(path: str | os.PathLike[str]) -> ArtifactInfo:
 
 def read_artifact_info(path: str | os.PathLike[str]) -> ArtifactInfo:
     """The :class:`ArtifactInfo` of an ``.onnx`` file or of an engine with its sidecar."""
+    from dunet_deploy.filetypes import MODEL, check_kind
+
     path = Path(path)
     if not path.exists():
         raise DunetError(f"{path}: model file not found")
-    if path.suffix == ".onnx":
+    kind = check_kind(path, MODEL, "--engine")  # a checkpoint, scan or sidecar given as model
+    if path.suffix == ".onnx" or (kind is not None and kind.name == "onnx"):
         return read_onnx_info(path)
     side = sidecar_path(path)
     if not side.exists():

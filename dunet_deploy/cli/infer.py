@@ -31,6 +31,7 @@ import click
 
 from dunet_deploy.choices import BACKENDS, DEVICES, PRECISIONS, RESAMPLE_MODES, TTA_MODES
 from dunet_deploy.cli._common import DunetCommand, handle_errors, one_line
+from dunet_deploy.errors import DunetError
 
 EXIT_SOME_FAILED = 1
 # Same as dunet_deploy.runtime.base (a test keeps them equal); not imported
@@ -67,6 +68,24 @@ class _Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _expand(inputs: tuple[str, ...], recursive: bool) -> list[str]:
+    """The volumes to segment, masks of known layouts left out with a note on stderr.
+
+    Raises:
+        DunetError: when a folder or pattern matches no scan (before anything is created).
+    """
+    from dunet_deploy.runtime.pipeline import expand_inputs
+
+    skipped: list[tuple[Path, str]] = []
+    items = expand_inputs(inputs, recursive=recursive, skipped=skipped)
+    for path, why in skipped:
+        click.echo(f"note: {path}: skipped, {why}", err=True)
+    for item in items:
+        if item.matched_nothing:
+            raise DunetError(str(item.error))
+    return [str(item.path) for item in items]
 
 
 @click.command(cls=DunetCommand)
@@ -113,22 +132,28 @@ class _Progress:
               help="Worker processes that read/preprocess and post-process/write while this "
                    "process keeps the model busy; 0 = all in this process.  [default: 0 on "
                    "1-2 cores, else half the cores, at most 4]")
+@click.option("-r", "--recursive", is_flag=True,
+              help="Folders: also segment the scans in their sub-folders.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no final summary line.")
 @handle_errors
 def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str, device: str,
          batch_size: int, save_prob: bool, threads: int | None, precision: str,
          triton_url: str | None, tta: str | None, min_lesion_mm3: float | None, resample: str,
-         cuda_graph: bool, workers: int | None, quiet: bool) -> None:
+         cuda_graph: bool, workers: int | None, recursive: bool, quiet: bool) -> None:
     """Segment stroke lesions in INPUT volumes (NIfTI files, directories or glob patterns).
 
     Writes OUT/<name>_mask.nii.gz per input (same shape, affine, qform/sform
     and voxel sizes as the input) and OUT/summary.json (per-case status,
-    lesion volume, slabs run/skipped and time per stage).
+    lesion volume, slabs run/skipped and time per stage). Lesion masks found
+    in folders (ATLAS LesionSmooth, label-..._mask, labelsTr/) are skipped.
     """
     # Imported here so that `dunet-infer --help` stays instant.
+    from dunet_deploy.artifacts import check_output_dir
     from dunet_deploy.runtime.pipeline import SUMMARY_NAME, CaseResult, segment_files
     from dunet_deploy.runtime.workers import default_workers
 
+    volumes = _expand(inputs, recursive)
+    check_output_dir(out_dir, "-o/--out")
     progress = _Progress(enabled=not quiet)
 
     def triton_runner(path: Path, info: Any) -> Any:
@@ -148,7 +173,7 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
 
     try:
         summary = segment_files(
-            model_path, inputs, out_dir, backend=backend, batch_size=batch_size,
+            model_path, volumes, out_dir, backend=backend, batch_size=batch_size,
             save_prob=save_prob, threads=threads, precision=precision, device=device,
             tta=tta, min_lesion_mm3=min_lesion_mm3, resample=resample,
             workers=default_workers() if workers is None else workers,

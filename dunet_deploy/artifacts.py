@@ -40,15 +40,19 @@ it is still read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import tempfile
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-from dunet_deploy.errors import DunetError
+from dunet_deploy.errors import DunetError, Interrupted
 from dunet_deploy.spec import PreprocessSpec
 
 FORMAT = "dunet-deploy"
@@ -330,6 +334,34 @@ def check_output_dir(path: str | os.PathLike[str], option: str) -> Path:
         where = "" if probe == out.absolute() else f" (in {probe})"
         raise DunetError(f"{option} {out}: not writable{where}: {exc.strerror}") from None
     return out
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends, then raise them (files that belong together).
+
+    For a group of writes that must all happen or none (``metrics.jsonl`` +
+    ``best.pt`` + ``last.pt`` of one epoch, the files of one report): a signal
+    that arrives inside is re-raised after the block as ``KeyboardInterrupt``
+    (SIGINT) or :class:`~dunet_deploy.errors.Interrupted` (SIGTERM). Outside
+    the main thread the block runs unprotected (signals go to the main thread).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise Interrupted(received[0]) if received[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 def write_json(path: str | os.PathLike[str], doc: Mapping[str, Any]) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -33,16 +32,27 @@ from dunet_deploy.cli._common import DunetCommand, handle_errors
 from dunet_deploy.errors import DunetError
 
 
-def _progress(total_hint: str) -> Any:
-    """A per-case progress callback printing to stderr on a terminal only."""
-    interactive = sys.stderr.isatty()
+class _Progress:
+    """A per-case progress line on stderr, on a terminal only.
 
-    def report(done: int, total: int, case_id: str) -> None:
-        if interactive:
-            click.echo(f"\r{total_hint} {done}/{total} {case_id:<24}", err=True,
-                       nl=done == total)
+    ``end()`` finishes a line left open (an error or an interrupt then starts
+    on its own line).
+    """
 
-    return report
+    def __init__(self, hint: str) -> None:
+        self.hint, self.open = hint, False
+        self.interactive = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int, case_id: str) -> None:
+        if self.interactive:
+            self.open = done != total
+            click.echo(f"\r{self.hint} {done}/{total} {case_id:<24}", err=True,
+                       nl=not self.open)
+
+    def end(self) -> None:
+        if self.open:
+            click.echo("", err=True)
+            self.open = False
 
 
 def _want_boxplot(asked: bool | None) -> bool:
@@ -103,6 +113,7 @@ def main(checkpoint: Path | None, engine: Path | None, backend: str, precision: 
          layout: str | None, amp: bool, boxplot: bool | None, tta: str | None,
          min_lesion_mm3: float | None, resample: str) -> None:
     """Evaluate CHECKPOINT (or ENGINE) on the cases of DATA; write the report to OUT."""
+    from dunet_deploy.artifacts import check_output_dir
     from dunet_deploy.training.evaluate import (
         evaluate_checkpoint_file,
         evaluate_engine,
@@ -111,24 +122,27 @@ def main(checkpoint: Path | None, engine: Path | None, backend: str, precision: 
 
     if batch_size < 1:
         raise DunetError(f"--batch-size {batch_size}: must be >= 1")
-    if out.exists() and not out.is_dir():
-        raise DunetError(f"--out {out}: exists and is not a folder")
+    check_output_dir(out, "--out")  # before any work: a late failure loses it all
     boxplot = _want_boxplot(boxplot)
     if (checkpoint is None) == (engine is None):
         raise DunetError("give exactly one of --checkpoint or --engine")
-    if engine is not None:  # the runtime path: no torch
-        if split != "all":
-            raise DunetError(f"--split {split}: an engine records no split; use --split all")
-        result = evaluate_engine(engine, data, backend=backend, precision=precision,
-                                 threads=threads, device=device, batch_size=batch_size,
-                                 layout=layout, progress=_progress("evaluating"), tta=tta,
-                                 min_lesion_mm3=min_lesion_mm3, resample=resample)
-    else:
-        assert checkpoint is not None
-        result = evaluate_checkpoint_file(
-            checkpoint, data, split=split, device=device, batch_size=batch_size, layout=layout,
-            amp=amp, progress=_progress("evaluating"), tta=tta or "none",
-            min_lesion_mm3=min_lesion_mm3 or 0.0, resample=resample)
+    progress = _Progress("evaluating")
+    try:
+        if engine is not None:  # the runtime path: no torch
+            if split != "all":
+                raise DunetError(f"--split {split}: an engine records no split; use --split all")
+            result = evaluate_engine(engine, data, backend=backend, precision=precision,
+                                     threads=threads, device=device, batch_size=batch_size,
+                                     layout=layout, progress=progress, tta=tta,
+                                     min_lesion_mm3=min_lesion_mm3, resample=resample)
+        else:
+            assert checkpoint is not None
+            result = evaluate_checkpoint_file(
+                checkpoint, data, split=split, device=device, batch_size=batch_size,
+                layout=layout, amp=amp, progress=progress, tta=tta or "none",
+                min_lesion_mm3=min_lesion_mm3 or 0.0, resample=resample)
+    finally:
+        progress.end()
     spec = result.spec
     meta = {**result.meta, "data": str(data), "split": split, "space": "native volume",
             "threshold": spec.threshold, "spec_digest": spec.digest()}

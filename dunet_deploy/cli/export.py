@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 
+from dunet_deploy.artifacts import check_output_dir
 from dunet_deploy.cli._common import DunetCommand, handle_errors, require_torch
 from dunet_deploy.errors import DunetError
 from dunet_deploy.export.pipeline import FORMATS, TRITON_BACKENDS, ExportRequest, run_export
@@ -123,6 +124,7 @@ def main(
 ) -> None:
     """Export a dunet-deploy CHECKPOINT for deployment (ONNX, FP16 ONNX, TensorRT, Triton)."""
     require_torch("dunet-export")
+    check_output_dir(out_dir, "-o/--out")  # before the export and its verification
     fmts = tuple(dict.fromkeys(formats or ("onnx",)))
     if "triton" in fmts and triton_backend == "trt":
         if "trt" not in fmts:

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from dunet_deploy.artifacts import atomic_write_bytes
+from dunet_deploy.artifacts import atomic_write_bytes, deferred_interrupts
 from dunet_deploy.choices import SPLITS
 from dunet_deploy.data.layouts import Case, discover_cases, load_case
 from dunet_deploy.errors import DunetError
@@ -272,20 +272,22 @@ def write_report(
                          for k in CSV_FIELDS})
     paths = {"csv": out / "cases.csv", "json": out / "summary.json",
              "markdown": out / "summary.md"}
-    atomic_write_bytes(paths["csv"], buf.getvalue().encode())
     doc = {"method": method, **summary, "params": params,
            "table2": format_summary(summary, params), **dict(meta or {})}
-    atomic_write_bytes(paths["json"], (json.dumps(doc, indent=2) + "\n").encode())
     lines = [table2_markdown(summary, method=method, params=params)]
     facts = {"cases": summary["cases"], **dict(meta or {})}
     lines.append("\n" + "".join(f"- {k}: {v}\n" for k, v in facts.items()))
-    atomic_write_bytes(paths["markdown"], "".join(lines).encode())
-    if boxplot:
-        paths["boxplot"] = write_boxplot(
-            metrics, out / "dsc_boxplot.png", label=method,
-            title=f"{method}: DSC {float(summary['dsc_mean']):.3f} "
-                  f"({int(summary['cases'])} cases)",
-        )
+    n = int(summary["cases"])
+    with deferred_interrupts():  # Ctrl-C now: the whole report first, then stop
+        atomic_write_bytes(paths["csv"], buf.getvalue().encode())
+        atomic_write_bytes(paths["json"], (json.dumps(doc, indent=2) + "\n").encode())
+        atomic_write_bytes(paths["markdown"], "".join(lines).encode())
+        if boxplot:
+            paths["boxplot"] = write_boxplot(
+                metrics, out / "dsc_boxplot.png", label=method,
+                title=f"{method}: DSC {float(summary['dsc_mean']):.3f} "
+                      f"({n} case{'' if n == 1 else 's'})",
+            )
     return paths
 
 

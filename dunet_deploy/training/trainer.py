@@ -90,7 +90,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dunet_deploy.artifacts import atomic_write_bytes, write_json
+from dunet_deploy.artifacts import (
+    atomic_write_bytes,
+    check_output_dir,
+    deferred_interrupts,
+    write_json,
+)
 from dunet_deploy.choices import TRAIN_DEVICES as DEVICES
 from dunet_deploy.data.cache import SliceCache, build_cache
 from dunet_deploy.data.layouts import Case, check_case, discover_cases, split_cases
@@ -699,9 +704,10 @@ def _resume_doc(
     """
     if cfg.resume == "auto" and not resume_path(cfg.resume, out).is_file():
         cfg.resume = None  # nothing to continue yet: a new run (recorded as such in run.json)
+    check_output_dir(out, "--out")
+    if cfg.cache_dir:
+        check_output_dir(cfg.cache_dir, "--cache-dir")
     if not cfg.resume:
-        if out.exists() and not out.is_dir():
-            raise DunetError(f"--out {out}: exists and is not a folder")
         if (out / LAST).exists():
             raise DunetError(
                 f"--out {out}: already holds a run ({LAST}); use --resume auto to continue it "
@@ -830,19 +836,25 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
 
 
 def _save_epoch(run: _Run, epoch: int, record: dict[str, Any], metrics: dict[str, Any]) -> None:
-    """Append the epoch's record, write ``last.pt`` (and ``best.pt``), log to TensorBoard."""
+    """Append the epoch's record, write ``last.pt`` (and ``best.pt``), log to TensorBoard.
+
+    Ctrl-C / SIGTERM wait until all three are written: an interrupted run's
+    ``last.pt`` is always its last complete epoch, consistent with
+    ``metrics.jsonl`` and ``best.pt``.
+    """
     if not run.d.is_main:
         return
-    with open(run.out / METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
     ckpt: dict[str, Any] = {
         "model": run.model, "spec": run.spec, "config": run.run_doc, "epoch": epoch,
         "metrics": metrics, "best_metrics": run.best_metrics, "optimizer": run.optimizer,
         "scaler": run.scaler if run.use_scaler else None, "rng": capture_rng_state(),
     }
-    if record["is_best"]:
-        save_checkpoint(run.out / BEST, **ckpt)
-    save_checkpoint(run.out / LAST, **ckpt)
+    with deferred_interrupts():
+        with open(run.out / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if record["is_best"]:
+            save_checkpoint(run.out / BEST, **ckpt)
+        save_checkpoint(run.out / LAST, **ckpt)
     if run.writer is not None:
         run.writer.add_scalar("train/loss", record["train_loss"], epoch)
         run.writer.add_scalar("train/slabs_per_s", record["slabs_per_s"], epoch)

@@ -132,6 +132,10 @@ def _expand(inputs: tuple[str, ...], recursive: bool) -> list[str]:
               help="Worker processes that read/preprocess and post-process/write while this "
                    "process keeps the model busy; 0 = all in this process.  [default: 0 on "
                    "1-2 cores, else half the cores, at most 4]")
+@click.option("--preview", is_flag=True,
+              help="Also write OUT/<name>_preview.png: slices over the lesion with the "
+                   "prediction's outline (and the reference mask's when the layout has one), "
+                   "lesion volume and DSC. Needs matplotlib.")
 @click.option("-r", "--recursive", is_flag=True,
               help="Folders: also segment the scans in their sub-folders.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no final summary line.")
@@ -139,7 +143,8 @@ def _expand(inputs: tuple[str, ...], recursive: bool) -> list[str]:
 def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str, device: str,
          batch_size: int, save_prob: bool, threads: int | None, precision: str,
          triton_url: str | None, tta: str | None, min_lesion_mm3: float | None, resample: str,
-         cuda_graph: bool, workers: int | None, recursive: bool, quiet: bool) -> None:
+         cuda_graph: bool, workers: int | None, preview: bool, recursive: bool,
+         quiet: bool) -> None:
     """Segment stroke lesions in INPUT volumes (NIfTI files, directories or glob patterns).
 
     Writes OUT/<name>_mask.nii.gz per input (same shape, affine, qform/sform
@@ -154,6 +159,10 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
 
     volumes = _expand(inputs, recursive)
     check_output_dir(out_dir, "-o/--out")
+    if preview:
+        from dunet_deploy.runtime.preview import require_matplotlib
+
+        require_matplotlib()
     progress = _Progress(enabled=not quiet)
 
     def triton_runner(path: Path, info: Any) -> Any:
@@ -183,6 +192,12 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
         )
     finally:
         progress.close()
+    if preview:
+        from dunet_deploy.runtime.preview import write_previews
+
+        shown = write_previews(summary["cases"], out_dir)
+        if not quiet:
+            click.echo(f"wrote {len(shown)} preview(s): {Path(out_dir)}/*_preview.png")
     if not quiet:
         click.echo(
             f"{summary['ok']}/{summary['total']} volume(s) segmented with {summary['backend']} "

@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import os
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -210,20 +211,33 @@ def write_boxplot(
         DunetError: when matplotlib is not installed.
     """
     plt = _pyplot()
+    from matplotlib.lines import Line2D
+
     values = [m.dsc for m in metrics]
-    fig, ax = plt.subplots(figsize=(3.2, 4.0), dpi=120)
+    n = len(values)
+    fig, ax = plt.subplots(figsize=(4.2, 4.4), dpi=120)
     try:
-        ax.boxplot([values], widths=0.5, showmeans=True)
+        ax.boxplot([values], widths=0.5, showmeans=True,
+                   medianprops={"color": "tab:orange", "linewidth": 1.5},
+                   meanprops={"marker": "^", "markerfacecolor": "tab:green",
+                              "markeredgecolor": "tab:green"})
         ax.set_xticks([1], [label])
-        jitter = np.random.default_rng(0).uniform(-0.08, 0.08, len(values))
+        jitter = np.random.default_rng(0).uniform(-0.08, 0.08, n)
         ax.scatter(1 + jitter, values, s=10, alpha=0.6, color="tab:blue", zorder=3)
         ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel("DSC per case")
-        ax.set_title(title or f"{len(values)} cases", fontsize=9)
+        # The title wraps instead of running off the figure (long method names).
+        ax.set_title(textwrap.fill(title or f"{n} case{'' if n == 1 else 's'}", 40), fontsize=9)
         ax.grid(axis="y", alpha=0.3)
+        ax.legend(handles=[
+            Line2D([], [], color="tab:orange", linewidth=1.5, label="median"),
+            Line2D([], [], marker="^", linestyle="", color="tab:green", label="mean"),
+            Line2D([], [], marker="o", linestyle="", color="tab:blue", alpha=0.6, markersize=4,
+                   label="one case"),
+        ], loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=3, fontsize=8, frameon=False)
         fig.tight_layout()
         buf = io.BytesIO()
-        fig.savefig(buf, format="png")
+        fig.savefig(buf, format="png", bbox_inches="tight")
     finally:
         plt.close(fig)
     out = Path(path)

@@ -90,3 +90,22 @@ def test_model_input_not_divisible_by_16_is_a_user_error():
             assert model(torch.zeros(1, channels, 32, 32)).shape == (1, 1, 32, 32)
             with pytest.raises(DunetError, match=r"40x32: H and W must be divisible by 16"):
                 model(torch.zeros(1, channels, 40, 32))
+
+
+def test_eval_engine_without_matplotlib_skips_the_box_plot_with_a_note(tiny_run, tmp_path):
+    code = ("import sys; sys.modules['matplotlib'] = None; sys.modules['torch'] = None\n"
+            "from dunet_deploy.cli.eval import main\n"
+            f"main(['--engine', {str(tiny_run.onnx)!r}, '--data', {str(tiny_run.data)!r}, "
+            "'--out', 'eval', '--backend', 'onnxruntime'])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == ("note: matplotlib is not installed: no dsc_boxplot.png "
+                                   "(pip install matplotlib)")
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
+        "cases.csv", "summary.json", "summary.md"]
+    asked = subprocess.run([sys.executable, "-c", code.replace("'onnxruntime'", "'onnxruntime', "
+                                                                "'--boxplot'")],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert asked.returncode == 2 and asked.stderr.startswith(
+        "error: --boxplot: matplotlib is not installed")

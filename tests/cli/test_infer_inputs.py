@@ -107,3 +107,55 @@ def test_unwritable_output_names_the_users_path(tiny_run, tmp_path):
     assert line.startswith(f"error: -o/--out {out}: not writable (in {ro}): ")
     assert ".tmp" not in line
     shutil.rmtree(tmp_path / "ro", ignore_errors=True)
+
+
+def test_blank_volume_gives_an_empty_mask_and_a_preview(tiny_run, tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    ref = nib.load(str(tiny_run.scan))
+    blank = tmp_path / "blank.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(ref.shape, np.float32), ref.affine), str(blank))
+    out = tmp_path / "out"
+    res = infer(tiny_run, blank, "-o", out, "--preview")
+    assert res.exit_code == 0, res.output
+    assert "1/1 volume(s) segmented" in res.stdout and "wrote 1 preview(s)" in res.stdout
+    mask = np.asarray(nib.load(str(out / "blank_mask.nii.gz")).dataobj)
+    assert mask.shape == ref.shape and not mask.any()
+    case = json.loads((out / "summary.json").read_text())["cases"][0]
+    assert case["lesion_voxels"] == 0 and case["lesion_volume_mm3"] == 0
+    assert (out / "blank_preview.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_preview_per_case_with_the_layouts_reference(tiny_run, tmp_path):
+    from dunet_deploy.runtime.preview import preview_slices, truth_for
+
+    masks = truth_for(tiny_run.scan)
+    assert masks and all("LesionSmooth" in m.name for m in masks)
+    res = infer(tiny_run, "--recursive", tiny_run.data, "-o", tmp_path / "out", "--preview")
+    assert res.exit_code == 0, res.output
+    pngs = sorted(p.name for p in (tmp_path / "out").glob("*_preview.png"))
+    assert len(pngs) == 4 and pngs[0] == "000001_t1w_deface_stx_preview.png"
+
+    import numpy as np
+
+    pred = np.zeros((8, 8, 20), np.uint8)
+    pred[2:4, 2:4, 5:12] = 1
+    assert preview_slices(pred, n=4) == [5, 7, 9, 11]  # spread over the lesion
+    assert preview_slices(np.zeros_like(pred), n=3) == [7, 10, 13]  # none: the middle
+
+
+def test_preview_without_matplotlib_is_one_line(tiny_run, tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from dunet_deploy.cli.infer import main\n"
+            f"main([{str(tiny_run.scan)!r}, '--engine', {str(tiny_run.onnx)!r}, '-o', 'out', "
+            "'--preview'])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("error: --preview needs matplotlib, which is not installed: "
+                                   "pip install matplotlib (or 'dunet-deploy[train]')")
+    assert not (tmp_path / "out").exists()

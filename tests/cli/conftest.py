@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,3 +43,19 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
     scan = discover_cases(root / "data")[1][0].image
     return TinyRun(root, root / "data", root / "run" / "best.pt", root / "export" / "model.onnx",
                    scan)
+
+
+def _run_without(blocked: tuple[str, ...], name: str, args: list[str], cwd: Path,
+                 timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``dunet-<name> ARGS`` in a fresh interpreter where importing ``blocked`` fails."""
+    code = (f"import sys\nfor m in {list(blocked)!r}:\n    sys.modules[m] = None\n"
+            f"sys.argv = ['dunet-{name}', *{[str(a) for a in args]!r}]\n"
+            f"from dunet_deploy.cli.{name} import main\nmain()\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+@pytest.fixture
+def run_without():
+    """``run_without(("torch",), "train", [...], cwd)``: a command on a smaller install."""
+    return _run_without

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 from click.testing import CliRunner
@@ -33,16 +31,6 @@ def test_every_command_has_short_help_and_version(name):
     assert version.output.strip() == f"dunet-{name} (dunet-deploy) {__version__}"
 
 
-def _blocked_torch(name: str, args: list[str], tmp_path) -> subprocess.CompletedProcess[str]:
-    """Run ``dunet-<name> ARGS`` in a fresh interpreter where ``import torch`` fails."""
-    code = ("import sys; sys.modules['torch'] = None\n"
-            f"sys.argv = ['dunet-{name}', *{args!r}]\n"
-            f"from dunet_deploy.cli.{name} import main\n"
-            "main()\n")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120)
-
-
 ARGS = {
     "train": ["--data", "data", "--out", "run"],
     "export": ["run/best.pt", "-o", "export"],
@@ -52,10 +40,10 @@ ARGS = {
 
 
 @pytest.mark.parametrize("name", TORCH_COMMANDS)
-def test_runtime_only_install_names_the_extra(name, tmp_path):
+def test_runtime_only_install_names_the_extra(name, tmp_path, run_without):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "best.pt").write_bytes(b"PK\x03\x04")
-    proc = _blocked_torch(name, ARGS[name], tmp_path)
+    proc = run_without(("torch",), name, ARGS[name], tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -92,20 +80,16 @@ def test_model_input_not_divisible_by_16_is_a_user_error():
                 model(torch.zeros(1, channels, 40, 32))
 
 
-def test_eval_engine_without_matplotlib_skips_the_box_plot_with_a_note(tiny_run, tmp_path):
-    code = ("import sys; sys.modules['matplotlib'] = None; sys.modules['torch'] = None\n"
-            "from dunet_deploy.cli.eval import main\n"
-            f"main(['--engine', {str(tiny_run.onnx)!r}, '--data', {str(tiny_run.data)!r}, "
-            "'--out', 'eval', '--backend', 'onnxruntime'])\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=300)
+def test_eval_engine_without_matplotlib_skips_the_box_plot_with_a_note(tiny_run, tmp_path,
+                                                                        run_without):
+    args = ["--engine", tiny_run.onnx, "--data", tiny_run.data, "--out", "eval",
+            "--backend", "onnxruntime"]
+    proc = run_without(("matplotlib", "torch"), "eval", args, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip() == ("note: matplotlib is not installed: no dsc_boxplot.png "
                                    "(pip install matplotlib)")
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
         "cases.csv", "summary.json", "summary.md"]
-    asked = subprocess.run([sys.executable, "-c", code.replace("'onnxruntime'", "'onnxruntime', "
-                                                                "'--boxplot'")],
-                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    asked = run_without(("matplotlib", "torch"), "eval", [*args, "--boxplot"], tmp_path)
     assert asked.returncode == 2 and asked.stderr.startswith(
         "error: --boxplot: matplotlib is not installed")

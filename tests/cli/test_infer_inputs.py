@@ -145,16 +145,9 @@ def test_preview_per_case_with_the_layouts_reference(tiny_run, tmp_path):
     assert preview_slices(np.zeros_like(pred), n=3) == [7, 10, 13]  # none: the middle
 
 
-def test_preview_without_matplotlib_is_one_line(tiny_run, tmp_path):
-    import subprocess
-    import sys
-
-    code = ("import sys; sys.modules['matplotlib'] = None\n"
-            "from dunet_deploy.cli.infer import main\n"
-            f"main([{str(tiny_run.scan)!r}, '--engine', {str(tiny_run.onnx)!r}, '-o', 'out', "
-            "'--preview'])\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=120)
+def test_preview_without_matplotlib_is_one_line(tiny_run, tmp_path, run_without):
+    args = [tiny_run.scan, "--engine", tiny_run.onnx, "-o", "out", "--preview"]
+    proc = run_without(("matplotlib",), "infer", args, tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == ("error: --preview needs matplotlib, which is not installed: "
                                    "pip install matplotlib (or 'dunet-deploy[train]')")

@@ -152,3 +152,20 @@ def test_preview_without_matplotlib_is_one_line(tiny_run, tmp_path, run_without)
     assert proc.stderr.strip() == ("error: --preview needs matplotlib, which is not installed: "
                                    "pip install matplotlib (or 'dunet-deploy[train]')")
     assert not (tmp_path / "out").exists()
+
+
+def test_reference_masks_are_paired_by_layout(tmp_path):
+    from dunet_deploy.runtime.preview import truth_for
+
+    anat = tmp_path / "sub-r1" / "ses-1" / "anat"
+    anat.mkdir(parents=True)
+    scan = anat / "sub-r1_ses-1_space-MNI_T1w.nii.gz"
+    mask = anat / "sub-r1_ses-1_space-MNI_label-L_desc-T1lesion_mask.nii.gz"
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    pair = tmp_path / "imagesTr" / "case_7_0000.nii.gz"
+    label = tmp_path / "labelsTr" / "case_7.nii.gz"
+    for p in (scan, mask, pair, label):
+        p.write_bytes(b"")
+    assert truth_for(scan) == [mask] and truth_for(pair) == [label]
+    assert truth_for(tmp_path / "elsewhere.nii.gz") == []

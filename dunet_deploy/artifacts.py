@@ -44,16 +44,20 @@ it is still read.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
 import tempfile
-from collections.abc import Callable, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-from dunet_deploy.errors import DunetError
+from dunet_deploy.errors import DunetError, Interrupted
 from dunet_deploy.spec import InferenceDefaults, PreprocessSpec
 
 FORMAT = "dunet-deploy"
@@ -281,17 +285,102 @@ def sidecar_path(model_path: str | os.PathLike[str]) -> Path:
     return p.with_name(p.name + ".json")
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (``/proc``).
+
+    Elsewhere it is set and restored at once (``os.umask`` has no getter).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (no partial file)."""
+    """Write ``data`` to ``path`` through a temporary file and a rename (no partial file).
+
+    The file gets the mode an ordinary ``open()`` gives, ``0o666 & ~umask``
+    (``mkstemp`` alone would leave it private, 0600).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_output_dir(path: str | os.PathLike[str], option: str) -> Path:
+    """Check, before any work, that ``path`` is (or can become) a writable folder.
+
+    Nothing is created: the nearest existing folder is probed with a
+    temporary file that is removed at once (``os.access`` is wrong for root
+    and for read-only mounts).
+
+    Args:
+        path: The output folder as the user gave it.
+        option: The option that named it (``"--out"``), for the message.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        DunetError: ``"--out PATH: ..."`` when it is a file, cannot be created
+            or is not writable.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise DunetError(f"{option} {out}: exists and is not a folder")
+    probe = out.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DunetError(f"{option} {out}: cannot be created ({probe} is not a folder)")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        where = "" if probe == out.absolute() else f" (in {probe})"
+        raise DunetError(f"{option} {out}: not writable{where}: {exc.strerror}") from None
+    return out
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block ends, then raise them (files that belong together).
+
+    For a group of writes that must all happen or none (``metrics.jsonl`` +
+    ``best.pt`` + ``last.pt`` of one epoch, the files of one report): a signal
+    that arrives inside is re-raised after the block as ``KeyboardInterrupt``
+    (SIGINT) or :class:`~dunet_deploy.errors.Interrupted` (SIGTERM). Outside
+    the main thread the block runs unprotected (signals go to the main thread).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise Interrupted(received[0]) if received[0] == signal.SIGTERM else KeyboardInterrupt()
 
 
 def write_json(path: str | os.PathLike[str], doc: Mapping[str, Any]) -> None:
@@ -328,10 +417,13 @@ def read_onnx_info(path: str | os.PathLike[str]) -> ArtifactInfo:
 
 def read_artifact_info(path: str | os.PathLike[str]) -> ArtifactInfo:
     """The :class:`ArtifactInfo` of an ``.onnx`` file or of an engine with its sidecar."""
+    from dunet_deploy.filetypes import MODEL, check_kind
+
     path = Path(path)
     if not path.exists():
         raise DunetError(f"{path}: model file not found")
-    if path.suffix == ".onnx":
+    kind = check_kind(path, MODEL, "--engine")  # a checkpoint, scan or sidecar given as model
+    if path.suffix == ".onnx" or (kind is not None and kind.name == "onnx"):
         return read_onnx_info(path)
     side = sidecar_path(path)
     if not side.exists():

@@ -12,7 +12,7 @@ Everything lands in one folder::
     OUT/eval/          dunet-eval report on the validation cases
     OUT/export/        model.onnx + model.json (verified against PyTorch)
     OUT/infer/         <case>_mask.nii.gz + summary.json from dunet-infer
-    OUT/overlay.png    image / truth / prediction for a few slices
+    OUT/overlay.png    slices over the lesion, prediction and truth outlined
     OUT/report.md      metrics, timings and where every artefact is
     OUT/report.json    the same, machine-readable
 """
@@ -32,6 +32,7 @@ import numpy as np
 from dunet_deploy.artifacts import read_sidecar, write_json
 from dunet_deploy.errors import DunetError
 from dunet_deploy.machine import machine_info
+from dunet_deploy.metrics import mean_pm_std
 
 
 @dataclass(frozen=True)
@@ -77,45 +78,6 @@ def _prepare(out: Path) -> None:
         for child in out.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     out.mkdir(parents=True, exist_ok=True)
-
-
-def write_overlay(image: np.ndarray, truth: np.ndarray, pred: np.ndarray, path: Path,
-                  n_slices: int = 4) -> Path:
-    """Plot image / truth / prediction for the axial slices with the most lesion.
-
-    Args:
-        image: ``[X, Y, Z]`` T1 volume.
-        truth: ``[X, Y, Z]`` reference mask.
-        pred: ``[X, Y, Z]`` predicted mask.
-        path: PNG to write.
-        n_slices: slices (columns) to show.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    area = (truth > 0).sum(axis=(0, 1)) + (pred > 0).sum(axis=(0, 1))
-    order = np.argsort(-area, kind="stable")[:n_slices]
-    zs = sorted(int(z) for z in order) or [image.shape[2] // 2]
-    fig, axes = plt.subplots(3, len(zs), figsize=(2.6 * len(zs), 7.6), squeeze=False)
-    rows = (("image", None), ("truth", truth), ("prediction", pred))
-    for r, (title, mask) in enumerate(rows):
-        for c, z in enumerate(zs):
-            ax = axes[r][c]
-            ax.imshow(image[:, :, z].T, cmap="gray", origin="lower")
-            if mask is not None:
-                m = np.ma.masked_where(mask[:, :, z].T == 0, mask[:, :, z].T)
-                ax.imshow(m, cmap="autumn", alpha=0.6, origin="lower", vmin=0, vmax=1)
-            ax.set_axis_off()
-            if r == 0:
-                ax.set_title(f"z = {z}", fontsize=9)
-        axes[r][0].text(-0.08, 0.5, title, transform=axes[r][0].transAxes, rotation=90,
-                        va="center", ha="right", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
 
 
 def _lesion_seed(shape: tuple[int, int, int], start: int, min_voxels: int = 200) -> int:
@@ -180,7 +142,8 @@ def _train_and_evaluate(cfg: DemoConfig, out: Path, log: Callable[[str], None],
                                           if result.history else 0.0),
                   "val_dsc_best": result.best_metrics.get("dsc_mean")},
         "eval_val": {k: eval_summary.get(k) for k in
-                     ("dsc_mean", "dsc_std", "dsc_global", "recall_mean", "precision_mean")},
+                     ("cases", "dsc_mean", "dsc_std", "dsc_global", "recall_mean",
+                      "precision_mean")},
     }
 
 
@@ -231,6 +194,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     from dunet_deploy.data.layouts import discover_cases
     from dunet_deploy.data.nifti import load_nifti
     from dunet_deploy.data.synth import write_dataset
+    from dunet_deploy.runtime.preview import write_preview
 
     out = Path(cfg.out)
     _prepare(out)
@@ -249,8 +213,11 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     with timer.stage("infer"):
         heldout = _segment_heldout(cfg, held, out)
     with timer.stage("overlay"):
-        write_overlay(load_nifti(held.image).data, heldout.pop("_truth"), heldout.pop("_pred"),
-                      out / "overlay.png")
+        write_preview(load_nifti(held.image).data, heldout.pop("_pred"), out / "overlay.png",
+                      truth=heldout.pop("_truth"),
+                      title=f"held-out case {held.case_id} via dunet-infer: "
+                            f"{heldout['lesion_voxels_pred']} lesion voxels, "
+                            f"DSC {heldout['dsc']:.3f}")
     mask_path = heldout.pop("_mask")
     _, train_cases = discover_cases(out / "data")
     report = {
@@ -297,7 +264,7 @@ def _markdown(r: dict[str, Any]) -> str:
         "",
         "| split | DSC | DSC (global) | recall | precision |",
         "|---|---|---|---|---|",
-        f"| validation (native space) | {ev['dsc_mean']:.4f}±{ev['dsc_std']:.4f} | "
+        f"| validation (native space) | {mean_pm_std(ev, 'dsc')} | "
         f"{ev['dsc_global']:.4f} | {ev['recall_mean']:.4f} | {ev['precision_mean']:.4f} |",
         f"| held-out case {ho['case']} via dunet-infer ({ho['backend']}, "
         f"{ho['precision_run']}) | {ho['dsc']:.4f} | – | {ho['recall']:.4f} | "

@@ -202,14 +202,28 @@ def summarize(cases: Iterable[CaseMetrics]) -> dict[str, float | int]:
     return out
 
 
+def mean_pm_std(summary: Mapping[str, object], key: str, digits: int = 4) -> str:
+    """``"0.6430±0.2945"`` for ``<key>_mean``/``<key>_std`` of a :func:`summarize` result.
+
+    With fewer than two cases (``summary["cases"]``) or a NaN spread the
+    standard deviation is undefined and printed as ``n/a``: ``"0.6430±n/a"``.
+    """
+    mean = float(summary[f"{key}_mean"])  # type: ignore[arg-type]
+    std = float(summary[f"{key}_std"])  # type: ignore[arg-type]
+    cases = summary.get("cases")
+    undefined = np.isnan(std) or (isinstance(cases, (int, np.integer)) and cases < 2)
+    return f"{mean:.{digits}f}±" + ("n/a" if undefined else f"{std:.{digits}f}")
+
+
 def format_summary(summary: Mapping[str, float | int], params: int | None = None) -> str:
     """One Table-2 row plus the ATLAS v2.0 scores.
 
-    ``DSC  DSC(global)  Recall  Precision  LesionF1  CountDiff  VolDiff(ml)  [Parameters]``.
+    ``DSC  DSC(global)  Recall  Precision  LesionF1  CountDiff  VolDiff(ml)  [Parameters]``;
+    a spread over fewer than two cases is ``n/a``.
     """
 
     def pm(key: str, digits: int = 4) -> str:
-        return f"{summary[f'{key}_mean']:.{digits}f}±{summary[f'{key}_std']:.{digits}f}"
+        return mean_pm_std(summary, key, digits)
 
     row = (f"{pm('dsc')}  {summary['dsc_global']:.4f}  {pm('recall')}  {pm('precision')}  "
            f"{pm('lesion_f1')}  {pm('lesion_count_diff', 2)}  {pm('volume_diff_ml')}")

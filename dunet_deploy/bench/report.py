@@ -209,9 +209,39 @@ def _fmt_load(load: Sequence[float] | None) -> str:
     return "–" if not load else "/".join(f"{x:.2f}" for x in load)
 
 
+def _scale_axis(ax: Any, axis: str, values: Sequence[float]) -> None:
+    """Log scale with plain 1-2-5 ticks over a decade or more, else linear (readable ticks).
+
+    A log axis over a small range (5.1 to 5.9 ms) gets no labelled major tick
+    and scientific minor labels; a linear axis reads better there.
+    """
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    positive = [v for v in values if v > 0]
+    if not positive or max(positive) / min(positive) < 10:
+        return
+    getattr(ax, f"set_{axis}scale")("log")
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    target.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    target.set_minor_formatter(NullFormatter())
+
+
+def _png_title(doc: Mapping[str, Any]) -> str:
+    """Title naming what was measured: slab size, model width, machine."""
+    cfg = doc.get("config", {})
+    size = cfg.get("image_size")
+    filters = cfg.get("base_filters")
+    what = f"{size}×{size} slabs" if size else "slabs"
+    width = f"base filters {filters}" if filters else "paper widths (base filters 32)"
+    reduced = (filters is not None and filters != 32) or (size is not None and size != 192)
+    note = "  (reduced settings: not the paper-scale figures)" if reduced else ""
+    return f"dunet-bench: {what}, {width}{note}\n{_machine_line(doc)}"
+
+
 def render_png(doc: Mapping[str, Any]) -> bytes:
     """``bench.png``: ms/slab against batch per backend (one panel per model) and
-    best throughput per model as grouped bars.
+    best throughput per model as grouped bars, one legend below the panels.
 
     Raises:
         ImportError: when matplotlib is not installed.
@@ -226,48 +256,50 @@ def render_png(doc: Mapping[str, Any]) -> bytes:
     series = sorted({(r["backend"], r["precision"]) for r in records},
                     key=lambda k: (_BACK_ORDER.get(k[0], 99), _PREC_ORDER.get(k[1], 99)))
     colors = {k: plt.get_cmap("tab10")(i % 10) for i, k in enumerate(series)}
-    fig = plt.figure(figsize=(4.2 * max(len(models), 2), 8.0), dpi=110)
+    fig = plt.figure(figsize=(4.2 * max(len(models), 2), 8.6), dpi=110)
     grid = fig.add_gridspec(2, max(len(models), 1))
     for i, model in enumerate(models):
         ax = fig.add_subplot(grid[0, i])
+        mine = [r for r in records if r["model"] == model]
         for key in series:
-            pts = [(r["batch_size"], r["ms_per_slab_p50"]) for r in records
-                   if r["model"] == model and (r["backend"], r["precision"]) == key]
+            pts = [(r["batch_size"], r["ms_per_slab_p50"]) for r in mine
+                   if (r["backend"], r["precision"]) == key]
             if pts:
                 xs, ys = zip(*sorted(pts))
-                ax.plot(xs, ys, marker="o", color=colors[key], label=f"{key[0]} {key[1]}")
+                ax.plot(xs, ys, marker="o", color=colors[key])
         ax.set_xscale("log", base=2)
-        batches = sorted({r["batch_size"] for r in records if r["model"] == model})
+        batches = sorted({r["batch_size"] for r in mine})
         if batches:
             ax.set_xticks(batches, [str(b) for b in batches])
             ax.minorticks_off()
-        ax.set_yscale("log")
+        _scale_axis(ax, "y", [r["ms_per_slab_p50"] for r in mine])
         ax.set_title(model)
         ax.set_xlabel("batch size")
         if i == 0:
             ax.set_ylabel("ms per slab (p50)")
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
+        ax.grid(True, which="major", alpha=0.3)
     ax = fig.add_subplot(grid[1, :])
     width = 0.8 / max(len(series), 1)
+    best: list[float] = []
     for j, key in enumerate(series):
         vals = []
         for model in models:
             rs = [r["slabs_per_s"] for r in records
                   if r["model"] == model and (r["backend"], r["precision"]) == key]
             vals.append(max(rs) if rs else 0.0)
+        best += vals
         pos = [i + (j - (len(series) - 1) / 2) * width for i in range(len(models))]
         ax.bar(pos, vals, width=width, color=colors[key], label=f"{key[0]} {key[1]}")
     ax.set_xticks(range(len(models)), models)
     ax.set_ylabel("slabs/s (best batch)")
-    if any(r["slabs_per_s"] > 0 for r in records):
-        ax.set_yscale("log")
-    ax.grid(True, axis="y", which="both", alpha=0.3)
-    if series:
-        ax.legend(fontsize=7, ncol=min(len(series), 4))
-    fig.suptitle(f"dunet-bench: {_machine_line(doc)}", fontsize=9)
-    fig.tight_layout()
+    _scale_axis(ax, "y", best)
+    ax.grid(True, axis="y", which="major", alpha=0.3)
+    if series:  # one legend for every panel, outside the data
+        fig.legend(*ax.get_legend_handles_labels(), loc="lower center", fontsize=8,
+                   ncol=min(len(series), 5), frameon=False)
+    fig.suptitle(_png_title(doc), fontsize=9)
+    rows = 1 + (len(series) - 1) // 5 if series else 0
+    fig.tight_layout(rect=(0, 0.03 + 0.025 * rows, 1, 0.97))
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)

@@ -21,9 +21,19 @@ import click
 
 from dunet_deploy.errors import DunetError, exit_code_for, one_line, sigterm_interrupts
 
-__all__ = ["EXIT_USER_ERROR", "DunetCommand", "fail", "handle_errors", "one_line"]
+__all__ = [
+    "EXIT_USER_ERROR",
+    "TRAIN_INSTALL",
+    "DunetCommand",
+    "fail",
+    "handle_errors",
+    "one_line",
+    "require_torch",
+]
 
 EXIT_USER_ERROR = 2
+#: How to add what the runtime-only install lacks (torch for train/export/bench/demo).
+TRAIN_INSTALL = "pip install 'dunet-deploy[train]' torch==2.13.0"
 #: Exceptions reported as one-line user errors by :func:`handle_errors`.
 USER_ERRORS: tuple[type[BaseException], ...] = (DunetError, OSError)
 
@@ -75,12 +85,51 @@ def handle_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _no_torch(command: str) -> DunetError:
+    return DunetError(f"{command} needs PyTorch, which is not installed (a runtime-only "
+                      f"install): {TRAIN_INSTALL}")
+
+
+def require_torch(command: str) -> None:
+    """Fail with one line naming the extra when PyTorch is not importable.
+
+    Commands that train, export or benchmark need torch; a runtime-only
+    install (``dunet-deploy[cpu]``) lacks it.
+
+    Raises:
+        DunetError: ``<command> needs PyTorch ...: pip install ...``.
+    """
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise _no_torch(command) from None
+
+
+def _print_version(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from dunet_deploy import __version__
+
+    click.echo(f"{ctx.info_name or 'dunet-deploy'} (dunet-deploy) {__version__}")
+    ctx.exit()
+
+
 class DunetCommand(click.Command):
     """A click command whose usage errors are one line (``error: ...``), exit 2.
 
     Click normally prints the usage block plus a hint; scripts and users of
-    this project get one greppable line instead. ``--help`` is unchanged.
+    this project get one greppable line instead. ``-h``/``--help`` print the
+    help and ``--version`` the package version, on every command.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        settings = dict(kwargs.pop("context_settings", None) or {})
+        settings.setdefault("help_option_names", ["-h", "--help"])
+        kwargs["context_settings"] = settings
+        super().__init__(*args, **kwargs)
+        self.params.append(click.Option(
+            ["--version"], is_flag=True, expose_value=False, is_eager=True,
+            callback=_print_version, help="Show the version and exit."))
 
     def make_context(
         self,
@@ -95,3 +144,9 @@ class DunetCommand(click.Command):
             if _debug():
                 raise
             fail(exc.format_message())
+        except ModuleNotFoundError as exc:
+            # An option callback that needs torch (dunet-export --opset) on a runtime-only
+            # install; any other missing module is a bug and keeps its traceback.
+            if exc.name != "torch" or _debug():
+                raise
+            fail(_no_torch(info_name or "this command"))

@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 from dunet_deploy.bench.core import BACKENDS, PRECISIONS
-from dunet_deploy.cli._common import DunetCommand, handle_errors
+from dunet_deploy.cli._common import DunetCommand, handle_errors, require_torch
 from dunet_deploy.errors import DunetError
 
 DEFAULT_MODELS = "dunet,unet3d,unet2d"
@@ -173,6 +173,8 @@ def main(models: str, backends: str, batch_sizes: str, precisions: str, iters: i
                                 log=(lambda s: None) if quiet else click.echo)
         click.echo(f"results in {written[-1]}")
         return
+    require_torch("dunet-bench")
+    from dunet_deploy.artifacts import check_output_dir
     from dunet_deploy.bench import BenchConfig, run_bench, validate_config
 
     kw = {} if threads is None else {"threads": threads}
@@ -190,8 +192,7 @@ def main(models: str, backends: str, batch_sizes: str, precisions: str, iters: i
         cache_dir=str(cache_dir) if cache_dir is not None else None, **kw,
     )
     validate_config(cfg)  # fail before creating OUT
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DunetError(f"{out_dir}: exists and is not a folder")
+    check_output_dir(out_dir, "--out")  # before any measurement: results are not lost at the end
     doc = run_bench(cfg, out_dir, log=(lambda s: None) if quiet else None,
                     command=_command_line(click.get_current_context()))
     click.echo(f"{len(doc['records'])} record(s), {len(doc['skipped'])} skipped; "

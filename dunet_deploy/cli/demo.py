@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from dunet_deploy.cli._common import DunetCommand, handle_errors
+from dunet_deploy.cli._common import DunetCommand, handle_errors, require_torch
 
 
 @click.command(cls=DunetCommand)
@@ -34,6 +34,7 @@ from dunet_deploy.cli._common import DunetCommand, handle_errors
 def main(out: Path, cases: int, epochs: int, image_size: int, base_filters: int, seed: int,
          threads: int | None) -> None:
     """Synthesize data, train D-UNet, evaluate, export and segment a held-out volume."""
+    require_torch("dunet-demo")
     from dunet_deploy.demo import DemoConfig, run_demo
 
     report = run_demo(DemoConfig(out=out, cases=cases, epochs=epochs, image_size=image_size,

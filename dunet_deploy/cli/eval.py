@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -33,16 +32,44 @@ from dunet_deploy.cli._common import DunetCommand, handle_errors
 from dunet_deploy.errors import DunetError
 
 
-def _progress(total_hint: str) -> Any:
-    """A per-case progress callback printing to stderr on a terminal only."""
-    interactive = sys.stderr.isatty()
+class _Progress:
+    """A per-case progress line on stderr, on a terminal only.
 
-    def report(done: int, total: int, case_id: str) -> None:
-        if interactive:
-            click.echo(f"\r{total_hint} {done}/{total} {case_id:<24}", err=True,
-                       nl=done == total)
+    ``end()`` finishes a line left open (an error or an interrupt then starts
+    on its own line).
+    """
 
-    return report
+    def __init__(self, hint: str) -> None:
+        self.hint, self.open = hint, False
+        self.interactive = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int, case_id: str) -> None:
+        if self.interactive:
+            self.open = done != total
+            click.echo(f"\r{self.hint} {done}/{total} {case_id:<24}", err=True,
+                       nl=not self.open)
+
+    def end(self) -> None:
+        if self.open:
+            click.echo("", err=True)
+            self.open = False
+
+
+def _want_boxplot(asked: bool | None) -> bool:
+    """Whether to draw the box plot: ``--boxplot`` needs matplotlib, the default skips it."""
+    if asked is False:
+        return False
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        if asked:
+            raise DunetError(
+                "--boxplot: matplotlib is not installed (pip install matplotlib, or --no-boxplot)"
+            ) from None
+        click.echo("note: matplotlib is not installed: no dsc_boxplot.png "
+                   "(pip install matplotlib)", err=True)
+        return False
+    return True
 
 
 @click.command(cls=DunetCommand)
@@ -70,8 +97,9 @@ def _progress(total_hint: str) -> Any:
               help="Force the dataset layout.  [default: auto-detect]")
 @click.option("--amp/--no-amp", default=False, show_default=True,
               help="Mixed-precision inference.")
-@click.option("--boxplot/--no-boxplot", default=True, show_default=True,
-              help="Draw dsc_boxplot.png (needs matplotlib).")
+@click.option("--boxplot/--no-boxplot", default=None,
+              help="Draw dsc_boxplot.png (needs matplotlib).  [default: on when matplotlib "
+                   "is installed, else skipped with a note]")
 @click.option("--tta", type=click.Choice(TTA_MODES), default=None,
               help="Test-time augmentation.  [default: an engine's own, else none]")
 @click.option("--min-lesion-mm3", type=click.FloatRange(min=0), default=None,
@@ -82,9 +110,10 @@ def _progress(total_hint: str) -> Any:
 @handle_errors
 def main(checkpoint: Path | None, engine: Path | None, backend: str, precision: str,
          threads: int | None, data: Path, out: Path, split: str, device: str, batch_size: int,
-         layout: str | None, amp: bool, boxplot: bool, tta: str | None,
+         layout: str | None, amp: bool, boxplot: bool | None, tta: str | None,
          min_lesion_mm3: float | None, resample: str) -> None:
     """Evaluate CHECKPOINT (or ENGINE) on the cases of DATA; write the report to OUT."""
+    from dunet_deploy.artifacts import check_output_dir
     from dunet_deploy.training.evaluate import (
         evaluate_checkpoint_file,
         evaluate_engine,
@@ -93,30 +122,27 @@ def main(checkpoint: Path | None, engine: Path | None, backend: str, precision: 
 
     if batch_size < 1:
         raise DunetError(f"--batch-size {batch_size}: must be >= 1")
-    if out.exists() and not out.is_dir():
-        raise DunetError(f"--out {out}: exists and is not a folder")
-    if boxplot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise DunetError(
-                "matplotlib is not installed (pip install matplotlib, or --no-boxplot)"
-            ) from None
+    check_output_dir(out, "--out")  # before any work: a late failure loses it all
+    boxplot = _want_boxplot(boxplot)
     if (checkpoint is None) == (engine is None):
         raise DunetError("give exactly one of --checkpoint or --engine")
-    if engine is not None:  # the runtime path: no torch
-        if split != "all":
-            raise DunetError(f"--split {split}: an engine records no split; use --split all")
-        result = evaluate_engine(engine, data, backend=backend, precision=precision,
-                                 threads=threads, device=device, batch_size=batch_size,
-                                 layout=layout, progress=_progress("evaluating"), tta=tta,
-                                 min_lesion_mm3=min_lesion_mm3, resample=resample)
-    else:
-        assert checkpoint is not None
-        result = evaluate_checkpoint_file(
-            checkpoint, data, split=split, device=device, batch_size=batch_size, layout=layout,
-            amp=amp, progress=_progress("evaluating"), tta=tta or "none",
-            min_lesion_mm3=min_lesion_mm3 or 0.0, resample=resample)
+    progress = _Progress("evaluating")
+    try:
+        if engine is not None:  # the runtime path: no torch
+            if split != "all":
+                raise DunetError(f"--split {split}: an engine records no split; use --split all")
+            result = evaluate_engine(engine, data, backend=backend, precision=precision,
+                                     threads=threads, device=device, batch_size=batch_size,
+                                     layout=layout, progress=progress, tta=tta,
+                                     min_lesion_mm3=min_lesion_mm3, resample=resample)
+        else:
+            assert checkpoint is not None
+            result = evaluate_checkpoint_file(
+                checkpoint, data, split=split, device=device, batch_size=batch_size,
+                layout=layout, amp=amp, progress=progress, tta=tta or "none",
+                min_lesion_mm3=min_lesion_mm3 or 0.0, resample=resample)
+    finally:
+        progress.end()
     spec = result.spec
     meta = {**result.meta, "data": str(data), "split": split, "space": "native volume",
             "threshold": spec.threshold, "spec_digest": spec.digest()}

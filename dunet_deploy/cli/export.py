@@ -22,8 +22,9 @@ from pathlib import Path
 
 import click
 
+from dunet_deploy.artifacts import check_output_dir
 from dunet_deploy.choices import TTA_MODES
-from dunet_deploy.cli._common import DunetCommand, handle_errors
+from dunet_deploy.cli._common import DunetCommand, handle_errors, require_torch
 from dunet_deploy.errors import DunetError
 from dunet_deploy.export.pipeline import FORMATS, TRITON_BACKENDS, ExportRequest, run_export
 from dunet_deploy.spec import InferenceDefaults
@@ -177,6 +178,8 @@ def main(
     min_lesion_mm3: float,
 ) -> None:
     """Export a dunet-deploy CHECKPOINT for deployment (ONNX, FP16/INT8 ONNX, TensorRT, Triton)."""
+    require_torch("dunet-export")
+    check_output_dir(out_dir, "-o/--out")  # before the export and its verification
     req = ExportRequest(
         checkpoint=checkpoint,
         out_dir=out_dir,

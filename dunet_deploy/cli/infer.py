@@ -77,6 +77,24 @@ class _Progress:
             self._bar = None
 
 
+def _expand(inputs: tuple[str, ...], recursive: bool) -> list[str]:
+    """The volumes to segment, masks of known layouts left out with a note on stderr.
+
+    Raises:
+        DunetError: when a folder or pattern matches no scan (before anything is created).
+    """
+    from dunet_deploy.runtime.pipeline import expand_inputs
+
+    skipped: list[tuple[Path, str]] = []
+    items = expand_inputs(inputs, recursive=recursive, skipped=skipped)
+    for path, why in skipped:
+        click.echo(f"note: {path}: skipped, {why}", err=True)
+    for item in items:
+        if item.matched_nothing:
+            raise DunetError(str(item.error))
+    return [str(item.path) for item in items]
+
+
 @click.command(cls=DunetCommand)
 @click.option("--engine", "model_path", required=True,
               type=click.Path(dir_okay=False, path_type=Path),
@@ -127,23 +145,38 @@ class _Progress:
 @click.option("--server-side", is_flag=True,
               help="With --triton-url: send each file's bytes to the server's dunet_volume "
                    "model (dunet-serve --repository), which runs the whole pipeline.")
+@click.option("--preview", is_flag=True,
+              help="Also write OUT/<name>_preview.png: slices over the lesion with the "
+                   "prediction's outline (and the reference mask's when the layout has one), "
+                   "lesion volume and DSC. Needs matplotlib.")
+@click.option("-r", "--recursive", is_flag=True,
+              help="Folders: also segment the scans in their sub-folders.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no final summary line.")
 @handle_errors
 def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str, device: str,
          batch_size: int, save_prob: bool, prob_dtype: str, threads: int | None, precision: str,
          triton_url: str | None, tta: str | None, min_lesion_mm3: float | None, resample: str,
-         cuda_graph: bool, workers: int | None, server_side: bool,
+         cuda_graph: bool, workers: int | None, server_side: bool, preview: bool,
+         recursive: bool,
          quiet: bool) -> None:
     """Segment stroke lesions in INPUT volumes (NIfTI files, directories or glob patterns).
 
     Writes OUT/<name>_mask.nii.gz per input (same shape, affine, qform/sform
     and voxel sizes as the input) and OUT/summary.json (per-case status,
-    lesion volume, slabs run/skipped and time per stage).
+    lesion volume, slabs run/skipped and time per stage). Lesion masks found
+    in folders (ATLAS LesionSmooth, label-..._mask, labelsTr/) are skipped.
     """
     # Imported here so that `dunet-infer --help` stays instant.
+    from dunet_deploy.artifacts import check_output_dir
     from dunet_deploy.runtime.pipeline import SUMMARY_NAME, CaseResult, segment_files
     from dunet_deploy.runtime.workers import default_workers
 
+    volumes = _expand(inputs, recursive)
+    check_output_dir(out_dir, "-o/--out")
+    if preview:
+        from dunet_deploy.runtime.preview import require_matplotlib
+
+        require_matplotlib()
     progress = _Progress(enabled=not quiet)
 
     def triton_runner(path: Path, info: Any) -> Any:
@@ -169,11 +202,11 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
             if not triton_url or save_prob:
                 raise DunetError("--server-side needs --triton-url and cannot --save-prob")
             summary = segment_server_side(
-                triton_url, inputs, out_dir, expected=read_artifact_info(model_path),
+                triton_url, volumes, out_dir, expected=read_artifact_info(model_path),
                 on_start=progress.start, on_result=on_result)
         else:
             summary = segment_files(
-                model_path, inputs, out_dir, backend=backend, batch_size=batch_size,
+                model_path, volumes, out_dir, backend=backend, batch_size=batch_size,
                 save_prob=save_prob, prob_dtype=prob_dtype, threads=threads,
                 precision=precision, device=device, tta=tta, min_lesion_mm3=min_lesion_mm3,
                 resample=resample,
@@ -184,6 +217,12 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
             )
     finally:
         progress.close()
+    if preview:
+        from dunet_deploy.runtime.preview import write_previews
+
+        shown = write_previews(summary["cases"], out_dir)
+        if not quiet:
+            click.echo(f"wrote {len(shown)} preview(s): {Path(out_dir)}/*_preview.png")
     if not quiet:
         click.echo(
             f"{summary['ok']}/{summary['total']} volume(s) segmented with {summary['backend']} "

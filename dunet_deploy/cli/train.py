@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from dunet_deploy.choices import LAYOUTS, TRAIN_DEVICES
-from dunet_deploy.cli._common import DunetCommand, handle_errors
+from dunet_deploy.cli._common import DunetCommand, handle_errors, require_torch
 
 # Option defaults shown in --help; keep in sync with TrainConfig (a test checks).
 HELP_DEFAULTS = {
@@ -80,6 +80,7 @@ def _opt(name: str, **kw: Any) -> Any:
 @handle_errors
 def main(data: Path, out: Path, **options: Any) -> None:
     """Train a D-UNet (or baseline) on DATA and write checkpoints to OUT."""
+    require_torch("dunet-train")
     from dunet_deploy.training.trainer import TrainConfig, resume_config, train
 
     given: dict[str, Any] = {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()

@@ -30,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dunet_deploy.errors import DunetError
+from dunet_deploy.filetypes import VOLUME, check_kind
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -133,6 +134,7 @@ def _open_image(path: Path) -> Any:
         raise DunetError(f"{path}: no such file")
     if path.is_dir():
         raise DunetError(f"{path}: is a directory, not a NIfTI file")
+    check_kind(path, VOLUME)  # a checkpoint or model given as a scan: say what it is
     try:
         img = nib.load(str(path))
     except nib.filebasedimages.ImageFileError:

@@ -13,14 +13,24 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from dunet_deploy.errors import DunetError
+
 from .layers import ConvBlock, DimensionFusion, SamePadConv, UpBlock, he_normal_
 
 FUSION_MODES = ("add", "se_add")
 
 
-def _check_input(x: torch.Tensor, in_channels: int) -> None:
+def _check_input(x: torch.Tensor, in_channels: int, depth: int) -> None:
+    """``x`` must be ``[N, in_channels, H, W]`` with H, W divisible by ``2**(depth-1)``."""
     if x.dim() != 4 or x.shape[1] != in_channels:
         raise ValueError(f"expected input [N, {in_channels}, H, W], got {list(x.shape)}")
+    multiple = 2 ** (depth - 1)
+    h, w = int(x.shape[2]), int(x.shape[3])
+    if h % multiple or w % multiple:
+        # A user-visible choice (--image-size, a crop), not a bug: one line, not a torch error.
+        raise DunetError(f"input slabs are {h}x{w}: H and W must be divisible by {multiple} "
+                         f"(the model pools {depth - 1} times); use an image size like "
+                         f"{max(multiple, (h // multiple) * multiple)}")
 
 
 class _Decoder2D(nn.Module):
@@ -79,7 +89,7 @@ class UNet2D(nn.Module):
         he_normal_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.in_channels)
+        _check_input(x, self.in_channels, len(self.blocks))
         feats: list[torch.Tensor] = []
         depth = len(self.blocks)
         for i, block in enumerate(self.blocks):
@@ -160,7 +170,7 @@ class DUNet(nn.Module):
         he_normal_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.in_channels)
+        _check_input(x, self.in_channels, len(self.blocks))
         feats3d: list[torch.Tensor] = []
         v = x.unsqueeze(1)  # [N, 1, D=C, H, W]
         for i, block in enumerate(self.blocks3d):
@@ -212,7 +222,7 @@ class UNet3D(nn.Module):
         he_normal_(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.in_channels)
+        _check_input(x, self.in_channels, len(self.blocks))
         v = x.unsqueeze(1)
         feats: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -52,6 +53,7 @@ __all__ = [
     "PreparedVolume",
     "expand_inputs",
     "infer_case",
+    "label_file_reason",
     "output_stem",
     "prepare_output_dir",
     "prepare_volume",
@@ -81,6 +83,27 @@ class InputItem:
 
     path: Path
     error: str | None = None
+    matched_nothing: bool = False
+
+
+#: ATLAS v2.0 masks: ``..._label-L_desc-T1lesion_mask.nii.gz`` (any label/desc entities).
+_V2_MASK = re.compile(r"_label-[A-Za-z0-9]+(_[A-Za-z]+-[A-Za-z0-9]+)*_mask\.nii(\.gz)?$")
+
+
+def label_file_reason(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` is a lesion mask of a known layout rather than a scan, or ``None``.
+
+    ATLAS R1.1 ``*LesionSmooth*``, ATLAS v2.0 ``*_label-L…_mask.nii.gz`` and
+    files under a ``labelsTr/`` folder (nnU-Net style pairs).
+    """
+    p = Path(path)
+    if "LesionSmooth" in p.name:
+        return "an ATLAS R1.1 lesion mask (LesionSmooth)"
+    if _V2_MASK.search(p.name):
+        return "an ATLAS v2.0 lesion mask (label-..._mask)"
+    if "labelsTr" in p.parent.parts:
+        return "a label file (under labelsTr/)"
+    return None
 
 
 def output_stem(path: str | os.PathLike[str]) -> str:
@@ -94,38 +117,71 @@ def _has_magic(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
 
-def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[InputItem]:
+def _scans(found: Iterable[Path], skipped: list[tuple[Path, str]] | None) -> list[Path]:
+    """``found`` without the lesion masks of known layouts (noted in ``skipped``)."""
+    scans = []
+    for p in found:
+        reason = label_file_reason(p)
+        if reason is None:
+            scans.append(p)
+        elif skipped is not None:
+            skipped.append((p, reason))
+    return scans
+
+
+def _expand_one(text: str, recursive: bool,
+                skipped: list[tuple[Path, str]] | None) -> list[InputItem]:
+    path = Path(text)
+    if path.is_dir():
+        listing = path.rglob("*") if recursive else path.iterdir()
+        found = _scans(sorted(p for p in listing if p.is_file() and nifti_suffix(p)), skipped)
+        where = "directory or its sub-folders" if recursive else "directory"
+        if not found:
+            hint = "" if recursive else " (--recursive looks in sub-folders)"
+            return [InputItem(path, f"{path}: no scans (.nii or .nii.gz files) in {where}{hint}",
+                              matched_nothing=True)]
+        return [InputItem(p) for p in found]
+    if _has_magic(text) and not path.exists():
+        matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
+        found = _scans([p for p in matches if p.is_file()], skipped)
+        if not found:
+            return [InputItem(path, f"{text}: no file matches", matched_nothing=True)]
+        return [InputItem(p) for p in found]
+    return [InputItem(path)]
+
+
+def expand_inputs(
+    inputs: Sequence[str | os.PathLike[str]],
+    *,
+    recursive: bool = False,
+    skipped: list[tuple[Path, str]] | None = None,
+) -> list[InputItem]:
     """Turn command-line inputs into the list of volumes to process, in order.
 
     * a directory gives every ``*.nii`` / ``*.nii.gz`` file directly inside it
-      (sorted; not recursive, so masks in sub-folders are not picked up);
+      (sorted), or anywhere below it with ``recursive``;
     * a pattern with ``*``, ``?`` or ``[`` that is not an existing file is a
       glob (``**`` recurses), sorted;
     * anything else is taken as a file (a missing one fails when it is read).
 
-    The same file reached twice is processed once; two different files with
-    the same output name fail the second one instead of overwriting.
+    Lesion masks of the known layouts found in a directory or by a pattern
+    (:func:`label_file_reason`) are not scans: they are left out and listed
+    in ``skipped``; a file named explicitly is always taken. The same file
+    reached twice is processed once; two different files with the same output
+    name fail the second one instead of overwriting.
+
+    Args:
+        inputs: Files, directories and patterns, as given.
+        recursive: Directories are searched in their sub-folders too.
+        skipped: Receives ``(path, why)`` for each mask left out.
 
     Returns:
-        One :class:`InputItem` per volume or per input that matched nothing.
+        One :class:`InputItem` per volume or per input that matched nothing
+        (``matched_nothing``).
     """
     items: list[InputItem] = []
     for raw in inputs:
-        text = os.fspath(raw)
-        path = Path(text)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and nifti_suffix(p))
-            if not found:
-                items.append(InputItem(path, f"{path}: no .nii or .nii.gz files in directory"))
-            items.extend(InputItem(p) for p in found)
-        elif _has_magic(text) and not path.exists():
-            matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
-            found = [p for p in matches if p.is_file()]
-            if not found:
-                items.append(InputItem(path, f"{text}: no file matches"))
-            items.extend(InputItem(p) for p in found)
-        else:
-            items.append(InputItem(path))
+        items.extend(_expand_one(os.fspath(raw), recursive, skipped))
 
     seen: set[Path] = set()
     stems: dict[str, Path] = {}

@@ -33,6 +33,7 @@ from torch import nn
 from dunet_deploy import __version__
 from dunet_deploy.artifacts import atomic_write_bytes
 from dunet_deploy.errors import DunetError, first_line
+from dunet_deploy.filetypes import CHECKPOINT, check_kind
 from dunet_deploy.models import create_model, list_models
 from dunet_deploy.spec import PreprocessSpec
 
@@ -110,12 +111,15 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> 
     """Load and validate a checkpoint with ``weights_only=True``.
 
     Raises:
-        DunetError: one line naming the file when it is missing, truncated, not
-            a torch file, carries code (a pickle payload), or is not ours.
+        DunetError: one line naming the file when it is missing, another kind
+            of file (ONNX, engine, NIfTI: the message says which command takes
+            it), truncated, not a torch file, carries code (a pickle payload),
+            or is not ours.
     """
     path = Path(path)
     if not path.is_file():
         raise DunetError(f"{path}: checkpoint not found")
+    check_kind(path, CHECKPOINT)  # an ONNX / engine / NIfTI given where a checkpoint goes
     try:
         doc = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import os
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,11 +28,17 @@ from typing import Any
 
 import numpy as np
 
-from dunet_deploy.artifacts import atomic_write_bytes
+from dunet_deploy.artifacts import atomic_write_bytes, deferred_interrupts
 from dunet_deploy.choices import SPLITS
 from dunet_deploy.data.layouts import Case, discover_cases, load_case
 from dunet_deploy.errors import DunetError
-from dunet_deploy.metrics import CaseMetrics, case_metrics, format_summary, summarize
+from dunet_deploy.metrics import (
+    CaseMetrics,
+    case_metrics,
+    format_summary,
+    mean_pm_std,
+    summarize,
+)
 from dunet_deploy.postprocess import with_tta
 from dunet_deploy.runtime.core import (
     Predictor,
@@ -162,8 +169,7 @@ def table2_markdown(
     """
 
     def pm(key: str, digits: int = 4) -> str:
-        mean, std = float(summary[f"{key}_mean"]), float(summary[f"{key}_std"])
-        return f"{mean:.{digits}f}±{std:.{digits}f}"
+        return mean_pm_std(summary, key, digits)
 
     p = f"{params:,}" if params is not None else "–"
     return (
@@ -205,20 +211,33 @@ def write_boxplot(
         DunetError: when matplotlib is not installed.
     """
     plt = _pyplot()
+    from matplotlib.lines import Line2D
+
     values = [m.dsc for m in metrics]
-    fig, ax = plt.subplots(figsize=(3.2, 4.0), dpi=120)
+    n = len(values)
+    fig, ax = plt.subplots(figsize=(4.2, 4.4), dpi=120)
     try:
-        ax.boxplot([values], widths=0.5, showmeans=True)
+        ax.boxplot([values], widths=0.5, showmeans=True,
+                   medianprops={"color": "tab:orange", "linewidth": 1.5},
+                   meanprops={"marker": "^", "markerfacecolor": "tab:green",
+                              "markeredgecolor": "tab:green"})
         ax.set_xticks([1], [label])
-        jitter = np.random.default_rng(0).uniform(-0.08, 0.08, len(values))
+        jitter = np.random.default_rng(0).uniform(-0.08, 0.08, n)
         ax.scatter(1 + jitter, values, s=10, alpha=0.6, color="tab:blue", zorder=3)
         ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel("DSC per case")
-        ax.set_title(title or f"{len(values)} cases", fontsize=9)
+        # The title wraps instead of running off the figure (long method names).
+        ax.set_title(textwrap.fill(title or f"{n} case{'' if n == 1 else 's'}", 40), fontsize=9)
         ax.grid(axis="y", alpha=0.3)
+        ax.legend(handles=[
+            Line2D([], [], color="tab:orange", linewidth=1.5, label="median"),
+            Line2D([], [], marker="^", linestyle="", color="tab:green", label="mean"),
+            Line2D([], [], marker="o", linestyle="", color="tab:blue", alpha=0.6, markersize=4,
+                   label="one case"),
+        ], loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=3, fontsize=8, frameon=False)
         fig.tight_layout()
         buf = io.BytesIO()
-        fig.savefig(buf, format="png")
+        fig.savefig(buf, format="png", bbox_inches="tight")
     finally:
         plt.close(fig)
     out = Path(path)
@@ -267,20 +286,22 @@ def write_report(
                          for k in CSV_FIELDS})
     paths = {"csv": out / "cases.csv", "json": out / "summary.json",
              "markdown": out / "summary.md"}
-    atomic_write_bytes(paths["csv"], buf.getvalue().encode())
     doc = {"method": method, **summary, "params": params,
            "table2": format_summary(summary, params), **dict(meta or {})}
-    atomic_write_bytes(paths["json"], (json.dumps(doc, indent=2) + "\n").encode())
     lines = [table2_markdown(summary, method=method, params=params)]
     facts = {"cases": summary["cases"], **dict(meta or {})}
     lines.append("\n" + "".join(f"- {k}: {v}\n" for k, v in facts.items()))
-    atomic_write_bytes(paths["markdown"], "".join(lines).encode())
-    if boxplot:
-        paths["boxplot"] = write_boxplot(
-            metrics, out / "dsc_boxplot.png", label=method,
-            title=f"{method}: DSC {float(summary['dsc_mean']):.3f} "
-                  f"({int(summary['cases'])} cases)",
-        )
+    n = int(summary["cases"])
+    with deferred_interrupts():  # Ctrl-C now: the whole report first, then stop
+        atomic_write_bytes(paths["csv"], buf.getvalue().encode())
+        atomic_write_bytes(paths["json"], (json.dumps(doc, indent=2) + "\n").encode())
+        atomic_write_bytes(paths["markdown"], "".join(lines).encode())
+        if boxplot:
+            paths["boxplot"] = write_boxplot(
+                metrics, out / "dsc_boxplot.png", label=method,
+                title=f"{method}: DSC {float(summary['dsc_mean']):.3f} "
+                      f"({n} case{'' if n == 1 else 's'})",
+            )
     return paths
 
 

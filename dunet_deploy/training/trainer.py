@@ -90,14 +90,19 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dunet_deploy.artifacts import atomic_write_bytes, write_json
+from dunet_deploy.artifacts import (
+    atomic_write_bytes,
+    check_output_dir,
+    deferred_interrupts,
+    write_json,
+)
 from dunet_deploy.choices import TRAIN_DEVICES as DEVICES
 from dunet_deploy.data.cache import SliceCache, build_cache
 from dunet_deploy.data.geometry import measure_geometry, reoriented_shape
 from dunet_deploy.data.layouts import Case, check_case, discover_cases, split_cases
 from dunet_deploy.errors import DunetError
 from dunet_deploy.losses import LOSSES, get_loss
-from dunet_deploy.metrics import CaseMetrics, summarize
+from dunet_deploy.metrics import CaseMetrics, mean_pm_std, summarize
 from dunet_deploy.models import create_model, list_models, model_info, model_kwargs
 from dunet_deploy.spec import PreprocessSpec
 from dunet_deploy.training.augment import augment_batch
@@ -405,13 +410,16 @@ def resume_config(resume: str, out: str, overrides: dict[str, Any] | None = None
     line replace the checkpoint's settings; :func:`train` then refuses
     overrides of :data:`TRAINING_KEYS` that contradict the checkpoint.
 
+    ``resume="auto"`` on a run folder without ``last.pt`` is a fresh run:
+    the config is ``overrides`` alone (with ``resume`` unset).
+
     Raises:
         DunetError: when the checkpoint is missing, corrupt, foreign or not a
             training checkpoint.
     """
     path = resume_path(resume, out)
     if resume == "auto" and not path.is_file():
-        raise DunetError(f"--resume auto: {path} does not exist (nothing to resume in {out})")
+        return TrainConfig.from_dict({**(overrides or {}), "out": str(out), "resume": None})
     doc = load_checkpoint(path)
     saved = doc.get("config") or {}
     if not isinstance(saved, dict) or "data" not in saved:
@@ -595,7 +603,8 @@ def _tensorboard(out: Path, log: Log) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        log("tensorboard is not installed (pip install tensorboard); --tensorboard ignored")
+        log("tensorboard is not installed (pip install 'dunet-deploy[tensorboard]'); "
+            "--tensorboard ignored")
         return None
     return SummaryWriter(log_dir=str(out / "tensorboard"))
 
@@ -695,10 +704,16 @@ def _inputs(cfg: TrainConfig) -> tuple[str, list[Case], PreprocessSpec, dict[str
 def _resume_doc(
     cfg: TrainConfig, out: Path, spec: PreprocessSpec, split: dict[str, Any]
 ) -> tuple[dict[str, Any] | None, Path | None]:
-    """The checkpoint to resume from (checked against this run), or ``None`` for a new run."""
+    """The checkpoint to resume from (checked against this run), or ``None`` for a new run.
+
+    ``--resume auto`` resumes ``OUT/last.pt`` when it exists and starts fresh otherwise.
+    """
+    if cfg.resume == "auto" and not resume_path(cfg.resume, out).is_file():
+        cfg.resume = None  # nothing to continue yet: a new run (recorded as such in run.json)
+    check_output_dir(out, "--out")
+    if cfg.cache_dir:
+        check_output_dir(cfg.cache_dir, "--cache-dir")
     if not cfg.resume:
-        if out.exists() and not out.is_dir():
-            raise DunetError(f"--out {out}: exists and is not a folder")
         if (out / LAST).exists():
             raise DunetError(
                 f"--out {out}: already holds a run ({LAST}); use --resume auto to continue it "
@@ -706,8 +721,6 @@ def _resume_doc(
             )
         return None, None
     path = resume_path(cfg.resume, out)
-    if cfg.resume == "auto" and not path.is_file():
-        raise DunetError(f"--resume auto: {path} does not exist (nothing to resume)")
     doc = load_checkpoint(path, map_location="cpu")
     _check_resume(doc, path, cfg, spec, _registry_args(cfg, spec), split)
     return doc, path
@@ -829,19 +842,25 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
 
 
 def _save_epoch(run: _Run, epoch: int, record: dict[str, Any], metrics: dict[str, Any]) -> None:
-    """Append the epoch's record, write ``last.pt`` (and ``best.pt``), log to TensorBoard."""
+    """Append the epoch's record, write ``last.pt`` (and ``best.pt``), log to TensorBoard.
+
+    Ctrl-C / SIGTERM wait until all three are written: an interrupted run's
+    ``last.pt`` is always its last complete epoch, consistent with
+    ``metrics.jsonl`` and ``best.pt``.
+    """
     if not run.d.is_main:
         return
-    with open(run.out / METRICS, "a") as f:
-        f.write(json.dumps(record) + "\n")
     ckpt: dict[str, Any] = {
         "model": run.model, "spec": run.spec, "config": run.run_doc, "epoch": epoch,
         "metrics": metrics, "best_metrics": run.best_metrics, "optimizer": run.optimizer,
         "scaler": run.scaler if run.use_scaler else None, "rng": capture_rng_state(),
     }
-    if record["is_best"]:
-        save_checkpoint(run.out / BEST, **ckpt)
-    save_checkpoint(run.out / LAST, **ckpt)
+    with deferred_interrupts():
+        with open(run.out / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if record["is_best"]:
+            save_checkpoint(run.out / BEST, **ckpt)
+        save_checkpoint(run.out / LAST, **ckpt)
     if run.writer is not None:
         run.writer.add_scalar("train/loss", record["train_loss"], epoch)
         run.writer.add_scalar("train/slabs_per_s", record["slabs_per_s"], epoch)
@@ -853,10 +872,8 @@ def _save_epoch(run: _Run, epoch: int, record: dict[str, Any], metrics: dict[str
 def _epoch_line(record: dict[str, Any]) -> str:
     """The one log line of an epoch."""
     v = record["val"]
-    std = float(v["dsc_std"])
-    spread = "±n/a" if math.isnan(std) else f"±{std:.4f}"
     return (f"epoch {record['epoch']}/{record['epochs']}  loss {record['train_loss']:.4f}  "
-            f"val DSC {float(v['dsc_mean']):.4f}{spread} (global {float(v['dsc_global']):.4f}, "
+            f"val DSC {mean_pm_std(v, 'dsc')} (global {float(v['dsc_global']):.4f}, "
             f"recall {float(v['recall_mean']):.4f}, precision "
             f"{float(v['precision_mean']):.4f})  {record['seconds']:.1f} s  "
             f"{record['slabs_per_s']:.0f} slabs/s" + ("  *best*" if record["is_best"] else ""))

@@ -59,16 +59,21 @@ def test_help_lists_the_options_and_defaults_match_the_library():
 
 def test_train_then_resume(data, tmp_path):
     out = tmp_path / "run"
-    first = run("--data", data, "--out", out, "--epochs", "1", "--tensorboard", *FAST)
+    # --resume auto on a fresh --out starts a new run ...
+    first = run("--data", data, "--out", out, "--epochs", "1", "--tensorboard",
+                "--resume", "auto", *FAST)
     assert first.exit_code == 0, first.output
     assert "epoch 1/1" in first.stdout and "done: epoch 1" in first.stdout
+    assert "resumed from" not in first.stdout
+    assert json.loads((out / "run.json").read_text())["config"]["resume"] is None
     try:
         import torch.utils.tensorboard  # noqa: F401
     except ImportError:
         assert "tensorboard is not installed" in first.stdout
     assert {p.name for p in out.iterdir()} >= {"last.pt", "best.pt", "metrics.jsonl", "run.json"}
 
-    # Options not given again come from the checkpoint; --epochs may grow.
+    # ... and continues it once last.pt exists. Options not given again come from
+    # the checkpoint; --epochs may grow.
     second = run("--data", data, "--out", out, "--resume", "auto", "--epochs", "2",
                  "--no-progress")
     assert second.exit_code == 0, second.output
@@ -115,7 +120,6 @@ def _weights_only(tmp: Path) -> Path:
         ("bad-model", "--model 'resnet'"),
         ("bad-size", "--image-size 40"),
         ("resume-missing", "checkpoint not found"),
-        ("resume-auto-missing", "nothing to resume"),
         ("resume-corrupt", "corrupt"),
         ("resume-foreign", "not a dunet-deploy checkpoint"),
         ("resume-weights-only", "no training config"),
@@ -141,8 +145,6 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(case, needle, data, tm
         args += ["--image-size", "40"]
     elif case == "resume-missing":
         args += ["--resume", tmp_path / "nope.pt"]
-    elif case == "resume-auto-missing":
-        args += ["--resume", "auto"]
     elif case == "resume-corrupt":
         args += ["--resume", _corrupt(tmp_path)]
     elif case == "resume-foreign":

@@ -1,0 +1,131 @@
+"""README's "CLI tour", run as written, in order, in an empty folder (issue 13 item 10).
+
+The commands are read from README.md. Only sizes are made tiny (the
+substitutions below: fewer, smaller cases, one epoch of a narrower model, a
+one-record-per-combination benchmark) and ports are free ones; everything else
+runs as a user types it. ``dunet-serve`` runs until stopped: it is started in
+the background, the next line runs once it prints ``ready``, then it is
+stopped with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+BIN = Path(sys.executable).parent
+TINY = [  # (pattern, replacement) applied to each command line
+    (r"--cases 10\b", "--cases 5"),
+    (r"--shape 64,80,48", "--shape 32,40,16"),
+    (r"--image-size 64", "--image-size 32"),
+    (r"--epochs 8", "--epochs 1 --base-filters 16"),
+    (r"--out bench$", "--out bench --image-size 32 --base-filters 16 --batch-sizes 1 --iters 1 "
+                      "--warmup 0 --precision fp32 --no-e2e --peak-sizes 64 --threads 1 -q"),
+]
+
+
+def tour_commands(text: str) -> list[str]:
+    """The command lines of the first ``bash`` block after ``## CLI tour``, comments removed."""
+    section = text.split("## CLI tour", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = []
+    for line in block.splitlines():
+        line = re.sub(r"\s+#.*$", "", line).strip()
+        if line and not line.startswith("#"):
+            lines.append(line)
+    return lines
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run(words: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([str(BIN / words[0]), *words[1:]], cwd=cwd, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, f"{shlex.join(words)}\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+    return proc
+
+
+def _start_server(words: list[str], cwd: Path) -> subprocess.Popen[str]:
+    log = open(cwd / "serve.log", "w")
+    proc = subprocess.Popen([str(BIN / words[0]), *words[1:]], cwd=cwd, stdout=log,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(x.startswith("ready ") for x in (cwd / "serve.log").read_text().splitlines()):
+            return proc
+        time.sleep(0.5)
+    _stop(proc)
+    raise AssertionError(f"dunet-serve never ready:\n{(cwd / 'serve.log').read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen[str]) -> int | None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    return proc.returncode
+
+
+def test_tour_lines_are_found():
+    lines = tour_commands(README.read_text())
+    assert [line.split()[0] for line in lines][:3] == ["dunet-synth", "dunet-synth", "dunet-train"]
+    assert all(line.startswith("dunet-") for line in lines)
+    assert any("--triton-url" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_readme_tour_runs_in_order(tmp_path):
+    pytest.importorskip("pytriton")
+    ports = {p: str(_free_port()) for p in ("8000", "8001", "8002")}
+    server = None
+    try:
+        for line in tour_commands(README.read_text()):
+            for pattern, repl in TINY:
+                line = re.sub(pattern, repl, line)
+            for old, new in ports.items():
+                line = re.sub(rf"(--\w+-port |127\.0\.0\.1:){old}\b", rf"\g<1>{new}", line)
+            words = shlex.split(line)
+            if words[0] == "dunet-serve":
+                server = _start_server(words, tmp_path)
+                continue
+            _run(words, tmp_path)
+            if "--triton-url" in line and server is not None:
+                assert _stop(server) == 0
+                server = None
+    finally:
+        if server is not None:
+            _stop(server)
+
+    # What the tour promises: the engine evaluates to the checkpoint's numbers (fp32) ...
+    ckpt = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    onnx = json.loads((tmp_path / "eval_onnx" / "summary.json").read_text())
+    for key in ("dsc_mean", "dsc_global", "recall_mean", "precision_mean"):
+        assert abs(ckpt[key] - onnx[key]) < 1e-3, key
+    # ... the scans are segmented (masks skipped), locally and through Triton, with previews.
+    for out in ("masks", "masks_triton"):
+        summary = json.loads((tmp_path / out / "summary.json").read_text())
+        assert summary["ok"] == summary["total"] == 2, out
+        assert all("imagesTr" in c["input"] for c in summary["cases"])
+    assert len(list((tmp_path / "masks").glob("*_preview.png"))) == 2
+    assert len(list((tmp_path / "masks").glob("*_prob.nii.gz"))) == 2
+    assert json.loads((tmp_path / "bench" / "bench.json").read_text())["complete"] is True

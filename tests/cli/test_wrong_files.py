@@ -1,0 +1,74 @@
+"""Issue 13 item 7: the wrong kind of file gets one line saying what it is and what takes it."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from dunet_deploy.cli import eval as eval_cli
+from dunet_deploy.cli import export as export_cli
+from dunet_deploy.cli import infer as infer_cli
+
+
+def _one_line_error(result, code: int = 2) -> str:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) >= 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_infer_with_a_checkpoint_as_engine(tiny_run, tmp_path):
+    out = tmp_path / "masks"
+    res = CliRunner().invoke(infer_cli.main, ["--engine", str(tiny_run.checkpoint),
+                                              str(tiny_run.scan), "-o", str(out)])
+    line = _one_line_error(res)
+    ckpt = tiny_run.checkpoint
+    assert line == (f"error: {ckpt}: is a PyTorch checkpoint; --engine takes an exported model "
+                    "(.onnx, or a TensorRT engine with its sidecar): export it first: "
+                    f"dunet-export {ckpt} -o export")
+    assert not out.exists()
+
+
+def test_infer_with_model_json_as_engine(tiny_run, tmp_path):
+    side = tiny_run.onnx.with_name("model.json")
+    res = CliRunner().invoke(infer_cli.main, ["--engine", str(side), str(tiny_run.scan),
+                                              "-o", str(tmp_path / "m")])
+    line = _one_line_error(res)
+    assert f"{side}: is a dunet-deploy model description (JSON sidecar); --engine takes" in line
+
+
+def test_infer_with_a_checkpoint_as_input_fails_that_case(tiny_run, tmp_path):
+    out = tmp_path / "masks"
+    res = CliRunner().invoke(infer_cli.main, ["--engine", str(tiny_run.onnx), str(tiny_run.scan),
+                                              str(tiny_run.checkpoint), "-o", str(out),
+                                              "--backend", "onnxruntime"])
+    line = _one_line_error(res, code=1)
+    assert line.startswith(f"error: {tiny_run.checkpoint}: is a PyTorch checkpoint, not a NIfTI "
+                           "volume (.nii / .nii.gz): export it first")
+    assert "1/2 volume(s) segmented" in res.stdout
+
+
+def test_eval_with_onnx_as_checkpoint(tiny_run, tmp_path):
+    res = CliRunner().invoke(eval_cli.main, ["--checkpoint", str(tiny_run.onnx), "--data",
+                                             str(tiny_run.data), "--out", str(tmp_path / "e")])
+    line = _one_line_error(res)
+    assert line == (f"error: {tiny_run.onnx}: is an ONNX model, not a dunet-train checkpoint "
+                    f"(run/best.pt): run it with dunet-infer --engine {tiny_run.onnx} "
+                    f"or dunet-eval --engine {tiny_run.onnx}")
+    assert "Python objects" not in line and not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("kind", ["onnx", "nifti"])
+def test_export_of_a_model_or_a_scan(tiny_run, tmp_path, kind):
+    src = tiny_run.onnx if kind == "onnx" else tmp_path / "scan.nii.gz"
+    if kind == "nifti":
+        shutil.copy(tiny_run.scan, src)
+    res = CliRunner().invoke(export_cli.main, [str(src), "-o", str(tmp_path / "x")])
+    line = _one_line_error(res)
+    what = "an ONNX model" if kind == "onnx" else "a NIfTI volume"
+    assert line.startswith(f"error: {src}: is {what}, not a dunet-train checkpoint")
+    assert "corrupt" not in line and "Python objects" not in line
+    assert not (tmp_path / "x").exists()

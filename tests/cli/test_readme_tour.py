@@ -116,6 +116,8 @@ def test_readme_tour_runs_in_order(tmp_path):
         if server is not None:
             _stop(server)
 
+    # One validation case (5 cases, 80/20): its spread is undefined, printed n/a.
+    assert "±n/a" in (tmp_path / "eval_val" / "summary.md").read_text()
     # What the tour promises: the engine evaluates to the checkpoint's numbers (fp32) ...
     ckpt = json.loads((tmp_path / "eval" / "summary.json").read_text())
     onnx = json.loads((tmp_path / "eval_onnx" / "summary.json").read_text())

@@ -76,11 +76,10 @@ def _machine_line(doc: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def render_markdown(doc: Mapping[str, Any]) -> str:
-    """The ``bench.md`` text of a ``bench.json`` document."""
+def _header_md(doc: Mapping[str, Any]) -> list[str]:
+    """Machine, software, load, run settings and the definitions used in the tables."""
     m = doc.get("machine", {})
     cfg = doc.get("config", {})
-    records = sorted(doc.get("records", []), key=_sort_key)
     out: list[str] = ["# dunet-bench results", ""]
     out.append(f"**Machine:** {_machine_line(doc)}.  ")
     vers = ", ".join(f"{k} {v}" for k, v in sorted(m.get("versions", {}).items()))
@@ -104,8 +103,12 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
             f"probabilities out); slabs/s = 1000·batch/p50; volumes/s = slabs/s ÷ "
             f"{SLABS_PER_VOLUME}; % peak = achieved GFLOP/s (Conv + MatMul FLOPs of the ONNX "
             "graph) ÷ the matmul peak measured in this run at the same precision.", ""]
+    return out
 
-    out += ["## Matrix-multiply peak (same run)", ""]
+
+def _peak_md(doc: Mapping[str, Any]) -> list[str]:
+    """The matmul peak table."""
+    out = ["## Matrix-multiply peak (same run)", ""]
     peaks = doc.get("peak", {})
     out += _table(["precision", "device", "peak GFLOP/s", "library", "best n",
                    "by library (GFLOP/s)", "at start", "at end"],
@@ -117,7 +120,12 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
     out += ["", "The peak is the best n×n matmul of the libraries the backends use, measured "
             "at the start and at the end of the run; % of peak uses the higher one. A large "
             "gap between the two means the machine was not quiet.", ""]
+    return out
 
+
+def _records_md(doc: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One table of every record per model."""
+    out: list[str] = []
     gpu_cols = any(r.get("gpu_mem_mb") is not None for r in records)
     for model in _models(doc):
         rows = [r for r in records if r["model"] == model]
@@ -142,8 +150,12 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
             row.append(r["iters"])
             table.append(row)
         out += [*_table(headers, table, align="llr" + "r" * (len(headers) - 3)), ""]
+    return out
 
-    out += ["## Best batch per model × backend × precision", ""]
+
+def _best_md(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The best batch of each model × backend × precision."""
+    out = ["## Best batch per model × backend × precision", ""]
     best: dict[tuple[str, str, str], Mapping[str, Any]] = {}
     for r in records:
         k = (r["model"], r["backend"], r["precision"])
@@ -157,10 +169,13 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
                    for r in sorted(best.values(), key=lambda r: (r["model"], *_sort_key(r)))],
                   align="lllrrrrrr")
     out.append("")
+    return out
 
-    ratios = doc.get("ratios", {})
-    out += ["## Ratios (same run)", "",
-            "### D-UNet / 3D UNet per-slab latency, best batch of each (target ≤ 0.25)", ""]
+
+def _ratios_md(ratios: Mapping[str, Any]) -> list[str]:
+    """D-UNet / 3D UNet and backends / torch eager."""
+    out = ["## Ratios (same run)", "",
+           "### D-UNet / 3D UNet per-slab latency, best batch of each (target ≤ 0.25)", ""]
     rows_r = ratios.get("dunet_vs_unet3d", [])
     out += (_table(["backend", "precision", "dunet ms/slab", "unet3d ms/slab", "ratio",
                     "≤ 0.25"],
@@ -176,25 +191,32 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
                    [[e["model"], e["backend"], e["precision"], e["backend_ms_per_slab"],
                      e["torch_ms_per_slab"], e["speedup"]] for e in rows_t], align="lllrrr")
             if rows_t else ["(needs torch and another backend at the same precision)"])
-    out += ["", "### End-to-end `dunet-infer` volume time against pure model time "
-            "(goal ≤ 1.15)", ""]
-    rows_e = ratios.get("e2e", [])
-    if rows_e:
-        out.append("pipeline = in-process `segment_files` wall time minus model load (read, "
-                   "preprocess, infer, post-process, write one NIfTI volume); model = "
-                   "`runner.infer` over the same non-empty slabs in the same batches; best of "
-                   "interleaved repeats for each.")
-        out.append("")
-        out += _table(["model", "backend", "precision", "volume", "slabs run", "batch",
-                       "pipeline s", "model s", "ratio", "≤ 1.15", "incl. load"],
-                      [[e["model"], e["backend"], e["precision"],
-                        "×".join(str(n) for n in e["volume_shape"]), e["slabs_run"],
-                        e["batch_size"], e["pipeline_s"], e["model_s"], e["ratio"],
-                        e["meets_goal"], e.get("ratio_with_load")] for e in rows_e],
-                      align="llllrrrrrlr")
-    else:
-        out.append("(not measured in this run)")
-    out += ["", "## Skipped", ""]
+    return out
+
+
+def _e2e_md(rows_e: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The whole pipeline on one volume against pure model time."""
+    out = ["", "### End-to-end `dunet-infer` volume time against pure model time "
+           "(goal ≤ 1.15)", ""]
+    if not rows_e:
+        return [*out, "(not measured in this run)"]
+    out.append("pipeline = in-process `segment_files` wall time minus model load (read, "
+               "preprocess, infer, post-process, write one NIfTI volume); model = "
+               "`runner.infer` over the same non-empty slabs in the same batches (torch: the "
+               "torch model behind the same pipeline); best of interleaved repeats for each.")
+    out.append("")
+    out += _table(["model", "backend", "precision", "volume", "slabs run", "batch",
+                   "pipeline s", "volumes/s", "model s", "ratio", "≤ 1.15", "incl. load"],
+                  [[e["model"], e["backend"], e["precision"],
+                    "×".join(str(n) for n in e["volume_shape"]), e["slabs_run"],
+                    e["batch_size"], e["pipeline_s"], e.get("volumes_per_s"), e["model_s"],
+                    e["ratio"], e["meets_goal"], e.get("ratio_with_load")] for e in rows_e],
+                  align="llllrrrrrrlr")
+    return out
+
+
+def _skipped_md(doc: Mapping[str, Any]) -> list[str]:
+    out = ["", "## Skipped", ""]
     skipped = doc.get("skipped", [])
     out += (_table(["model", "backend", "precision", "batch", "reason"],
                    [[s["model"], s["backend"], s["precision"], s.get("batch_size", "all"),
@@ -202,6 +224,15 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
             if skipped else ["(nothing)"])
     if doc.get("plot_error"):
         out += ["", f"bench.png was not written: {doc['plot_error']}"]
+    return out
+
+
+def render_markdown(doc: Mapping[str, Any]) -> str:
+    """The ``bench.md`` text of a ``bench.json`` document."""
+    records = sorted(doc.get("records", []), key=_sort_key)
+    ratios = doc.get("ratios", {})
+    out = [*_header_md(doc), *_peak_md(doc), *_records_md(doc, records), *_best_md(records),
+           *_ratios_md(ratios), *_e2e_md(ratios.get("e2e", [])), *_skipped_md(doc)]
     return "\n".join(out) + "\n"
 
 

@@ -477,6 +477,8 @@ def save_nifti_like(
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         if isinstance(exc, Exception):
-            raise DunetError(f"{out}: cannot write ({_reason(exc)})") from None
+            # An OSError names our temporary file; the user's path and the reason are enough.
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else _reason(exc)
+            raise DunetError(f"{out}: cannot write ({why})") from None
         raise
     return out

@@ -442,3 +442,22 @@ def test_truncated_bytes(tmp_path: Path, gz: bool) -> None:
     blob = path.read_bytes()
     with pytest.raises(DunetError, match="^t: cannot read voxel data, file truncated"):
         load_nifti_bytes(blob[: len(blob) // 2], "t")
+
+
+def test_a_failed_write_names_the_users_path_not_our_temporary_file(tmp_path, monkeypatch):
+    import errno
+
+    import nibabel as nib
+
+    from dunet_deploy.data.nifti import NiftiVolume, save_nifti_like
+
+    def disk_full(img, name):
+        raise OSError(errno.ENOSPC, "No space left on device", name)
+
+    monkeypatch.setattr(nib, "save", disk_full)
+    ref = NiftiVolume(data=np.zeros((4, 5, 6), np.float32), affine=np.eye(4))
+    out = tmp_path / "case_mask.nii.gz"
+    with pytest.raises(DunetError) as info:
+        save_nifti_like(out, np.zeros((4, 5, 6), np.uint8), ref, dtype=np.uint8)
+    assert str(info.value) == f"{out}: cannot write (No space left on device)"
+    assert list(tmp_path.iterdir()) == []

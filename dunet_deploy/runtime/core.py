@@ -459,22 +459,14 @@ def segment(
 ) -> Prediction:
     """Run the network on a prepared volume and threshold on the input's grid.
 
-    :func:`predict_grid` then :func:`finish_prediction`.
+    :func:`predict_grid` then :func:`finish_prediction` (whose arguments
+    ``geometry``, ``min_lesion_mm3``, ``times`` and ``keep_prob`` these are).
 
     Args:
         net: From :func:`to_network` (its slices are released afterwards).
-        geometry: The input's affine and header (its ``data`` only gives the shape).
-        spec: The model's preprocessing spec.
         predict: ``float32 [N, C, S, S] -> float32 [N, 1, S, S]`` (already
             wrapped for test-time augmentation when wanted).
         batch_size: Slabs per ``predict`` call.
-        min_lesion_mm3: Remove 3D face-connected lesions smaller than this
-            (mm³ on the input's grid); 0 keeps all.
-        times: Per-stage seconds so far; the :class:`Prediction` carries them on.
-        keep_prob: ``False`` when no probability map is wanted: on an input
-            that needs no resampling back, only the box where the mask can be
-            1 is resized (the mask is bit-identical) and ``Prediction.prob``
-            is ``None``.
 
     Returns:
         The :class:`Prediction`.

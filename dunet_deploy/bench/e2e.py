@@ -76,11 +76,8 @@ def run_e2e(
     if not todo:
         return rows, skipped
     try:
-        from dunet_deploy.artifacts import read_artifact_info
-        from dunet_deploy.data.preprocess import slices_to_slabs
         from dunet_deploy.data.synth import write_dataset
-        from dunet_deploy.runtime.base import open_runner
-        from dunet_deploy.runtime.pipeline import InputItem, prepare_volume, segment_files
+        from dunet_deploy.runtime.pipeline import InputItem, prepare_volume
     except ImportError as exc:
         skipped.append(Skip(art.name, "(e2e)", "-", f"runtime pipeline unavailable ({exc})"))
         return rows, skipped
@@ -94,55 +91,10 @@ def run_e2e(
     if not prep.result.ok or prep.slices is None or prep.indices is None:
         skipped.append(Skip(art.name, "(e2e)", "-", f"volume not usable: {prep.result.message}"))
         return rows, skipped
-    dev = "cpu" if cfg.device == "cpu" else "cuda"
     for backend, precision in todo:
-        model_runs: list[float] = []
-        pipe_runs: list[tuple[float, dict[str, Any]]] = []
         try:
-            opts: dict[str, Any] = {}
-            factory = None
-            if backend == "tensorrt":
-                path = art.engine(precision)
-            elif backend == "torch":
-                path = art.onnx()  # its metadata (spec) only; the torch model runs
-                factory = _torch_runner_factory(art, precision, cfg.device)
-            else:
-                use16 = precision == "fp16" and backend == "onnxruntime"
-                path = art.onnx_fp16() if use16 else art.onnx()
-                opts = {"threads": cfg.threads, "precision": precision, "device": dev}
-
-            def open_model(path: Path = path, factory: Any = factory,
-                           opts: dict[str, Any] = opts, backend: str = backend) -> Any:
-                if factory is not None:
-                    return factory(path, read_artifact_info(path))
-                return open_runner(path, backend, **opts)
-
-            # Interleaved repeats, best of each: a burst of other work on the machine
-            # hits one run, not the ratio.
-            for rep in range(cfg.e2e_repeats):
-                with open_model() as runner:
-                    step = cfg.e2e_batch_size if runner.max_batch is None else min(
-                        cfg.e2e_batch_size, runner.max_batch)
-                    batches = [slices_to_slabs(prep.slices, spec, prep.indices[i:i + step])
-                               for i in range(0, prep.indices.size, step)]
-                    runner.infer(batches[0])  # warm-up, as the pipeline's first batch is not
-                    model_s = 0.0
-                    for slabs in batches:
-                        t0 = time.perf_counter()
-                        runner.infer(slabs)
-                        model_s += time.perf_counter() - t0
-                model_runs.append(model_s)
-                local = {} if factory is not None else {
-                    "backend": backend, "threads": cfg.threads if backend != "tensorrt" else None,
-                    "precision": precision, "device": dev if backend != "tensorrt" else "auto"}
-                summary = segment_files(
-                    path, [vol_path], work / f"e2e_{backend}_{precision}_{rep}",
-                    batch_size=cfg.e2e_batch_size, runner_factory=factory, **local)
-                case = summary["cases"][0]
-                if case["status"] != "ok":
-                    raise DunetError(str(case["message"]))
-                pipe_runs.append((float(summary["wall_s"]) - float(summary["model_load_s"]),
-                                  summary))
+            model_runs, pipe_runs, step = _measure_backend(cfg, art, backend, precision, prep,
+                                                           vol_path, work)
         except (Unavailable, DunetError, RuntimeError, OSError) as exc:
             skipped.append(Skip(art.name, f"{backend} (e2e)", precision, one_line(exc)))
             log(f"  e2e {backend} {precision}: skipped ({one_line(exc)})")
@@ -166,3 +118,62 @@ def run_e2e(
     return rows, skipped
 
 
+
+
+def _measure_backend(
+    cfg: BenchConfig, art: Any, backend: str, precision: str, prep: Any, vol_path: Path,
+    work: Path,
+) -> tuple[list[float], list[tuple[float, dict[str, Any]]], int]:
+    """Interleaved repeats of pure model time and pipeline time for one backend × precision.
+
+    Returns:
+        ``(model seconds per repeat, (pipeline seconds, summary) per repeat, batch size)``.
+    """
+    from dunet_deploy.artifacts import read_artifact_info
+    from dunet_deploy.data.preprocess import slices_to_slabs
+    from dunet_deploy.runtime.base import open_runner
+    from dunet_deploy.runtime.pipeline import segment_files
+
+    spec = art.spec
+    dev = "cpu" if cfg.device == "cpu" else "cuda"
+    opts: dict[str, Any] = {}
+    factory = None
+    if backend == "tensorrt":
+        path = art.engine(precision)
+    elif backend == "torch":
+        path = art.onnx()  # its metadata (spec) only; the torch model runs
+        factory = _torch_runner_factory(art, precision, cfg.device)
+    else:
+        use16 = precision == "fp16" and backend == "onnxruntime"
+        path = art.onnx_fp16() if use16 else art.onnx()
+        opts = {"threads": cfg.threads, "precision": precision, "device": dev}
+    local = {} if factory is not None else {
+        "backend": backend, "threads": cfg.threads if backend != "tensorrt" else None,
+        "precision": precision, "device": dev if backend != "tensorrt" else "auto"}
+    model_runs: list[float] = []
+    pipe_runs: list[tuple[float, dict[str, Any]]] = []
+    step = cfg.e2e_batch_size
+    # Interleaved repeats, best of each: a burst of other work on the machine hits one
+    # run, not the ratio.
+    for rep in range(cfg.e2e_repeats):
+        runner = (factory(path, read_artifact_info(path)) if factory is not None
+                  else open_runner(path, backend, **opts))
+        with runner:
+            step = cfg.e2e_batch_size if runner.max_batch is None else min(
+                cfg.e2e_batch_size, runner.max_batch)
+            batches = [slices_to_slabs(prep.slices, spec, prep.indices[i:i + step])
+                       for i in range(0, prep.indices.size, step)]
+            runner.infer(batches[0])  # warm-up, as the pipeline's first batch is not
+            model_s = 0.0
+            for slabs in batches:
+                t0 = time.perf_counter()
+                runner.infer(slabs)
+                model_s += time.perf_counter() - t0
+        model_runs.append(model_s)
+        summary = segment_files(path, [vol_path], work / f"e2e_{backend}_{precision}_{rep}",
+                                batch_size=cfg.e2e_batch_size, runner_factory=factory, **local)
+        case = summary["cases"][0]
+        if case["status"] != "ok":
+            raise DunetError(str(case["message"]))
+        pipe_runs.append((float(summary["wall_s"]) - float(summary["model_load_s"]), summary))
+    return model_runs, pipe_runs, step

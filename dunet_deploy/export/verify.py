@@ -353,6 +353,62 @@ def verify_fp32(
     }
 
 
+def _gate_against_fp32(
+    onnx32: str | os.PathLike[str],
+    inputs: dict[str, np.ndarray],
+    spec: PreprocessSpec,
+    backends: list[tuple[str, Runner]],
+    min_agreement: float,
+    *,
+    kind: str,
+    name: str,
+    log: Log | None,
+) -> dict[str, Any]:
+    """Each backend against the FP32 ONNX on ONNX Runtime; the synthetic volume is the gate.
+
+    Args:
+        onnx32: The reference FP32 ONNX.
+        inputs: Named slab sets (``"synthetic"`` is the one gated).
+        spec: Its threshold binarises the masks.
+        backends: ``(name, run)`` pairs under test.
+        min_agreement: Least mask agreement on the synthetic volume.
+        kind: What is verified, for messages (``"FP16"``, ``"TensorRT"``).
+        name: The file under test, for messages.
+        log: Where the table goes.
+
+    Returns:
+        JSON-able ``{"reference": "fp32 onnx", "min_mask_agreement", "rows", "passed": True}``.
+
+    Raises:
+        DunetError: naming the first backend below ``min_agreement``.
+    """
+    from dataclasses import replace
+
+    from dunet_deploy.errors import DunetError
+
+    rows = []
+    for label, slabs in inputs.items():
+        ref = run_onnxruntime(onnx32, slabs)
+        for backend, run in backends:
+            row = compare(ref, run(slabs), spec.threshold, inputs=label, backend=backend,
+                          reference_name="fp32 onnx")
+            gate = row.mask_agreement >= min_agreement if label == "synthetic" else None
+            rows.append(replace(row, passed=gate))
+    if log is not None:
+        log(f"verification of {name} (mask agreement >= {100 * min_agreement:g}% on the "
+            "synthetic volume)")
+        log(format_table(rows))
+    bad = [r for r in rows if r.passed is False]
+    if bad:
+        raise DunetError(
+            f"{kind} verification failed: {name} agrees with the FP32 masks on "
+            f"{100 * bad[0].mask_agreement:.3f}% < {100 * min_agreement:g}% of the "
+            f"synthetic-volume pixels ({bad[0].backend})"
+        )
+    return {"reference": "fp32 onnx", "min_mask_agreement": min_agreement,
+            "rows": [r.to_dict() for r in rows], "passed": True}
+
+
 def verify_fp16(
     onnx32: str | os.PathLike[str],
     onnx16: str | os.PathLike[str],
@@ -377,11 +433,8 @@ def verify_fp16(
         DunetError: when a backend agrees with the FP32 masks on less than
             :data:`FP16_MIN_AGREEMENT` of the synthetic-volume pixels.
     """
-    from dataclasses import replace
-
     import onnx
 
-    from dunet_deploy.errors import DunetError
     from dunet_deploy.export.fp16 import emulate_fp16
 
     if inputs is None:
@@ -391,44 +444,12 @@ def verify_fp16(
         ("fp16-emulation", lambda x: run_onnxruntime(emulated, x)),
         ("onnxruntime-cpu", lambda x: run_onnxruntime(onnx16, x)),
     ]
-    have_ov = openvino_available()
-    if have_ov:
+    if openvino_available():
         backends.append(("openvino-cpu-f32", lambda x: run_openvino(onnx16, x)))
-    rows = []
-    for name, slabs in inputs.items():
-        ref = run_onnxruntime(onnx32, slabs)
-        for backend, run in backends:
-            row = compare(
-                ref,
-                run(slabs),
-                spec.threshold,
-                inputs=name,
-                backend=backend,
-                reference_name="fp32 onnx",
-            )
-            gate = row.mask_agreement >= FP16_MIN_AGREEMENT if name == "synthetic" else None
-            rows.append(replace(row, passed=gate))
-    if log is not None:
-        log(
-            f"verification of {Path(onnx16).name} (mask agreement >= "
-            f"{100 * FP16_MIN_AGREEMENT:g}% on the synthetic volume)"
-        )
-        log(format_table(rows))
-        if not have_ov:
-            log("note: openvino is not installed; FP16 verified with ONNX Runtime only")
-    bad = [r for r in rows if r.passed is False]
-    if bad:
-        raise DunetError(
-            f"FP16 verification failed: {Path(onnx16).name} agrees with the FP32 masks on "
-            f"{100 * bad[0].mask_agreement:.3f}% < {100 * FP16_MIN_AGREEMENT:g}% of the "
-            f"synthetic-volume pixels ({bad[0].backend})"
-        )
-    return {
-        "reference": "fp32 onnx",
-        "min_mask_agreement": FP16_MIN_AGREEMENT,
-        "rows": [r.to_dict() for r in rows],
-        "passed": True,
-    }
+    elif log is not None:
+        log("note: openvino is not installed; FP16 verified with ONNX Runtime only")
+    return _gate_against_fp32(onnx32, inputs, spec, backends, FP16_MIN_AGREEMENT,
+                              kind="FP16", name=Path(onnx16).name, log=log)
 
 
 def verify_engine(
@@ -454,30 +475,11 @@ def verify_engine(
         DunetError: when TensorRT/the GPU is unusable or the engine agrees with
             the FP32 masks on less than ``min_agreement`` of the synthetic pixels.
     """
-    from dataclasses import replace
-
-    from dunet_deploy.errors import DunetError
     from dunet_deploy.runtime.base import open_runner
 
     if inputs is None:
         inputs = verification_inputs(spec, seed=seed, max_synthetic_slabs=max_synthetic_slabs)
-    rows = []
     with open_runner(Path(plan), "tensorrt") as runner:
-        for name, slabs in inputs.items():
-            row = compare(run_onnxruntime(onnx32, slabs), runner.infer(slabs), spec.threshold,
-                          inputs=name, backend="tensorrt", reference_name="fp32 onnx")
-            gate = row.mask_agreement >= min_agreement if name == "synthetic" else None
-            rows.append(replace(row, passed=gate))
-    if log is not None:
-        log(f"verification of {Path(plan).name} (mask agreement >= {100 * min_agreement:g}% "
-            "on the synthetic volume)")
-        log(format_table(rows))
-    bad = [r for r in rows if r.passed is False]
-    if bad:
-        raise DunetError(
-            f"TensorRT verification failed: {Path(plan).name} agrees with the FP32 masks on "
-            f"{100 * bad[0].mask_agreement:.3f}% < {100 * min_agreement:g}% of the "
-            "synthetic-volume pixels"
-        )
-    return {"reference": "fp32 onnx", "min_mask_agreement": min_agreement,
-            "rows": [r.to_dict() for r in rows], "passed": True}
+        return _gate_against_fp32(onnx32, inputs, spec, [("tensorrt", runner.infer)],
+                                  min_agreement, kind="TensorRT", name=Path(plan).name,
+                                  log=log)

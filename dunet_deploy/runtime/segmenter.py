@@ -49,7 +49,7 @@ from dunet_deploy.runtime.pipeline import (
 from dunet_deploy.runtime.workers import run_in_workers
 from dunet_deploy.spec import InferenceDefaults, PreprocessSpec
 
-__all__ = ["Prediction", "Segmenter", "as_volume", "model_defaults", "resolve_inference"]
+__all__ = ["Prediction", "Segmenter", "as_volume", "resolve_inference"]
 
 ImageLike = str | os.PathLike[str] | NiftiVolume | np.ndarray | Any
 
@@ -103,7 +103,7 @@ class Segmenter(Closeable):
         self.model_path = Path(model)
         self.info: ArtifactInfo = read_artifact_info(self.model_path)
         self.inference, self._inference_source = resolve_inference(
-            model_defaults(self.info), tta=tta, min_lesion_mm3=min_lesion_mm3)
+            self.info.inference, tta=tta, min_lesion_mm3=min_lesion_mm3)
         self.resample = resample
         self.batch_size = int(batch_size)
         self.threads = threads
@@ -276,11 +276,6 @@ class Segmenter(Closeable):
         if interrupted is not None:
             raise interrupted
         return summary
-
-
-def model_defaults(info: ArtifactInfo) -> InferenceDefaults:
-    """The inference defaults a model was exported with (built-in defaults if none)."""
-    return info.inference
 
 
 def resolve_inference(

@@ -6,6 +6,8 @@ function validates against them, so a new backend or precision is added once.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "BACKENDS",
     "BENCH_BACKENDS",
@@ -18,6 +20,7 @@ __all__ = [
     "SPLITS",
     "TRAIN_DEVICES",
     "TTA_MODES",
+    "check_choice",
 ]
 
 #: Runtime backends (besides ``"auto"``): what ``dunet-infer``/``dunet-eval``/``dunet-serve`` run.
@@ -45,3 +48,20 @@ RESAMPLE_MODES: tuple[str, ...] = ("auto", "never")
 #: On-disk type of probability maps: float32, or uint16 (p * 65535 with scl_slope; NIfTI has
 #: no float16).
 PROB_DTYPES: tuple[str, ...] = ("float32", "uint16")
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    """Return ``value`` when it is one of ``choices``, else raise one line naming ``name``.
+
+    The one phrasing for a bad choice: ``precision 'x': choose one of auto, fp32, ...``.
+    ``name`` is the parameter's name (not a command-line flag); the error's
+    ``option`` attribute carries it so a command can print its ``--flag`` instead.
+
+    Raises:
+        DunetError: when ``value`` is not in ``choices``.
+    """
+    if value not in choices:
+        from dunet_deploy.errors import DunetError
+
+        raise DunetError(f"{name} {value!r}: choose one of {', '.join(choices)}", option=name)
+    return str(value)

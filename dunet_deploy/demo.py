@@ -166,7 +166,7 @@ def _segment_heldout(cfg: DemoConfig, held: Any, out: Path) -> dict[str, Any]:
     """``segment_files`` on the held-out case, scored against its mask; writes the overlay."""
     from dunet_deploy.data.nifti import load_mask, load_nifti
     from dunet_deploy.metrics import case_metrics
-    from dunet_deploy.runtime.pipeline import segment_files
+    from dunet_deploy.runtime.segmenter import segment_files
 
     summary = segment_files(out / "export" / "model.onnx", [held.image], out / "infer",
                             backend="auto", threads=cfg.threads)

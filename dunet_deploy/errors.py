@@ -20,7 +20,31 @@ class DunetError(Exception):
 
     The message must be a single line that names the offending thing (file,
     field, case) and says what is wrong with it.
+
+    Args:
+        message: The one-line message; a library message names a parameter
+            (``batch_size 0: must be >= 1``), never a command-line flag.
+        option: The parameter the message starts with, when it is about one:
+            a command prints its flag instead (:meth:`for_command`).
     """
+
+    def __init__(self, message: object = "", *, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+    def for_command(self, flags: dict[str, str] | None = None) -> str:
+        """The message with its leading parameter name written as a command-line flag.
+
+        ``batch_size 0: must be >= 1`` becomes ``--batch-size 0: must be >= 1``;
+        ``flags`` maps a parameter to a flag of another spelling
+        (``{"model": "--engine"}``).
+        """
+        text = str(self)
+        name = self.option
+        if not name or not text.startswith(name):
+            return text
+        flag = (flags or {}).get(name, "--" + name.replace("_", "-"))
+        return flag + text[len(name):]
 
 
 def one_line(message: object, limit: int = 300) -> str:

@@ -132,7 +132,7 @@ def _measure_backend(
     from dunet_deploy.artifacts import read_artifact_info
     from dunet_deploy.data.preprocess import slices_to_slabs
     from dunet_deploy.runtime.base import open_runner
-    from dunet_deploy.runtime.pipeline import segment_files
+    from dunet_deploy.runtime.segmenter import segment_files
 
     spec = art.spec
     dev = "cpu" if cfg.device == "cpu" else "cuda"
@@ -147,7 +147,7 @@ def _measure_backend(
         use16 = precision == "fp16" and backend == "onnxruntime"
         path = art.onnx_fp16() if use16 else art.onnx()
         opts = {"threads": cfg.threads, "precision": precision, "device": dev}
-    local = {} if factory is not None else {
+    local: dict[str, Any] = {} if factory is not None else {
         "backend": backend, "threads": cfg.threads if backend != "tensorrt" else None,
         "precision": precision, "device": dev if backend != "tensorrt" else "auto"}
     model_runs: list[float] = []

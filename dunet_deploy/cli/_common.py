@@ -77,7 +77,7 @@ def handle_errors(func: F) -> F:
             if _debug():
                 raise
             if isinstance(exc, DunetError):
-                fail(exc)
+                fail(exc.for_command())
             if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
                 fail(f"{exc.filename}: {exc.strerror}")
             fail(f"{exc} ({type(exc).__name__})")

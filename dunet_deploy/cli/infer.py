@@ -41,8 +41,14 @@ from dunet_deploy.cli._common import DunetCommand, handle_errors, one_line
 from dunet_deploy.errors import DunetError
 
 EXIT_SOME_FAILED = 1
-# Same as dunet_deploy.runtime.base (a test keeps them equal); not imported
-# from there because that imports numpy.
+
+#: Parameters of ``main`` that are not :class:`~dunet_deploy.runtime.options.InferenceOptions`
+#: fields: what the command itself does with them (every other parameter is a field;
+#: tests/cli/test_infer_cli.py::test_every_parameter_is_an_option_or_cli_only checks it).
+CLI_ONLY = frozenset({"model_path", "inputs", "out_dir", "triton_url", "server_side", "preview",
+                      "quiet"})
+#: Flags spelled otherwise than ``--<field-name>`` (for messages about an option).
+FLAGS = {"model": "--engine", "inputs": "INPUTS"}
 
 
 class _Progress:
@@ -93,6 +99,26 @@ def _expand(inputs: tuple[str, ...], recursive: bool) -> list[str]:
         if item.matched_nothing:
             raise DunetError(str(item.error))
     return [str(item.path) for item in items]
+
+
+def build_options(params: dict[str, Any]) -> Any:
+    """The run's :class:`~dunet_deploy.runtime.options.InferenceOptions` from ``main``'s parameters.
+
+    ``workers`` left out becomes :func:`~dunet_deploy.runtime.workers.default_workers`.
+
+    Raises:
+        DunetError: for an invalid combination (with the flag named).
+    """
+    from dunet_deploy.runtime.options import InferenceOptions
+    from dunet_deploy.runtime.workers import default_workers
+
+    fields = {k: v for k, v in params.items() if k not in CLI_ONLY}
+    if fields.get("workers") is None:
+        fields["workers"] = default_workers()
+    try:
+        return InferenceOptions(**fields)
+    except DunetError as exc:
+        raise DunetError(exc.for_command(FLAGS)) from None
 
 
 @click.command(cls=DunetCommand)
@@ -168,9 +194,9 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
     """
     # Imported here so that `dunet-infer --help` stays instant.
     from dunet_deploy.artifacts import check_output_dir
-    from dunet_deploy.runtime.pipeline import SUMMARY_NAME, CaseResult, segment_files
-    from dunet_deploy.runtime.workers import default_workers
+    from dunet_deploy.runtime.pipeline import SUMMARY_NAME, CaseResult
 
+    options = build_options(click.get_current_context().params)
     volumes = _expand(inputs, recursive)
     check_output_dir(out_dir, "-o/--out")
     if preview:
@@ -203,18 +229,14 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
                 raise DunetError("--server-side needs --triton-url and cannot --save-prob")
             summary = segment_server_side(
                 triton_url, volumes, out_dir, expected=read_artifact_info(model_path),
-                on_start=progress.start, on_result=on_result)
+                on_start=progress.start, on_result=on_result, options=options)
         else:
-            summary = segment_files(
-                model_path, volumes, out_dir, backend=backend, batch_size=batch_size,
-                save_prob=save_prob, prob_dtype=prob_dtype, threads=threads,
-                precision=precision, device=device, tta=tta, min_lesion_mm3=min_lesion_mm3,
-                resample=resample,
-                workers=default_workers() if workers is None else workers,
-                runner_opts={"cuda_graph": True} if cuda_graph else None,
-                on_start=on_start, on_result=on_result,
-                runner_factory=triton_runner if triton_url else None,
-            )
+            from dunet_deploy.runtime.segmenter import Segmenter
+
+            with Segmenter(model_path, options, lazy=True,
+                           runner_factory=triton_runner if triton_url else None) as seg:
+                summary = seg.predict_files(volumes, out_dir, on_start=on_start,
+                                            on_result=on_result)
     finally:
         progress.close()
     if preview:

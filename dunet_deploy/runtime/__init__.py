@@ -24,9 +24,12 @@ _LAZY = {
     "NetworkInput": "core", "Prediction": "core", "Predictor": "core",
     "predict_grid": "core", "predict_volume": "core", "segment": "core",
     "to_network": "core",
-    "CaseResult": "pipeline", "Prefetcher": "pipeline", "expand_inputs": "pipeline",
-    "prepare_volume": "pipeline", "run_cases": "pipeline", "segment_files": "pipeline",
-    "Segmenter": "segmenter",
+    "CaseResult": "pipeline", "expand_inputs": "pipeline", "prepare_volume": "pipeline",
+    "prepare_source": "pipeline", "infer_case": "pipeline", "finish_case": "pipeline",
+    "write_case": "pipeline", "NiftiReader": "pipeline", "NiftiWriter": "pipeline",
+    "Prefetcher": "inprocess", "run_cases": "inprocess",
+    "InferenceOptions": "options",
+    "Segmenter": "segmenter", "segment_files": "segmenter",
 }
 
 __all__ = ["Runner", "backend_for", "open_runner", *sorted(_LAZY)]

@@ -1,31 +1,33 @@
-"""Files in, masks out: the machinery behind ``dunet-infer`` and ``Segmenter.predict_files``.
+"""The stages of a run over files, shared by every executor.
 
 Per input::
 
-    load_nifti -> core.to_network -> core.segment(predict) -> Prediction.save
+    Reader.read -> prepare_source (core.to_network) -> infer_case (core.predict_grid)
+        -> finish_case (core.finish_prediction) -> Writer.write      (write_case = the last two)
 
-The per-volume work is :mod:`dunet_deploy.runtime.core` (the one inference
-core); this module expands command-line inputs, reads and preprocesses the next
-volume on a background thread while the model runs on the current one (a
-bounded queue holds at most ``prefetch`` ready volumes; decompression,
-percentiles and matmul resizing release the GIL), records one
-:class:`CaseResult` per input and writes ``summary.json``.
+Each stage records its problems in the input's :class:`CaseResult` instead of
+raising, so one bad input fails only its own case (bugs keep their
+traceback). The executors run these stages: in this process
+(:mod:`~dunet_deploy.runtime.inprocess`) or with reading and writing in worker
+processes (:mod:`~dunet_deploy.runtime.workers`); ``Segmenter.predict`` and
+the Triton ``dunet_volume`` model run the same three stages on one volume.
+This module also expands command-line inputs (asking the :class:`Reader`
+what an input is) and builds ``summary.json``.
 
-Nothing here imports torch.
+Imports point one way: ``core`` <- this module <- executors <- ``Segmenter``
+<- CLI. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-import queue
 import re
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -36,29 +38,36 @@ from dunet_deploy.machine import machine_info
 from dunet_deploy.runtime.base import Runner, one_line
 from dunet_deploy.runtime.core import (
     NetworkInput,
+    Prediction,
     Predictor,
     finish_prediction,
     geometry_of,
     predict_grid,
     to_network,
 )
+from dunet_deploy.runtime.options import InferenceOptions
 from dunet_deploy.spec import PreprocessSpec
 
 __all__ = [
+    "NIFTI_READER",
+    "NIFTI_WRITER",
     "CaseResult",
     "InputItem",
     "Meter",
+    "NiftiReader",
+    "NiftiWriter",
     "OutputOptions",
-    "Prefetcher",
     "PreparedVolume",
+    "Reader",
+    "Writer",
     "expand_inputs",
+    "finish_case",
     "infer_case",
     "label_file_reason",
     "output_stem",
     "prepare_output_dir",
+    "prepare_source",
     "prepare_volume",
-    "run_cases",
-    "segment_files",
     "summary_document",
     "write_case",
 ]
@@ -113,6 +122,51 @@ def output_stem(path: str | os.PathLike[str]) -> str:
     return name[: -len(suffix)] if suffix else name
 
 
+class Reader(Protocol):
+    """Says what an input is and reads it (the NIfTI reader; later a DICOM series reader).
+
+    A reader must be picklable (worker processes read with it).
+    """
+
+    #: What a folder is searched for, for messages (``".nii or .nii.gz files"``).
+    kinds: str
+
+    def is_case(self, path: Path) -> bool:
+        """Whether an existing ``path`` is itself one input (a file; a DICOM series folder)."""
+
+    def cases_in(self, folder: Path, recursive: bool) -> list[Path]:
+        """The inputs in ``folder`` (and below it with ``recursive``), sorted."""
+
+    def read(self, path: Path) -> NiftiVolume:
+        """The volume of one input.
+
+        Raises:
+            DunetError: ``"<path>: <reason>"`` for an input that cannot be read.
+        """
+
+
+class NiftiReader:
+    """The default :class:`Reader`: every ``.nii`` / ``.nii.gz`` file is one case."""
+
+    kinds = ".nii or .nii.gz files"
+
+    def is_case(self, path: Path) -> bool:
+        """A file (named explicitly, any name) is one input; a folder is not."""
+        return not path.is_dir()
+
+    def cases_in(self, folder: Path, recursive: bool) -> list[Path]:
+        """NIfTI files directly in ``folder`` (or anywhere below it), sorted."""
+        listing = folder.rglob("*") if recursive else folder.iterdir()
+        return sorted(p for p in listing if p.is_file() and nifti_suffix(p))
+
+    def read(self, path: Path) -> NiftiVolume:
+        """:func:`~dunet_deploy.data.nifti.load_nifti`."""
+        return load_nifti(path)
+
+
+NIFTI_READER = NiftiReader()
+
+
 def _has_magic(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
@@ -129,21 +183,20 @@ def _scans(found: Iterable[Path], skipped: list[tuple[Path, str]] | None) -> lis
     return scans
 
 
-def _expand_one(text: str, recursive: bool,
-                skipped: list[tuple[Path, str]] | None) -> list[InputItem]:
+def _expand_one(text: str, recursive: bool, skipped: list[tuple[Path, str]] | None,
+                reader: Reader) -> list[InputItem]:
     path = Path(text)
-    if path.is_dir():
-        listing = path.rglob("*") if recursive else path.iterdir()
-        found = _scans(sorted(p for p in listing if p.is_file() and nifti_suffix(p)), skipped)
+    if path.is_dir() and not reader.is_case(path):
+        found = _scans(reader.cases_in(path, recursive), skipped)
         where = "directory or its sub-folders" if recursive else "directory"
         if not found:
             hint = "" if recursive else " (--recursive looks in sub-folders)"
-            return [InputItem(path, f"{path}: no scans (.nii or .nii.gz files) in {where}{hint}",
+            return [InputItem(path, f"{path}: no scans ({reader.kinds}) in {where}{hint}",
                               matched_nothing=True)]
         return [InputItem(p) for p in found]
     if _has_magic(text) and not path.exists():
         matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
-        found = _scans([p for p in matches if p.is_file()], skipped)
+        found = _scans([p for p in matches if reader.is_case(p)], skipped)
         if not found:
             return [InputItem(path, f"{text}: no file matches", matched_nothing=True)]
         return [InputItem(p) for p in found]
@@ -151,15 +204,17 @@ def _expand_one(text: str, recursive: bool,
 
 
 def expand_inputs(
-    inputs: Sequence[str | os.PathLike[str]],
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
     recursive: bool = False,
     skipped: list[tuple[Path, str]] | None = None,
+    reader: Reader = NIFTI_READER,
 ) -> list[InputItem]:
     """Turn command-line inputs into the list of volumes to process, in order.
 
-    * a directory gives every ``*.nii`` / ``*.nii.gz`` file directly inside it
-      (sorted), or anywhere below it with ``recursive``;
+    * a directory that the ``reader`` does not take as one input gives the
+      inputs it finds there (NIfTI: every ``*.nii`` / ``*.nii.gz`` file directly
+      inside it, sorted, or anywhere below it with ``recursive``);
     * a pattern with ``*``, ``?`` or ``[`` that is not an existing file is a
       glob (``**`` recurses), sorted;
     * anything else is taken as a file (a missing one fails when it is read).
@@ -171,17 +226,27 @@ def expand_inputs(
     name fail the second one instead of overwriting.
 
     Args:
-        inputs: Files, directories and patterns, as given.
+        inputs: Files, directories and patterns, as given; a single ``str`` or
+            path-like is one input (not a sequence of characters).
         recursive: Directories are searched in their sub-folders too.
         skipped: Receives ``(path, why)`` for each mask left out.
+        reader: Says what an input is (:data:`NIFTI_READER`).
 
     Returns:
         One :class:`InputItem` per volume or per input that matched nothing
         (``matched_nothing``).
+
+    Raises:
+        DunetError: for an input that is not a ``str`` or path-like (bytes included).
     """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
     items: list[InputItem] = []
     for raw in inputs:
-        items.extend(_expand_one(os.fspath(raw), recursive, skipped))
+        if not isinstance(raw, (str, os.PathLike)) or isinstance(os.fspath(raw), bytes):
+            raise DunetError(f"inputs: {raw!r} is not a path (give str or pathlib.Path)",
+                             option="inputs")
+        items.extend(_expand_one(os.fspath(raw), recursive, skipped, reader))
 
     seen: set[Path] = set()
     stems: dict[str, Path] = {}
@@ -319,156 +384,180 @@ class PreparedVolume:
         return None if self.net is None else self.net.indices
 
 
-def prepare_volume(
-    item: InputItem, spec: PreprocessSpec, resample: str = "auto"
+def prepare_source(
+    item: InputItem, source: NiftiVolume, spec: PreprocessSpec, *, resample: str = "auto",
+    as_is: bool = False, result: CaseResult | None = None,
 ) -> PreparedVolume:
-    """Read one input and bring it onto the model's grid; errors go into the result.
+    """Stage 1 on a volume already read: bring it onto the model's grid; errors go into the result.
 
     Args:
-        item: The input.
+        item: The input the volume came from (names it in messages and outputs).
+        source: The volume (voxels, affine, header).
         spec: The model's preprocessing spec.
         resample: ``"auto"`` or ``"never"`` (see :func:`~dunet_deploy.runtime.core.to_network`).
+        as_is: Take the voxels as already on the model's grid (an array given
+            without an affine): no reorientation, no resampling.
+        result: The case's result so far (e.g. with its ``read`` time).
 
     Returns:
         A :class:`PreparedVolume` (``result.status == "error"`` on failure).
     """
-    result = CaseResult(input=str(item.path))
+    result = CaseResult(input=str(item.path)) if result is None else result
     prep = PreparedVolume(item, result)
-    if item.error is not None:
-        result.fail(item.path, item.error)
-        return prep
     try:
-        t0 = time.perf_counter()
-        vol = load_nifti(item.path)
-        result.times["read"] = time.perf_counter() - t0
-        net = to_network(vol.data, spec, affine=vol.affine, resample=resample,
-                         times=result.times)
+        net = to_network(source.data, spec, affine=None if as_is else source.affine,
+                         resample=resample, times=result.times)
     except CASE_ERRORS as exc:
         result.fail(item.path, exc)
         return prep
-    result.shape = [int(n) for n in vol.shape]
-    result.zooms = [float(z) for z in vol.zooms]
+    result.shape = [int(n) for n in source.shape]
+    result.zooms = [float(z) for z in source.zooms]
     z = net.shape[spec.axial_axis]
     result.slabs_run, result.slabs_skipped = int(net.indices.size), int(z - net.indices.size)
     if net.space is not None:
         result.geometry = net.space.describe()
         result.warnings = list(net.space.warnings)
-    prep.ref, prep.net = geometry_of(vol), net
+    prep.ref, prep.net = geometry_of(source), net
     return prep
 
 
-class Prefetcher:
-    """Reads and preprocesses inputs on a background thread, in order.
-
-    Iterate over it to get :class:`PreparedVolume` objects; at most
-    ``depth`` finished volumes wait in the queue, so memory stays bounded.
-    Use as a context manager (or call :meth:`close`) so the thread stops
-    when the consumer stops early.
+def prepare_volume(
+    item: InputItem, spec: PreprocessSpec, resample: str = "auto",
+    reader: Reader = NIFTI_READER,
+) -> PreparedVolume:
+    """Stage 1: read one input and bring it onto the model's grid; errors go into the result.
 
     Args:
-        items: Inputs in processing order.
+        item: The input.
         spec: The model's preprocessing spec.
-        depth: Queue size (ready volumes held ahead of the consumer), >= 1.
-        resample: ``"auto"`` or ``"never"``, for :func:`prepare_volume`.
+        resample: ``"auto"`` or ``"never"`` (see :func:`~dunet_deploy.runtime.core.to_network`).
+        reader: Reads the input (:data:`NIFTI_READER`).
+
+    Returns:
+        A :class:`PreparedVolume` (``result.status == "error"`` on failure).
+    """
+    result = CaseResult(input=str(item.path))
+    if item.error is not None:
+        result.fail(item.path, item.error)
+        return PreparedVolume(item, result)
+    try:
+        t0 = time.perf_counter()
+        source = reader.read(item.path)
+        result.times["read"] = time.perf_counter() - t0
+    except CASE_ERRORS as exc:
+        result.fail(item.path, exc)
+        return PreparedVolume(item, result)
+    return prepare_source(item, source, spec, resample=resample, result=result)
+
+
+# ----------------------------------------------------------------- writing
+class Writer(Protocol):
+    """Writes one case's outputs (the NIfTI writer; later a DICOM SEG writer).
+
+    A writer must be picklable (worker processes write with it).
     """
 
-    _DONE = object()
+    def targets(self, item: InputItem, out: OutputOptions) -> dict[str, Path]:
+        """The files :meth:`write` would write, by ``CaseResult`` field (``mask``, ``prob``)."""
 
-    def __init__(self, items: Sequence[InputItem], spec: PreprocessSpec, depth: int = 1,
-                 resample: str = "auto") -> None:
-        self._items = list(items)
-        self._spec = spec
-        self._resample = resample
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, name="dunet-prefetch", daemon=True)
-        self._thread.start()
+    def write(self, pred: Prediction, prep: PreparedVolume, out: OutputOptions) -> dict[str, Path]:
+        """Write the case atomically (all of its files or none); returns :meth:`targets`.
 
-    def _put(self, obj: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(obj, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        Raises:
+            DunetError: naming the file that could not be written.
+        """
 
-    def _work(self) -> None:
-        try:
-            for item in self._items:
-                if self._stop.is_set() or not self._put(
-                        prepare_volume(item, self._spec, self._resample)):
-                    return
-        except BaseException as exc:  # a bug: hand it to the consumer to re-raise
-            self._put(exc)
-            return
-        self._put(self._DONE)
-
-    def __iter__(self) -> Iterator[PreparedVolume]:
-        while True:
-            obj = self._queue.get()
-            if obj is self._DONE:
-                return
-            if isinstance(obj, BaseException):
-                raise obj
-            yield obj
-
-    def close(self) -> None:
-        """Stop the thread (after the volume it is working on) and wait for it."""
-        self._stop.set()
-        self._thread.join()
-
-    def __enter__(self) -> Prefetcher:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def discard_partial(self, item: InputItem, out: OutputOptions) -> None:
+        """Remove what a writer killed mid-write left behind (temporary files)."""
 
 
-# ----------------------------------------------------------------- running
+class NiftiWriter:
+    """The default :class:`Writer`: ``<stem>_mask.nii.gz`` (and ``<stem>_prob.nii.gz``)."""
+
+    def targets(self, item: InputItem, out: OutputOptions) -> dict[str, Path]:
+        """``{"mask": ..., "prob": ...}`` (``prob`` only with ``save_prob``)."""
+        stem = output_stem(item.path)
+        files = {"mask": out.out_dir / f"{stem}{MASK_SUFFIX}"}
+        if out.options.save_prob:
+            files["prob"] = out.out_dir / f"{stem}{PROB_SUFFIX}"
+        return files
+
+    def write(self, pred: Prediction, prep: PreparedVolume, out: OutputOptions) -> dict[str, Path]:
+        """:meth:`Prediction.save` (mask and probabilities together or neither)."""
+        files = self.targets(prep.item, out)
+        pred.save(files["mask"], files.get("prob"), prob_dtype=out.options.prob_dtype)
+        return files
+
+    def discard_partial(self, item: InputItem, out: OutputOptions) -> None:
+        """Remove ``.<name>.<random>.tmp.nii.gz`` files of this case's outputs."""
+        for target in self.targets(item, out).values():
+            for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp*"):
+                tmp.unlink(missing_ok=True)
+
+
+NIFTI_WRITER = NiftiWriter()
+
+
 @dataclass(frozen=True)
 class OutputOptions:
-    """Where and what a run over files writes.
+    """Where a run over files writes, what, and with which writer.
 
     Attributes:
         out_dir: Existing output folder.
-        save_prob: Also write ``<name>_prob.nii.gz`` (float32).
-        min_lesion_mm3: Remove connected lesions smaller than this from the masks.
-        prob_dtype: On-disk type of the probability maps
-            (:data:`~dunet_deploy.choices.PROB_DTYPES`).
+        options: The run's options, with the model's defaults applied
+            (:meth:`InferenceOptions.with_model_defaults`): ``min_lesion_mm3``,
+            ``save_prob`` and ``prob_dtype`` are used here.
+        writer: Writes each case (:data:`NIFTI_WRITER`).
     """
 
     out_dir: Path
-    save_prob: bool = False
-    min_lesion_mm3: float = 0.0
-    prob_dtype: str = "float32"
+    options: InferenceOptions
+    writer: Writer = NIFTI_WRITER
 
 
-def write_case(
-    grid: np.ndarray, prep: PreparedVolume, spec: PreprocessSpec, opts: OutputOptions
-) -> CaseResult:
-    """Post-process one volume's network grid and write its files; errors go into the result.
+def finish_case(
+    grid: np.ndarray, prep: PreparedVolume, spec: PreprocessSpec, *,
+    min_lesion_mm3: float, keep_prob: bool = True,
+) -> Prediction | None:
+    """Stage 3: the network's grid to a thresholded :class:`Prediction`; ``None`` on an error.
 
-    Needs no model: ``dunet-infer --workers`` runs it in worker processes.
+    :func:`~dunet_deploy.runtime.core.finish_prediction` (whose arguments these
+    are) with its errors recorded in ``prep.result``. Needs no model.
     """
-    result = prep.result
     assert prep.ref is not None and prep.net is not None
-    stem = output_stem(prep.item.path)
-    mask_path = opts.out_dir / f"{stem}{MASK_SUFFIX}"
-    prob_path = opts.out_dir / f"{stem}{PROB_SUFFIX}"
     try:
-        pred = finish_prediction(grid, prep.net, prep.ref, spec,
-                                 min_lesion_mm3=opts.min_lesion_mm3, times=result.times,
-                                 keep_prob=opts.save_prob)
-        pred.save(mask_path, prob_path if opts.save_prob else None, prob_dtype=opts.prob_dtype)
+        pred = finish_prediction(grid, prep.net, prep.ref, spec, min_lesion_mm3=min_lesion_mm3,
+                                 times=prep.result.times, keep_prob=keep_prob)
     except CASE_ERRORS as exc:
-        return result.fail(prep.item.path, exc)
-    result.mask = str(mask_path)
-    result.prob = str(prob_path) if opts.save_prob else None
+        prep.result.fail(prep.item.path, exc)
+        return None
+    result = prep.result
     result.lesion_voxels = pred.lesion_voxels
     result.lesion_volume_mm3 = pred.lesion_volume_mm3
     result.lesions_removed = pred.lesions_removed
-    return result
+    return pred
+
+
+def write_case(
+    grid: np.ndarray, prep: PreparedVolume, spec: PreprocessSpec, out: OutputOptions
+) -> CaseResult:
+    """Stage 3 and the writer: post-process one grid and write its files; errors go into the result.
+
+    Needs no model: ``dunet-infer --workers`` runs it in worker processes.
+    """
+    options = out.options
+    assert options.min_lesion_mm3 is not None, "resolve the model's defaults first"
+    pred = finish_case(grid, prep, spec, min_lesion_mm3=options.min_lesion_mm3,
+                       keep_prob=options.save_prob)
+    if pred is None:
+        return prep.result
+    try:
+        files = out.writer.write(pred, prep, out)
+    except CASE_ERRORS as exc:
+        return prep.result.fail(prep.item.path, exc)
+    for key, path in files.items():
+        setattr(prep.result, key, str(path))
+    return prep.result
 
 
 #: ``() -> (bytes sent, bytes received)`` so far by a model behind a network (a Triton
@@ -480,7 +569,7 @@ def infer_case(
     predict: Predictor, spec: PreprocessSpec, prep: PreparedVolume, batch_size: int,
     meter: Meter | None = None,
 ) -> np.ndarray | None:
-    """Run the network on one prepared volume; ``None`` (and a failed result) on an error.
+    """Stage 2: run the network on one prepared volume; ``None`` (and a failed result) on an error.
 
     With a ``meter``, the bytes this case sent and received are recorded in its result.
     """
@@ -500,43 +589,6 @@ def infer_case(
         prep.result.bytes_received = after[1] - before[1]
     prep.net.release()  # free the slices before the output volume is allocated
     return grid
-
-
-def run_cases(
-    predict: Predictor,
-    spec: PreprocessSpec,
-    volumes: Iterable[PreparedVolume],
-    opts: OutputOptions,
-    *,
-    batch_size: int = 16,
-    on_result: Callable[[CaseResult], None] | None = None,
-    results: list[CaseResult] | None = None,
-    meter: Meter | None = None,
-) -> list[CaseResult]:
-    """Segment prepared volumes one after the other, in this process, and write their outputs.
-
-    Args:
-        predict: The network (a runner, possibly wrapped for test-time augmentation).
-        spec: The model's preprocessing spec.
-        volumes: Prepared volumes (e.g. a :class:`Prefetcher`).
-        opts: Output folder and what to write.
-        batch_size: Slabs per model call.
-        on_result: Called with each finished result (progress, error lines).
-        results: Finished results are appended here, so an interrupted caller
-            still has them.
-        meter: Traffic counter of a remote model (see :func:`infer_case`).
-
-    Returns:
-        ``results``: one :class:`CaseResult` per volume, in order.
-    """
-    results = [] if results is None else results
-    for prep in volumes:
-        grid = infer_case(predict, spec, prep, batch_size, meter)
-        result = prep.result if grid is None else write_case(grid, prep, spec, opts)
-        results.append(result)
-        if on_result is not None:
-            on_result(result)
-    return results
 
 
 def prepare_output_dir(out_dir: str | os.PathLike[str]) -> Path:
@@ -559,12 +611,10 @@ def summary_document(
     runner: Runner | None,
     results: Sequence[CaseResult],
     *,
-    batch_size: int,
-    threads: int | None,
+    options: InferenceOptions,
     load_s: float,
     wall_s: float,
     inference: dict[str, Any] | None = None,
-    workers: int = 0,
     interrupted: str | None = None,
     total: int | None = None,
 ) -> dict[str, Any]:
@@ -574,13 +624,11 @@ def summary_document(
         runner: The runner that was used (still describable after close);
             ``None`` when the run was interrupted before the model loaded.
         results: One result per finished input, in order.
-        batch_size: Slabs per model call that was asked for.
-        threads: Backend threads that were asked for.
+        options: The run's options (recorded whole, with their fingerprint).
         load_s: Seconds to load the model.
         wall_s: Seconds for the whole run.
         inference: The inference settings that were applied (TTA,
             post-processing, resampling, and where each came from).
-        workers: Worker processes used (0: none).
         interrupted: The signal that stopped the run early, if one did.
         total: Inputs asked for (default: ``len(results)``).
     """
@@ -592,10 +640,12 @@ def summary_document(
         "dunet_deploy": __version__,
         "model": {k: described.get(k) for k in model_keys},
         **{k: described.get(k) for k in top_keys},
-        "batch_size": batch_size if cap is None else min(batch_size, cap),
-        "threads": threads,
-        "workers": workers,
+        "batch_size": options.batch_size if cap is None else min(options.batch_size, cap),
+        "threads": options.threads,
+        "workers": options.workers,
         "inference": dict(inference or {}),
+        "options": options.to_dict(),
+        "options_fingerprint": options.fingerprint(),
         "backend_details": {k: v for k, v in described.items()
                             if k not in model_keys and k not in top_keys},
         "machine": machine_info(),
@@ -608,32 +658,3 @@ def summary_document(
         "failed": sum(not r.ok for r in results),
         "cases": [r.to_dict() for r in results],
     }
-
-
-#: Keyword arguments of :func:`segment_files` that go to ``Segmenter.predict_files``.
-FILES_OPTS = ("save_prob", "prefetch", "workers", "on_start", "on_result", "prob_dtype")
-
-
-def segment_files(
-    model_path: str | os.PathLike[str],
-    inputs: Sequence[str | os.PathLike[str]],
-    out_dir: str | os.PathLike[str],
-    **opts: Any,
-) -> dict[str, Any]:
-    """Segment NIfTI files with a model and write ``summary.json`` (what ``dunet-infer`` does).
-
-    A :class:`~dunet_deploy.Segmenter` opened for this call only. ``opts``
-    named in :data:`FILES_OPTS` go to
-    :meth:`~dunet_deploy.Segmenter.predict_files` (``save_prob``,
-    ``prefetch``, ``on_start``, ``on_result``); the others to the
-    :class:`~dunet_deploy.Segmenter` (``backend``, ``batch_size``,
-    ``threads``, ``precision``, ``device``, ``runner_opts``, ``runner_factory``).
-
-    Returns:
-        The summary document (also written to ``out_dir/summary.json``).
-    """
-    from dunet_deploy.runtime.segmenter import Segmenter
-
-    files = {k: opts.pop(k) for k in FILES_OPTS if k in opts}
-    with Segmenter(model_path, lazy=True, **opts) as seg:
-        return seg.predict_files(inputs, out_dir, **files)

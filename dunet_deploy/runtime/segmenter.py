@@ -30,28 +30,38 @@ import numpy as np
 import numpy.typing as npt
 
 from dunet_deploy.artifacts import ArtifactInfo, read_artifact_info, write_json
-from dunet_deploy.choices import PROB_DTYPES, RESAMPLE_MODES
 from dunet_deploy.data.nifti import NiftiVolume, load_nifti
 from dunet_deploy.errors import DunetError
 from dunet_deploy.postprocess import with_tta
 from dunet_deploy.runtime.base import Closeable, Runner, open_runner
-from dunet_deploy.runtime.core import Prediction, Predictor, geometry_of, segment, to_network
+from dunet_deploy.runtime.core import Prediction, Predictor
+from dunet_deploy.runtime.inprocess import Prefetcher, run_cases
+from dunet_deploy.runtime.options import InferenceOptions, Sources
 from dunet_deploy.runtime.pipeline import (
+    NIFTI_READER,
+    NIFTI_WRITER,
     SUMMARY_NAME,
     CaseResult,
+    InputItem,
     OutputOptions,
-    Prefetcher,
+    Reader,
+    Writer,
     expand_inputs,
+    finish_case,
+    infer_case,
     prepare_output_dir,
-    run_cases,
+    prepare_source,
     summary_document,
 )
 from dunet_deploy.runtime.workers import run_in_workers
 from dunet_deploy.spec import InferenceDefaults, PreprocessSpec
 
-__all__ = ["Prediction", "Segmenter", "as_volume", "resolve_inference"]
+__all__ = ["Prediction", "Segmenter", "as_volume", "segment_files"]
 
 ImageLike = str | os.PathLike[str] | NiftiVolume | np.ndarray | Any
+
+#: Options that decide how the model is loaded: fixed for a Segmenter's life.
+RUNNER_FIELDS = ("backend", "precision", "device", "threads", "cuda_graph")
 
 
 class Segmenter(Closeable):
@@ -59,60 +69,44 @@ class Segmenter(Closeable):
 
     Args:
         model: ``.onnx`` or ``.plan`` / ``.engine`` (with its ``.json`` sidecar).
-        backend: ``auto``, ``onnxruntime``, ``openvino`` or ``tensorrt``.
-        precision: ``auto`` or one the backend can run for this model.
-        device: ``auto``, ``cpu``, ``cuda`` or ``tensorrt`` (ONNX Runtime providers).
-        threads: Backend CPU threads (``None``: the backend's choice).
-        batch_size: Slabs per model call, >= 1 (capped at an engine's maximum).
+        options: How to run and what to write (:class:`InferenceOptions`);
+            ``tta`` / ``min_lesion_mm3`` left ``None`` take the model's own
+            defaults (stored at export).
         runner_opts: Extra keyword arguments for the backend's runner.
         runner_factory: Builds the runner from the model path and its metadata
             instead of a local backend (e.g. a Triton client); ``backend``,
             ``precision``, ``device`` and ``threads`` are then not used.
-        tta: ``"none"`` or ``"flip"`` (left-right mirror, averaged); ``None``
-            takes the model's own default (stored at export).
-        min_lesion_mm3: Remove connected lesions smaller than this (mm³);
-            ``None`` takes the model's default (0: keep all).
-        resample: ``"auto"`` (inputs off the training grid are resampled onto
-            it) or ``"never"`` (they are refused).
         lazy: Load the model on first use instead of on entering ``with``.
+        **changes: :class:`InferenceOptions` fields, applied over ``options``
+            (``Segmenter(model, backend="openvino", tta="flip")``).
 
     Raises:
-        DunetError: when the model file is missing or is not one of ours.
+        DunetError: when the model file is missing or is not one of ours, or
+            for an invalid option (at once, before any model is loaded).
     """
 
     def __init__(
         self,
         model: str | os.PathLike[str],
+        options: InferenceOptions | None = None,
         *,
-        backend: str = "auto",
-        precision: str = "auto",
-        device: str = "auto",
-        threads: int | None = None,
-        batch_size: int = 16,
         runner_opts: dict[str, Any] | None = None,
         runner_factory: Callable[[Path, ArtifactInfo], Runner] | None = None,
-        tta: str | None = None,
-        min_lesion_mm3: float | None = None,
-        resample: str = "auto",
         lazy: bool = False,
+        **changes: Any,
     ) -> None:
-        if batch_size < 1:
-            raise DunetError(f"batch size must be >= 1, got {batch_size}")
-        if resample not in RESAMPLE_MODES:
-            raise DunetError(f"resample {resample!r}: choose one of {', '.join(RESAMPLE_MODES)}")
+        asked = _options(options, changes)
+        if isinstance(model, bytes) or not isinstance(model, (str, os.PathLike)):
+            raise DunetError(f"model {model!r}: give a str or pathlib.Path", option="model")
         self.model_path = Path(model)
         self.info: ArtifactInfo = read_artifact_info(self.model_path)
-        self.inference, self._inference_source = resolve_inference(
-            self.info.inference, tta=tta, min_lesion_mm3=min_lesion_mm3)
-        self.resample = resample
-        self.batch_size = int(batch_size)
-        self.threads = threads
-        self._open_args: dict[str, Any] = {"backend": backend, "precision": precision,
-                                           "device": device, "threads": threads,
-                                           **(runner_opts or {})}
+        self._asked = asked  # before the model's defaults: a call's changes apply to it
+        self.options, self._sources = asked.with_model_defaults(self.info.inference)
+        self._runner_opts = dict(runner_opts or {})
         self._factory = runner_factory
         self._lazy = lazy
         self._runner: Runner | None = None
+        self._closed = False
         self.load_s = 0.0
 
     # ---------------------------------------------------------- lifecycle
@@ -122,25 +116,55 @@ class Segmenter(Closeable):
         return self.info.spec
 
     @property
+    def inference(self) -> InferenceDefaults:
+        """The TTA and post-processing applied (the model's defaults unless overridden)."""
+        return _inference(self.options)
+
+    @property
+    def batch_size(self) -> int:
+        """Slabs per model call that were asked for."""
+        return self.options.batch_size
+
+    @property
+    def resample(self) -> str:
+        """``auto`` or ``never``."""
+        return self.options.resample
+
+    @property
+    def threads(self) -> int | None:
+        """Backend CPU threads that were asked for."""
+        return self.options.threads
+
+    @property
     def runner(self) -> Runner:
         """The loaded backend runner (loads the model on first access)."""
         return self.open()._runner  # type: ignore[return-value]
 
     def open(self) -> Segmenter:
-        """Load the model (once); later calls return at once."""
+        """Load the model (once); later calls return at once.
+
+        Raises:
+            DunetError: after :meth:`close` (a closed Segmenter stays closed).
+        """
+        if self._closed:
+            raise DunetError(f"Segmenter is closed ({self.model_path}): create a new one, or "
+                             "use it inside its `with` block")
         if self._runner is None:
             t0 = time.perf_counter()
             if self._factory is not None:
                 self._runner = self._factory(self.model_path, self.info)
             else:
-                args = dict(self._open_args)
-                backend = args.pop("backend")
-                self._runner = open_runner(self.model_path, backend, info=self.info, **args)
+                opts = self.options
+                extra = {"cuda_graph": True} if opts.cuda_graph else {}
+                self._runner = open_runner(self.model_path, opts.backend, info=self.info,
+                                           precision=opts.precision, device=opts.device,
+                                           threads=opts.threads, **extra, **self._runner_opts)
             self.load_s = time.perf_counter() - t0
         return self
 
     def close(self) -> None:
-        """Release the backend (a later call loads the model again)."""
+        """Release the backend; the Segmenter cannot be used afterwards."""
+        self._closed = True
         if self._runner is not None:
             self._runner.close()
             self._runner = None
@@ -154,56 +178,90 @@ class Segmenter(Closeable):
 
     def inference_settings(self) -> dict[str, Any]:
         """TTA, post-processing and resampling applied, and where each came from."""
-        return {**self.inference.to_dict(), "resample": self.resample,
-                "source": dict(self._inference_source)}
+        return _settings(self.options, self._sources)
 
     def _traffic(self) -> tuple[int, int] | None:
         """Bytes sent and received so far by a remote runner (a Triton client), else ``None``."""
         traffic = getattr(self._runner, "traffic", None)
         return None if traffic is None else (int(traffic[0]), int(traffic[1]))
 
-    def predictor(self) -> Predictor:
-        """The runner, wrapped for test-time augmentation when asked for."""
-        return with_tta(self.runner.infer, self.inference.tta, self.spec)
+    def predictor(self, tta: str | None = None) -> Predictor:
+        """The runner, wrapped for test-time augmentation (``tta``: default the options')."""
+        return with_tta(self.runner.infer, _inference(self.options).tta if tta is None else tta,
+                        self.spec)
 
     # ---------------------------------------------------------- prediction
     def predict(self, image: ImageLike, *, affine: npt.ArrayLike | None = None) -> Prediction:
         """Segment one volume.
 
+        The same stages as :meth:`predict_files` (``pipeline.prepare_source``,
+        ``infer_case``, ``finish_case``), on a volume in memory.
+
         Args:
             image: A NIfTI path, a nibabel image, a :class:`NiftiVolume`, or a
                 3D array (voxel values; then ``affine`` gives its geometry).
-            affine: ``[4, 4]`` voxel-to-world matrix of an array input
-                (default: identity, 1 mm voxels); not allowed with other inputs.
+            affine: ``[4, 4]`` voxel-to-world matrix of an array input; without
+                it the array is taken as already on the model's grid (no
+                reorientation or resampling; the prediction's affine is the
+                identity). Not allowed with other inputs.
 
         Returns:
             A :class:`Prediction` on the input's own grid.
 
         Raises:
-            DunetError: for a file that cannot be read or a volume the model's
-                spec cannot take.
+            DunetError: for a file that cannot be read, a volume the model's
+                spec cannot take, or a closed Segmenter.
         """
-        times: dict[str, float] = {}
+        predict = self.predictor()  # a closed Segmenter says so before any work
         t0 = time.perf_counter()
         vol = as_volume(image, affine)
-        times["read"] = time.perf_counter() - t0
-        net = to_network(vol.data, self.spec, affine=vol.affine, resample=self.resample,
-                         times=times)
-        return segment(net, geometry_of(vol), self.spec, self.predictor(),
-                       batch_size=self.batch_size,
-                       min_lesion_mm3=self.inference.min_lesion_mm3, times=times)
+        item = InputItem(vol.path if vol.path is not None else Path("array"))
+        result = CaseResult(input=str(item.path))
+        result.times["read"] = time.perf_counter() - t0
+        as_is = affine is None and isinstance(image, np.ndarray)
+        prep = prepare_source(item, vol, self.spec, resample=self.resample, as_is=as_is,
+                              result=result)
+        grid = infer_case(predict, self.spec, prep, self.batch_size)
+        assert self.options.min_lesion_mm3 is not None
+        pred = None if grid is None else finish_case(
+            grid, prep, self.spec, min_lesion_mm3=self.options.min_lesion_mm3)
+        if pred is None:
+            raise DunetError(str(prep.result.message))
+        return pred
+
+    def run_options(self, options: InferenceOptions | None = None,
+                    **changes: Any) -> tuple[InferenceOptions, Sources]:
+        """The options of one call: ``options`` (default: the Segmenter's) with ``changes``.
+
+        Returns:
+            ``(options with the model's defaults applied, where tta and
+            min_lesion_mm3 came from)``.
+
+        Raises:
+            DunetError: for an invalid value, or a change to how the model is
+                loaded (``backend``, ``precision``, ``device``, ``threads``,
+                ``cuda_graph``: fixed when the Segmenter is created).
+        """
+        run, sources = _options(options or self._asked, changes).with_model_defaults(
+            self.info.inference)
+        for name in RUNNER_FIELDS:
+            if getattr(run, name) != getattr(self.options, name):
+                raise DunetError(f"{name} {getattr(run, name)!r}: fixed when the Segmenter is "
+                                 f"created ({getattr(self.options, name)!r}); create another "
+                                 "one", option=name)
+        return run, sources
 
     def predict_files(
         self,
-        inputs: Sequence[str | os.PathLike[str]],
+        inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
         out_dir: str | os.PathLike[str],
+        options: InferenceOptions | None = None,
         *,
-        save_prob: bool = False,
-        prefetch: int = 1,
-        workers: int = 0,
         on_start: Callable[[Runner, int], None] | None = None,
         on_result: Callable[[CaseResult], None] | None = None,
-        prob_dtype: str = "float32",
+        reader: Reader = NIFTI_READER,
+        writer: Writer = NIFTI_WRITER,
+        **changes: Any,
     ) -> dict[str, Any]:
         """Segment NIfTI files into ``out_dir`` and write ``summary.json``.
 
@@ -212,100 +270,134 @@ class Segmenter(Closeable):
         model (on a background thread, or in ``workers`` processes that also
         post-process and write); when the model is not loaded yet it is loaded
         while the first volume is read. A bad input fails only its own case
-        (reported in the summary and to ``on_result``). On Ctrl-C or SIGTERM
-        the cases already complete are kept, ``summary.json`` lists them (with
-        ``"interrupted"``) and the interrupt is re-raised; no partial file is left.
+        (reported in the summary and to ``on_result``); so does a worker
+        process that dies (``worker process died (signal 9)``), and a new one
+        takes over. On Ctrl-C or SIGTERM the cases already complete are kept,
+        ``summary.json`` lists them (with ``"interrupted"``) and the interrupt
+        is re-raised; no partial file is left.
 
         Args:
-            inputs: Files, directories or glob patterns.
+            inputs: Files, directories or glob patterns; one ``str`` or path
+                is one input.
             out_dir: Output folder (created if missing).
-            save_prob: Also write float32 probability volumes.
-            prefetch: Prepared volumes queued ahead of the model, >= 1.
-            workers: Worker processes (0: everything in this process).
+            options: This call's options (default: the Segmenter's); see
+                :meth:`run_options`.
             on_start: Called once the model is loaded, with the runner and the
                 number of inputs.
             on_result: Called with each finished :class:`CaseResult`, in order.
-            prob_dtype: ``float32`` or ``uint16`` probability maps (see
-                :meth:`Prediction.save`).
+            reader: Says what an input is and reads it.
+            writer: Writes each case's outputs.
+            **changes: :class:`InferenceOptions` fields for this call
+                (``save_prob``, ``workers``, ``prefetch``, ``prob_dtype``,
+                ``recursive``, ``tta``, ``min_lesion_mm3``, ``resample``, ...).
 
         Returns:
             The summary document (also written to ``out_dir/summary.json``).
 
         Raises:
-            DunetError: when the model cannot be loaded or ``out_dir`` cannot
-                be created; per-input problems are in the summary instead.
+            DunetError: for invalid options, a model that cannot be loaded or an
+                ``out_dir`` that cannot be created; per-input problems are in
+                the summary instead.
         """
-        if workers < 0:
-            raise DunetError(f"workers must be >= 0, got {workers}")
+        run, sources = self.run_options(options, **changes)
+        if self._closed:
+            self.open()  # says so before any work
         t_start = time.perf_counter()
-        out = prepare_output_dir(out_dir)
-        items = expand_inputs(inputs)
-        if prob_dtype not in PROB_DTYPES:
-            raise DunetError(f"prob_dtype {prob_dtype!r}: choose one of {', '.join(PROB_DTYPES)}")
-        opts = OutputOptions(out, save_prob=save_prob,
-                             min_lesion_mm3=self.inference.min_lesion_mm3, prob_dtype=prob_dtype)
+        items = expand_inputs(inputs, recursive=run.recursive, reader=reader)
+        out = OutputOptions(prepare_output_dir(out_dir), run, writer)
         results: list[CaseResult] = []
 
         def predictor() -> Predictor:
             if on_start is not None:
                 on_start(self.runner, len(items))
-            return self.predictor()
+            return self.predictor(run.tta)
 
         interrupted: KeyboardInterrupt | None = None
         try:
-            if workers:
-                run_in_workers(predictor, self.spec, items, opts, workers=workers,
-                               batch_size=self.batch_size, prefetch=prefetch,
-                               resample=self.resample, on_result=on_result, results=results,
-                               meter=self._traffic)
+            if run.workers:
+                run_in_workers(predictor, self.spec, items, out, on_result=on_result,
+                               results=results, meter=self._traffic, reader=reader)
             else:
-                with Prefetcher(items, self.spec, depth=prefetch,
-                                resample=self.resample) as prefetcher:
-                    run_cases(predictor(), self.spec, prefetcher, opts,
-                              batch_size=self.batch_size, on_result=on_result, results=results,
-                              meter=self._traffic)
+                with Prefetcher(items, self.spec, depth=run.prefetch, resample=run.resample,
+                                reader=reader) as prefetcher:
+                    run_cases(predictor(), self.spec, prefetcher, out, on_result=on_result,
+                              results=results, meter=self._traffic)
         except KeyboardInterrupt as exc:
             interrupted = exc
         summary = summary_document(
-            self._runner, results, batch_size=self.batch_size, threads=self.threads,
-            load_s=self.load_s, wall_s=time.perf_counter() - t_start,
-            inference=self.inference_settings(), workers=workers,
+            self._runner, results, options=run, load_s=self.load_s,
+            wall_s=time.perf_counter() - t_start, inference=_settings(run, sources),
             interrupted=None if interrupted is None else str(interrupted) or "SIGINT",
             total=len(items))
-        write_json(out / SUMMARY_NAME, summary)
+        write_json(out.out_dir / SUMMARY_NAME, summary)
         if interrupted is not None:
             raise interrupted
         return summary
 
 
-def resolve_inference(
-    defaults: InferenceDefaults, *, tta: str | None = None, min_lesion_mm3: float | None = None
-) -> tuple[InferenceDefaults, dict[str, str]]:
-    """Apply explicit settings over a model's defaults.
+def segment_files(
+    model: str | os.PathLike[str],
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    options: InferenceOptions | None = None,
+    *,
+    runner_opts: dict[str, Any] | None = None,
+    runner_factory: Callable[[Path, ArtifactInfo], Runner] | None = None,
+    on_start: Callable[[Runner, int], None] | None = None,
+    on_result: Callable[[CaseResult], None] | None = None,
+    **changes: Any,
+) -> dict[str, Any]:
+    """Segment files with a model and write ``summary.json`` (what ``dunet-infer`` does).
+
+    A :class:`Segmenter` opened for this call only (the model loads while the
+    first volume is read); the arguments are those of :class:`Segmenter` and
+    :meth:`Segmenter.predict_files`.
 
     Returns:
-        ``(settings, source)`` where ``source`` maps each setting to ``"model"``
-        or ``"argument"``.
+        The summary document (also written to ``out_dir/summary.json``).
+    """
+    with Segmenter(model, _options(options, changes), runner_opts=runner_opts,
+                   runner_factory=runner_factory, lazy=True) as seg:
+        return seg.predict_files(inputs, out_dir, on_start=on_start, on_result=on_result)
+
+
+def _options(options: InferenceOptions | None, changes: dict[str, Any]) -> InferenceOptions:
+    """``options`` (default: all defaults) with keyword ``changes``, validated.
 
     Raises:
-        DunetError: for an unknown TTA mode or a negative / non-finite size.
+        DunetError: for an unknown name or an invalid value.
     """
-    settings = InferenceDefaults(
-        tta=defaults.tta if tta is None else tta,
-        min_lesion_mm3=defaults.min_lesion_mm3 if min_lesion_mm3 is None else min_lesion_mm3,
-    )
-    source = {"tta": "model" if tta is None else "argument",
-              "min_lesion_mm3": "model" if min_lesion_mm3 is None else "argument"}
-    return settings, source
+    unknown = sorted(set(changes) - set(InferenceOptions.field_names()))
+    if unknown:
+        raise DunetError(f"unknown option(s) {', '.join(unknown)}; options are "
+                         f"{', '.join(InferenceOptions.field_names())}")
+    base = InferenceOptions() if options is None else options
+    return base.replace(**changes) if changes else base
+
+
+def _settings(options: InferenceOptions, sources: Sources) -> dict[str, Any]:
+    """The ``inference`` record of a summary: TTA, post-processing, resampling and sources."""
+    return {**_inference(options).to_dict(), "resample": options.resample,
+            "source": dict(sources)}
+
+
+def _inference(options: InferenceOptions) -> InferenceDefaults:
+    assert options.tta is not None and options.min_lesion_mm3 is not None
+    return InferenceDefaults(tta=options.tta, min_lesion_mm3=options.min_lesion_mm3)
 
 
 def as_volume(image: ImageLike, affine: npt.ArrayLike | None = None) -> NiftiVolume:
     """Turn any accepted image input into a :class:`NiftiVolume` (float32 data).
 
     Raises:
-        DunetError: for an unreadable file, a non-3D or non-finite array, or an
+        DunetError: for an unreadable file, a bytes path, a non-3D, non-numeric
+            or non-finite array, a singular or non-finite ``affine``, or an
             ``affine`` given with an input that has its own.
     """
+    if isinstance(image, (bytes, bytearray)) or (
+            isinstance(image, os.PathLike) and isinstance(os.fspath(image), bytes)):
+        raise DunetError(f"image {image!r}: a bytes path; give a str or pathlib.Path",
+                         option="image")
     if isinstance(image, (str, os.PathLike)):
         if affine is not None:
             raise DunetError(f"{image}: affine= is only for array inputs (a file has its own)")
@@ -321,12 +413,28 @@ def as_volume(image: ImageLike, affine: npt.ArrayLike | None = None) -> NiftiVol
         data = np.asarray(img.get_fdata(dtype=np.float32))
         while data.ndim > 3 and data.shape[-1] == 1:
             data = data[..., 0]
-        return _checked(data, np.asarray(img.affine, dtype=np.float64), img.header)
-    data = np.asarray(image, dtype=np.float32)
-    aff = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+        return _checked(data, _affine(img.affine), img.header)
+    try:
+        data = np.asarray(image, dtype=np.float32)
+    except (TypeError, ValueError):
+        raise DunetError(f"image: expected a path, a nibabel image, a NiftiVolume or a 3D array "
+                         f"of numbers, got {type(image).__name__}", option="image") from None
+    return _checked(data, np.eye(4) if affine is None else _affine(affine), None)
+
+
+def _affine(affine: npt.ArrayLike) -> np.ndarray:
+    """A finite, invertible ``[4, 4]`` voxel-to-world matrix, else a one-line error."""
+    try:
+        aff = np.asarray(affine, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DunetError("affine must be a finite 4x4 matrix of numbers", option="affine") from None
     if aff.shape != (4, 4) or not np.isfinite(aff).all():
-        raise DunetError(f"affine must be a finite 4x4 matrix, got shape {aff.shape}")
-    return _checked(data, aff, None)
+        raise DunetError(f"affine must be a finite 4x4 matrix, got shape {aff.shape}",
+                         option="affine")
+    if abs(np.linalg.det(aff[:3, :3])) < 1e-12:
+        raise DunetError("affine is singular (a zero voxel size or collinear axes): no "
+                         "geometry to segment on", option="affine")
+    return aff
 
 
 def _checked(data: np.ndarray, affine: np.ndarray, header: Any) -> NiftiVolume:

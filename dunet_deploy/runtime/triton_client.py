@@ -32,6 +32,7 @@ import numpy as np
 from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
 from dunet_deploy.errors import DunetError, first_line, one_line
 from dunet_deploy.runtime.base import Runner
+from dunet_deploy.runtime.options import InferenceOptions
 from dunet_deploy.runtime.serve import SPEC_OUTPUT, spec_model_name
 
 #: How long a client waits for its model to answer ready before the first request.
@@ -375,6 +376,7 @@ def segment_server_side(
     on_start: Callable[[int], None] | None = None,
     on_result: Callable[[Any], None] | None = None,
     ready_timeout_s: float = READY_TIMEOUT_S,
+    options: InferenceOptions | None = None,
 ) -> dict[str, Any]:
     """Segment files on the server (``dunet-infer --triton-url URL --server-side``).
 
@@ -393,6 +395,8 @@ def segment_server_side(
         on_start: called with the number of inputs once the server is ready.
         on_result: called with each :class:`~dunet_deploy.runtime.pipeline.CaseResult`.
         ready_timeout_s: how long to wait for the model to answer ready.
+        options: the run's options, recorded in the summary (the server applies
+            its model's own settings).
 
     Returns:
         The summary document.
@@ -434,6 +438,7 @@ def segment_server_side(
         "failed": sum(not r.ok for r in results),
         "bytes_sent": sum(r.bytes_sent or 0 for r in results),
         "bytes_received": sum(r.bytes_received or 0 for r in results),
+        "options": None if options is None else options.to_dict(),
         "cases": [r.to_dict() for r in results],
     }
     write_json(out / SUMMARY_NAME, summary)

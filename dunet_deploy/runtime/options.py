@@ -1,0 +1,184 @@
+"""``InferenceOptions``: every setting of a run, validated once, built once by the CLI.
+
+The same frozen object travels from ``dunet-infer`` / ``dunet-eval`` to the
+:class:`~dunet_deploy.Segmenter`, the executors (in-process, worker
+processes), the Triton client and summaries; it is picklable and JSON
+round-trippable (:meth:`InferenceOptions.to_dict` /
+:meth:`InferenceOptions.from_dict`), so it can also go into request
+parameters, actor constructors and shard records::
+
+    opts = InferenceOptions(backend="openvino", batch_size=8, save_prob=True)
+    with Segmenter("export/model.onnx", opts) as seg:
+        seg.predict_files(["scans/"], "masks/")
+    InferenceOptions.from_dict(json.loads(json.dumps(opts.to_dict()))) == opts  # True
+
+Adding a setting is one field here: its default lives only in the field, its
+check in :meth:`InferenceOptions.__post_init__`, and ``metadata={"output":
+True}`` marks a field that changes what is written (it then enters
+:meth:`InferenceOptions.fingerprint`). Messages name the parameter
+(``batch_size 0: must be >= 1``); ``DunetError.option`` lets a command print
+its flag instead. Imports neither numpy nor torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dunet_deploy.choices import (
+    BACKENDS,
+    DEVICES,
+    PRECISIONS,
+    PROB_DTYPES,
+    RESAMPLE_MODES,
+    TTA_MODES,
+    check_choice,
+)
+from dunet_deploy.errors import DunetError
+
+__all__ = ["InferenceOptions", "Sources"]
+
+#: Where each model-defaulted setting came from: ``"model"`` or ``"argument"``.
+Sources = dict[str, str]
+
+_OUT = {"output": True}  # the field changes what a run writes (see fingerprint())
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How a model runs and what a run over files writes.
+
+    Attributes:
+        backend: ``auto`` or one of :data:`~dunet_deploy.choices.BACKENDS`.
+        precision: One of :data:`~dunet_deploy.choices.PRECISIONS` (``auto``:
+            the backend's best for this model and machine).
+        device: One of :data:`~dunet_deploy.choices.DEVICES` (ONNX Runtime providers).
+        threads: Backend CPU threads, >= 1 (``None``: the backend's choice).
+        batch_size: Slabs per model call, >= 1 (capped at an engine's maximum).
+        cuda_graph: TensorRT / ONNX Runtime CUDA: replay a CUDA graph per batch size.
+        tta: ``none`` or ``flip``; ``None`` takes the model's own default.
+        min_lesion_mm3: Remove connected lesions smaller than this (mm³), >= 0;
+            ``None`` takes the model's own default.
+        resample: ``auto`` (inputs off the training grid are resampled) or
+            ``never`` (refused).
+        save_prob: Also write ``<name>_prob.nii.gz`` per input.
+        prob_dtype: ``float32`` or ``uint16`` probability maps.
+        workers: Worker processes that read and write (0: all in this process).
+        prefetch: Prepared volumes queued ahead of the model, >= 1.
+        recursive: Input folders are searched in their sub-folders too.
+
+    Raises:
+        DunetError: on construction, for any invalid value (``option`` names the field).
+    """
+
+    backend: str = field(default="auto", metadata=_OUT)
+    precision: str = field(default="auto", metadata=_OUT)
+    device: str = field(default="auto", metadata=_OUT)
+    threads: int | None = None
+    batch_size: int = 16
+    cuda_graph: bool = False
+    tta: str | None = field(default=None, metadata=_OUT)
+    min_lesion_mm3: float | None = field(default=None, metadata=_OUT)
+    resample: str = field(default="auto", metadata=_OUT)
+    save_prob: bool = field(default=False, metadata=_OUT)
+    prob_dtype: str = field(default="float32", metadata=_OUT)
+    workers: int = 0
+    prefetch: int = 1
+    recursive: bool = False
+
+    def __post_init__(self) -> None:
+        check_choice("backend", self.backend, ("auto", *BACKENDS))
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("device", self.device, DEVICES)
+        if self.tta is not None:
+            check_choice("tta", self.tta, TTA_MODES)
+        check_choice("resample", self.resample, RESAMPLE_MODES)
+        check_choice("prob_dtype", self.prob_dtype, PROB_DTYPES)
+        if self.threads is not None:
+            _check_int("threads", self.threads, 1)
+        _check_int("batch_size", self.batch_size, 1)
+        _check_int("workers", self.workers, 0)
+        _check_int("prefetch", self.prefetch, 1)
+        for name in ("cuda_graph", "save_prob", "recursive"):
+            if not isinstance(getattr(self, name), bool):
+                raise DunetError(f"{name} {getattr(self, name)!r}: must be True or False",
+                                 option=name)
+        if self.min_lesion_mm3 is not None:
+            value = self.min_lesion_mm3
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value) or value < 0):
+                raise DunetError(f"min_lesion_mm3 {value!r}: must be a finite number >= 0",
+                                 option="min_lesion_mm3")
+            object.__setattr__(self, "min_lesion_mm3", float(value))
+
+    # ------------------------------------------------------------- changes
+    def replace(self, **changes: Any) -> InferenceOptions:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def with_model_defaults(self, defaults: Any) -> tuple[InferenceOptions, Sources]:
+        """Fill ``tta`` / ``min_lesion_mm3`` left ``None`` from a model's defaults.
+
+        Args:
+            defaults: The model's :class:`~dunet_deploy.spec.InferenceDefaults`.
+
+        Returns:
+            ``(options with both set, sources)``: ``sources`` maps each of the
+            two to ``"model"`` or ``"argument"``.
+        """
+        sources = {"tta": "model" if self.tta is None else "argument",
+                   "min_lesion_mm3": "model" if self.min_lesion_mm3 is None else "argument"}
+        resolved = self.replace(
+            tta=defaults.tta if self.tta is None else self.tta,
+            min_lesion_mm3=(defaults.min_lesion_mm3 if self.min_lesion_mm3 is None
+                            else self.min_lesion_mm3))
+        return resolved, sources
+
+    # ------------------------------------------------------------- records
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-compatible dict of every field."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, doc: Mapping[str, Any]) -> InferenceOptions:
+        """Decode :meth:`to_dict` output; a missing key takes its default.
+
+        Raises:
+            DunetError: on a non-object, an unknown key or an invalid value.
+        """
+        if not isinstance(doc, Mapping):
+            raise DunetError(f"inference options: expected a JSON object, got "
+                             f"{type(doc).__name__}")
+        unknown = sorted(set(doc) - set(cls.field_names()))
+        if unknown:
+            raise DunetError(f"inference options: unknown key(s) {', '.join(unknown)}")
+        return cls(**dict(doc))
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        """Every field, in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def fingerprint(self) -> str:
+        """16 hex digits identifying the fields that change what a run writes.
+
+        Two runs whose options have the same fingerprint (on the same model)
+        write the same files; speed settings (threads, batch size, workers,
+        prefetch) do not enter it.
+        """
+        keyed = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.metadata.get("output")}
+        blob = json.dumps(keyed, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DunetError(f"{name} {value!r}: must be an integer >= {minimum}", option=name)
+    if value < minimum:
+        raise DunetError(f"{name} {value}: must be >= {minimum}", option=name)

@@ -12,7 +12,7 @@ from dunet_deploy.bench.e2e import _torch_runner_factory  # noqa: E402
 from dunet_deploy.data.nifti import load_nifti  # noqa: E402
 from dunet_deploy.data.synth import write_dataset  # noqa: E402
 from dunet_deploy.models import create_model  # noqa: E402
-from dunet_deploy.runtime.pipeline import segment_files  # noqa: E402
+from dunet_deploy.runtime.segmenter import segment_files  # noqa: E402
 from dunet_deploy.spec import PreprocessSpec  # noqa: E402
 
 

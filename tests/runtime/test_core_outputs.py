@@ -76,7 +76,7 @@ def test_outputs_are_fortran_ordered_and_gzipped_fast(tmp_path: Path) -> None:
 
 def test_segment_files_writes_uint16_probabilities(tmp_path: Path) -> None:
     from dunet_deploy.bench.pipeline_bench import StandInRunner, pipeline_spec, write_standin_onnx
-    from dunet_deploy.runtime.pipeline import segment_files
+    from dunet_deploy.runtime.segmenter import segment_files
 
     model = write_standin_onnx(tmp_path / "standin.onnx", pipeline_spec(SHAPE, 32))
     scan = write_volume(tmp_path / "scan.nii.gz", seed=4)

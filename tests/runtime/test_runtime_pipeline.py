@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import threading
@@ -16,9 +17,9 @@ from dunet_deploy.artifacts import ArtifactInfo
 from dunet_deploy.data.preprocess import slices_to_slabs
 from dunet_deploy.runtime.base import Runner
 from dunet_deploy.runtime.core import predict_grid
+from dunet_deploy.runtime.inprocess import Prefetcher
 from dunet_deploy.runtime.pipeline import (
     InputItem,
-    Prefetcher,
     expand_inputs,
     output_stem,
     prepare_volume,
@@ -84,18 +85,18 @@ def test_expand_inputs(tmp_path):
 
 
 def test_prefetcher_order_bound_and_early_stop(tmp_path, monkeypatch):
-    from dunet_deploy.runtime import pipeline
+    from dunet_deploy.runtime import inprocess
 
     spec = rt.tiny_spec()
     paths = [rt.write_volume(tmp_path / f"v{i}.nii.gz", seed=i) for i in range(4)]
     started: list[str] = []
-    real = pipeline.prepare_volume
+    real = inprocess.prepare_volume
 
-    def slow_prepare(item, spec, resample="auto"):
+    def slow_prepare(item, spec, resample="auto", reader=None):
         started.append(item.path.name)
         return real(item, spec, resample)
 
-    monkeypatch.setattr(pipeline, "prepare_volume", slow_prepare)
+    monkeypatch.setattr(inprocess, "prepare_volume", slow_prepare)
     with Prefetcher([InputItem(p) for p in paths], spec, depth=1) as pre:
         it = iter(pre)
         first = next(it)
@@ -180,21 +181,52 @@ def test_help_works_without_any_backend():
     assert "--engine" in proc.stdout and "--save-prob" in proc.stdout
 
 
-def test_cli_choices_match_the_runtime():
-    from dunet_deploy.cli import infer
-    from dunet_deploy.runtime import base
+def _imports(path: Path) -> set[str]:
+    """Every ``dunet_deploy`` module a source file imports (at any depth, lazily or not)."""
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {name for name in found if name.startswith("dunet_deploy")}
 
-    assert (infer.BACKENDS, infer.DEVICES, infer.PRECISIONS) == (
-        base.BACKENDS, base.DEVICES, base.PRECISIONS)
+
+#: Each runtime module and the runtime modules it must never import: core <- stages
+#: (pipeline) <- executors (inprocess, workers) <- segmenter <- CLI.
+FORBIDDEN = {
+    "core": {"pipeline", "inprocess", "workers", "segmenter", "options"},
+    "options": {"core", "pipeline", "inprocess", "workers", "segmenter"},
+    "pipeline": {"inprocess", "workers", "segmenter"},
+    "inprocess": {"workers", "segmenter"},
+    "workers": {"inprocess", "segmenter"},
+}
+
+
+@pytest.mark.parametrize("module", sorted(FORBIDDEN))
+def test_runtime_imports_point_one_way(module):
+    imported = _imports(REPO / "dunet_deploy" / "runtime" / f"{module}.py")
+    bad = {name for name in imported
+           for other in FORBIDDEN[module] if name.startswith(f"dunet_deploy.runtime.{other}")}
+    assert not bad, f"runtime/{module}.py imports {sorted(bad)}"
+    assert not any(name.startswith("dunet_deploy.cli") for name in imported)
+
+
+def test_import_direction_check_sees_a_lazy_import(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    from dunet_deploy.runtime.segmenter import Segmenter\n")
+    assert "dunet_deploy.runtime.segmenter" in _imports(source)
 
 
 def test_prefetcher_forwards_bugs(tmp_path, monkeypatch):
-    from dunet_deploy.runtime import pipeline
+    from dunet_deploy.runtime import inprocess
 
-    def broken(item, spec, resample="auto"):
+    def broken(item, spec, resample="auto", reader=None):
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(pipeline, "prepare_volume", broken)
+    monkeypatch.setattr(inprocess, "prepare_volume", broken)
     with Prefetcher([InputItem(tmp_path / "x.nii.gz")], rt.tiny_spec()) as pre, \
             pytest.raises(RuntimeError, match="bug"):
         list(pre)

@@ -135,7 +135,7 @@ def test_blank_volume_gives_an_empty_mask(model, tmp_path):
 def test_bad_inputs_are_one_line_errors(model, scan, tmp_path):
     with pytest.raises(DunetError, match="model file not found|no such file"):
         Segmenter(tmp_path / "nope.onnx")
-    with pytest.raises(DunetError, match="batch size"):
+    with pytest.raises(DunetError, match="batch_size 0: must be >= 1"):
         Segmenter(model[0], batch_size=0)
     with Segmenter(model[0], backend="onnxruntime", lazy=True) as seg:
         with pytest.raises(DunetError, match="affine= is only for array inputs"):

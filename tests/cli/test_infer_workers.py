@@ -62,14 +62,15 @@ def test_workers_give_byte_identical_masks_in_order(tiny, tmp_path):
                                       load_nifti(outs[2] / f"{name}_prob.nii.gz").data)
 
 
-@pytest.mark.parametrize(("sig", "code", "workers"), [(signal.SIGTERM, 143, "0"),
-                                                      (signal.SIGINT, 130, "1")])
+@pytest.mark.parametrize("workers", ["0", "1", "2"])
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_cleanly_and_keeps_what_is_done(tiny, tmp_path, sig, code, workers):
     model, _ = tiny
     shape = (40, 48, 240)  # many slices: the run is still going when the signal comes
     scans = [rt.write_volume(tmp_path / f"v{i}.nii.gz", seed=i, shape=shape) for i in range(8)]
     out = tmp_path / "out"
-    # Its own process group: a terminal's Ctrl-C reaches every process of the group.
+    # Its own process group, signalled whole: a terminal's Ctrl-C, GNU timeout, systemd,
+    # Slurm and Kubernetes all signal every process of the group, workers included.
     proc = subprocess.Popen(_cmd(model, out, *scans, extra=("--workers", workers)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -78,13 +79,11 @@ def test_a_signal_stops_cleanly_and_keeps_what_is_done(tiny, tmp_path, sig, code
         if proc.poll() is not None:
             break
         time.sleep(0.02)
-    if sig == signal.SIGINT:
-        os.killpg(proc.pid, sig)  # as Ctrl-C does: workers get it too, and ignore it
-    else:
-        proc.send_signal(sig)  # as timeout / docker stop do: the main process only
+    os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == code, err
     assert err.strip().splitlines()[-1] == f"error: interrupted ({sig.name})"
+    assert "Traceback" not in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] == sig.name and summary["total"] == 8
     assert 1 <= summary["done"] < 8 and summary["done"] == len(summary["cases"])
@@ -94,3 +93,113 @@ def test_a_signal_stops_cleanly_and_keeps_what_is_done(tiny, tmp_path, sig, code
     masks = sorted(out.glob("*_mask.nii.gz"))
     assert len(masks) == summary["done"] and len(list(out.glob("*_prob.nii.gz"))) == len(masks)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text() if (task / "children").exists() else ""
+        found.extend(int(n) for n in text.split())
+    return found
+
+
+def _descendants(pid: int) -> list[int]:
+    todo, seen = [pid], []
+    while todo:
+        try:
+            kids = _children(todo.pop())
+        except OSError:  # gone meanwhile
+            continue
+        seen.extend(kids)
+        todo.extend(kids)
+    return seen
+
+
+def _holding(pids: list[int], path: Path) -> int | None:
+    """The process among ``pids`` that has ``path`` open, if one has."""
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+            if any(os.readlink(fd) == str(path) for fd in fds):
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_a_worker_killed_mid_run_fails_only_its_case(tiny, tmp_path):
+    model, scans = tiny
+    # A big volume keeps its worker busy reading long enough to be caught at it.
+    big = rt.write_volume(tmp_path / "big.nii.gz", seed=9, shape=(256, 256, 200))
+    inputs = [scans[0], big, *scans[1:]]
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_cmd(model, out, *inputs, extra=("--workers", "1")),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline, victim = time.monotonic() + 300, None
+    while victim is None and proc.poll() is None and time.monotonic() < deadline:
+        victim = _holding(_descendants(proc.pid), big)
+        time.sleep(0.005)
+    assert victim is not None, "never caught a worker reading the big volume"
+    os.kill(victim, signal.SIGKILL)  # what the out-of-memory killer does
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err  # some inputs failed
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [
+        f"error: {big}: worker process died (signal 9, e.g. the out-of-memory killer)"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["total"], summary["done"], summary["ok"], summary["failed"]) == (5, 5, 4, 1)
+    assert [Path(c["input"]).name for c in summary["cases"]] == [p.name for p in inputs]
+    for case in summary["cases"]:
+        if case["input"] == str(big):
+            assert "worker process died (signal 9" in case["message"]
+        else:  # a new worker took over: every other case is complete
+            assert case["status"] == "ok" and Path(case["mask"]).is_file()
+            assert Path(case["prob"]).is_file()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_ctrl_c_while_the_workers_start_is_one_line(tiny, tmp_path):
+    model, scans = tiny
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_cmd(model, out, *scans, extra=("--workers", "2")),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        kids = _descendants(proc.pid)  # the fork server appears first, still importing numpy
+        if any(b"forkserver" in Path(f"/proc/{k}/cmdline").read_bytes() for k in kids
+               if Path(f"/proc/{k}/cmdline").exists()):
+            break
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert proc.returncode in (0, 130), err
+    if proc.returncode == 130:
+        assert err.strip().splitlines()[-1] == "error: interrupted (SIGINT)"
+
+
+def test_library_workers_run_single_threaded_blas(tmp_path):
+    # A library caller (not dunet-infer, which sets the variable before numpy loads):
+    # the fork server must start with the thread variables, not the workers' initializer.
+    code = (
+        "import os\n"
+        "for name in ('OPENBLAS_NUM_THREADS', 'OMP_NUM_THREADS', 'MKL_NUM_THREADS'):\n"
+        "    os.environ.pop(name, None)\n"
+        "import numpy\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from dunet_deploy.runtime import workers\n"
+        "with ProcessPoolExecutor(1, mp_context=workers._context(),\n"
+        "                         initializer=workers._init_worker, initargs=(None,)) as pool:\n"
+        "    print('worker', pool.submit(workers.blas_threads).result())\n"
+        "print('caller', os.environ.get('OPENBLAS_NUM_THREADS'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_NUM_THREADS")}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "worker 1" in run.stdout.splitlines()
+    assert "caller None" in run.stdout.splitlines()  # the caller's environment is untouched

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import sys
@@ -247,3 +248,27 @@ def test_triton_url_routes_to_the_triton_runner(tiny, tmp_path, monkeypatch):
     assert seen["url"] == "grpc://127.0.0.1:8001"
     assert seen["expected"].spec == rt.tiny_spec()
     assert (out / "case_a_mask.nii.gz").is_file()
+
+
+def test_every_parameter_is_an_option_or_cli_only():
+    from dunet_deploy.cli import infer
+    from dunet_deploy.runtime.options import InferenceOptions
+
+    fields = {f.name: f for f in dataclasses.fields(InferenceOptions)}
+    params = {p.name: p for p in main.params if p.name not in ("version",)}
+    unmapped = set(params) - set(fields) - infer.CLI_ONLY
+    assert not unmapped, f"dunet-infer parameters that reach nothing: {sorted(unmapped)}"
+    assert not infer.CLI_ONLY & set(fields)
+    assert not infer.CLI_ONLY - set(params), "CLI_ONLY names a parameter that is gone"
+    parsed = main.make_context("dunet-infer", ["--engine", "m.onnx", "x.nii", "-o", "o"]).params
+    for name in set(params) & set(fields):  # one default, held by the options object
+        if parsed[name] is not None:
+            assert parsed[name] == fields[name].default, name
+    assert infer.build_options(parsed | {"workers": 0}) == InferenceOptions(workers=0)
+
+
+def test_option_errors_name_the_flag(tiny, tmp_path):
+    result = invoke(["--engine", str(tiny[1]), str(tiny[2][0]), "-o", str(tmp_path / "o"),
+                     "--min-lesion-mm3", "nan"])
+    assert result.exit_code == 2
+    assert "error: --min-lesion-mm3 nan: must be a finite number >= 0" in result.output

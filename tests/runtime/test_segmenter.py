@@ -165,3 +165,53 @@ def test_readme_python_api_example_runs(model, scan, tmp_path):
     assert (tmp_path / "masks" / "case_000_mask.nii.gz").is_file()
     assert (tmp_path / "masks" / "case_000_prob.nii.gz").is_file()
     assert (tmp_path / "masks" / "summary.json").is_file()
+
+
+def test_array_without_affine_is_taken_on_the_models_grid(model, scan):
+    from dunet_deploy.data.geometry import plan_model_space
+    from dunet_deploy.runtime.core import predict_volume
+
+    vol = load_nifti(scan)
+    with Segmenter(model[0], backend="onnxruntime") as seg:
+        space = plan_model_space(vol.shape, vol.affine, seg.spec)
+        on_grid = np.ascontiguousarray(space.to_model(vol.data), dtype=np.float32)
+        pred = seg.predict(on_grid)  # no affine: as core.to_network(affine=None) takes it
+        prob = predict_volume(on_grid, seg.spec, seg.predictor(), affine=None)
+    assert pred.shape == on_grid.shape and pred.geometry is None
+    np.testing.assert_array_equal(pred.affine, np.eye(4))
+    np.testing.assert_allclose(pred.prob, prob, atol=1e-6)
+    assert pred.lesion_voxels > 0
+
+
+def test_python_api_edges_are_one_line_errors(model, scan, tmp_path):
+    with pytest.raises(DunetError, match="^backend 'foo': choose one of"):
+        Segmenter(model[0], backend="foo")  # at construction, before any load
+    with pytest.raises(DunetError, match="unknown option"):
+        Segmenter(model[0], batchsize=2)
+    with Segmenter(model[0], backend="onnxruntime") as seg:
+        with pytest.raises(DunetError, match="bytes path"):
+            seg.predict(str(scan).encode())
+        singular = np.diag([1.0, 0.0, 1.0, 1.0])
+        with pytest.raises(DunetError, match="affine is singular"):
+            seg.predict(np.zeros(rt.SHAPE, np.float32), affine=singular)
+        with pytest.raises(DunetError, match="fixed when the Segmenter is created"):
+            seg.predict_files([scan], tmp_path / "x", backend="openvino")
+    with pytest.raises(DunetError, match="Segmenter is closed"):
+        seg.predict(scan)  # after the with block: no silent reload
+    with pytest.raises(DunetError, match="Segmenter is closed"):
+        seg.predict_files([scan], tmp_path / "closed")
+    assert not (tmp_path / "closed").exists()
+
+
+def test_predict_files_takes_one_string_as_one_input(model, scan, tmp_path):
+    folder = tmp_path / "scans" / "imagesTr"
+    folder.mkdir(parents=True)
+    (folder / "case_000.nii.gz").write_bytes(scan.read_bytes())
+    with Segmenter(model[0], backend="onnxruntime") as seg:
+        summary = seg.predict_files(str(folder), tmp_path / "out")
+        nested = seg.predict_files(str(tmp_path / "scans"), tmp_path / "rec", recursive=True,
+                                   save_prob=True)
+    assert (summary["total"], summary["ok"]) == (1, 1)
+    assert (nested["total"], nested["ok"]) == (1, 1)
+    assert nested["options"]["recursive"] is True and nested["options"]["save_prob"] is True
+    assert (tmp_path / "rec" / "case_000_prob.nii.gz").is_file()

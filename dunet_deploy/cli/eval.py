@@ -131,10 +131,16 @@ def main(checkpoint: Path | None, engine: Path | None, backend: str, precision: 
         if engine is not None:  # the runtime path: no torch
             if split != "all":
                 raise DunetError(f"--split {split}: an engine records no split; use --split all")
-            result = evaluate_engine(engine, data, backend=backend, precision=precision,
-                                     threads=threads, device=device, batch_size=batch_size,
-                                     layout=layout, progress=progress, tta=tta,
-                                     min_lesion_mm3=min_lesion_mm3, resample=resample)
+            from dunet_deploy.runtime.options import InferenceOptions
+
+            try:
+                options = InferenceOptions(backend=backend, precision=precision, threads=threads,
+                                           device=device, batch_size=batch_size, tta=tta,
+                                           min_lesion_mm3=min_lesion_mm3, resample=resample)
+            except DunetError as exc:
+                raise DunetError(exc.for_command()) from None
+            result = evaluate_engine(engine, data, options=options, layout=layout,
+                                     progress=progress)
         else:
             assert checkpoint is not None
             result = evaluate_checkpoint_file(

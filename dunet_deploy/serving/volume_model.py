@@ -32,7 +32,13 @@ from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
 from dunet_deploy.data.nifti import NiftiLimits, load_nifti_bytes, nifti_bytes_like
 from dunet_deploy.errors import DunetError, one_line
 from dunet_deploy.postprocess import with_tta
-from dunet_deploy.runtime.core import geometry_of, segment, to_network
+from dunet_deploy.runtime.pipeline import (
+    CaseResult,
+    InputItem,
+    finish_case,
+    infer_case,
+    prepare_source,
+)
 from dunet_deploy.serving._config import artifact_parameters, int_parameter, model_parameters
 
 NIFTI_INPUT = "nifti"
@@ -118,17 +124,20 @@ def segment_nifti_bytes(data: bytes, name: str, settings: VolumeSettings,
         DunetError: ``"<name>: <reason>"`` for a file we refuse or cannot use.
     """
     spec, defaults = settings.info.spec, settings.info.inference
-    times: dict[str, float] = {}
+    item = InputItem(Path(name))
+    result = CaseResult(input=name)
+    times = result.times
     t0 = time.perf_counter()
     vol = load_nifti_bytes(data, name, settings.limits)
     times["read"] = time.perf_counter() - t0
-    try:
-        net = to_network(vol.data, spec, affine=vol.affine, times=times)
-    except DunetError as exc:
-        raise DunetError(f"{name}: {exc}") from None
-    pred = segment(net, geometry_of(vol), spec, with_tta(predict, defaults.tta, spec),
-                   batch_size=settings.batch_size, min_lesion_mm3=defaults.min_lesion_mm3,
-                   times=times)
+    # The stages every other path runs (pipeline.prepare_source / infer_case / finish_case).
+    prep = prepare_source(item, vol, spec, result=result)
+    grid = infer_case(with_tta(predict, defaults.tta, spec), spec, prep, settings.batch_size)
+    pred = None if grid is None else finish_case(grid, prep, spec,
+                                                 min_lesion_mm3=defaults.min_lesion_mm3,
+                                                 keep_prob=False)
+    if pred is None:
+        raise DunetError(str(result.message))
     t1 = time.perf_counter()
     blob = nifti_bytes_like(pred.mask, vol, np.uint8, name=name)
     times["write"] = time.perf_counter() - t1

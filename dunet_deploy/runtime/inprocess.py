@@ -17,19 +17,9 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from dunet_deploy.runtime import pipeline as stages
 from dunet_deploy.runtime.core import Predictor
-from dunet_deploy.runtime.pipeline import (
-    NIFTI_READER,
-    CaseResult,
-    InputItem,
-    Meter,
-    OutputOptions,
-    PreparedVolume,
-    Reader,
-    infer_case,
-    prepare_volume,
-    write_case,
-)
+from dunet_deploy.runtime.pipeline import infer_case, prepare_volume, write_case
 from dunet_deploy.spec import PreprocessSpec
 
 __all__ = ["Prefetcher", "run_cases"]
@@ -53,8 +43,8 @@ class Prefetcher:
 
     _DONE = object()
 
-    def __init__(self, items: Sequence[InputItem], spec: PreprocessSpec, depth: int = 1,
-                 resample: str = "auto", reader: Reader = NIFTI_READER) -> None:
+    def __init__(self, items: Sequence[stages.InputItem], spec: PreprocessSpec, depth: int = 1,
+                 resample: str = "auto", reader: stages.Reader = stages.NIFTI_READER) -> None:
         self._items = list(items)
         self._spec = spec
         self._resample = resample
@@ -84,7 +74,7 @@ class Prefetcher:
             return
         self._put(self._DONE)
 
-    def __iter__(self) -> Iterator[PreparedVolume]:
+    def __iter__(self) -> Iterator[stages.PreparedVolume]:
         while True:
             obj = self._queue.get()
             if obj is self._DONE:
@@ -110,13 +100,13 @@ class Prefetcher:
 def run_cases(
     predict: Predictor,
     spec: PreprocessSpec,
-    volumes: Iterable[PreparedVolume],
-    out: OutputOptions,
+    volumes: Iterable[stages.PreparedVolume],
+    out: stages.OutputOptions,
     *,
-    on_result: Callable[[CaseResult], None] | None = None,
-    results: list[CaseResult] | None = None,
-    meter: Meter | None = None,
-) -> list[CaseResult]:
+    on_result: Callable[[stages.CaseResult], None] | None = None,
+    results: list[stages.CaseResult] | None = None,
+    meter: stages.Meter | None = None,
+) -> list[stages.CaseResult]:
     """Segment prepared volumes one after the other, in this process, and write their outputs.
 
     Args:

@@ -30,15 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from dunet_deploy.choices import (
-    BACKENDS,
-    DEVICES,
-    PRECISIONS,
-    PROB_DTYPES,
-    RESAMPLE_MODES,
-    TTA_MODES,
-    check_choice,
-)
+from dunet_deploy import choices
+from dunet_deploy.choices import check_choice
 from dunet_deploy.errors import DunetError
 
 __all__ = ["InferenceOptions", "Sources"]
@@ -92,13 +85,13 @@ class InferenceOptions:
     recursive: bool = False
 
     def __post_init__(self) -> None:
-        check_choice("backend", self.backend, ("auto", *BACKENDS))
-        check_choice("precision", self.precision, PRECISIONS)
-        check_choice("device", self.device, DEVICES)
+        check_choice("backend", self.backend, ("auto", *choices.BACKENDS))
+        check_choice("precision", self.precision, choices.PRECISIONS)
+        check_choice("device", self.device, choices.DEVICES)
         if self.tta is not None:
-            check_choice("tta", self.tta, TTA_MODES)
-        check_choice("resample", self.resample, RESAMPLE_MODES)
-        check_choice("prob_dtype", self.prob_dtype, PROB_DTYPES)
+            check_choice("tta", self.tta, choices.TTA_MODES)
+        check_choice("resample", self.resample, choices.RESAMPLE_MODES)
+        check_choice("prob_dtype", self.prob_dtype, choices.PROB_DTYPES)
         if self.threads is not None:
             _check_int("threads", self.threads, 1)
         _check_int("batch_size", self.batch_size, 1)

@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from dunet_deploy.artifacts import deferred_interrupts
 from dunet_deploy.runtime.core import Predictor
 from dunet_deploy.runtime.pipeline import (
     NIFTI_READER,
@@ -264,7 +265,10 @@ class _Pool:
     def _send(self, task: _Task) -> None:
         while True:
             try:
-                task.future = self.pool.submit(_claimed, task.key, *task.args)
+                # A submit may start a worker: an interrupt halfway through sending it its
+                # start-up data would make it print an EOFError traceback. Hold it until sent.
+                with deferred_interrupts():
+                    task.future = self.pool.submit(_claimed, task.key, *task.args)
                 break
             except BrokenProcessPool:  # broke since the last result: replace it first
                 self._recover()

@@ -9,8 +9,9 @@ D-UNet (``--base-filters``; the default 8 is a small stand-in: the bytes do not 
 width, the times do), and segments the volumes through a real ``tritonserver`` on loopback
 twice: ``dunet-serve --repository`` (python-backend ``dunet`` + ``dunet_volume``) with
 ``--server-side``, and ``dunet-serve --engine`` with client-side slabs; both with ONNX Runtime
-fp32 on the server. Reports per volume: file size, bytes sent and received (tensor payloads, from
-``summary.json``), sent / file size, and wall seconds per volume. Writes
+fp32 on the server. Reports per volume: file size, bytes sent and received (from
+``summary.json``: server-side, the serialized gRPC request and response messages; client-side,
+the slab and probability tensor payloads), sent / file size, and wall seconds per volume. Writes
 ``server_side.json`` and ``server_side.md`` to ``--out`` (default
 ``benchmarks/results/<date>-<cpu-slug>-<cores>c/``). Goal (issue 14): server-side bytes sent
 <= 1.1x the file size.
@@ -107,11 +108,14 @@ def main() -> None:
     (out_dir / "server_side.json").write_text(json.dumps(doc, indent=2) + "\n")
     lines = [
         f"# Server-side vs client-side Triton inference ({cpu['model']}, {cores} cores, "
-        f"flags: {', '.join(f for f in cpu['flags'] if f.startswith(('amx', 'avx512_bf16')))})",
+        f"flags: {', '.join(f for f in cpu['flags'] if f.startswith(('amx', 'avx')))})",
         "",
         f"{args.volumes} synthetic {'x'.join(map(str, spec.volume_shape))} int16 .nii.gz volumes, "
         f"D-UNet base_filters={args.base_filters} at {spec.image_size} px (a stand-in: bytes do "
-        "not depend on it, times do), ONNX Runtime fp32 in the server, gRPC on loopback.",
+        "not depend on it, times do), ONNX Runtime fp32 in the server, gRPC on loopback. "
+        "Server-side bytes are the serialized gRPC messages (request: the file, its name and "
+        "the tensor header; response: mask and summary); client-side bytes are the tensor "
+        "payloads.",
         "",
         "| mode | input | file bytes | bytes sent | bytes received | sent / file |",
         "|---|---|---:|---:|---:|---:|",

@@ -54,6 +54,7 @@ SUPPORTED_DTYPES = frozenset(
               np.float32, np.float64)
 )
 _GZIP_MAGIC = b"\x1f\x8b"
+_HEAD_BYTES = 540  # a NIfTI-2 header; NIfTI-1's is 348
 _MAX_VOX_OFFSET = 16 << 20  # header + extensions; real files have a few KB at most
 
 
@@ -128,15 +129,21 @@ def _reason(exc: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def _open_image(path: Path) -> Any:
-    """nib.load with file checks; returns a NIfTI-1/2 image (data not read)."""
+def _check_path(path: Path) -> None:
     if not path.exists():
         raise DunetError(f"{path}: no such file")
     if path.is_dir():
         raise DunetError(f"{path}: is a directory, not a NIfTI file")
     check_kind(path, VOLUME)  # a checkpoint or model given as a scan: say what it is
+
+
+def _open_image(path: Path) -> Any:
+    """nib.load with file checks; returns a NIfTI-1/2 image (data not read)."""
+    _check_path(path)
     try:
-        img = nib.load(str(path))
+        # nibabel logs (to stderr) each header field it "fixes"; ours are checked already.
+        with nib.imageglobals.LoggingOutputSuppressor():
+            img = nib.load(str(path))
     except nib.filebasedimages.ImageFileError:
         raise DunetError(f"{path}: not a NIfTI file") from None
     except Exception as exc:  # nibabel raises many types on corrupt input
@@ -177,8 +184,17 @@ def check_header(header: Any, name: PathLike, limits: NiftiLimits = DEFAULT_LIMI
         DunetError: ``"<name>: <reason>"`` for a non-3D shape, an unsupported
             data type, too many voxels or bytes, a non-finite or singular
             affine, non-positive or non-finite voxel sizes, or a bad
-            ``vox_offset``.
+            ``vox_offset``; also for anything else nibabel cannot make of it.
     """
+    try:
+        return _check_header(header, name, limits)
+    except DunetError:
+        raise
+    except Exception as exc:  # numpy / nibabel on values no header should hold
+        raise DunetError(f"{name}: corrupt NIfTI header ({_reason(exc)})") from None
+
+
+def _check_header(header: Any, name: PathLike, limits: NiftiLimits) -> int:
     ndim = int(header["dim"][0])
     raw_dims = [int(d) for d in header["dim"][1 : 1 + ndim]] if 1 <= ndim <= 7 else []
     if not raw_dims or min(raw_dims) < 0:
@@ -190,6 +206,15 @@ def check_header(header: Any, name: PathLike, limits: NiftiLimits = DEFAULT_LIMI
         raise DunetError(f"{name}: unknown NIfTI datatype code {int(header['datatype'])}") from None
     if dtype.name not in SUPPORTED_DTYPES:
         raise DunetError(f"{name}: unsupported voxel type {dtype} (use an integer or float type)")
+    if int(header["bitpix"]) != 8 * dtype.itemsize:
+        raise DunetError(f"{name}: corrupt NIfTI header (bitpix {int(header['bitpix'])} for "
+                         f"datatype {dtype}, which has {8 * dtype.itemsize})")
+    # A slope of 0 or NaN means "unscaled" (nibabel writes NaN), and then the intercept
+    # is ignored; an infinite slope, or a non-finite intercept beside a slope, is corrupt.
+    slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+    if np.isinf(slope) or (np.isfinite(slope) and slope != 0 and not np.isfinite(inter)):
+        raise DunetError(f"{name}: corrupt NIfTI header (scl_slope = {slope}, "
+                         f"scl_inter = {inter})")
     voxels = int(np.prod(np.array(raw_dims, dtype=object)))
     nbytes = voxels * dtype.itemsize
     if voxels > limits.max_voxels or nbytes > limits.max_voxel_bytes:
@@ -201,6 +226,11 @@ def check_header(header: Any, name: PathLike, limits: NiftiLimits = DEFAULT_LIMI
     zooms = np.asarray(header["pixdim"][1:4], dtype=np.float64)
     if not (np.isfinite(zooms).all() and (np.abs(zooms) > 0).all()):
         raise DunetError(f"{name}: voxel sizes {zooms.tolist()} must be finite and non-zero")
+    if int(header["sform_code"]) == 0 and int(header["qform_code"]) > 0:
+        bcd = [float(header[k]) for k in ("quatern_b", "quatern_c", "quatern_d")]
+        if not np.isfinite(bcd).all() or sum(v * v for v in bcd) > 1 + 1e-6:
+            raise DunetError(f"{name}: corrupt NIfTI header (impossible qform quaternion "
+                             f"b, c, d = {bcd}: b² + c² + d² > 1)")
     affine = np.asarray(header.get_best_affine(), dtype=np.float64)
     if not np.isfinite(affine).all() or abs(float(np.linalg.det(affine[:3, :3]))) < 1e-12:
         raise DunetError(f"{name}: the voxel-to-world affine is not finite or is singular")
@@ -249,13 +279,51 @@ def load_nifti(path: PathLike, limits: NiftiLimits = DEFAULT_LIMITS) -> NiftiVol
             or NaN/Inf voxels.
     """
     p = Path(path)
-    img = _open_image(p)
+    _check_path(p)
     size = p.stat().st_size
     if size > limits.max_file_bytes:
         raise DunetError(f"{p}: file of {_bytes_text(size)} is over the limit of "
                          f"{_bytes_text(limits.max_file_bytes)}")
+    raw = _file_header(p)
+    if raw is not None:  # as written: nibabel's copy has some fields "fixed"
+        check_header(raw[1], p, limits)
+    img = _open_image(p)
     check_header(img.header, p, limits)
     return _volume_from_image(img, p, p)
+
+
+def _file_header(path: Path) -> tuple[Any, Any] | None:
+    """The header of a NIfTI file exactly as written; ``None`` when it is not one."""
+    try:
+        with open(path, "rb") as f:
+            gz = f.read(2) == _GZIP_MAGIC
+        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+            head = f.read(_HEAD_BYTES)
+    except (OSError, EOFError, zlib.error):
+        return None  # nib.load says what is wrong with the file
+    return _parse_header(head, path)
+
+
+def _parse_header(head: bytes, name: PathLike) -> tuple[Any, Any] | None:
+    """(image class, header) of a NIfTI-1/2 header's bytes, unchecked; ``None`` if not one.
+
+    Raises:
+        DunetError: a header nibabel cannot parse at all.
+    """
+    image_class: Any = None
+    for cls in (nib.Nifti1Image, nib.Nifti2Image):
+        size = cls.header_class.sizeof_hdr
+        first = bytes(head[:4])
+        if len(head) >= size and size in (int.from_bytes(first, "little"),
+                                          int.from_bytes(first, "big")):
+            image_class = cls
+    if image_class is None:
+        return None
+    try:  # check=False: nibabel would "fix" (and hide) broken fields
+        header = image_class.header_class.from_fileobj(io.BytesIO(head), check=False)
+    except Exception as exc:  # nibabel's HeaderDataError / ValueError on bad magic etc.
+        raise DunetError(f"{name}: cannot read NIfTI header ({_reason(exc)})") from None
+    return image_class, header
 
 
 def _inflate(data: bytes, name: str, need: int) -> bytes:
@@ -303,27 +371,20 @@ def load_nifti_bytes(data: bytes, name: str,
         raise DunetError(f"{name}: {_bytes_text(len(data))} sent, over the limit of "
                          f"{_bytes_text(limits.max_file_bytes)}")
     gz = bytes(data[:2]) == _GZIP_MAGIC
-    head = _inflate(data, name, 540) if gz else bytes(data[:540])
-    image_class: Any = None
-    for cls in (nib.Nifti1Image, nib.Nifti2Image):
-        size = cls.header_class.sizeof_hdr
-        first = bytes(head[:4])
-        if len(head) >= size and size in (int.from_bytes(first, "little"),
-                                          int.from_bytes(first, "big")):
-            image_class = cls
-    if image_class is None:
+    head = _inflate(data, name, _HEAD_BYTES) if gz else bytes(data[:_HEAD_BYTES])
+    parsed = _parse_header(head, name)
+    if parsed is None:
         raise DunetError(f"{name}: not a NIfTI file")
-    try:
-        header = image_class.header_class.from_fileobj(io.BytesIO(head))
-    except Exception as exc:  # nibabel's HeaderDataError / ValueError on bad magic etc.
-        raise DunetError(f"{name}: cannot read NIfTI header ({_reason(exc)})") from None
-    need = int(header["vox_offset"]) + check_header(header, name, limits)
+    image_class, header = parsed
+    nbytes = check_header(header, name, limits)  # before vox_offset is used: it may be NaN
+    need = int(header["vox_offset"]) + nbytes
     raw = _inflate(data, name, need) if gz else bytes(data[:need])
     if len(raw) < need:
         raise DunetError(f"{name}: cannot read voxel data, file truncated or corrupt "
                          f"({len(raw)} of {need} bytes)")
     try:
-        img = image_class.from_bytes(raw)
+        with nib.imageglobals.LoggingOutputSuppressor():
+            img = image_class.from_bytes(raw)
     except Exception as exc:  # nibabel raises many types on corrupt input
         raise DunetError(f"{name}: cannot read NIfTI ({_reason(exc)})") from None
     return _volume_from_image(img, name, None)

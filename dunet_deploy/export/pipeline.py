@@ -25,6 +25,7 @@ from dunet_deploy.artifacts import (
     INPUT_NAME,
     OUTPUT_NAME,
     ArtifactInfo,
+    deferred_interrupts,
     write_engine_sidecar,
     write_json,
 )
@@ -384,17 +385,23 @@ STEPS: tuple[Callable[[_Job], None], ...] = (
 
 
 def _commit(job: _Job) -> list[Path]:
-    """Move every written file from the stage into the output folder."""
+    """Move every written file from the stage into the output folder.
+
+    The renames run under :func:`~dunet_deploy.artifacts.deferred_interrupts`: a
+    Ctrl-C or SIGTERM arriving between two of them is raised once all are done,
+    so the folder never holds half the new set beside half the old one.
+    """
     out = job.req.out_dir
-    for rel in job.written:
-        dst = out / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(job.stage / rel, dst)
-    cache = job.stage / "timing.cache"
-    if "trt" in job.formats and cache.is_file():
-        target = _cache_target(job.req)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(cache), str(target))  # may be on another file system
+    with deferred_interrupts():
+        for rel in job.written:
+            dst = out / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(job.stage / rel, dst)
+        cache = job.stage / "timing.cache"
+        if "trt" in job.formats and cache.is_file():
+            target = _cache_target(job.req)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(cache), str(target))  # may be on another file system
     return [Path(p) for p in job.written]
 
 

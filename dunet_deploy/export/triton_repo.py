@@ -21,6 +21,10 @@ among them ``dunet.spec``, the preprocessing spec as JSON — so a client can
 fetch everything it needs from the server's model configuration and parse it
 with :meth:`~dunet_deploy.artifacts.ArtifactInfo.from_metadata`.
 
+A TensorRT model's instance group names every optimisation profile of the
+engine (read from its sidecar), and ``max_batch_size`` must be a batch those
+profiles serve from 1 up (:func:`trt_instance_profiles` has Triton's rules).
+
 The text is written directly (no protobuf dependency at export time); the
 tests parse it with Triton's own ``ModelConfig`` message.
 """
@@ -34,7 +38,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from dunet_deploy import __version__
-from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
+from dunet_deploy.artifacts import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    ArtifactInfo,
+    EngineSidecar,
+    read_artifact_info,
+)
 from dunet_deploy.data.nifti import DEFAULT_LIMITS, NiftiLimits
 from dunet_deploy.errors import DunetError
 
@@ -44,6 +54,7 @@ __all__ = [
     "VOLUME_MODEL_NAME",
     "read_config",
     "triton_config_text",
+    "trt_instance_profiles",
     "volume_config_text",
     "write_spec_model",
     "write_triton_repo",
@@ -88,6 +99,58 @@ def _dims(values: Sequence[int]) -> str:
     return "[ " + ", ".join(str(int(v)) for v in values) + " ]"
 
 
+#: ``(min, opt, max)`` input shapes ``[N, C, S, S]`` of one TensorRT optimisation profile.
+Profile = tuple[Sequence[int], Sequence[int], Sequence[int]]
+
+
+def trt_instance_profiles(profiles: Sequence[Profile], max_batch_size: int,
+                          chw: Sequence[int]) -> list[str]:
+    """The profile names an instance group of a TensorRT model must list.
+
+    Triton's TensorRT backend (triton-inference-server/tensorrt_backend,
+    ``src/model_state.cc`` ``GetProfileIndices`` / ``GetMaxSupportedBatchSize``
+    and ``src/instance_state.cc`` ``InitOptimizationProfiles`` /
+    ``GetMostOptimizedProfile``): an instance group without ``profile`` uses
+    profile 0 only; the model refuses to load when ``max_batch_size`` exceeds the
+    largest batch of the profiles named; each instance runs a batch on the named
+    profile nearest its ``opt`` among those whose min..max hold it, and fails the
+    batch when none does. Since the dynamic batcher may form any batch from 1 to
+    ``max_batch_size``, every instance names all the engine's profiles, and
+    together they must hold every such batch and the ``[C, S, S]`` of ``slabs``.
+
+    Args:
+        profiles: the engine's profiles, in profile order (its sidecar's ``profiles``).
+        max_batch_size: the configuration's ``max_batch_size``.
+        chw: ``(C, S, S)`` of input ``slabs``.
+
+    Returns:
+        ``["0", "1", ...]``, one name per profile.
+
+    Raises:
+        DunetError: when the profiles cannot serve every batch of 1..max_batch_size.
+    """
+    if not profiles:
+        raise DunetError("a TensorRT Triton model needs the engine's optimisation profiles "
+                         "(the engine sidecar's 'profiles')")
+    ranges = []
+    for i, (smallest, _opt, largest) in enumerate(profiles):
+        if list(smallest[1:]) != list(chw) or list(largest[1:]) != list(chw):
+            raise DunetError(f"engine profile {i} is for inputs {list(smallest)}..{list(largest)}"
+                             f", the model's 'slabs' are [N, {', '.join(map(str, chw))}]")
+        ranges.append((int(smallest[0]), int(largest[0])))
+    covered = 0  # every batch 1..covered is held by some profile
+    for lo, hi in sorted(ranges):
+        if lo > covered + 1:
+            break
+        covered = max(covered, hi)
+    if covered < max_batch_size:
+        shown = ", ".join(f"{lo}..{hi}" for lo, hi in ranges)
+        raise DunetError(f"max_batch_size {max_batch_size} is not served by the engine's "
+                         f"profiles (batches {shown}): rebuild the engine with a batch range "
+                         f"from 1 to at least {max_batch_size}")
+    return [str(i) for i in range(len(profiles))]
+
+
 def triton_config_text(
     info: ArtifactInfo,
     *,
@@ -98,6 +161,7 @@ def triton_config_text(
     instances: int = 1,
     name: str = DEFAULT_MODEL_NAME,
     runtime: Mapping[str, str] | None = None,
+    profiles: Sequence[Profile] = (),
 ) -> str:
     """The ``config.pbtxt`` of a dunet model.
 
@@ -114,10 +178,16 @@ def triton_config_text(
         runtime: for ``"python"``: overrides of :data:`RUNTIME_DEFAULTS`
             (``runtime.backend``, ``runtime.precision``, ``runtime.threads``,
             ``runtime.model_file``), stored as parameters.
+        profiles: for ``"trt"`` (required): the engine's optimisation profiles;
+            the instance group names them all (:func:`trt_instance_profiles`).
 
     Returns:
         Protobuf text of a ``inference.ModelConfig``; input ``slabs``
         ``TYPE_FP32 [C, S, S]``, output ``prob`` ``TYPE_FP32 [1, S, S]``.
+
+    Raises:
+        DunetError: an unknown backend, a bad batch size, profiles that cannot
+            serve ``max_batch_size``.
     """
     if backend not in PLATFORMS:
         raise DunetError(f"unknown Triton backend {backend!r}; use one of {sorted(PLATFORMS)}")
@@ -126,6 +196,8 @@ def triton_config_text(
     platform, filename, kind = PLATFORMS[backend]
     spec = info.spec
     s = spec.image_size
+    group_profiles = (trt_instance_profiles(profiles, max_batch_size, (spec.in_channels, s, s))
+                      if backend == "trt" else [])
     preferred = sorted({int(b) for b in preferred_batch_sizes if 1 <= int(b) <= max_batch_size})
     params = dict(info.to_metadata())
     if backend == "python":
@@ -167,6 +239,8 @@ def triton_config_text(
         "  {",
         f"    count: {int(instances)}",
         f"    kind: {kind}",
+        *([f"    profile: [ {', '.join(_quote(p) for p in group_profiles)} ]"]
+          if group_profiles else []),
         "  }",
         "]",
     ]
@@ -197,6 +271,7 @@ def write_triton_repo(
     instances: int = 1,
     name: str = DEFAULT_MODEL_NAME,
     runtime: Mapping[str, str] | None = None,
+    profiles: Sequence[Profile] | None = None,
 ) -> Path:
     """Write ``ROOT/NAME/config.pbtxt`` and copy ``model_file`` into ``ROOT/NAME/1/``.
 
@@ -207,10 +282,14 @@ def write_triton_repo(
             ``"python"`` when ``runtime["runtime.model_file"]`` names an absolute
             path to use in place (``dunet-serve --engine``).
         info: see :func:`triton_config_text` (the rest of the arguments too).
+        profiles: for ``"trt"``: the engine's profiles; by default those of the
+            sidecar beside ``model_file``.
 
     Returns:
         The model folder ``ROOT/NAME``.
     """
+    if backend == "trt" and profiles is None and model_file is not None:
+        profiles = EngineSidecar.from_info(read_artifact_info(model_file), str(model_file)).profiles
     text = triton_config_text(
         info,
         backend=backend,
@@ -220,6 +299,7 @@ def write_triton_repo(
         instances=instances,
         name=name,
         runtime=runtime,
+        profiles=profiles or (),
     )
     model_dir = Path(root) / name
     version_dir = model_dir / "1"

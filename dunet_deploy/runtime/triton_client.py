@@ -257,6 +257,52 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+#: Attribute of a metered tritonclient client: ``(sent, received)`` of its last inference.
+WIRE_ATTR = "dunet_wire_bytes"
+
+
+def meter_wire(client: Any, protocol: str) -> None:
+    """Make ``client`` record the bytes its inference requests put on the wire.
+
+    After each ``infer``, ``getattr(client, WIRE_ATTR)`` is ``(sent, received)``:
+    for HTTP the request body posted and the response body's ``Content-Length``;
+    for gRPC the serialized ``ModelInferRequest`` and ``ModelInferResponse``
+    (``ByteSize()`` of the messages handed to and returned by the stub; the
+    transport adds a 5-byte prefix and HTTP/2 framing). It wraps tritonclient's
+    transport call (``_post`` / ``_client_stub``): tests check the figures
+    against a loopback proxy that parses the traffic.
+    """
+    setattr(client, WIRE_ATTR, (0, 0))
+    if protocol == "http":
+        post = client._post
+
+        def metered_post(request_uri: str, request_body: bytes, headers: Any,
+                         query_params: Any) -> Any:
+            response = post(request_uri, request_body, headers, query_params)
+            length = response.get("Content-Length")
+            setattr(client, WIRE_ATTR, (len(request_body), int(length) if length else 0))
+            return response
+
+        client._post = metered_post
+        return
+    client._client_stub = _MeteredStub(client._client_stub, client)
+
+
+class _MeteredStub:
+    """A gRPC service stub whose ``ModelInfer`` records its message sizes on ``owner``."""
+
+    def __init__(self, stub: Any, owner: Any) -> None:
+        self._stub, self._owner = stub, owner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stub, name)
+
+    def ModelInfer(self, request: Any, **kwargs: Any) -> Any:  # gRPC's method name
+        response = self._stub.ModelInfer(request=request, **kwargs)
+        setattr(self._owner, WIRE_ATTR, (request.ByteSize(), response.ByteSize()))
+        return response
+
+
 class ServerSideClient:
     """Sends whole NIfTI files to ``dunet_volume`` and writes the masks it returns.
 
@@ -292,10 +338,17 @@ class ServerSideClient:
             )
 
     def _client(self) -> Any:
-        return thread_client(self._local, self.protocol, self.address, self.timeout_s)
+        client = thread_client(self._local, self.protocol, self.address, self.timeout_s)
+        if not hasattr(client, WIRE_ATTR):
+            meter_wire(client, self.protocol)
+        return client
 
-    def request(self, data: bytes, name: str) -> tuple[bytes, dict[str, Any], int]:
-        """One file's bytes -> (mask ``.nii.gz`` bytes, the server's summary, bytes received).
+    def request(self, data: bytes, name: str) -> tuple[bytes, dict[str, Any], tuple[int, int]]:
+        """One file's bytes -> (mask ``.nii.gz`` bytes, the server's summary, wire bytes).
+
+        The wire bytes are ``(sent, received)``: the HTTP request and response
+        bodies, or the serialized gRPC request and response messages
+        (:func:`meter_wire`).
 
         Raises:
             DunetError: the server refused the file (its one-line reason, without
@@ -318,6 +371,7 @@ class ServerSideClient:
                                  ) from None
             raise DunetError(f"Triton server {self.url} failed: {status} {text}".strip()
                              ) from None
+        wire = getattr(self._client(), WIRE_ATTR)
         mask, summary = res.as_numpy("mask"), res.as_numpy("summary")
         if mask is None or summary is None or mask.size != 1 or summary.size != 1:
             raise DunetError(f"Triton server {self.url} returned a malformed response")
@@ -326,7 +380,7 @@ class ServerSideClient:
             doc = json.loads(raw)
         except ValueError:
             raise DunetError(f"Triton server {self.url} returned an unreadable summary") from None
-        return blob, doc, len(blob) + len(raw)
+        return blob, doc, wire
 
 
 def _server_side_case(client: ServerSideClient, item: Any, out: Path) -> Any:
@@ -343,7 +397,7 @@ def _server_side_case(client: ServerSideClient, item: Any, out: Path) -> Any:
             raise DunetError(f"{item.path}: no such file")
         data = item.path.read_bytes()
         t1 = time.perf_counter()
-        blob, doc, received = client.request(data, item.path.name)
+        blob, doc, (sent, received) = client.request(data, item.path.name)
         t2 = time.perf_counter()
         mask = load_nifti_bytes(blob, f"mask of {item.path} from {client.url}")
         if list(mask.shape) != list(doc.get("shape", [])):
@@ -360,7 +414,7 @@ def _server_side_case(client: ServerSideClient, item: Any, out: Path) -> Any:
     result.lesion_voxels = int(doc["lesion_voxels"])
     result.lesion_volume_mm3 = float(doc["lesion_volume_mm3"])
     result.times.update(read=t1 - t0, infer=t2 - t1, write=t3 - t2)
-    result.bytes_sent, result.bytes_received = len(data), received
+    result.bytes_sent, result.bytes_received = sent, received
     result.server = doc
     return result
 

@@ -32,11 +32,37 @@ def run_dir(tmp_path_factory) -> dict[str, Path]:
     return {"data": root / "data", "ckpt": root / "run" / "best.pt"}
 
 
+@pytest.fixture(scope="module")
+def lesion_run(tmp_path_factory) -> dict[str, Path]:
+    """A tiny D-UNet that segments the synthetic lesions (masks of lesion size, DSC ~0.7)
+    on four of the cases it was trained on: eval numbers that mean something."""
+    import export_helpers
+
+    from dunet_deploy.training.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("evallesion")
+    spec = export_helpers.tiny_spec()
+    # synthesize_case(seed=1..4): cases of train_tiny's training set
+    write_dataset(root / "data", cases=4, shape=export_helpers.TINY_SHAPE, seed=1)
+    save_checkpoint(root / "lesion.pt", model=export_helpers.train_tiny(spec, steps=150),
+                    spec=spec, epoch=1, metrics={})
+    return {"data": root / "data", "ckpt": root / "lesion.pt"}
+
+
+def assert_lesion_sized(rows: list[dict[str, str]]) -> None:
+    """Each case's mask is about its lesion's size, not a large share of the volume."""
+    for row in rows:
+        tp, fp, fn = (int(row[k]) for k in ("tp", "fp", "fn"))
+        assert 0 < tp + fp <= 3 * (tp + fn) + 20, row
+    assert sum(float(r["dsc"]) for r in rows) / len(rows) > 0.4, rows
+
+
 def run(*args: object):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def test_eval_writes_the_report_and_matches_the_library(run_dir, tmp_path):
+def test_eval_writes_the_report_and_matches_the_library(lesion_run, tmp_path):
+    run_dir = lesion_run
     out = tmp_path / "eval"
     result = run("--checkpoint", run_dir["ckpt"], "--data", run_dir["data"], "--out", out,
                  "--device", "cpu")
@@ -50,6 +76,7 @@ def test_eval_writes_the_report_and_matches_the_library(run_dir, tmp_path):
     direct = evaluate_checkpoint(run_dir["ckpt"], run_dir["data"], device="cpu")
     rows = list(csv.DictReader((out / "cases.csv").open()))
     assert [r["case_id"] for r in rows] == [m.case_id for m in direct] and len(rows) == 4
+    assert_lesion_sized(rows)
     for row, m in zip(rows, direct):
         assert (int(row["tp"]), int(row["fp"]), int(row["fn"])) == (m.tp, m.fp, m.fn)
         assert float(row["dsc"]) == m.dsc
@@ -109,9 +136,10 @@ def test_bad_inputs(case, run_dir, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
-def test_eval_engine_agrees_with_checkpoint(run_dir, tmp_path, backend):
+def test_eval_engine_agrees_with_checkpoint(lesion_run, tmp_path, backend):
     from dunet_deploy.export.onnx_export import export_onnx
 
+    run_dir = lesion_run
     doc = load_checkpoint(run_dir["ckpt"])
     onnx_path = tmp_path / "model.onnx"
     export_onnx(model_from_checkpoint(doc), doc["spec_obj"], onnx_path)
@@ -123,6 +151,7 @@ def test_eval_engine_agrees_with_checkpoint(run_dir, tmp_path, backend):
     assert result.exit_code == 0, result.output
     a = list(csv.DictReader((ck / "cases.csv").open()))
     b = list(csv.DictReader((en / "cases.csv").open()))
+    assert_lesion_sized(a)
     assert [r["case_id"] for r in a] == [r["case_id"] for r in b]
     for ra, rb in zip(a, b):
         # Same voxels up to a handful at p ~= 0.5 (fp32 kernels differ in summation order).

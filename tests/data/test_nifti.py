@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import io
 from pathlib import Path
 
+import malformed_nifti
 import nibabel as nib
 import numpy as np
 import pytest
@@ -403,7 +405,7 @@ def _header_with(**fields: object) -> bytes:
         ({"pixdim": [1, np.nan, 1, 1, 1, 0, 0, 0]}, "voxel sizes"),
         ({"srow_x": [np.inf, 0, 0, 0]}, "affine"),
         ({"datatype": 32, "bitpix": 64}, "unsupported voxel type complex64"),
-        ({"datatype": 9999}, "data code 9999"),
+        ({"datatype": 9999}, "datatype code 9999"),
         ({"dim": [4, 8, 8, 8, 3, 1, 1, 1]}, "3D"),
         ({"dim": [3, 8, -8, 8, 1, 1, 1, 1]}, "corrupt NIfTI header"),
         ({"vox_offset": 1e12}, "vox_offset"),
@@ -461,3 +463,65 @@ def test_a_failed_write_names_the_users_path_not_our_temporary_file(tmp_path, mo
         save_nifti_like(out, np.zeros((4, 5, 6), np.uint8), ref, dtype=np.uint8)
     assert str(info.value) == f"{out}: cannot write (No space left on device)"
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------ malformed headers
+@pytest.mark.parametrize("gz", [False, True], ids=["nii", "nii.gz"])
+@pytest.mark.parametrize("case", sorted(malformed_nifti.battery()))
+def test_malformed_header_at_both_readers(tmp_path: Path, case: str, gz: bool) -> None:
+    blob, word = malformed_nifti.battery()[case]
+    blob = gzip.compress(blob, mtime=0) if gz else blob
+    name = f"{case}.nii{'.gz' if gz else ''}"
+    with pytest.raises(DunetError) as exc:
+        nifti_mod.load_nifti_bytes(blob, name)
+    assert str(exc.value).startswith(f"{name}: ") and word in str(exc.value)
+    assert "\n" not in str(exc.value)
+    path = tmp_path / name
+    path.write_bytes(blob)
+    with pytest.raises(DunetError) as exc:
+        load_nifti(path)
+    assert str(exc.value).startswith(f"{path}: ") and word in str(exc.value)
+    assert_one_line_naming(exc, path)
+
+
+def test_nan_scl_slope_means_unscaled(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """nibabel writes scl_slope = NaN for "no scaling": that is a valid file, read as stored."""
+    blob = malformed_nifti.valid_bytes()
+    assert np.isnan(nib.Nifti1Header.from_fileobj(io.BytesIO(blob))["scl_slope"])
+    vol = nifti_mod.load_nifti_bytes(blob, "ok.nii")
+    (tmp_path / "ok.nii").write_bytes(blob)
+    assert np.array_equal(vol.data, np.ones(malformed_nifti.SHAPE, np.float32))
+    assert np.array_equal(load_nifti(tmp_path / "ok.nii").data, vol.data)
+    assert capfd.readouterr().err == ""  # nibabel's header-fixing log stays quiet
+
+
+def test_malformed_headers_through_dunet_infer(tmp_path: Path) -> None:
+    """Each broken file fails alone with one line naming it; no traceback, no mask."""
+    import json
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "runtime"))
+    from runtime_testutils import export_tiny_onnx
+
+    model = tmp_path / "model.onnx"
+    export_tiny_onnx(model)
+    cases = malformed_nifti.battery()
+    inputs = []
+    for case, (blob, _) in sorted(cases.items()):
+        inputs.append(tmp_path / "in" / f"{case}.nii")
+        inputs[-1].parent.mkdir(exist_ok=True)
+        inputs[-1].write_bytes(blob)
+    res = subprocess.run([sys.executable, "-m", "dunet_deploy.cli.infer", "--engine", str(model),
+                          *map(str, inputs), "-o", str(tmp_path / "out"), "--quiet",
+                          "--backend", "onnxruntime"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert "Traceback" not in res.stderr and len(lines) == len(cases), res.stderr
+    for line, path in zip(lines, inputs, strict=True):
+        assert line.startswith(f"error: {path}: "), line
+        assert cases[path.stem][1] in line, line
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["failed"] == len(cases) and summary["ok"] == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.json"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import onnx
 import pytest
@@ -65,6 +68,11 @@ def test_onnx_repository_matches_the_model(tiny_onnx: Path, tmp_path: Path) -> N
     assert "dunet.spec" in params
 
 
+#: The engine profiles dunet-export builds for batch range 1,8,32 (slabs [N, 4, 32, 32]).
+PROFILES_1_8_32 = (((1, 4, 32, 32), (1, 4, 32, 32), (8, 4, 32, 32)),
+                   ((1, 4, 32, 32), (8, 4, 32, 32), (32, 4, 32, 32)))
+
+
 def test_plan_repository(tiny_onnx: Path, tmp_path: Path) -> None:
     from dataclasses import replace
 
@@ -79,14 +87,132 @@ def test_plan_repository(tiny_onnx: Path, tmp_path: Path) -> None:
         max_batch_size=16,
         preferred_batch_sizes=(8, 16),
         instances=2,
+        profiles=PROFILES_1_8_32,
     )
     assert (model_dir / "1" / "model.plan").read_bytes() == b"engine"
     cfg = _parse(model_dir / "config.pbtxt")
     assert cfg.platform == "tensorrt_plan" and cfg.default_model_filename == "model.plan"
-    assert [(g.count, g.kind) for g in cfg.instance_group] == [
-        (2, model_config_pb2.ModelInstanceGroup.KIND_GPU)
+    assert [(g.count, g.kind, list(g.profile)) for g in cfg.instance_group] == [
+        (2, model_config_pb2.ModelInstanceGroup.KIND_GPU, ["0", "1"])
     ]
     assert cfg.parameters["dunet.precision"].string_value == "fp16"
+    assert triton_trt_load_errors(cfg, PROFILES_1_8_32) == []
+
+
+# ------------------------------------------- TensorRT models: Triton's load rules
+def triton_trt_load_errors(cfg: Any, profiles: Sequence[Sequence[Sequence[int]]]) -> list[str]:
+    """What Triton's TensorRT backend would refuse in ``cfg`` for an engine with ``profiles``.
+
+    Written from triton-inference-server/tensorrt_backend (``src/model_state.cc``:
+    ``GetProfileIndices`` takes the profiles the instance groups name, profile 0
+    when none does, and refuses a name outside the engine; ``AutoCompleteConfigHelper``
+    refuses ``max_batch_size`` above the largest batch of those profiles.
+    ``src/instance_state.cc``: ``InitOptimizationProfiles`` makes one context per
+    profile an instance names (profile 0 when none); ``ConfigureInputDimensions``
+    needs the configured dims within each profile's min..max;
+    ``GetMostOptimizedProfile`` fails a batch no profile of the instance holds, and the
+    dynamic batcher may form any batch from 1 to ``max_batch_size``).
+
+    Args:
+        cfg: a parsed ``ModelConfig``.
+        profiles: the sidecar's ``(min, opt, max)`` input shapes ``[N, C, S, S]``.
+    """
+    named = [p for group in cfg.instance_group for p in group.profile]
+    bad = [p for p in named if not p.lstrip("-").isdigit() or not 0 <= int(p) < len(profiles)]
+    if bad:
+        return [f"configuration specified invalid profile {bad[0]}"]
+    used = {int(p) for p in named} or {0}
+    engine_max = max(profiles[i][2][0] for i in used)
+    if cfg.max_batch_size > engine_max:  # the model does not load: no instance is made
+        return [f"configuration specified max-batch {cfg.max_batch_size} but TensorRT "
+                f"engine only supports max-batch {engine_max}"]
+    errors = []
+    for g, group in enumerate(cfg.instance_group):
+        indices = [int(p) for p in group.profile] or [0]
+        for i in indices:
+            lo, _, hi = profiles[i]
+            for t in cfg.input:
+                if len(t.dims) + 1 != len(lo) or not all(
+                        a <= d <= b for d, a, b in zip(t.dims, lo[1:], hi[1:], strict=True)):
+                    errors.append(f"input {t.name} dims {list(t.dims)} outside profile {i} "
+                                  f"{list(lo)}..{list(hi)}")
+        for batch in range(1, cfg.max_batch_size + 1):
+            if not any(profiles[i][0][0] <= batch <= profiles[i][2][0] for i in indices):
+                errors.append(f"instance group {g}: no profile among {indices} holds batch {batch}")
+                break
+    return errors
+
+
+def test_the_checker_refuses_what_triton_refuses() -> None:
+    """Yesterday's config (no profile named, max 64, profile 0 stops at 8) and its kin."""
+    profiles = (((1, 4, 32, 32), (1, 4, 32, 32), (8, 4, 32, 32)),
+                ((1, 4, 32, 32), (32, 4, 32, 32), (64, 4, 32, 32)))
+    text = """max_batch_size: 64
+        input [ { name: "slabs" data_type: TYPE_FP32 dims: [ 4, 32, 32 ] } ]
+        instance_group [ { count: 1 kind: KIND_GPU } ]"""
+    cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert triton_trt_load_errors(cfg, profiles) == [
+        "configuration specified max-batch 64 but TensorRT engine only supports max-batch 8"]
+    cfg.instance_group[0].profile.append("1")  # loads, but a batch of 1..64 works only ...
+    assert triton_trt_load_errors(cfg, profiles) == []
+    cfg.instance_group.add(count=1, kind=model_config_pb2.ModelInstanceGroup.KIND_GPU,
+                           profile=["0"])  # ... not on an instance holding profile 0 alone
+    assert triton_trt_load_errors(cfg, profiles) == [
+        "instance group 1: no profile among [0] holds batch 9"]
+    cfg.instance_group[1].profile[:] = ["2"]
+    assert triton_trt_load_errors(cfg, profiles) == [
+        "configuration specified invalid profile 2"]
+    cfg.instance_group.pop()
+    cfg.input[0].dims[:] = [4, 64, 64]
+    assert triton_trt_load_errors(cfg, profiles) == [
+        "input slabs dims [4, 64, 64] outside profile 1 [1, 4, 32, 32]..[64, 4, 32, 32]"]
+
+
+@pytest.mark.parametrize("batch_range", ["1,8,32", "1,32,64", "1,2,8", "1,4,4"])
+def test_every_exported_config_loads_on_triton_tensorrt(
+        tiny_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch_range: str) -> None:
+    """dunet-export --format trt --format triton --triton-backend trt (TensorRT faked)."""
+    import export_helpers
+
+    from dunet_deploy.artifacts import EngineSidecar
+    from dunet_deploy.export import tensorrt_build as tb
+    from dunet_deploy.export.triton_repo import read_config
+
+    monkeypatch.setitem(sys.modules, "tensorrt", export_helpers.make_fake_tensorrt())
+    monkeypatch.setattr(tb, "probe_gpu", lambda: tb.GpuInfo("Fake GPU", "9.0", "cuda-python"))
+    out = tmp_path / "out"
+    code, _, err = export_helpers.run_export_cli(
+        tiny_ckpt, "-o", out, "--format", "trt", "--format", "triton", "--triton-backend", "trt",
+        "--batch-range", batch_range, "--no-verify")
+    assert code == 0, err
+    engine = out / "triton" / "dunet" / "1" / "model.plan"
+    profiles = EngineSidecar.from_info(read_artifact_info(out / "model.plan"), "sidecar").profiles
+    assert engine.read_bytes() == (out / "model.plan").read_bytes()
+    configs = sorted((out / "triton").glob("*/config.pbtxt"))
+    assert [c.parent.name for c in configs] == ["dunet", "dunet_volume"]
+    net = _parse(configs[0])
+    assert net.platform == "tensorrt_plan"
+    assert net.max_batch_size == int(batch_range.split(",")[2])
+    assert triton_trt_load_errors(net, profiles) == []
+    # dunet_volume's BLS batches (volume.batch_size slabs, the last one smaller) go to
+    # the network model: each must be a batch its instances can run.
+    volume_batch = int(read_config(configs[1])[0]["volume.batch_size"])
+    assert 1 <= volume_batch <= net.max_batch_size
+
+
+def test_trt_config_refuses_profiles_that_cannot_serve_it(tiny_onnx: Path) -> None:
+    info = read_artifact_info(tiny_onnx)
+    with pytest.raises(DunetError, match=r"max_batch_size 64 is not served by the engine's "
+                                         r"profiles \(batches 1..8, 1..32\)"):
+        triton_config_text(info, backend="trt", max_batch_size=64, profiles=PROFILES_1_8_32)
+    with pytest.raises(DunetError, match="needs the engine's optimisation profiles"):
+        triton_config_text(info, backend="trt", max_batch_size=8)
+    gap = (PROFILES_1_8_32[0], ((16, 4, 32, 32), (16, 4, 32, 32), (32, 4, 32, 32)))
+    with pytest.raises(DunetError, match="not served"):
+        triton_config_text(info, backend="trt", max_batch_size=32, profiles=gap)
+    wrong = (((1, 4, 64, 64), (1, 4, 64, 64), (8, 4, 64, 64)),)
+    with pytest.raises(DunetError, match=r"engine profile 0 is for inputs \[1, 4, 64, 64\]"):
+        triton_config_text(info, backend="trt", max_batch_size=8, profiles=wrong)
 
 
 def test_strings_are_escaped(tiny_onnx: Path, tmp_path: Path) -> None:

@@ -199,32 +199,35 @@ def write_engine_repository(cfg: ServeConfig, root: Path) -> ArtifactInfo:
     backend_for(model, cfg.backend)  # a backend that cannot run MODEL fails here, at once
     runtime = {"runtime.backend": cfg.backend, "runtime.precision": cfg.precision,
                "runtime.threads": str(cfg.threads or ""),
-               "runtime.model_file": str(_link_model(model, root / "files"))}
+               "runtime.model_file": str(_model_link(model, root / cfg.model_name / "1"))}
     preferred = [b for b in (4, 8, 16, 32, 64) if b <= cfg.max_batch_size]
     write_model(root, None, info, backend="python", max_batch_size=cfg.max_batch_size,
                 preferred_batch_sizes=preferred, max_queue_delay_us=cfg.max_queue_delay_us,
                 instances=cfg.instances, name=cfg.model_name, runtime=runtime)
+    _link_model(model, Path(runtime["runtime.model_file"]))
     write_spec_model(root, info, spec_model_name(cfg.model_name))
     return info
 
 
-def _link_model(model: Path, folder: Path) -> Path:
-    """``folder/model<suffix>`` (and its sidecar) as symlinks to ``model``.
+def _model_link(model: Path, version_dir: Path) -> Path:
+    """Where the served model's symlink goes: ``version_dir/model<suffix>``.
 
     The stub's Python cannot open a path with spaces or ``é``
-    (:func:`~dunet_deploy.runtime.tritonserver.stub_safe`); ``folder`` is in the
-    repository's plain temporary folder, and the link keeps the suffix that picks
-    the backend.
+    (:func:`~dunet_deploy.runtime.tritonserver.stub_safe`); the repository is in a
+    plain temporary folder, and the link keeps the suffix that picks the backend.
     """
+    suffix = model.suffix if stub_safe(model.suffix) else ""
+    return version_dir / f"model{suffix}"
+
+
+def _link_model(model: Path, link: Path) -> None:
+    """``link`` (and its sidecar, for an engine) as symlinks to ``model``."""
     from dunet_deploy.artifacts import sidecar_path
 
-    folder.mkdir(parents=True, exist_ok=True)
-    suffix = model.suffix if stub_safe(model.suffix) else ""
-    link = folder / f"model{suffix}"
+    link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(model)
     if sidecar_path(model).is_file():
         sidecar_path(link).symlink_to(sidecar_path(model))
-    return link
 
 
 def serve(cfg: ServeConfig, stop: threading.Event | None = None,

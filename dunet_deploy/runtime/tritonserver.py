@@ -340,8 +340,11 @@ class TritonProcess:
         if path is None or not path.exists():
             return ""
         lines = path.read_text(errors="replace").splitlines()
-        errors = [ln for ln in lines if ln[:1] == "E" and ln[1:5].isdigit()]
-        picked = next((ln for ln in errors if "failed to load" in ln or "Address" in ln),
+        # Without a GPU Triton always logs "CudaDriverHelper has not been initialized": noise.
+        errors = [ln for ln in lines if ln[:1] == "E" and ln[1:5].isdigit()
+                  and "CudaDriverHelper" not in ln]
+        picked = next((ln for ln in errors if any(
+            k in ln for k in ("failed to load", "Poll failed", "Address"))),
                       errors[0] if errors else (lines[-1] if lines else ""))
         text = picked.split("] ", 1)[-1] if "] " in picked else picked
         return one_line(text, limit=400)

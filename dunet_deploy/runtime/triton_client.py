@@ -96,7 +96,7 @@ def check_listening(url: str, timeout_s: float = 5.0) -> None:
             pass
     except OSError as e:
         why = "connection refused" if isinstance(e, ConnectionRefusedError) else (
-            e.strerror or type(e).__name__).lower()
+            e.strerror or str(e) or type(e).__name__).lower()  # "timed out", "no route ..."
         raise DunetError(f"Triton server {url}: {why} on {host}:{port} (is dunet-serve "
                          "running there? check --triton-url)") from None
 

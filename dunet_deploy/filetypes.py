@@ -20,6 +20,8 @@ Kinds (``FileKind.name``):
 ``sidecar``     a dunet-deploy JSON description (engine sidecar, ``model.json``)
 ``nifti``       a NIfTI-1/2 header (``sizeof_hdr`` 348/540 and its magic),
                 gzip-compressed or not
+``triton``      a Triton model configuration (``config.pbtxt``: text with a
+                ``backend:`` or ``platform:`` line)
 ==============  ==========================================================
 
 numpy-free and torch-free: the runtime imports it.
@@ -30,6 +32,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import struct
 import zipfile
 import zlib
@@ -38,7 +41,7 @@ from pathlib import Path
 
 __all__ = ["CHECKPOINT", "KINDS", "MODEL", "VOLUME", "FileKind", "check_kind", "sniff"]
 
-KINDS = ("checkpoint", "onnx", "engine", "sidecar", "nifti")
+KINDS = ("checkpoint", "onnx", "engine", "sidecar", "nifti", "triton")
 #: What each reader expects (the ``expected`` argument of :func:`check_kind`).
 CHECKPOINT = ("checkpoint",)
 MODEL = ("onnx", "engine")
@@ -47,6 +50,7 @@ _HEAD = 4096
 #: Tags of ModelProto fields that may follow ``ir_version`` (field number << 3 | wire type).
 _MODEL_TAGS = frozenset({0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72, 0x7A, 0x82})
 _NIFTI_MAGICS = {348: (344, (b"n+1\0", b"ni1\0")), 540: (4, (b"n+2\0", b"ni2\0"))}
+_TRITON_KEY = re.compile(rb'^[ \t]*(backend|platform)[ \t]*:[ \t]*"', re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ _WHAT = {
     "engine": "a TensorRT engine",
     "sidecar": "a dunet-deploy model description (JSON sidecar)",
     "nifti": "a NIfTI volume",
+    "triton": "a Triton model configuration",
 }
 
 
@@ -165,6 +170,8 @@ def sniff(path: str | os.PathLike[str]) -> FileKind | None:
         name = "sidecar"
     elif _is_engine(p, head):
         name = "engine"
+    elif b"\0" not in head and _TRITON_KEY.search(head):
+        name = "triton"
     else:
         return None
     return FileKind(name, _WHAT[name])
@@ -178,8 +185,18 @@ def _hint(kind: str, path: Path) -> str:
         return f"run it with dunet-infer --engine {path} or dunet-eval --engine {path}"
     if kind == "nifti":
         return f"segment it with dunet-infer --engine MODEL {path} -o masks"
-    engine = path.with_name(path.name[: -len(".json")]) if path.name.endswith(".json") else path
-    return f"give the model it describes instead: --engine {engine}"
+    if kind == "triton":  # ROOT/NAME/config.pbtxt
+        return f"serve its repository: dunet-serve --repository {path.parent.parent}"
+    return f"give the model it describes instead: --engine {_described_model(path)}"
+
+
+def _described_model(sidecar: Path) -> Path:
+    """The model a sidecar describes: ``model.plan.json`` -> ``model.plan``;
+    ``model.json`` -> the ``model.onnx`` (or engine) beside it."""
+    stem = sidecar.name[: -len(".json")] if sidecar.name.endswith(".json") else sidecar.stem
+    candidates = [sidecar.with_name(stem)] if Path(stem).suffix else []
+    candidates += [sidecar.with_name(stem + s) for s in (".onnx", ".plan", ".engine")]
+    return next((c for c in candidates if c.is_file()), candidates[0])
 
 
 def check_kind(path: str | os.PathLike[str], expected: tuple[str, ...],

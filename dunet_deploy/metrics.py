@@ -13,8 +13,10 @@ touches no true lesion is a false positive.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -184,38 +186,41 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
-def summarize(cases: Iterable[CaseMetrics]) -> dict[str, float | int]:
+def summarize(cases: Iterable[CaseMetrics]) -> dict[str, Any]:
     """Table-2 style summary: mean ± sample std of the per-case scores and the global DSC.
 
     The global DSC pools the voxels of all cases before computing the score;
     every field of :data:`MEAN_FIELDS` gets ``<key>_mean`` and ``<key>_std``.
+    A sample spread over fewer than two cases is undefined: ``<key>_std`` is
+    ``None`` then (``null`` in JSON, ``±n/a`` in :func:`mean_pm_std`), never 0.
     """
     cases = list(cases)
     total = Counts(0, 0, 0)
     for c in cases:
         total = total + Counts(c.tp, c.fp, c.fn)
-    out: dict[str, float | int] = {"cases": len(cases), "dsc_global": dsc(total)}
+    out: dict[str, Any] = {"cases": len(cases), "dsc_global": dsc(total)}
     for key in MEAN_FIELDS:
         m, s = mean_std(getattr(c, key) for c in cases)
         out[f"{key}_mean"] = m
-        out[f"{key}_std"] = s
+        out[f"{key}_std"] = s if len(cases) > 1 else None
     return out
 
 
 def mean_pm_std(summary: Mapping[str, object], key: str, digits: int = 4) -> str:
     """``"0.6430±0.2945"`` for ``<key>_mean``/``<key>_std`` of a :func:`summarize` result.
 
-    With fewer than two cases (``summary["cases"]``) or a NaN spread the
-    standard deviation is undefined and printed as ``n/a``: ``"0.6430±n/a"``.
+    With fewer than two cases (``summary["cases"]``), or a ``None``/NaN spread,
+    the standard deviation is undefined and printed as ``n/a``: ``"0.6430±n/a"``.
     """
     mean = float(summary[f"{key}_mean"])  # type: ignore[arg-type]
-    std = float(summary[f"{key}_std"])  # type: ignore[arg-type]
+    raw = summary[f"{key}_std"]
+    std = math.nan if raw is None else float(raw)  # type: ignore[arg-type]
     cases = summary.get("cases")
-    undefined = np.isnan(std) or (isinstance(cases, (int, np.integer)) and cases < 2)
+    undefined = math.isnan(std) or (isinstance(cases, (int, np.integer)) and cases < 2)
     return f"{mean:.{digits}f}±" + ("n/a" if undefined else f"{std:.{digits}f}")
 
 
-def format_summary(summary: Mapping[str, float | int], params: int | None = None) -> str:
+def format_summary(summary: Mapping[str, float | int | None], params: int | None = None) -> str:
     """One Table-2 row plus the ATLAS v2.0 scores.
 
     ``DSC  DSC(global)  Recall  Precision  LesionF1  CountDiff  VolDiff(ml)  [Parameters]``;

@@ -16,6 +16,9 @@ from typing import Any
 from dunet_deploy.artifacts import atomic_write_bytes, write_json
 from dunet_deploy.bench.core import BACKENDS, PRECISIONS, SLABS_PER_VOLUME
 
+#: The paper's in-plane crop of an ATLAS slice: the only slab size whose volumes/s is real.
+ATLAS_IMAGE_SIZE = 192
+
 __all__ = ["render_markdown", "render_png", "write_outputs", "write_report"]
 
 _PREC_ORDER = {p: i for i, p in enumerate(PRECISIONS)}
@@ -99,11 +102,20 @@ def _header_md(doc: Mapping[str, Any]) -> list[str]:
                   if cfg.get("base_filters") else "")
                + ".  ")
     out.append(f"**Command:** `{doc.get('command', '')}`")
+    volumes = (f"volumes/s = slabs/s ÷ {SLABS_PER_VOLUME} (the axial slices of an ATLAS "
+               "volume); " if _atlas_slabs(doc) else
+               f"no volumes/s: {cfg.get('image_size')}×{cfg.get('image_size')} slabs are not "
+               f"an ATLAS volume's {ATLAS_IMAGE_SIZE}×{ATLAS_IMAGE_SIZE}; ")
     out += ["", "Latency is the wall time of one call on a batch (host slabs in, host "
-            f"probabilities out); slabs/s = 1000·batch/p50; volumes/s = slabs/s ÷ "
-            f"{SLABS_PER_VOLUME}; % peak = achieved GFLOP/s (Conv + MatMul FLOPs of the ONNX "
-            "graph) ÷ the matmul peak measured in this run at the same precision.", ""]
+            f"probabilities out); slabs/s = 1000·batch/p50; {volumes}% peak = achieved "
+            "GFLOP/s (Conv + MatMul FLOPs of the ONNX graph) ÷ the matmul peak measured in "
+            "this run at the same precision.", ""]
     return out
+
+
+def _atlas_slabs(doc: Mapping[str, Any]) -> bool:
+    """Whether the run's slabs are an ATLAS volume's, so slabs/s ÷ 189 is volumes/s."""
+    return doc.get("config", {}).get("image_size") == ATLAS_IMAGE_SIZE
 
 
 def _peak_md(doc: Mapping[str, Any]) -> list[str]:
@@ -134,8 +146,10 @@ def _records_md(doc: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) ->
         g = rows[0].get("gflop_per_slab")
         out += [f"## {model} ({_fmt(g)} GFLOP per slab, {rows[0].get('in_channels')} input "
                 "slices)", ""]
+        volumes = _atlas_slabs(doc)
         headers = ["backend", "precision", "batch", "p50 ms", "p95 ms", "p99 ms", "ms/slab",
-                   "slabs/s", "volumes/s", "GFLOP/s", "% peak", "RSS MB"]
+                   "slabs/s", *(["volumes/s"] if volumes else []), "GFLOP/s", "% peak",
+                   "RSS MB"]
         if gpu_cols:
             headers.append("GPU MB")
         headers.append("iters")
@@ -143,8 +157,8 @@ def _records_md(doc: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) ->
         for r in rows:
             row = [r["backend"], r["precision"], r["batch_size"], r["latency_ms_p50"],
                    r["latency_ms_p95"], r["latency_ms_p99"], r["ms_per_slab_p50"],
-                   r["slabs_per_s"], r["volumes_per_s"], r["gflops_achieved"], r["pct_of_peak"],
-                   r["rss_mb"]]
+                   r["slabs_per_s"], *([r["volumes_per_s"]] if volumes else []),
+                   r["gflops_achieved"], r["pct_of_peak"], r["rss_mb"]]
             if gpu_cols:
                 row.append(r.get("gpu_mem_mb"))
             row.append(r["iters"])
@@ -153,21 +167,23 @@ def _records_md(doc: Mapping[str, Any], records: Sequence[Mapping[str, Any]]) ->
     return out
 
 
-def _best_md(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The best batch of each model × backend × precision."""
+def _best_md(records: Sequence[Mapping[str, Any]], volumes: bool = True) -> list[str]:
+    """The best batch of each model × backend × precision (``volumes``: with volumes/s)."""
     out = ["## Best batch per model × backend × precision", ""]
     best: dict[tuple[str, str, str], Mapping[str, Any]] = {}
     for r in records:
         k = (r["model"], r["backend"], r["precision"])
         if k not in best or r["ms_per_slab_p50"] < best[k]["ms_per_slab_p50"]:
             best[k] = r
+    vol = ["volumes/s"] if volumes else []
     out += _table(["model", "backend", "precision", "best batch", "ms/slab", "slabs/s",
-                   "volumes/s", "GFLOP/s", "% peak"],
+                   *vol, "GFLOP/s", "% peak"],
                   [[r["model"], r["backend"], r["precision"], r["batch_size"],
-                    r["ms_per_slab_p50"], r["slabs_per_s"], r["volumes_per_s"],
+                    r["ms_per_slab_p50"], r["slabs_per_s"],
+                    *([r["volumes_per_s"]] if volumes else []),
                     r["gflops_achieved"], r["pct_of_peak"]]
                    for r in sorted(best.values(), key=lambda r: (r["model"], *_sort_key(r)))],
-                  align="lllrrrrrr")
+                  align="lllrrr" + "r" * (len(vol) + 2))
     out.append("")
     return out
 
@@ -231,8 +247,9 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
     """The ``bench.md`` text of a ``bench.json`` document."""
     records = sorted(doc.get("records", []), key=_sort_key)
     ratios = doc.get("ratios", {})
-    out = [*_header_md(doc), *_peak_md(doc), *_records_md(doc, records), *_best_md(records),
-           *_ratios_md(ratios), *_e2e_md(ratios.get("e2e", [])), *_skipped_md(doc)]
+    out = [*_header_md(doc), *_peak_md(doc), *_records_md(doc, records),
+           *_best_md(records, _atlas_slabs(doc)), *_ratios_md(ratios),
+           *_e2e_md(ratios.get("e2e", [])), *_skipped_md(doc)]
     return "\n".join(out) + "\n"
 
 

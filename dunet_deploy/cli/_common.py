@@ -40,9 +40,14 @@ USER_ERRORS: tuple[type[BaseException], ...] = (DunetError, OSError)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+#: Longest error line: our messages name up to two paths and end with the fix, which a
+#: 300-character cut lost on real-world paths; library text inside is already cut shorter.
+ERROR_LINE_LIMIT = 1000
+
+
 def fail(message: object) -> NoReturn:
     """Print ``error: <message>`` to stderr and exit with code 2."""
-    click.echo(f"error: {one_line(message)}", err=True)
+    click.echo(f"error: {one_line(message, limit=ERROR_LINE_LIMIT)}", err=True)
     raise click.exceptions.Exit(EXIT_USER_ERROR)
 
 

@@ -51,13 +51,22 @@ def parse_sizes(text: str, option: str = "--batch-sizes", minimum: int = 1) -> t
     return values
 
 
+#: Options only ``--pipeline`` runs read, and those only the end-to-end comparison reads.
+PIPELINE_ONLY = frozenset({"pipeline", "volumes", "volume_shape", "workers_list",
+                           "pipeline_models", "encodings", "model_path", "pipeline_backend",
+                           "save_prob", "tta_modes", "baseline"})
+E2E_ONLY = frozenset({"e2e_model", "e2e_batch_size", "e2e_repeats"})
+
+
 def _command_line(ctx: click.Context) -> str:
-    """The run as one explicit ``dunet-bench`` command (every option spelled out)."""
+    """The run as one explicit ``dunet-bench`` command: every option it uses spelled out,
+    none that it ignores (``--pipeline``'s, and the end-to-end ones with ``--no-e2e``)."""
     import shlex
 
+    unused = PIPELINE_ONLY | (frozenset() if ctx.params.get("e2e") else E2E_ONLY)
     words = ["dunet-bench"]
     for param in ctx.command.params:
-        if not isinstance(param, click.Option) or param.name is None:
+        if not isinstance(param, click.Option) or param.name is None or param.name in unused:
             continue
         value = ctx.params.get(param.name)
         if value is None:

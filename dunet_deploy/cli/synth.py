@@ -4,14 +4,17 @@ Example::
 
     dunet-synth demo/data --cases 8 --layout atlas-r1.1 --shape 64,80,48 --seed 0 --preview
 
-OUT_DIR must be new, empty, or a folder previously written by ``dunet-synth``
-(recognised by its ``dunet_synth.json`` marker); in the last case the old
-dataset is replaced. Anything else is refused so user data is never mixed
-with or overwritten by synthetic files.
+OUT_DIR must be new or empty. A folder previously written by ``dunet-synth``
+(recognised by its ``dunet_synth.json`` marker) is replaced only with
+``--overwrite``: a run trained on it records its split, which a new dataset
+would no longer match (``dunet-train`` refuses an existing run the same way).
+Anything else is refused so user data is never mixed with or overwritten by
+synthetic files.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -50,7 +53,23 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return dims[0], dims[1], dims[2]
 
 
-def _prepare_out_dir(out_dir: Path) -> None:
+def _describe_dataset(out_dir: Path) -> str:
+    """``"4 cases, layout pairs, shape 24x28x16"`` from the marker, or ``"a dataset"``."""
+    try:
+        doc = json.loads((out_dir / MARKER_FILE).read_text())
+        shape = "x".join(str(int(n)) for n in doc["shape"])
+        return f"{int(doc['cases'])} cases, layout {doc['layout']}, shape {shape}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "a dataset"
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Check OUT_DIR before writing anything; with ``overwrite``, remove our old dataset.
+
+    Raises:
+        DunetError: OUT_DIR is a file, holds files we did not write, or holds an
+            earlier dataset and ``overwrite`` is false (nothing is deleted then).
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise DunetError(f"{out_dir}: exists and is not a folder")
     if not out_dir.exists():
@@ -68,6 +87,12 @@ def _prepare_out_dir(out_dir: Path) -> None:
         raise DunetError(
             f"{out_dir}: contains {foreign[0]!r}, which dunet-synth did not write; "
             "refusing to replace the dataset"
+        )
+    if not overwrite:
+        raise DunetError(
+            f"{out_dir}: already holds a dunet-synth dataset ({_describe_dataset(out_dir)}); "
+            "add --overwrite to replace it (runs trained on it will no longer match) or "
+            "choose another folder"
         )
     for entry in entries:
         if entry.is_dir() and not entry.is_symlink():
@@ -87,16 +112,18 @@ def _prepare_out_dir(out_dir: Path) -> None:
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of case 0 (case i uses seed + i).")
 @click.option("--preview", is_flag=True, help="Also write previews/<case>.png.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace a dataset dunet-synth wrote earlier in OUT_DIR.")
 @handle_errors
 def main(out_dir: Path, n_cases: int, layout: str, shape_text: str, seed: int,
-         preview: bool) -> None:
+         preview: bool, overwrite: bool) -> None:
     """Write a synthetic T1 stroke-lesion dataset to OUT_DIR."""
     shape = parse_shape(shape_text)
     if n_cases < 1:
         raise DunetError(f"--cases {n_cases}: must be >= 1")
     if seed < 0:
         raise DunetError(f"--seed {seed}: must be >= 0")
-    _prepare_out_dir(out_dir)
+    _prepare_out_dir(out_dir, overwrite)
     cases = write_dataset(out_dir, cases=n_cases, layout=layout, shape=shape, seed=seed)
     if preview:
         (out_dir / "previews").mkdir(exist_ok=True)

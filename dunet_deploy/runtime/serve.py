@@ -23,9 +23,9 @@ control mode), so the first 200 from ``/v2/health/ready`` means every model answ
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +34,12 @@ from typing import Any
 
 from dunet_deploy.artifacts import ArtifactInfo
 from dunet_deploy.errors import DunetError
-from dunet_deploy.runtime.tritonserver import Endpoints, TritonProcess
+from dunet_deploy.runtime.tritonserver import (
+    Endpoints,
+    TritonProcess,
+    stub_safe,
+    stub_safe_tempdir,
+)
 
 SPEC_OUTPUT = "info"
 READY_TIMEOUT_S = 300.0
@@ -118,9 +123,14 @@ def serve_repository(
     repo = Path(repository)
     if not repo.is_dir():
         raise DunetError(f"{repo}: no such model repository folder")
-    if not any(p.is_file() for p in repo.glob("*/config.pbtxt")):
+    if (repo / "config.pbtxt").is_file():
+        raise DunetError(f"{repo}: is one model of a repository; serve the repository that "
+                         f"holds it: {repo.parent}")
+    configs = sorted(p for p in repo.glob("*/config.pbtxt") if p.is_file())
+    if not configs:
         raise DunetError(f"{repo}: not a Triton model repository (no */config.pbtxt); "
                          "write one with dunet-export --format triton")
+    _check_backends(configs)
     stop = stop or threading.Event()
     main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -142,6 +152,35 @@ def serve_repository(
                 signal.signal(sig, handler)
 
 
+#: Triton platform -> the backend library that runs it.
+_PLATFORM_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}
+_CONFIG_KEY = re.compile(r'^\s*(backend|platform)\s*:\s*"([^"]*)"', re.MULTILINE)
+
+
+def _check_backends(configs: list[Path]) -> None:
+    """Refuse, before starting, a model whose Triton backend this tritonserver lacks.
+
+    pytriton's server ships only the python backend; an ``onnx`` or ``trt`` export
+    would otherwise fail in Triton's words ("unable to find backend library").
+
+    Raises:
+        DunetError: naming the model, the missing backend and the export that works.
+    """
+    from dunet_deploy.runtime.tritonserver import find_tritonserver
+
+    backends = find_tritonserver().backends
+    for config in configs:
+        text = config.read_text(errors="replace")
+        found = {m.group(1): m.group(2) for m in _CONFIG_KEY.finditer(text)}
+        backend = found.get("backend") or _PLATFORM_BACKENDS.get(found.get("platform", ""), "")
+        if backend and not (backends / backend).is_dir():
+            raise DunetError(
+                f"{config.parent}: needs Triton's {backend!r} backend, which this tritonserver "
+                f"({backends}) does not have; export a python-backend repository instead: "
+                "dunet-export CHECKPOINT -o OUT --format triton --triton-backend python"
+            )
+
+
 def write_engine_repository(cfg: ServeConfig, root: Path) -> ArtifactInfo:
     """The repository ``dunet-serve --engine`` serves: ``<name>`` and ``<name>_spec``.
 
@@ -159,13 +198,36 @@ def write_engine_repository(cfg: ServeConfig, root: Path) -> ArtifactInfo:
     info = read_artifact_info(model)
     backend_for(model, cfg.backend)  # a backend that cannot run MODEL fails here, at once
     runtime = {"runtime.backend": cfg.backend, "runtime.precision": cfg.precision,
-               "runtime.threads": str(cfg.threads or ""), "runtime.model_file": str(model)}
+               "runtime.threads": str(cfg.threads or ""),
+               "runtime.model_file": str(_model_link(model, root / cfg.model_name / "1"))}
     preferred = [b for b in (4, 8, 16, 32, 64) if b <= cfg.max_batch_size]
     write_model(root, None, info, backend="python", max_batch_size=cfg.max_batch_size,
                 preferred_batch_sizes=preferred, max_queue_delay_us=cfg.max_queue_delay_us,
                 instances=cfg.instances, name=cfg.model_name, runtime=runtime)
+    _link_model(model, Path(runtime["runtime.model_file"]))
     write_spec_model(root, info, spec_model_name(cfg.model_name))
     return info
+
+
+def _model_link(model: Path, version_dir: Path) -> Path:
+    """Where the served model's symlink goes: ``version_dir/model<suffix>``.
+
+    The stub's Python cannot open a path with spaces or ``é``
+    (:func:`~dunet_deploy.runtime.tritonserver.stub_safe`); the repository is in a
+    plain temporary folder, and the link keeps the suffix that picks the backend.
+    """
+    suffix = model.suffix if stub_safe(model.suffix) else ""
+    return version_dir / f"model{suffix}"
+
+
+def _link_model(model: Path, link: Path) -> None:
+    """``link`` (and its sidecar, for an engine) as symlinks to ``model``."""
+    from dunet_deploy.artifacts import sidecar_path
+
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(model)
+    if sidecar_path(model).is_file():
+        sidecar_path(link).symlink_to(sidecar_path(model))
 
 
 def serve(cfg: ServeConfig, stop: threading.Event | None = None,
@@ -180,7 +242,7 @@ def serve(cfg: ServeConfig, stop: threading.Event | None = None,
     Raises:
         DunetError: bad model, busy port, no server, or a server that fails to start.
     """
-    root = Path(tempfile.mkdtemp(prefix="dunet-serve-repo-"))
+    root = stub_safe_tempdir("dunet-serve-repo-")
     try:
         write_engine_repository(cfg, root)
         serve_repository(root, cfg.endpoints, verbose=cfg.verbose, stop=stop,

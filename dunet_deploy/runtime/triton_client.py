@@ -79,12 +79,37 @@ def thread_client(local: threading.local, protocol: str, address: str, timeout_s
     return client
 
 
+def check_listening(url: str, timeout_s: float = 5.0) -> None:
+    """Fail at once when nothing accepts connections at ``url`` (issue 19.8).
+
+    The model-ready wait is for a server that is up and still loading; a refused
+    or unreachable address would only make it wait its whole timeout.
+
+    Raises:
+        DunetError: ``Triton server URL: connection refused on HOST:PORT (...)``.
+    """
+    import socket
+
+    parsed = urlparse(url)
+    host, port = parsed.hostname or "", parsed.port or 0
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        why = "connection refused" if isinstance(e, ConnectionRefusedError) else (
+            e.strerror or str(e) or type(e).__name__).lower()  # "timed out", "no route ..."
+        raise DunetError(f"Triton server {url}: {why} on {host}:{port} (is dunet-serve "
+                         "running there? check --triton-url)") from None
+
+
 def wait_model_ready(client: Any, url: str, model: str, timeout_s: float = READY_TIMEOUT_S) -> None:
     """Poll until ``model`` answers ready (a server still loading is not an error).
 
     Raises:
-        DunetError: not ready within ``timeout_s`` (naming the server and the model).
+        DunetError: nothing listens at ``url`` (at once, :func:`check_listening`), or
+            not ready within ``timeout_s`` (naming the server and the model).
     """
+    check_listening(url)
     deadline = time.monotonic() + timeout_s
     last = "not ready"
     while True:

@@ -13,6 +13,13 @@ The binary is the one nvidia-pytriton ships (with Triton's python backend), else
 * its ~60 lines of start-up log in a file (``verbose=True`` shows them); a failure is
   reported as one line taken from that log.
 
+Triton's python backend starts each stub as ``bash -c "<stub> <model.py> <shm> ..."``
+with the paths unquoted (a space splits a path and the stub dies on ``stol``), and the
+stub's embedded Python runs with an ASCII file-system encoding (a path with ``é``
+raises ``UnicodeEncodeError``). A repository at such a path is therefore served
+through a mirror under a plain temporary folder: the same folders, every file a
+symlink (Triton resolves a symlinked repository root, but not its files).
+
 Ports are checked before starting: a busy one is an immediate one-line error naming it.
 Nothing here imports torch.
 """
@@ -23,6 +30,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -44,10 +52,58 @@ import dunet_deploy
 from dunet_deploy.errors import DunetError, one_line
 
 __all__ = ["Endpoints", "TritonDist", "TritonProcess", "check_ports_free", "find_tritonserver",
-           "server_env"]
+           "server_env", "stage_repository", "stub_safe", "stub_safe_tempdir"]
 
 STOP_TIMEOUT_S = 15.0
 _PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
+#: Path characters that survive the python backend's unquoted ``bash -c`` and its ASCII stub.
+_STUB_SAFE = re.compile(r"[A-Za-z0-9_./+@%=:,-]*")
+
+
+def stub_safe(path: str | os.PathLike[str]) -> bool:
+    """Whether the python backend's stub can be handed ``path`` (see the module docstring)."""
+    return _STUB_SAFE.fullmatch(os.fspath(path)) is not None
+
+
+def stub_safe_tempdir(prefix: str) -> Path:
+    """A new temporary folder whose path the python backend's stub can use.
+
+    Raises:
+        DunetError: when neither ``TMPDIR`` nor ``/tmp`` is such a writable folder.
+    """
+    for base in dict.fromkeys((tempfile.gettempdir(), "/tmp")):
+        if stub_safe(base) and os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK):
+            return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+    raise DunetError(f"TMPDIR {tempfile.gettempdir()!r}: Triton's python backend needs a "
+                     "writable temporary folder whose path has no spaces or non-ASCII "
+                     "characters; set TMPDIR to one")
+
+
+def stage_repository(repository: Path, work: Path) -> Path:
+    """``repository`` itself when the stub can use its path, else a mirror in ``work``.
+
+    The mirror has the repository's folders and a symlink for every file, so nothing
+    is copied and the models read their own files.
+
+    Raises:
+        DunetError: a model folder's own name has spaces or non-ASCII characters
+            (Triton serves the model under that name: it cannot be renamed here).
+    """
+    if stub_safe(repository):
+        return repository
+    mirror = work / "repository"
+    for folder, dirs, files in os.walk(repository, followlinks=True):
+        rel = Path(folder).relative_to(repository)
+        for name in (*dirs, *files):
+            if not stub_safe(name):
+                raise DunetError(
+                    f"{Path(folder) / name}: Triton's python backend cannot load a path with "
+                    "spaces or non-ASCII characters inside a model repository; rename it"
+                )
+        (mirror / rel).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            (mirror / rel / name).symlink_to(Path(folder) / name)
+    return mirror
 
 
 @dataclass(frozen=True)
@@ -174,7 +230,10 @@ def server_env(base: Mapping[str, str] | None = None, libs: Path | None = None) 
 def _backends_dir(dist: TritonDist, work: Path) -> Path:
     """A backends folder with the python backend and the stub for this interpreter."""
     if dist.stub is None:
-        return dist.backends
+        if stub_safe(dist.backends):
+            return dist.backends
+        (work / "backends").symlink_to(dist.backends, target_is_directory=True)
+        return work / "backends"
     python = work / "backends" / "python"
     python.mkdir(parents=True)
     for name in _PYTHON_BACKEND_FILES:
@@ -233,10 +292,15 @@ class TritonProcess:
         """Check the ports, then start the server (returns at once; see :meth:`wait_ready`)."""
         check_ports_free(self.endpoints)
         dist = find_tritonserver()
-        self._work = Path(tempfile.mkdtemp(prefix="dunet-tritonserver-"))
+        self._work = stub_safe_tempdir("dunet-tritonserver-")
+        try:
+            repository = stage_repository(self.repository, self._work)
+        except BaseException:
+            self.stop()
+            raise
         e = self.endpoints
         cmd = [
-            str(dist.binary), f"--model-repository={self.repository}",
+            str(dist.binary), f"--model-repository={repository}",
             f"--backend-directory={_backends_dir(dist, self._work)}",
             "--model-control-mode=none", "--strict-readiness=true", "--exit-on-error=true",
             f"--http-address={e.host}", f"--http-port={e.http_port}",
@@ -276,8 +340,11 @@ class TritonProcess:
         if path is None or not path.exists():
             return ""
         lines = path.read_text(errors="replace").splitlines()
-        errors = [ln for ln in lines if ln[:1] == "E" and ln[1:5].isdigit()]
-        picked = next((ln for ln in errors if "failed to load" in ln or "Address" in ln),
+        # Without a GPU Triton always logs "CudaDriverHelper has not been initialized": noise.
+        errors = [ln for ln in lines if ln[:1] == "E" and ln[1:5].isdigit()
+                  and "CudaDriverHelper" not in ln]
+        picked = next((ln for ln in errors if any(
+            k in ln for k in ("failed to load", "Poll failed", "Address"))),
                       errors[0] if errors else (lines[-1] if lines else ""))
         text = picked.split("] ", 1)[-1] if "] " in picked else picked
         return one_line(text, limit=400)

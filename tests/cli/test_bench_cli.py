@@ -53,6 +53,28 @@ def test_outputs_written(bench: tuple[Any, dict[str, Any], Path]) -> None:
     assert peak["gflops"] == max(peak["gflops_at_start"], peak["gflops_at_end"]) > 0
 
 
+def test_bench_md_says_only_what_ran(bench: tuple[Any, dict[str, Any], Path]) -> None:
+    """Issue 19.11f: no volumes/s for 32×32 slabs (÷ 189 is an ATLAS volume at 192×192), and a
+    command line without the --pipeline options this run ignored."""
+    from dunet_deploy.bench.report import render_markdown
+
+    _, doc, out = bench
+    md = (out / "bench.md").read_text()
+    assert "volumes/s" not in md.split("### End-to-end")[0].replace(
+        "no volumes/s: 32×32 slabs are not an ATLAS volume's 192×192", "")
+    assert "no volumes/s: 32×32 slabs are not an ATLAS volume's 192×192" in md
+    command = doc["command"].split()
+    for ignored in ("--volumes", "--volume-shape", "--workers", "--pipeline-models",
+                    "--encodings", "--pipeline-backend", "--tta", "--save-prob", "--pipeline"):
+        assert ignored not in command, ignored
+    for used in ("--image-size", "--base-filters", "--e2e", "--e2e-batch-size", "--threads"):
+        assert used in command, used
+    # The same document at the paper's slab size: volumes/s = slabs/s ÷ 189 in both tables.
+    atlas = render_markdown({**doc, "config": {**doc["config"], "image_size": 192}})
+    assert "volumes/s = slabs/s ÷ 189" in atlas
+    assert atlas.split("### End-to-end")[0].count("| volumes/s |") == 3  # 2 models + best
+
+
 def test_records_complete_finite_consistent(bench: tuple[Any, dict[str, Any], Path]) -> None:
     _, doc, _ = bench
     recs = doc["records"]
@@ -161,3 +183,14 @@ def test_device_cuda_without_gpu(tmp_path: Path) -> None:
     assert result.exit_code == 2
     (line,) = result.output.strip().splitlines()
     assert line.startswith("error: --device cuda:") and "CUDA" in line
+
+
+def test_command_line_leaves_out_the_end_to_end_options_with_no_e2e() -> None:
+    from dunet_deploy.cli.bench import _command_line
+
+    ctx = main.make_context("dunet-bench", ["--no-e2e", "--image-size", "64"])
+    words = _command_line(ctx).split()
+    assert "--no-e2e" in words and words[words.index("--image-size") + 1] == "64"
+    assert not [w for w in words if w.startswith("--e2e-")]
+    ctx = main.make_context("dunet-bench", [])
+    assert "--e2e-model" in _command_line(ctx).split()

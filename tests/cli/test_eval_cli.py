@@ -108,6 +108,13 @@ def test_eval_on_the_checkpoints_own_validation_split(run_dir, tmp_path):
     doc = json.loads((out / "summary.json").read_text())
     assert record["val"]["dsc_mean"] == doc["dsc_mean"]
     assert record["val"]["dsc_global"] == doc["dsc_global"]
+    # Issue 19.11e: one case has no sample spread; summary.json and summary.md agree on it.
+    assert len(val_ids) == 1 and doc["cases"] == 1
+    md = (out / "summary.md").read_text()
+    for key in ("dsc", "recall", "precision", "lesion_f1", "lesion_count_diff",
+                "volume_diff_ml"):
+        assert doc[f"{key}_std"] is None and record["val"][f"{key}_std"] is None, key
+    assert md.count("±n/a") == 6 and "±0.0" not in md
 
 
 @pytest.mark.parametrize("case", ["missing-ckpt", "corrupt-ckpt", "missing-data", "out-is-file",

@@ -57,12 +57,37 @@ def test_preview_pngs(tmp_path: Path) -> None:
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
 
-def test_regenerating_our_own_folder_replaces_it(tmp_path: Path) -> None:
-    assert run([str(tmp_path), "-n", "2", "--layout", "pairs", "--shape", SMALL]).exit_code == 0
-    result = run([str(tmp_path), "-n", "1", "--layout", "atlas-r1.1", "--shape", SMALL])
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_an_earlier_dataset_is_kept_unless_overwrite(tmp_path: Path) -> None:
+    """Issue 19.6: a trained run records the split of the old dataset; never delete it silently."""
+    data = tmp_path / "my data é"
+    assert run([str(data), "-n", "3", "--layout", "pairs", "--shape", SMALL,
+                "--preview"]).exit_code == 0
+    before = _tree(data)
+    result = run([str(data), "-n", "1", "--layout", "atlas-r1.1", "--shape", SMALL])
+    assert_user_error(result, str(data), "already holds a dunet-synth dataset",
+                      "3 cases, layout pairs, shape 24x28x16", "--overwrite")
+    assert _tree(data) == before  # every case, the previews and the marker are intact
+    assert discover_cases(data)[0] == "pairs"
+
+    result = run([str(data), "-n", "1", "--layout", "atlas-r1.1", "--shape", SMALL,
+                  "--overwrite"])
     assert result.exit_code == 0, result.output
-    assert not (tmp_path / "imagesTr").exists()
-    assert discover_cases(tmp_path)[0] == "atlas-r1.1"
+    assert not (data / "imagesTr").exists() and not (data / "previews").exists()
+    layout, cases = discover_cases(data)
+    assert layout == "atlas-r1.1" and len(cases) == 1
+
+
+def test_overwrite_still_refuses_foreign_files(tmp_path: Path) -> None:
+    assert run([str(tmp_path), "-n", "1", "--shape", SMALL]).exit_code == 0
+    (tmp_path / "notes.txt").write_text("mine")
+    assert_user_error(run([str(tmp_path), "-n", "1", "--shape", SMALL, "--overwrite"]),
+                      "notes.txt")
+    assert (tmp_path / "notes.txt").exists() and (tmp_path / "Site1").exists()
 
 
 @pytest.mark.parametrize(

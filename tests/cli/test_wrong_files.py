@@ -38,6 +38,37 @@ def test_infer_with_model_json_as_engine(tiny_run, tmp_path):
                                               "-o", str(tmp_path / "m")])
     line = _one_line_error(res)
     assert f"{side}: is a dunet-deploy model description (JSON sidecar); --engine takes" in line
+    # Issue 19.7: the model it describes is model.onnx beside it, not "model".
+    assert line.endswith(f": give the model it describes instead: --engine {tiny_run.onnx}")
+
+
+def test_triton_repository_mistakes_suggest_the_fix(tiny_run, tmp_path):
+    """Issue 19.7: config.pbtxt as --engine, a model folder as --repository, and an onnx-backend
+    repository on a server without that backend each name what to give instead."""
+    from dunet_deploy.cli import serve as serve_cli
+
+    out = tmp_path / "export é"
+    res = CliRunner().invoke(export_cli.main, [str(tiny_run.checkpoint), "-o", str(out),
+                                               "--format", "triton", "--no-verify"])
+    assert res.exit_code == 0, res.output
+    repo = out / "triton"
+    config = repo / "dunet" / "config.pbtxt"
+    res = CliRunner().invoke(infer_cli.main, ["--engine", str(config), str(tiny_run.scan),
+                                              "-o", str(tmp_path / "m")])
+    assert _one_line_error(res) == (
+        f"error: {config}: is a Triton model configuration; --engine takes an exported model "
+        "(.onnx, or a TensorRT engine with its sidecar): serve its repository: dunet-serve "
+        f"--repository {repo}")
+
+    res = CliRunner().invoke(serve_cli.main, ["--repository", str(repo / "dunet")])
+    assert _one_line_error(res) == (f"error: {repo / 'dunet'}: is one model of a repository; "
+                                    f"serve the repository that holds it: {repo}")
+    pytest.importorskip("pytriton")  # its tritonserver has only the python backend
+    res = CliRunner().invoke(serve_cli.main, ["--repository", str(repo)])
+    line = _one_line_error(res)
+    assert line.startswith(f"error: {repo / 'dunet'}: needs Triton's 'onnxruntime' backend, which "
+                           "this tritonserver (")
+    assert line.endswith("--format triton --triton-backend python")
 
 
 def test_infer_with_a_checkpoint_as_input_fails_that_case(tiny_run, tmp_path):

@@ -46,18 +46,43 @@ def test_server_env_lets_the_base_interpreter_import_our_package(tmp_path: Path)
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr
 
 
-def test_clients_wait_for_readiness_then_fail_in_one_line() -> None:
+def test_clients_with_nothing_listening_fail_at_once() -> None:
+    """Issue 19.8: a closed port is "connection refused" now, not a 60 s model-ready wait."""
     pytest.importorskip("tritonclient.http")
     from dunet_deploy.runtime.triton_client import ServerSideClient, TritonRunner
 
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
-    t0 = time.monotonic()
-    with pytest.raises(DunetError, match=rf"^Triton server {url}: model 'dunet_volume' not "
-                                         r"ready after 1 s"):
-        ServerSideClient(url, ready_timeout_s=1.0)
-    assert 0.9 < time.monotonic() - t0 < 30
-    with pytest.raises(DunetError, match="model 'dunet_spec' not ready after 1 s"):
-        TritonRunner(url.replace("http", "grpc"), ready_timeout_s=1.0)
+    port = _free_port()  # nothing listens there
+    for cls, url in ((ServerSideClient, f"http://127.0.0.1:{port}"),
+                     (TritonRunner, f"grpc://127.0.0.1:{port}")):
+        t0 = time.monotonic()
+        with pytest.raises(DunetError, match=rf"^Triton server {url}: connection refused on "
+                                             rf"127.0.0.1:{port} \(is dunet-serve running"):
+            cls(url)  # the default model-ready wait is 60 s
+        assert time.monotonic() - t0 < 20
+
+
+def test_infer_with_nothing_listening_is_one_line_at_once(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("tritonclient.grpc")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from runtime_testutils import export_tiny_onnx, write_volume
+
+    model = tmp_path / "model.onnx"
+    export_tiny_onnx(model)
+    scan = write_volume(tmp_path / "scan é.nii.gz")
+    port = _free_port()
+    for extra in ([], ["--server-side"]):
+        url = f"grpc://127.0.0.1:{port}"
+        t0 = time.monotonic()
+        res = subprocess.run(
+            [sys.executable, "-m", "dunet_deploy.cli.infer", "--engine", str(model), str(scan),
+             "-o", str(tmp_path / "out"), "--triton-url", url, "--quiet", *extra],
+            capture_output=True, text=True, timeout=120)
+        assert time.monotonic() - t0 < 20 + 10  # + the interpreter's start-up
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.strip().splitlines() == [
+            f"error: Triton server {url}: connection refused on 127.0.0.1:{port} (is "
+            "dunet-serve running there? check --triton-url)"]
 
 
 def test_server_side_needs_a_url(tmp_path: Path) -> None:

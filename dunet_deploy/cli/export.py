@@ -135,9 +135,16 @@ def _batch_range(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     help="onnx-int8 gate: largest accepted drop of the mean per-case DSC vs fp32.",
 )
 @click.option(
+    "--gate-min-lesion-dsc", type=click.FloatRange(0.0, 1.0),
+    default=ExportRequest.gate_min_lesion_dsc, show_default=True,
+    help="onnx-int8 gate: smallest accepted DSC of each held-out case's int8 mask against its "
+    "fp32 mask (cases where fp32 finds >= 100 voxels).",
+)
+@click.option(
     "--gate-min-agreement", type=click.FloatRange(0.0, 1.0),
     default=ExportRequest.gate_min_agreement, show_default=True,
-    help="onnx-int8 gate: smallest accepted fraction of head voxels whose mask equals fp32's.",
+    help="onnx-int8 gate: smallest accepted fraction, per case, of the voxels of both masks "
+    "and the truth where the int8 and fp32 masks agree.",
 )
 @click.option(
     "--tta",
@@ -173,6 +180,7 @@ def main(
     calibration_cases: int | None,
     gate_data: Path | None,
     gate_max_dsc_drop: float,
+    gate_min_lesion_dsc: float,
     gate_min_agreement: float,
     tta: str,
     min_lesion_mm3: float,
@@ -198,6 +206,7 @@ def main(
         calibration_cases=calibration_cases,
         gate_data=gate_data,
         gate_max_dsc_drop=gate_max_dsc_drop,
+        gate_min_lesion_dsc=gate_min_lesion_dsc,
         gate_min_agreement=gate_min_agreement,
         inference=InferenceDefaults(tta=tta, min_lesion_mm3=min_lesion_mm3),
     )

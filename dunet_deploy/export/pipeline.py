@@ -66,7 +66,10 @@ class ExportRequest:
             the checkpoint's training set.
         gate_max_dsc_drop: int8 gate: largest accepted mean-DSC drop.
         inference: TTA and post-processing defaults stored in every artefact.
-        gate_min_agreement: int8 gate: smallest accepted voxel agreement with fp32.
+        gate_min_lesion_dsc: int8 gate: smallest accepted per-case DSC of the int8
+            mask against the fp32 mask (cases where fp32 finds >= 100 voxels).
+        gate_min_agreement: int8 gate: smallest accepted per-case agreement of the
+            two masks on the union of both masks and the truth.
     """
 
     checkpoint: Path
@@ -86,7 +89,8 @@ class ExportRequest:
     calibration_cases: int | None = None
     gate_data: Path | None = None
     gate_max_dsc_drop: float = 0.01
-    gate_min_agreement: float = 0.999
+    gate_min_lesion_dsc: float = 0.95
+    gate_min_agreement: float = 0.90
     inference: InferenceDefaults = field(default_factory=InferenceDefaults)
 
     def checked(self) -> ExportRequest:
@@ -133,8 +137,10 @@ class ExportRequest:
             raise DunetError("--format onnx-int8 needs --calibration DATA (a dataset folder)")
         if self.calibration_slabs < 1 or (self.calibration_cases or 1) < 1:
             raise DunetError("--calibration-slabs and --calibration-cases must be >= 1")
-        if not 0.0 <= self.gate_min_agreement <= 1.0:
-            raise DunetError(f"--gate-min-agreement {self.gate_min_agreement}: must be in [0, 1]")
+        for flag, value in (("--gate-min-agreement", self.gate_min_agreement),
+                            ("--gate-min-lesion-dsc", self.gate_min_lesion_dsc)):
+            if not 0.0 <= value <= 1.0:
+                raise DunetError(f"{flag} {value}: must be in [0, 1]")
         if not self.verify:
             raise DunetError("--format onnx-int8 cannot skip verification (--no-verify): "
                              "the accuracy gate is what makes an int8 model safe")
@@ -157,6 +163,7 @@ class _Job:
     flops: int = 0
     inputs: dict[str, Any] = field(default_factory=dict)
     fp16_verification: dict[str, Any] = field(default_factory=lambda: {"skipped": True})
+    int8_data: Any = None
     written: list[str] = field(default_factory=list)
 
     @property
@@ -249,6 +256,19 @@ def _open_job(req: ExportRequest, stage: Path, log: Log, trt_version: str | None
     return _Job(req, stage, log, model, doc, doc["spec_obj"], source, info, trt_version)
 
 
+def _int8_data_step(job: _Job) -> None:
+    """Read the int8 calibration and gate data first: bad data fails before any export work."""
+    from dunet_deploy.export.int8 import prepare_int8
+
+    if "onnx-int8" not in job.formats:
+        return
+    req = job.req
+    assert req.calibration is not None  # ExportRequest.checked()
+    job.int8_data = prepare_int8(job.doc, job.spec, req.calibration, req.gate_data,
+                                 n_slabs=req.calibration_slabs, max_cases=req.calibration_cases,
+                                 seed=req.seed)
+
+
 def _fp32_step(job: _Job) -> None:
     """``model.onnx`` (always built: every other artefact derives from it)."""
     from dunet_deploy.export import verify as ver
@@ -302,13 +322,13 @@ def _int8_step(job: _Job) -> None:
     if "onnx-int8" not in job.formats:
         return
     req = job.req
-    assert req.calibration is not None  # ExportRequest.checked()
     info8 = replace(job.base_info, precision="int8")
+    thresholds = GateThresholds(max_dsc_drop=req.gate_max_dsc_drop,
+                                min_lesion_dsc=req.gate_min_lesion_dsc,
+                                min_agreement=req.gate_min_agreement)
     _, facts = export_int8(
-        job.proto, job.stage / "model.onnx", job.stage / "model_int8.onnx", job.doc, info8,
-        calibration=req.calibration, gate_data=req.gate_data, n_slabs=req.calibration_slabs,
-        max_cases=req.calibration_cases, seed=req.seed, log=job.log,
-        thresholds=GateThresholds(req.gate_max_dsc_drop, req.gate_min_agreement),
+        job.proto, job.stage / "model.onnx", job.stage / "model_int8.onnx", info8,
+        job.int8_data, thresholds=thresholds, log=job.log,
     )
     job.onnx_json("model_int8", info8, int8=facts, verification=facts["gate"])
     job.written += ["model_int8.onnx", "model_int8.json"]
@@ -379,7 +399,7 @@ def _triton_step(job: _Job) -> None:
 
 #: The export steps, in order; each reads what the earlier ones left in the job.
 STEPS: tuple[Callable[[_Job], None], ...] = (
-    _fp32_step, _fp16_step, _int8_step, _trt_step, _triton_step,
+    _int8_data_step, _fp32_step, _fp16_step, _int8_step, _trt_step, _triton_step,
 )
 
 

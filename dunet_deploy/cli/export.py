@@ -7,6 +7,8 @@ Examples::
     dunet-export runs/best.pt -o export --format trt --batch-range 1,8,32
     dunet-export runs/best.pt -o export --format trt --format triton --triton-backend trt
     dunet-export runs/best.pt -o export --format onnx-int8 --calibration data
+    dunet-export runs/best.pt -o export --format onnx-int8 --calibration data --format trt \
+        --trt-precision int8
     dunet-export runs/best.pt -o export --tta flip --min-lesion-mm3 10   # shipped defaults
 
 Everything is written into a staging folder inside ``OUT_DIR`` and moved into
@@ -26,7 +28,13 @@ from dunet_deploy.artifacts import check_output_dir
 from dunet_deploy.choices import TTA_MODES
 from dunet_deploy.cli._common import DunetCommand, handle_errors, require_torch
 from dunet_deploy.errors import DunetError
-from dunet_deploy.export.pipeline import FORMATS, TRITON_BACKENDS, ExportRequest, run_export
+from dunet_deploy.export.pipeline import (
+    FORMATS,
+    TRITON_BACKENDS,
+    TRT_PRECISIONS,
+    ExportRequest,
+    run_export,
+)
 from dunet_deploy.spec import InferenceDefaults
 
 
@@ -84,6 +92,14 @@ def _batch_range(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     help="Network model served by Triton (trt needs --format trt; python runs model.onnx "
     "through our runtime, OpenVINO / ONNX Runtime, for CPU servers). dunet_volume, the "
     "whole pipeline on NIfTI bytes, is written beside it.",
+)
+@click.option(
+    "--trt-precision",
+    type=click.Choice(TRT_PRECISIONS),
+    default=ExportRequest.trt_precision,
+    show_default=True,
+    help="TensorRT engine precision, built strongly typed from model_fp16.onnx (fp16) or from "
+    "the gated QDQ model_int8.onnx (int8, needs --format onnx-int8).",
 )
 @click.option(
     "--timing-cache",
@@ -170,6 +186,7 @@ def main(
     opset: int,
     no_verify: bool,
     triton_backend: str,
+    trt_precision: str,
     timing_cache: Path | None,
     workspace_mb: int | None,
     opt_level: int | None,
@@ -196,6 +213,7 @@ def main(
         opset=opset,
         verify=not no_verify,
         triton_backend=triton_backend,
+        trt_precision=trt_precision,
         timing_cache=timing_cache,
         workspace_mb=workspace_mb,
         opt_level=opt_level,

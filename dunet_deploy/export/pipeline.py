@@ -35,6 +35,8 @@ __all__ = ["FORMATS", "STAGING_PREFIX", "TRITON_BACKENDS", "ExportRequest", "run
 
 FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "trt", "triton")
 TRITON_BACKENDS = ("onnx", "trt", "python")
+#: ``--trt-precision``: the ONNX the strongly typed engine is built from.
+TRT_PRECISIONS = ("fp16", "int8")
 #: Name prefix of the staging folder made inside the output folder.
 STAGING_PREFIX = ".dunet-export-"
 
@@ -70,6 +72,8 @@ class ExportRequest:
             mask against the fp32 mask (cases where fp32 finds >= 100 voxels).
         gate_min_agreement: int8 gate: smallest accepted per-case agreement of the
             two masks on the union of both masks and the truth.
+        trt_precision: precision of the TensorRT engine (:data:`TRT_PRECISIONS`): built
+            strongly typed from ``model_fp16.onnx`` or from the gated ``model_int8.onnx``.
     """
 
     checkpoint: Path
@@ -92,6 +96,7 @@ class ExportRequest:
     gate_min_lesion_dsc: float = 0.95
     gate_min_agreement: float = 0.90
     inference: InferenceDefaults = field(default_factory=InferenceDefaults)
+    trt_precision: str = "fp16"
 
     def checked(self) -> ExportRequest:
         """The request with its formats de-duplicated (default ``onnx``), once its rules hold.
@@ -121,6 +126,12 @@ class ExportRequest:
                     f"--triton-backend trt needs a batch range starting at 1 (Triton sends single "
                     f"requests), got {lo},{opt},{hi}"
                 )
+        if self.trt_precision not in TRT_PRECISIONS:
+            raise DunetError(f"--trt-precision {self.trt_precision}: choose from "
+                             f"{', '.join(TRT_PRECISIONS)}")
+        if self.trt_precision == "int8" and "trt" in fmts and "onnx-int8" not in fmts:
+            raise DunetError("--trt-precision int8 needs --format onnx-int8 (the engine is built "
+                             "from the calibrated, gated QDQ model)")
         self._check_int8(fmts)
         return replace(self, formats=fmts)
 
@@ -172,8 +183,9 @@ class _Job:
 
     @property
     def need_fp16(self) -> bool:
-        # The TensorRT engine is built strongly typed from the mixed FP16 ONNX.
-        return "onnx-fp16" in self.formats or "trt" in self.formats
+        # The FP16 TensorRT engine is built strongly typed from the mixed FP16 ONNX.
+        return "onnx-fp16" in self.formats or (
+            "trt" in self.formats and self.req.trt_precision == "fp16")
 
     def onnx_json(self, name: str, info: ArtifactInfo, **extra: Any) -> None:
         """Write ``<name>.json`` beside ``<name>.onnx`` in the stage."""
@@ -364,7 +376,9 @@ def _trt_step(job: _Job) -> None:
         timing_cache_out=job.stage / "timing.cache",
     )
     chw = (spec.in_channels, spec.image_size, spec.image_size)
-    built = build_engine(job.stage / "model_fp16.onnx", chw, opts)
+    # Strongly typed: the precision is the source graph's (mixed FP16, or int8 Q/DQ).
+    source = "model_int8.onnx" if req.trt_precision == "int8" else "model_fp16.onnx"
+    built = build_engine(job.stage / source, chw, opts)
     plan = job.stage / "model.plan"
     plan.write_bytes(built.plan)
     write_engine_sidecar(plan, replace(job.base_info, precision=built.precision), built.sidecar,
@@ -386,7 +400,8 @@ def _triton_step(job: _Job) -> None:
     if "triton" not in job.formats:
         return
     backend = job.req.triton_backend
-    info = replace(job.base_info, precision="fp16") if backend == "trt" else job.base_info
+    precision = job.req.trt_precision
+    info = replace(job.base_info, precision=precision) if backend == "trt" else job.base_info
     _lo, opt, hi = job.req.batch_range
     model_file = job.stage / ("model.plan" if backend == "trt" else "model.onnx")
     model_dir = write_triton_repo(job.stage / "triton", model_file, info, backend=backend,

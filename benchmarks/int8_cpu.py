@@ -149,6 +149,7 @@ def speed(tmp: Path, threads: int, rounds: int, batch: int,
           peak_sizes: tuple[int, ...]) -> dict[str, Any]:
     import torch
 
+    from dunet_deploy.errors import DunetError
     from dunet_deploy.export.int8 import bench_int8_onnx, synthetic_calibration_slabs
     from dunet_deploy.export.onnx_export import artifact_info, export_onnx
     from dunet_deploy.flops import count_flops
@@ -169,6 +170,7 @@ def speed(tmp: Path, threads: int, rounds: int, batch: int,
     peaks_start = _peaks(threads, peak_sizes)
     fns: dict[str, Callable[[np.ndarray], Any]] = {}
     executed: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
     for name, path, backend, prec in (
         ("openvino fp32", "full.onnx", "openvino", "fp32"),
         ("openvino bf16", "full.onnx", "openvino", "bf16"),
@@ -176,7 +178,12 @@ def speed(tmp: Path, threads: int, rounds: int, batch: int,
         ("onnxruntime fp32", "full.onnx", "onnxruntime", "fp32"),
         ("onnxruntime int8 (QDQ ONNX)", "full_int8.onnx", "onnxruntime", "int8"),
     ):
-        r = open_runner(tmp / path, backend, precision=prec, threads=threads)
+        try:
+            r = open_runner(tmp / path, backend, precision=prec, threads=threads)
+        except DunetError as exc:  # e.g. bf16 on a CPU without native bf16 (AMD Zen 3)
+            skipped[name] = str(exc)
+            print(f"{name:45s} skipped: {exc}", flush=True)
+            continue
         fns[name] = r.infer
         executed[name] = r.describe().get("executed", {"precision": r.precision})
     q = _nncf_onnx(onnx.load(str(tmp / "full.onnx")), calib)  # a loaded file: NNCF wants it
@@ -208,6 +215,7 @@ def speed(tmp: Path, threads: int, rounds: int, batch: int,
     return {"model": "dunet (paper width, random init)", "image_size": spec.image_size,
             "batch": batch, "rounds": rounds, "flops_per_slab": flops,
             "quantize_seconds": quantize_s, "executed": executed, "rows": rows,
+            "skipped": skipped,
             "peaks_gops": peaks, "peaks_start": peaks_start, "peaks_end": peaks_end}
 
 

@@ -28,6 +28,13 @@ from dunet_deploy.spec import PreprocessSpec
 TINY_SHAPE = (32, 40, 24)
 #: Seed of a synthetic case with a lesion large enough to matter at 32×32.
 LESION_SEED = 3
+#: Cases of the int8 tests' dataset (``dunet-synth --seed 1``: case i is seed i + 1).
+INT8_CASES = 13
+#: Its held-out cases (the checkpoint's validation split): seeds 12 and 13 have the largest
+#: lesions of the first 13 at the tiny geometry (198 and 114 voxels). The int8 gate judges a
+#: case's int8 mask against fp32's from 100 fp32 voxels on, so on these the comparison means
+#: something (the smaller lesions are nearly all edge at 32x32).
+INT8_VAL = (11, 12)
 
 
 def tiny_spec() -> PreprocessSpec:

@@ -222,9 +222,9 @@ def _build_engine(art: ModelArtifacts, precision: str) -> Path:
     """Build a TensorRT engine and its sidecar with the export module's builder.
 
     Strongly typed from the ONNX of that precision: fp16 from the
-    mixed-precision ONNX (the deployment engine), fp32 from the FP32 ONNX
-    (true FP32, TF32 off). Profiles: latency 1..8 and throughput up to the
-    largest benchmarked batch.
+    mixed-precision ONNX (the deployment engine), int8 from the QDQ ONNX
+    (explicit quantization), fp32 from the FP32 ONNX (true FP32, TF32 off).
+    Profiles: latency 1..8 and throughput up to the largest benchmarked batch.
     """
 
     from dunet_deploy.artifacts import write_engine_sidecar
@@ -239,7 +239,7 @@ def _build_engine(art: ModelArtifacts, precision: str) -> Path:
         check_tensorrt_available()
     except DunetError as exc:
         raise Unavailable(str(exc)) from None
-    sources = {"fp16": art.onnx_fp16, "fp32": art.onnx}
+    sources = {"fp16": art.onnx_fp16, "fp32": art.onnx, "int8": art.onnx_int8}
     if precision not in sources:
         raise Unavailable(f"the export module builds no {precision} TensorRT engines")
     spec = art.spec

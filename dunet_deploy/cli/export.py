@@ -7,6 +7,8 @@ Examples::
     dunet-export runs/best.pt -o export --format trt --batch-range 1,8,32
     dunet-export runs/best.pt -o export --format trt --format triton --triton-backend trt
     dunet-export runs/best.pt -o export --format onnx-int8 --calibration data
+    dunet-export runs/best.pt -o export --format onnx-int8 --calibration data --format trt \
+        --trt-precision int8
     dunet-export runs/best.pt -o export --tta flip --min-lesion-mm3 10   # shipped defaults
 
 Everything is written into a staging folder inside ``OUT_DIR`` and moved into
@@ -26,7 +28,13 @@ from dunet_deploy.artifacts import check_output_dir
 from dunet_deploy.choices import TTA_MODES
 from dunet_deploy.cli._common import DunetCommand, handle_errors, require_torch
 from dunet_deploy.errors import DunetError
-from dunet_deploy.export.pipeline import FORMATS, TRITON_BACKENDS, ExportRequest, run_export
+from dunet_deploy.export.pipeline import (
+    FORMATS,
+    TRITON_BACKENDS,
+    TRT_PRECISIONS,
+    ExportRequest,
+    run_export,
+)
 from dunet_deploy.spec import InferenceDefaults
 
 
@@ -86,6 +94,14 @@ def _batch_range(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     "whole pipeline on NIfTI bytes, is written beside it.",
 )
 @click.option(
+    "--trt-precision",
+    type=click.Choice(TRT_PRECISIONS),
+    default=ExportRequest.trt_precision,
+    show_default=True,
+    help="TensorRT engine precision, built strongly typed from model_fp16.onnx (fp16) or from "
+    "the gated QDQ model_int8.onnx (int8, needs --format onnx-int8).",
+)
+@click.option(
     "--timing-cache",
     type=click.Path(path_type=Path, dir_okay=False),
     help="TensorRT timing cache, loaded if present and saved after the build "
@@ -135,9 +151,16 @@ def _batch_range(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     help="onnx-int8 gate: largest accepted drop of the mean per-case DSC vs fp32.",
 )
 @click.option(
+    "--gate-min-lesion-dsc", type=click.FloatRange(0.0, 1.0),
+    default=ExportRequest.gate_min_lesion_dsc, show_default=True,
+    help="onnx-int8 gate: smallest accepted DSC of each held-out case's int8 mask against its "
+    "fp32 mask (cases where fp32 finds >= 100 voxels).",
+)
+@click.option(
     "--gate-min-agreement", type=click.FloatRange(0.0, 1.0),
     default=ExportRequest.gate_min_agreement, show_default=True,
-    help="onnx-int8 gate: smallest accepted fraction of head voxels whose mask equals fp32's.",
+    help="onnx-int8 gate: smallest accepted fraction, per case, of the voxels of both masks "
+    "and the truth where the int8 and fp32 masks agree.",
 )
 @click.option(
     "--tta",
@@ -163,6 +186,7 @@ def main(
     opset: int,
     no_verify: bool,
     triton_backend: str,
+    trt_precision: str,
     timing_cache: Path | None,
     workspace_mb: int | None,
     opt_level: int | None,
@@ -173,6 +197,7 @@ def main(
     calibration_cases: int | None,
     gate_data: Path | None,
     gate_max_dsc_drop: float,
+    gate_min_lesion_dsc: float,
     gate_min_agreement: float,
     tta: str,
     min_lesion_mm3: float,
@@ -188,6 +213,7 @@ def main(
         opset=opset,
         verify=not no_verify,
         triton_backend=triton_backend,
+        trt_precision=trt_precision,
         timing_cache=timing_cache,
         workspace_mb=workspace_mb,
         opt_level=opt_level,
@@ -198,6 +224,7 @@ def main(
         calibration_cases=calibration_cases,
         gate_data=gate_data,
         gate_max_dsc_drop=gate_max_dsc_drop,
+        gate_min_lesion_dsc=gate_min_lesion_dsc,
         gate_min_agreement=gate_min_agreement,
         inference=InferenceDefaults(tta=tta, min_lesion_mm3=min_lesion_mm3),
     )

@@ -36,6 +36,8 @@ __all__ = ["FORMATS", "STAGING_PREFIX", "TRITON_BACKENDS", "ExportRequest", "run
 
 FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "trt", "triton")
 TRITON_BACKENDS = ("onnx", "trt", "python")
+#: ``--trt-precision``: the ONNX the strongly typed engine is built from.
+TRT_PRECISIONS = ("fp16", "int8")
 #: Name prefix of the staging folder made inside the output folder.
 STAGING_PREFIX = ".dunet-export-"
 
@@ -67,7 +69,12 @@ class ExportRequest:
             the checkpoint's training set.
         gate_max_dsc_drop: int8 gate: largest accepted mean-DSC drop.
         inference: TTA and post-processing defaults stored in every artefact.
-        gate_min_agreement: int8 gate: smallest accepted voxel agreement with fp32.
+        gate_min_lesion_dsc: int8 gate: smallest accepted per-case DSC of the int8
+            mask against the fp32 mask (cases where fp32 finds >= 100 voxels).
+        gate_min_agreement: int8 gate: smallest accepted per-case agreement of the
+            two masks on the union of both masks and the truth.
+        trt_precision: precision of the TensorRT engine (:data:`TRT_PRECISIONS`): built
+            strongly typed from ``model_fp16.onnx`` or from the gated ``model_int8.onnx``.
     """
 
     checkpoint: Path
@@ -87,8 +94,10 @@ class ExportRequest:
     calibration_cases: int | None = None
     gate_data: Path | None = None
     gate_max_dsc_drop: float = 0.01
-    gate_min_agreement: float = 0.999
+    gate_min_lesion_dsc: float = 0.95
+    gate_min_agreement: float = 0.90
     inference: InferenceDefaults = field(default_factory=InferenceDefaults)
+    trt_precision: str = "fp16"
 
     def checked(self) -> ExportRequest:
         """The request with its formats de-duplicated (default ``onnx``), once its rules hold.
@@ -118,6 +127,12 @@ class ExportRequest:
                     f"--triton-backend trt needs a batch range starting at 1 (Triton sends single "
                     f"requests), got {lo},{opt},{hi}"
                 )
+        if self.trt_precision not in TRT_PRECISIONS:
+            raise DunetError(f"--trt-precision {self.trt_precision}: choose from "
+                             f"{', '.join(TRT_PRECISIONS)}")
+        if self.trt_precision == "int8" and "trt" in fmts and "onnx-int8" not in fmts:
+            raise DunetError("--trt-precision int8 needs --format onnx-int8 (the engine is built "
+                             "from the calibrated, gated QDQ model)")
         self._check_int8(fmts)
         return replace(self, formats=fmts)
 
@@ -134,8 +149,10 @@ class ExportRequest:
             raise DunetError("--format onnx-int8 needs --calibration DATA (a dataset folder)")
         if self.calibration_slabs < 1 or (self.calibration_cases or 1) < 1:
             raise DunetError("--calibration-slabs and --calibration-cases must be >= 1")
-        if not 0.0 <= self.gate_min_agreement <= 1.0:
-            raise DunetError(f"--gate-min-agreement {self.gate_min_agreement}: must be in [0, 1]")
+        for flag, value in (("--gate-min-agreement", self.gate_min_agreement),
+                            ("--gate-min-lesion-dsc", self.gate_min_lesion_dsc)):
+            if not 0.0 <= value <= 1.0:
+                raise DunetError(f"{flag} {value}: must be in [0, 1]")
         if not self.verify:
             raise DunetError("--format onnx-int8 cannot skip verification (--no-verify): "
                              "the accuracy gate is what makes an int8 model safe")
@@ -158,6 +175,7 @@ class _Job:
     flops: int = 0
     inputs: dict[str, Any] = field(default_factory=dict)
     fp16_verification: dict[str, Any] = field(default_factory=lambda: {"skipped": True})
+    int8_data: Any = None
     written: list[str] = field(default_factory=list)
 
     @property
@@ -166,8 +184,9 @@ class _Job:
 
     @property
     def need_fp16(self) -> bool:
-        # The TensorRT engine is built strongly typed from the mixed FP16 ONNX.
-        return "onnx-fp16" in self.formats or "trt" in self.formats
+        # The FP16 TensorRT engine is built strongly typed from the mixed FP16 ONNX.
+        return "onnx-fp16" in self.formats or (
+            "trt" in self.formats and self.req.trt_precision == "fp16")
 
     def onnx_json(self, name: str, info: ArtifactInfo, **extra: Any) -> None:
         """Write ``<name>.json`` beside ``<name>.onnx`` in the stage."""
@@ -250,6 +269,19 @@ def _open_job(req: ExportRequest, stage: Path, log: Log, trt_version: str | None
     return _Job(req, stage, log, model, doc, doc["spec_obj"], source, info, trt_version)
 
 
+def _int8_data_step(job: _Job) -> None:
+    """Read the int8 calibration and gate data first: bad data fails before any export work."""
+    from dunet_deploy.export.int8 import prepare_int8
+
+    if "onnx-int8" not in job.formats:
+        return
+    req = job.req
+    assert req.calibration is not None  # ExportRequest.checked()
+    job.int8_data = prepare_int8(job.doc, job.spec, req.calibration, req.gate_data,
+                                 n_slabs=req.calibration_slabs, max_cases=req.calibration_cases,
+                                 seed=req.seed)
+
+
 def _fp32_step(job: _Job) -> None:
     """``model.onnx`` (always built: every other artefact derives from it)."""
     from dunet_deploy.export import verify as ver
@@ -303,13 +335,13 @@ def _int8_step(job: _Job) -> None:
     if "onnx-int8" not in job.formats:
         return
     req = job.req
-    assert req.calibration is not None  # ExportRequest.checked()
     info8 = replace(job.base_info, precision="int8")
+    thresholds = GateThresholds(max_dsc_drop=req.gate_max_dsc_drop,
+                                min_lesion_dsc=req.gate_min_lesion_dsc,
+                                min_agreement=req.gate_min_agreement)
     _, facts = export_int8(
-        job.proto, job.stage / "model.onnx", job.stage / "model_int8.onnx", job.doc, info8,
-        calibration=req.calibration, gate_data=req.gate_data, n_slabs=req.calibration_slabs,
-        max_cases=req.calibration_cases, seed=req.seed, log=job.log,
-        thresholds=GateThresholds(req.gate_max_dsc_drop, req.gate_min_agreement),
+        job.proto, job.stage / "model.onnx", job.stage / "model_int8.onnx", info8,
+        job.int8_data, thresholds=thresholds, log=job.log,
     )
     job.onnx_json("model_int8", info8, int8=facts, verification=facts["gate"])
     job.written += ["model_int8.onnx", "model_int8.json"]
@@ -345,7 +377,9 @@ def _trt_step(job: _Job) -> None:
         timing_cache_out=job.stage / "timing.cache",
     )
     chw = (spec.in_channels, spec.image_size, spec.image_size)
-    built = build_engine(job.stage / "model_fp16.onnx", chw, opts)
+    # Strongly typed: the precision is the source graph's (mixed FP16, or int8 Q/DQ).
+    source = "model_int8.onnx" if req.trt_precision == "int8" else "model_fp16.onnx"
+    built = build_engine(job.stage / source, chw, opts)
     plan = job.stage / "model.plan"
     plan.write_bytes(built.plan)
     write_engine_sidecar(plan, replace(job.base_info, precision=built.precision), built.sidecar,
@@ -367,7 +401,8 @@ def _triton_step(job: _Job) -> None:
     if "triton" not in job.formats:
         return
     backend = job.req.triton_backend
-    info = replace(job.base_info, precision="fp16") if backend == "trt" else job.base_info
+    precision = job.req.trt_precision
+    info = replace(job.base_info, precision=precision) if backend == "trt" else job.base_info
     _lo, opt, hi = job.req.batch_range
     model_file = job.stage / ("model.plan" if backend == "trt" else "model.onnx")
     model_dir = write_triton_repo(job.stage / "triton", model_file, info, backend=backend,
@@ -380,7 +415,7 @@ def _triton_step(job: _Job) -> None:
 
 #: The export steps, in order; each reads what the earlier ones left in the job.
 STEPS: tuple[Callable[[_Job], None], ...] = (
-    _fp32_step, _fp16_step, _int8_step, _trt_step, _triton_step,
+    _int8_data_step, _fp32_step, _fp16_step, _int8_step, _trt_step, _triton_step,
 )
 
 

@@ -9,10 +9,11 @@ with numpy arrays would stage pageable memory on every call). With
 (``enable_cuda_graph``, a ``gpu_graph_id`` per size) and replays it.
 
 The TensorRT provider gets engine and timing caches (``<model>.trt-ep-cache/``
-beside the model), the batch profile 1..64 (opt 32) and FP16 for an FP16
-model. ONNX Runtime builds TensorRT networks weakly typed: the FP32 islands of
-the mixed-precision policy are not guaranteed there; a ``.plan`` from
-``dunet-export`` (strongly typed) is the path that honours them.
+beside the model) and the batch profile 1..64 (opt 32). ONNX Runtime builds
+TensorRT networks weakly typed: with ``trt_fp16_enable`` the FP32 islands of the
+mixed-precision policy would not be kept, so an FP16 model is refused there
+(a ``.plan`` from ``dunet-export``, strongly typed, is the path that honours
+them) and FP16 is never enabled.
 """
 
 from __future__ import annotations
@@ -78,20 +79,32 @@ def provider_options(
     Args:
         providers: from :func:`pick_providers`.
         model_path: the ``.onnx`` (the TensorRT provider's caches go beside it).
-        precision: the model's precision (``fp16`` enables the provider's FP16).
+        precision: the model's precision (``fp16`` is refused on the TensorRT provider).
         chw: ``(C, S, S)`` of the input, for the TensorRT provider's profile.
         cuda_graph: capture CUDA graphs on the CUDA provider.
 
     Returns:
         ``{provider: {option: value}}`` (values as strings, ONNX Runtime's form).
+
+    Raises:
+        DunetError: for an fp16 model on the TensorRT provider.
     """
     out: dict[str, dict[str, str]] = {}
     if TRT_EP in providers:
         cache = model_path.with_name(model_path.name + ".trt-ep-cache")
         dims = "x".join(str(d) for d in chw)
         lo, opt, hi = TRT_EP_PROFILE
+        if precision == "fp16":
+            # trt_fp16_enable builds weakly typed: TensorRT may then run the FP32 islands
+            # of the mixed-precision graph (SE branch, head) in fp16, against docs/fp16.md.
+            raise DunetError(
+                f"{model_path}: ONNX Runtime's TensorRT provider cannot run an fp16 model as "
+                "typed (its trt_fp16_enable lets TensorRT put the FP32 SE branch and head in "
+                "fp16); build the strongly typed engine (dunet-export --format trt) and run "
+                "--engine model.plan, or use --device cuda"
+            )
         out[TRT_EP] = {
-            "trt_fp16_enable": "1" if precision == "fp16" else "0",
+            "trt_fp16_enable": "0",
             "trt_engine_cache_enable": "1",
             "trt_engine_cache_path": str(cache),
             "trt_timing_cache_enable": "1",

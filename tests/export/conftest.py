@@ -64,15 +64,17 @@ def tiny_onnx(
 
 # ------------------------------------------------------------------ int8
 #: Training steps of the int8 tests' model: 40 steps leave lesion predictions so
-#: unsure (fp32 DSC ~0.24) that any perturbation moves them; 150 give DSC ~0.66.
+#: unsure (fp32 DSC ~0.24) that any perturbation moves them; 150 give DSC ~0.7.
 INT8_STEPS = 150
+INT8_CASES, INT8_VAL = H.INT8_CASES, H.INT8_VAL
 
 
 @pytest.fixture(scope="session")
 def int8_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A synthetic ATLAS R1.1 dataset made by ``dunet-synth`` (8 cases at the tiny geometry).
+    """A synthetic ATLAS R1.1 dataset made by ``dunet-synth`` (13 cases at the tiny geometry).
 
-    Cases 0-5 are ``synthesize_case(seed=1..6)``: the training slabs of the model.
+    Case ``i`` is ``synthesize_case(seed=i + 1)``; cases 0-5 are the model's
+    training slabs, cases :data:`INT8_VAL` its validation split.
     """
     from click.testing import CliRunner
 
@@ -80,7 +82,8 @@ def int8_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("int8") / "data"
     shape = ",".join(map(str, H.TINY_SHAPE))
-    res = CliRunner().invoke(synth, [str(out), "--cases", "8", "--shape", shape, "--seed", "1"])
+    res = CliRunner().invoke(synth, [str(out), "--cases", str(INT8_CASES), "--shape", shape,
+                                     "--seed", "1"])
     assert res.exit_code == 0, res.output
     return out
 
@@ -89,18 +92,25 @@ def int8_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def int8_ckpt(
     tmp_path_factory: pytest.TempPathFactory, spec32: PreprocessSpec, int8_data: Path
 ) -> Path:
-    """A trained tiny D-UNet; its checkpoint records ``int8_data`` and a split, as dunet-train."""
+    """A trained tiny D-UNet; its checkpoint records ``int8_data``, a split and the data's
+    geometry (orientation, voxel size, grid), as dunet-train."""
+    from dunet_deploy.data.geometry import measure_geometry
     from dunet_deploy.data.layouts import discover_cases
 
     _, cases = discover_cases(int8_data)
     ids = [c.case_id for c in cases]
+    # The data are on this grid already, so the slabs equal spec32's: train_tiny's model fits.
+    geometry = measure_geometry(cases)
+    spec = spec32.replace(orientation=geometry["orientation"], voxel_size=geometry["voxel_size"],
+                          grid_affine=tuple(geometry["grid_affine"].ravel()))
     path = tmp_path_factory.mktemp("ckpt") / "int8.pt"
     save_checkpoint(
         path,
         model=H.train_tiny(spec32, steps=INT8_STEPS),
-        spec=spec32,
+        spec=spec,
         epoch=4,
-        config={"data": str(int8_data), "split": {"train": ids[:6], "val": ids[6:]}},
+        config={"data": str(int8_data),
+                "split": {"train": ids[:6], "val": [ids[i] for i in INT8_VAL]}},
         metrics={"dsc_mean": 0.6},
     )
     return path

@@ -11,6 +11,7 @@ import pytest
 from export_helpers import FAKE_LAYERS, make_fake_tensorrt, write_typed_onnx
 
 from dunet_deploy import cuda as cuda_mod
+from dunet_deploy.artifacts import read_artifact_info
 from dunet_deploy.errors import DunetError
 from dunet_deploy.export import tensorrt_build as tb
 
@@ -465,3 +466,45 @@ def test_export_verifies_the_built_engine_before_writing(
             run_export(req, log=lines.append)
         assert not out.exists()
     assert checked == ["model.plan"]
+
+
+@pytest.mark.slow
+def test_export_builds_an_int8_engine_from_the_gated_qdq_model(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, int8_ckpt: Path, int8_data: Path,
+    fake_gpu: None,
+) -> None:
+    """``--format trt --trt-precision int8``: strongly typed from model_int8.onnx, no FP16/INT8
+    builder flag (deprecated in 10.12, gone in 11: precision lives in the Q/DQ graph), and the
+    Triton ``trt`` model serves that engine as int8."""
+    from click.testing import CliRunner
+
+    from dunet_deploy.cli import export as cli
+    from dunet_deploy.export import verify as ver
+
+    trt = make_fake_tensorrt("11.4.0.106")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(ver, "verify_engine", lambda *a, **k: {"passed": True})
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli.main, [
+        str(int8_ckpt), "-o", str(out), "--format", "onnx-int8", "--calibration", str(int8_data),
+        "--format", "trt", "--trt-precision", "int8", "--format", "triton",
+        "--triton-backend", "trt"])
+    assert res.exit_code == 0, res.output
+    assert ("parse_from_file", "model_int8.onnx") in trt.calls
+    assert not [c for c in trt.calls if c[0] == "set_flag"]
+    plan = json.loads((out / "model.plan").read_bytes())
+    assert plan["source"] == "model_int8.onnx" and plan["network_flags"] == 1 << 1
+    assert read_artifact_info(out / "model.plan").precision == "int8"
+    assert not (out / "model_fp16.onnx").exists()  # not built: the int8 engine needs none
+    config = (out / "triton" / "dunet" / "config.pbtxt").read_text()
+    assert "(int8)" in config
+
+
+def test_int8_engine_needs_the_int8_export(tiny_ckpt: Path, tmp_path: Path) -> None:
+    from dunet_deploy.export.pipeline import ExportRequest, run_export
+
+    req = ExportRequest(checkpoint=tiny_ckpt, out_dir=tmp_path / "out", formats=("trt",),
+                        trt_precision="int8")
+    with pytest.raises(DunetError, match=r"--trt-precision int8 needs --format onnx-int8"):
+        run_export(req)
+    assert not (tmp_path / "out").exists()

@@ -160,9 +160,12 @@ def test_provider_options(tmp_path):
     from dunet_deploy.runtime.ort import provider_options
 
     gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    opts = provider_options(gpu, tmp_path / "m.onnx", "fp16", (4, 192, 192))
+    # Weakly typed FP16 (trt_fp16_enable) would run the FP32 islands in fp16: refused.
+    with pytest.raises(DunetError, match=r"TensorRT provider cannot run an fp16 model as typed"):
+        provider_options(gpu, tmp_path / "m.onnx", "fp16", (4, 192, 192))
+    opts = provider_options(gpu, tmp_path / "m.onnx", "int8", (4, 192, 192))
     trt = opts["TensorrtExecutionProvider"]
-    assert trt["trt_fp16_enable"] == "1" and trt["trt_engine_cache_enable"] == "1"
+    assert trt["trt_fp16_enable"] == "0" and trt["trt_engine_cache_enable"] == "1"
     assert trt["trt_engine_cache_path"] == str(tmp_path / "m.onnx.trt-ep-cache")
     assert trt["trt_timing_cache_enable"] == "1"
     assert trt["trt_profile_opt_shapes"] == "slabs:32x4x192x192"

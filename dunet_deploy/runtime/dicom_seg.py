@@ -144,7 +144,7 @@ def write_dicom_seg(
             series_instance_uid=hd.UID(), series_number=int(series_number),
             sop_instance_uid=hd.UID(), instance_number=1,
             manufacturer="dunet-deploy", manufacturer_model_name=name,
-            software_versions=(f"dunet-deploy {__version__}", version),
+            software_versions=f"dunet-deploy {__version__}",
             device_serial_number=digest[:_LO_MAX],
             series_description=f"{SEGMENT_LABEL} ({name})"[:_LO_MAX],
             content_label="LESION", content_description=f"{SEGMENT_LABEL} segmentation",

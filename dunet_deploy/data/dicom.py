@@ -311,7 +311,8 @@ def _geometry(where: str, named: Sequence[tuple[str, Any]]) -> _Geometry:
     """
     n = len(named)
     first_name, first = named[0]
-    image_type = [str(v).upper() for v in (first.get("ImageType") or [])]
+    raw_type = first.get("ImageType") or []
+    image_type = [str(v).upper() for v in ([raw_type] if isinstance(raw_type, str) else raw_type)]
     if "LOCALIZER" in image_type or "SCOUT" in image_type:
         shown = "\\".join(image_type)
         raise _NotVolume(f"{where}: a localizer (ImageType {shown}), not a 3D volume")
@@ -322,13 +323,14 @@ def _geometry(where: str, named: Sequence[tuple[str, Any]]) -> _Geometry:
     if n == 1:
         raise _NotVolume(f"{where}: a single 2D image ({first_name}), not a 3D volume")
 
-    orient = np.stack([_floats(ds, "ImageOrientationPatient", 6, nm) for nm, ds in named])
+    orient = np.stack([_floats(ds, "ImageOrientationPatient", 6, f"{where}: {nm}")
+                       for nm, ds in named])
     distinct = {tuple(np.round(o / _ORIENTATION_TOL).astype(int)) for o in orient}
     if np.abs(orient - orient[0]).max() > _ORIENTATION_TOL:
         raise DunetError(f"{where}: mixed orientations ({len(distinct)} different "
                          "ImageOrientationPatient values among its slices), not one 3D volume")
     sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in named}
-    spacings = {tuple(_floats(ds, "PixelSpacing", 2, nm)) for nm, ds in named}
+    spacings = {tuple(_floats(ds, "PixelSpacing", 2, f"{where}: {nm}")) for nm, ds in named}
     if len(sizes) > 1 or len(spacings) > 1:
         raise DunetError(f"{where}: slices differ in size or pixel spacing "
                          f"({len(sizes)} sizes, {len(spacings)} spacings), not one 3D volume")
@@ -342,7 +344,7 @@ def _geometry(where: str, named: Sequence[tuple[str, Any]]) -> _Geometry:
         raise DunetError(f"{where}: PixelSpacing {[row_spacing, col_spacing]} must be positive")
 
     normal = np.cross(row_cos, col_cos)
-    pos = np.stack([_floats(ds, "ImagePositionPatient", 3, nm) for nm, ds in named])
+    pos = np.stack([_floats(ds, "ImagePositionPatient", 3, f"{where}: {nm}") for nm, ds in named])
     along = pos @ normal
     order = [int(i) for i in np.argsort(along, kind="stable")]
     pos, along = pos[order], along[order]

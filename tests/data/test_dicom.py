@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dunet_deploy.data.dicom import (
+    LPS_FROM_RAS,
     DicomVolume,
     is_dicom_input,
     list_series,
@@ -87,6 +88,24 @@ def test_series_reads_back_its_array_and_affine(tmp_path: Path, affine: np.ndarr
     np.testing.assert_allclose(vol.affine, affine, rtol=0, atol=1e-4)
     assert len(vol.datasets) == SHAPE[2]
     assert all("PixelData" not in ds for ds in vol.datasets)  # headers only travel
+
+
+@pytest.mark.filterwarnings("ignore:The DICOM readers are highly experimental")
+@pytest.mark.parametrize("affine", [SAGITTAL, OBLIQUE], ids=["sagittal", "oblique"])
+def test_each_slice_agrees_with_nibabels_independent_dicom_reader(tmp_path: Path,
+                                                                   affine: np.ndarray) -> None:
+    """nibabel.nicom reads one slice as voxels [row, column] to LPS: the same pixels, same place."""
+    from nibabel.nicom import dicomwrappers
+
+    files = write_dicom_series(values(), affine, tmp_path)
+    vol = load_dicom(tmp_path)
+    ours_lps = LPS_FROM_RAS @ vol.affine
+    for k in (0, 5):
+        wrapper = dicomwrappers.wrapper_from_file(str(files[k]))
+        np.testing.assert_array_equal(wrapper.get_data().T, vol.data[:, :, k])
+        theirs = np.asarray(wrapper.affine)
+        np.testing.assert_allclose(theirs[:3, [1, 0]], ours_lps[:3, :2], atol=1e-6)
+        np.testing.assert_allclose(theirs[:3, 3], (ours_lps @ [0, 0, k, 1])[:3], atol=1e-4)
 
 
 def test_left_handed_grid_comes_back_in_normal_order_at_the_same_world_positions(
@@ -380,3 +399,25 @@ def test_is_dicom_input(tmp_path: Path) -> None:
     assert not is_dicom_input(tmp_path / "empty")
     assert not is_dicom_input(tmp_path / "nowhere")
     assert not is_dicom_input(tmp_path)  # the DICOM files are a level down
+
+
+def test_slice_without_a_position(tmp_path: Path) -> None:
+    import pydicom
+
+    files = write_dicom_series(values(), AXIAL, tmp_path)
+    ds = pydicom.dcmread(files[2])
+    del ds.ImagePositionPatient
+    ds.save_as(files[2])
+    with pytest.raises(DunetError) as exc:
+        load_dicom(tmp_path)
+    one_line(exc, "slice_0002.dcm lacks a valid ImagePositionPatient")
+
+
+def test_multi_frame_object_is_not_read_as_a_series(tmp_path: Path) -> None:
+    write_dicom_series(values(), AXIAL, tmp_path, info=SeriesInfo(extra={"NumberOfFrames": 9}),
+                       slices=[0])
+    (found,) = list_series(tmp_path)
+    assert not found.volume
+    with pytest.raises(DunetError) as exc:
+        load_series(found)
+    one_line(exc, "multi-frame (enhanced) DICOM object of 9 frames")

@@ -135,6 +135,37 @@ def test_rescale_slope_and_intercept_are_applied(tmp_path: Path) -> None:
     np.testing.assert_array_equal(stored.data, data.astype(np.float32))
 
 
+@pytest.mark.parametrize("syntax", ["RLELossless", "JPEGLSLossless"])
+def test_compressed_series(tmp_path: Path, syntax: str) -> None:
+    """RLE (pydicom's own codec) and JPEG-LS (pyjpegls, the one that installs with numpy < 2)."""
+    import pydicom
+    import pydicom.uid
+
+    data = values()
+    for f in write_dicom_series(data, OBLIQUE, tmp_path):
+        ds = pydicom.dcmread(f)
+        ds.compress(getattr(pydicom.uid, syntax))
+        ds.save_as(f)
+    assert pydicom.dcmread(f).file_meta.TransferSyntaxUID == getattr(pydicom.uid, syntax)
+    np.testing.assert_array_equal(load_dicom(tmp_path).data, data)
+
+
+def test_undecodable_pixel_data_is_named(tmp_path: Path) -> None:
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    files = write_dicom_series(values(), AXIAL, tmp_path)
+    ds = pydicom.dcmread(files[4])
+    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.PixelData = encapsulate([b"\xff\x4f\xff\x51 not a codestream"])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(files[4], enforce_file_format=True)
+    with pytest.raises(DunetError) as exc:
+        load_dicom(tmp_path)
+    one_line(exc, str(files[4]), "cannot decode pixel data")
+
+
 def test_files_in_any_order_and_sub_folders_and_stray_files(tmp_path: Path) -> None:
     data = values()
     files = write_dicom_series(data, SAGITTAL, tmp_path / "export" / "raw")

@@ -109,6 +109,18 @@ class DicomSeries:
     problem: str | None
 
     @property
+    def stem(self) -> str:
+        """A name for its outputs: ``<folder or zip name>_s<Series Number>`` (``export_s3``).
+
+        Without a Series Number, the UID's last 8 digits stand in for it.
+        """
+        name = self.source.name
+        if name.lower().endswith(".zip"):
+            name = name[:-4]
+        tag = str(self.number) if self.number is not None else self.uid.replace(".", "")[-8:]
+        return f"{name}_s{tag}"
+
+    @property
     def label(self) -> str:
         """``series 3 'T1 MPRAGE'``: how messages name it."""
         number = "?" if self.number is None else str(self.number)

@@ -188,6 +188,7 @@ def test_zip_of_a_series_reads_like_the_folder(tmp_path: Path) -> None:
         for f in files:
             z.write(f, f"study/series/{f.name}")
     vol = load_dicom(archive)
+    assert vol.series is not None and vol.series.stem == "series_s1"
     np.testing.assert_array_equal(vol.data, data)
     np.testing.assert_allclose(vol.affine, OBLIQUE, atol=1e-4)
     assert vol.path == archive
@@ -236,6 +237,7 @@ def test_list_series_names_each_series_and_what_it_is(tmp_path: Path) -> None:
     assert [s.volume for s in found] == [False, True, True]
     assert "localizer" in str(found[0].problem) and found[1].problem is None
     assert found[1].shape == SHAPE and found[1].modality == "MR" and found[1].number == 2
+    assert [s.stem for s in found] == [f"{tmp_path.name}_s{n}" for n in (1, 2, 3)]
     vol = load_series(found[2])
     np.testing.assert_array_equal(vol.data, values(seed=3))
     np.testing.assert_allclose(vol.affine, OBLIQUE, atol=1e-4)

@@ -21,7 +21,8 @@ Geometry, as dcm2niix and nibabel's ``nicom`` read it:
 Every series that is not one regular 3D grid is refused with a one-line
 :class:`~dunet_deploy.errors.DunetError`: a localiser, a single 2D image, a
 series of several images per position (4D), mixed orientations, a missing
-slice, uneven spacing, slices of different size. Files that are not DICOM
+slice, uneven spacing, slices of different size (a slice missing at either
+end cannot be told from a shorter series). Files that are not DICOM
 (no ``DICM`` marker at byte 128, as every DICOM Part 10 file has) and DICOM
 objects without pixels (DICOMDIR, SR, presentation states) are ignored.
 
@@ -92,8 +93,9 @@ class DicomSeries:
         shape: ``(X, Y, Z)`` = (columns, rows, slices) when the geometry is
             valid, else ``None``.
         volume: ``False`` for a series that is not meant to be a 3D volume (a
-            localiser, one 2D image, several images per position, a
-            multi-frame object): a folder's other series can be read without it.
+            localiser, one 2D image, mixed orientations, several images per
+            position, a multi-frame object): a folder's other series can be
+            read without it.
         problem: The one-line error :func:`load_series` raises for it, or
             ``None`` when it is a regular 3D grid.
     """
@@ -317,8 +319,8 @@ def _geometry(where: str, named: Sequence[tuple[str, Any]]) -> _Geometry:
     """The voxel grid of one series' slices, or a one-line reason there is none.
 
     Raises:
-        _NotVolume: A localiser, a single 2D image, several images at one
-            position, or a multi-frame object.
+        _NotVolume: A localiser, a single 2D image, mixed orientations,
+            several images at one position, or a multi-frame object.
         DunetError: A 3D series that is not one regular grid.
     """
     n = len(named)
@@ -338,8 +340,8 @@ def _geometry(where: str, named: Sequence[tuple[str, Any]]) -> _Geometry:
     orient = np.stack([_floats(ds, "ImageOrientationPatient", 6, f"{where}: {nm}")
                        for nm, ds in named])
     distinct = {tuple(np.round(o / _ORIENTATION_TOL).astype(int)) for o in orient}
-    if np.abs(orient - orient[0]).max() > _ORIENTATION_TOL:
-        raise DunetError(f"{where}: mixed orientations ({len(distinct)} different "
+    if np.abs(orient - orient[0]).max() > _ORIENTATION_TOL:  # a 3-plane localiser, usually
+        raise _NotVolume(f"{where}: mixed orientations ({len(distinct)} different "
                          "ImageOrientationPatient values among its slices), not one 3D volume")
     sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in named}
     spacings = {tuple(_floats(ds, "PixelSpacing", 2, f"{where}: {nm}")) for nm, ds in named}

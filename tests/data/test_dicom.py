@@ -298,8 +298,12 @@ def test_mixed_orientations(tmp_path: Path) -> None:
     write_dicom_series(values(), AXIAL, tmp_path, info=INFO, slices=range(5), prefix="a")
     write_dicom_series(values(), turned, tmp_path, info=INFO, slices=range(5, 9), prefix="b")
     with pytest.raises(DunetError) as exc:
-        load_dicom(tmp_path, INFO.series_uid)
-    one_line(exc, "mixed orientations", "2 different ImageOrientationPatient")
+        load_dicom(tmp_path)
+    one_line(exc, "no 3D series", "mixed orientations", "2 different ImageOrientationPatient")
+    # beside a 3D series it is set aside, as a 3-plane localiser should be
+    write_dicom_series(values(), OBLIQUE, tmp_path, prefix="t1", info=SeriesInfo(series_number=2))
+    assert [s.volume for s in list_series(tmp_path)] == [False, True]
+    np.testing.assert_array_equal(load_dicom(tmp_path).data, values())
 
 
 def test_localiser(tmp_path: Path) -> None:

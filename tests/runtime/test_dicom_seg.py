@@ -160,3 +160,17 @@ def test_missing_highdicom_names_the_extra(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(DunetError) as exc:
         write_dicom_seg(lesion(), vol.datasets, tmp_path / "l.dcm", **MODEL)
     assert "pip install 'dunet-deploy[dicom]'" in str(exc.value)
+
+
+@pytest.mark.parametrize("axes", ["sagittal_pir", "tilted", "left_handed"])
+def test_round_trip_on_other_grids(tmp_path: Path, axes: str) -> None:
+    affine = {"sagittal_pir": np.array([[0, 0, 1.2, -70], [-1.0, 0, 0, 120], [0, -1.05, 0, 95],
+                                        [0, 0, 0, 1]]),
+              "tilted": np.array([[0.9, 0, 0, -90], [0, 0.95, 0.6, -110], [0, 0, 3.0, -40],
+                                  [0, 0, 0, 1]]),
+              "left_handed": np.diag([-1.0, 1.0, 2.0, 1.0])}[axes]
+    write_dicom_series(np.random.default_rng(2).integers(0, 1000, size=SHAPE), affine, tmp_path)
+    vol = load_dicom(tmp_path)
+    mask = (vol.data > 800).astype(np.uint8)
+    out = write_dicom_seg(mask, vol.datasets, tmp_path / "seg.dcm", **MODEL)
+    np.testing.assert_array_equal(load_dicom_seg(out, vol.datasets), mask)

@@ -174,3 +174,5 @@ def test_round_trip_on_other_grids(tmp_path: Path, axes: str) -> None:
     mask = (vol.data > 800).astype(np.uint8)
     out = write_dicom_seg(mask, vol.datasets, tmp_path / "seg.dcm", **MODEL)
     np.testing.assert_array_equal(load_dicom_seg(out, vol.datasets), mask)
+    # the SEG written beside the series is no series of its own when the folder is read again
+    np.testing.assert_array_equal(load_dicom(tmp_path).data, vol.data)

@@ -1,10 +1,18 @@
-"""Data handling: NIfTI I/O, dataset layouts, preprocessing, slice cache, synthetic data.
+"""Data handling: NIfTI and DICOM I/O, dataset layouts, preprocessing, slice cache, synthetic data.
 
 Everything here is numpy + nibabel only (never torch), because the lean
-runtime imports it.
+runtime imports it; pydicom is imported only when a DICOM series is read.
 """
 
 from dunet_deploy.data.cache import SliceCache, build_cache
+from dunet_deploy.data.dicom import (
+    DicomSeries,
+    DicomVolume,
+    is_dicom_input,
+    list_series,
+    load_dicom,
+    load_series,
+)
 from dunet_deploy.data.layouts import (
     LAYOUTS,
     Case,
@@ -33,6 +41,8 @@ from dunet_deploy.spec import PreprocessSpec, fit_dataset_intensity
 __all__ = [
     "LAYOUTS",
     "Case",
+    "DicomSeries",
+    "DicomVolume",
     "NiftiVolume",
     "PreprocessSpec",
     "SliceCache",
@@ -42,9 +52,13 @@ __all__ = [
     "check_case",
     "discover_cases",
     "fit_dataset_intensity",
+    "is_dicom_input",
+    "list_series",
     "load_case",
+    "load_dicom",
     "load_mask",
     "load_nifti",
+    "load_series",
     "mask_to_labels",
     "nonempty_slab_indices",
     "nonempty_slice_flags",

@@ -67,6 +67,8 @@ class ExportRequest:
         gate_max_dsc_drop: int8 gate: largest accepted mean-DSC drop.
         inference: TTA and post-processing defaults stored in every artefact.
         gate_min_agreement: int8 gate: smallest accepted voxel agreement with fp32.
+        template: registration template NIfTI written beside the models (for
+            checkpoints without one; a checkpoint's own template is used otherwise).
     """
 
     checkpoint: Path
@@ -88,6 +90,7 @@ class ExportRequest:
     gate_max_dsc_drop: float = 0.01
     gate_min_agreement: float = 0.999
     inference: InferenceDefaults = field(default_factory=InferenceDefaults)
+    template: Path | None = None
 
     def checked(self) -> ExportRequest:
         """The request with its formats de-duplicated (default ``onnx``), once its rules hold.
@@ -157,6 +160,7 @@ class _Job:
     flops: int = 0
     inputs: dict[str, Any] = field(default_factory=dict)
     fp16_verification: dict[str, Any] = field(default_factory=lambda: {"skipped": True})
+    template: Any = None
     written: list[str] = field(default_factory=list)
 
     @property
@@ -244,9 +248,23 @@ def _open_job(req: ExportRequest, stage: Path, log: Log, trt_version: str | None
         "epoch": doc.get("epoch"),
         "best_metrics": doc.get("best_metrics", {}),
     }
+    template = _template(req, doc)
     info = replace(artifact_info(model, doc["spec_obj"], metrics=doc.get("metrics") or {}),
-                   inference=req.inference)
-    return _Job(req, stage, log, model, doc, doc["spec_obj"], source, info, trt_version)
+                   inference=req.inference,
+                   template=None if template is None else template.describe())
+    return _Job(req, stage, log, model, doc, doc["spec_obj"], source, info, trt_version,
+                template=template)
+
+
+def _template(req: ExportRequest, doc: dict[str, Any]) -> Any:
+    """The registration template: ``req.template``, else the checkpoint's, else ``None``."""
+    from dunet_deploy.data.registration import Template
+
+    if req.template is not None:
+        return Template.load(req.template)
+    if doc.get("template"):
+        return Template.from_checkpoint(doc["template"])
+    return None
 
 
 def _fp32_step(job: _Job) -> None:
@@ -270,6 +288,11 @@ def _fp32_step(job: _Job) -> None:
     job.onnx_json("model", job.base_info, verification=verification)
     if "onnx" in job.formats:
         job.written += ["model.onnx", "model.json"]
+    if job.template is not None:  # one template beside every model of the folder
+        from dunet_deploy.data.registration import TEMPLATE_FILE
+
+        job.template.save(job.stage / TEMPLATE_FILE)
+        job.written.append(TEMPLATE_FILE)
 
 
 def _fp16_step(job: _Job) -> None:

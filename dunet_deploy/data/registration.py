@@ -214,15 +214,15 @@ class Template:
             raise DunetError(f"{p}: {e}") from None
 
     def to_checkpoint(self) -> dict[str, Any]:
-        """Plain lists for a ``weights_only`` checkpoint (the data as nested lists of floats)."""
-        return {"shape": list(self.data.shape), "data": self.data.ravel().tolist(),
+        """A dict for a checkpoint; ``data`` is the float32 array (a tensor once saved)."""
+        return {"shape": list(self.data.shape), "data": self.data,
                 "affine": self.affine.tolist(), "similarity_range":
                 None if self.similarity_range is None else list(self.similarity_range)}
 
     @classmethod
     def from_checkpoint(cls, doc: dict[str, Any]) -> Template:
         """Inverse of :meth:`to_checkpoint`."""
-        data = np.asarray(doc["data"], dtype=np.float32).reshape(doc["shape"])
+        data = np.asarray(doc["data"], dtype=np.float32).reshape(doc["shape"])  # tensor or array
         rng = doc.get("similarity_range")
         return cls(data, np.asarray(doc["affine"]), None if rng is None else tuple(rng))
 
@@ -280,7 +280,8 @@ def _resample(data: np.ndarray, src_affine: np.ndarray, dst_shape: Sequence[int]
         cval=0.0, prefilter=False).astype(np.float32, copy=False)
 
 
-def build_template(volumes: Iterable[tuple[npt.ArrayLike, npt.ArrayLike]],
+def build_template(volumes: Sequence[tuple[npt.ArrayLike, npt.ArrayLike]]
+                   | Iterable[tuple[npt.ArrayLike, npt.ArrayLike]],
                    spec: PreprocessSpec, *, grid: tuple[Sequence[int], npt.ArrayLike],
                    voxel_mm: float = TEMPLATE_MM) -> Template:
     """The mean of registered training volumes, and their similarity range to it.
@@ -290,7 +291,8 @@ def build_template(volumes: Iterable[tuple[npt.ArrayLike, npt.ArrayLike]],
 
     Args:
         volumes: ``(data [X, Y, Z], affine [4, 4])`` of each training volume
-            (any grid in the model's world; read twice, so a list).
+            (any grid in the model's world). Read twice: a sequence that
+            loads each volume on access keeps one volume in memory at a time.
         spec: The spec whose intensity normalisation is applied first.
         grid: ``(shape, affine)`` of the model's grid; the template covers its box.
         voxel_mm: Template voxel size.
@@ -303,8 +305,8 @@ def build_template(volumes: Iterable[tuple[npt.ArrayLike, npt.ArrayLike]],
     """
     from dunet_deploy.data.preprocess import normalize_intensity
 
-    vols = list(volumes)
-    if not vols:
+    vols = volumes if isinstance(volumes, Sequence) else list(volumes)
+    if not len(vols):
         raise DunetError("build_template: no training volumes given")
     shape, aff = template_grid(grid[0], grid[1], voxel_mm)
 

@@ -93,6 +93,9 @@ class ArtifactInfo:
     precision: str = "fp32"
     extra: dict[str, Any] = field(default_factory=dict)
     inference: InferenceDefaults = field(default_factory=InferenceDefaults)
+    #: The registration template beside the model: ``{"file", "digest",
+    #: "similarity_range"}`` (metadata key ``dunet.template``); ``None``: none.
+    template: dict[str, Any] | None = None
 
     def to_metadata(self) -> dict[str, str]:
         """String key/value pairs for ONNX ``metadata_props``."""
@@ -106,6 +109,8 @@ class ArtifactInfo:
             f"{PREFIX}versions": json.dumps(self.versions, sort_keys=True),
             f"{PREFIX}precision": self.precision,
             **self.inference.to_parameters(),
+            **({} if self.template is None
+               else {f"{PREFIX}template": json.dumps(self.template, sort_keys=True)}),
         }
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -120,6 +125,7 @@ class ArtifactInfo:
             "versions": self.versions,
             "precision": self.precision,
             "inference": self.inference.to_dict(),
+            **({} if self.template is None else {"template": self.template}),
             **self.extra,
         }
 
@@ -139,6 +145,8 @@ class ArtifactInfo:
                 versions=json.loads(meta.get(f"{PREFIX}versions", "{}")),
                 precision=meta.get(f"{PREFIX}precision", "fp32"),
                 inference=inference,
+                template=(json.loads(meta[f"{PREFIX}template"])
+                          if f"{PREFIX}template" in meta else None),
             )
         except DunetError as e:
             raise DunetError(f"{source}: bad preprocessing spec in metadata: {e}") from None
@@ -151,7 +159,7 @@ class ArtifactInfo:
         if not isinstance(doc, Mapping) or doc.get("format") != FORMAT:
             raise DunetError(f"{source}: not a dunet-deploy sidecar (no 'format': '{FORMAT}')")
         known = {"format", "spec", "model_name", "model_args", "params", "metrics", "versions",
-                 "precision", "inference"}
+                 "precision", "inference", "template"}
         inference = _inference(lambda: InferenceDefaults.from_dict(doc.get("inference", {})),
                                source)
         try:
@@ -165,6 +173,7 @@ class ArtifactInfo:
                 precision=str(doc.get("precision", "fp32")),
                 extra={k: v for k, v in doc.items() if k not in known},
                 inference=inference,
+                template=dict(doc["template"]) if doc.get("template") else None,
             )
         except DunetError as e:
             raise DunetError(f"{source}: bad preprocessing spec: {e}") from None

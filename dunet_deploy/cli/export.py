@@ -177,6 +177,13 @@ def _batch_range(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     show_default=True,
     help="Default smallest lesion (mm3) kept in masks, stored in the artefacts (0 = keep all).",
 )
+@click.option(
+    "--template",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Registration template (a T1 NIfTI in the model's world, e.g. your MNI152 copy) "
+    "written beside the models, for checkpoints trained without one.",
+)
 @handle_errors
 def main(
     checkpoint: Path,
@@ -201,6 +208,7 @@ def main(
     gate_min_agreement: float,
     tta: str,
     min_lesion_mm3: float,
+    template: Path | None,
 ) -> None:
     """Export a dunet-deploy CHECKPOINT for deployment (ONNX, FP16/INT8 ONNX, TensorRT, Triton)."""
     require_torch("dunet-export")
@@ -227,6 +235,7 @@ def main(
         gate_min_lesion_dsc=gate_min_lesion_dsc,
         gate_min_agreement=gate_min_agreement,
         inference=InferenceDefaults(tta=tta, min_lesion_mm3=min_lesion_mm3),
+        template=template,
     )
     written = run_export(req, log=click.echo)
     for rel in written:

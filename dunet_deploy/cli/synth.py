@@ -23,6 +23,7 @@ import click
 import numpy as np
 
 from dunet_deploy.cli._common import DunetCommand, handle_errors
+from dunet_deploy.data.anatomy import ANATOMIES
 from dunet_deploy.data.layouts import LAYOUTS
 from dunet_deploy.data.nifti import load_mask, load_nifti
 from dunet_deploy.data.synth import MARKER_FILE, preview_png, write_dataset
@@ -107,24 +108,31 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
               help="Number of cases (>= 1).")
 @click.option("--layout", type=click.Choice(LAYOUTS), default="atlas-r1.1", show_default=True,
               help="Folder layout to write.")
-@click.option("--shape", "shape_text", default="64,80,48", show_default=True,
-              help="Volume shape X,Y,Z (197,233,189 is the ATLAS geometry).")
+@click.option("--shape", "shape_text", default=None,
+              help="Volume shape X,Y,Z (197,233,189 is the ATLAS geometry) [default: 64,80,48; "
+              "mni152: 197,233,189, the 1 mm MNI box].")
+@click.option("--anatomy", type=click.Choice(ANATOMIES), default="ellipsoid", show_default=True,
+              help="Head model: ellipsoid heads, or the MNI152 2009a template shipped in the "
+              "nilearn wheel, warped, with lesions (needs dunet-deploy[anatomy]).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of case 0 (case i uses seed + i).")
 @click.option("--preview", is_flag=True, help="Also write previews/<case>.png.")
 @click.option("--overwrite", is_flag=True,
               help="Replace a dataset dunet-synth wrote earlier in OUT_DIR.")
 @handle_errors
-def main(out_dir: Path, n_cases: int, layout: str, shape_text: str, seed: int,
-         preview: bool, overwrite: bool) -> None:
+def main(out_dir: Path, n_cases: int, layout: str, shape_text: str | None, anatomy: str,
+         seed: int, preview: bool, overwrite: bool) -> None:
     """Write a synthetic T1 stroke-lesion dataset to OUT_DIR."""
+    if shape_text is None:
+        shape_text = "197,233,189" if anatomy == "mni152" else "64,80,48"
     shape = parse_shape(shape_text)
     if n_cases < 1:
         raise DunetError(f"--cases {n_cases}: must be >= 1")
     if seed < 0:
         raise DunetError(f"--seed {seed}: must be >= 0")
     _prepare_out_dir(out_dir, overwrite)
-    cases = write_dataset(out_dir, cases=n_cases, layout=layout, shape=shape, seed=seed)
+    cases = write_dataset(out_dir, cases=n_cases, layout=layout, shape=shape, seed=seed,
+                          anatomy=anatomy)
     if preview:
         (out_dir / "previews").mkdir(exist_ok=True)
     click.echo(f"{'case':<22} {'masks':>5} {'lesion_voxels':>13}  image")

@@ -252,6 +252,7 @@ def write_dataset(
     layout: str = "atlas-r1.1",
     shape: Sequence[int] = DEFAULT_SHAPE,
     seed: int = 0,
+    anatomy: str = "ellipsoid",
 ) -> list[Case]:
     """Write a synthetic dataset in one of the supported layouts.
 
@@ -267,6 +268,9 @@ def write_dataset(
         layout: One of ``"atlas-r1.1"``, ``"atlas-v2"``, ``"pairs"``.
         shape: Volume shape ``(X, Y, Z)``.
         seed: Seed of case 0.
+        anatomy: ``"ellipsoid"`` (:func:`synthesize_case`) or ``"mni152"``
+            (:func:`~dunet_deploy.data.anatomy.synthesize_anatomy_case`: the MNI152
+            2009a template warped, on a ``shape`` grid over the MNI box).
 
     Returns:
         The written cases, sorted by ``case_id`` (as
@@ -282,10 +286,17 @@ def write_dataset(
     shp = tuple(int(n) for n in shape)
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    affine = synth_affine(shp)
+    from dunet_deploy.data import anatomy as anat
+
+    if anatomy not in anat.ANATOMIES:
+        raise DunetError(f"anatomy {anatomy!r}: choose one of {', '.join(anat.ANATOMIES)}")
+    affine = anat.mni152_grid(shp) if anatomy == "mni152" else synth_affine(shp)
     written: list[Case] = []
     for i in range(cases):
-        image, mask = synthesize_case(shp, seed + i)
+        if anatomy == "mni152":
+            image, mask, _ = anat.synthesize_anatomy_case(seed + i, shp)
+        else:
+            image, mask = synthesize_case(shp, seed + i)
         if layout == "atlas-r1.1":
             subject = f"{i + 1:06d}"
             folder = root / f"Site{i % 2 + 1}" / subject / "t01"
@@ -321,7 +332,7 @@ def write_dataset(
         _save_image(img_path, image, affine)
         written.append(Case(case_id, img_path, mask_paths))
     marker = {"generator": "dunet_deploy.data.synth", "layout": layout, "cases": cases,
-              "shape": list(shp), "seed": seed}
+              "shape": list(shp), "seed": seed, "anatomy": anatomy}
     (root / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
     return sorted(written, key=lambda c: c.case_id)
 

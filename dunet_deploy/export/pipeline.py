@@ -75,6 +75,8 @@ class ExportRequest:
             two masks on the union of both masks and the truth.
         trt_precision: precision of the TensorRT engine (:data:`TRT_PRECISIONS`): built
             strongly typed from ``model_fp16.onnx`` or from the gated ``model_int8.onnx``.
+        template: registration template NIfTI written beside the models (for
+            checkpoints without one; a checkpoint's own template is used otherwise).
     """
 
     checkpoint: Path
@@ -98,6 +100,7 @@ class ExportRequest:
     gate_min_agreement: float = 0.90
     inference: InferenceDefaults = field(default_factory=InferenceDefaults)
     trt_precision: str = "fp16"
+    template: Path | None = None
 
     def checked(self) -> ExportRequest:
         """The request with its formats de-duplicated (default ``onnx``), once its rules hold.
@@ -176,6 +179,7 @@ class _Job:
     inputs: dict[str, Any] = field(default_factory=dict)
     fp16_verification: dict[str, Any] = field(default_factory=lambda: {"skipped": True})
     int8_data: Any = None
+    template: Any = None
     written: list[str] = field(default_factory=list)
 
     @property
@@ -264,9 +268,23 @@ def _open_job(req: ExportRequest, stage: Path, log: Log, trt_version: str | None
         "epoch": doc.get("epoch"),
         "best_metrics": doc.get("best_metrics", {}),
     }
+    template = _template(req, doc)
     info = replace(artifact_info(model, doc["spec_obj"], metrics=doc.get("metrics") or {}),
-                   inference=req.inference)
-    return _Job(req, stage, log, model, doc, doc["spec_obj"], source, info, trt_version)
+                   inference=req.inference,
+                   template=None if template is None else template.describe())
+    return _Job(req, stage, log, model, doc, doc["spec_obj"], source, info, trt_version,
+                template=template)
+
+
+def _template(req: ExportRequest, doc: dict[str, Any]) -> Any:
+    """The registration template: ``req.template``, else the checkpoint's, else ``None``."""
+    from dunet_deploy.data.registration import Template
+
+    if req.template is not None:
+        return Template.load(req.template)
+    if doc.get("template"):
+        return Template.from_checkpoint(doc["template"])
+    return None
 
 
 def _int8_data_step(job: _Job) -> None:
@@ -303,6 +321,11 @@ def _fp32_step(job: _Job) -> None:
     job.onnx_json("model", job.base_info, verification=verification)
     if "onnx" in job.formats:
         job.written += ["model.onnx", "model.json"]
+    if job.template is not None:  # one template beside every model of the folder
+        from dunet_deploy.data.registration import TEMPLATE_FILE
+
+        job.template.save(job.stage / TEMPLATE_FILE)
+        job.written.append(TEMPLATE_FILE)
 
 
 def _fp16_step(job: _Job) -> None:

@@ -17,6 +17,8 @@ A checkpoint is a ``torch.save`` of a plain dict (loadable with
     scaler          GradScaler.state_dict() or None
     rng             RNG states (torch CPU/CUDA as tensors, numpy/python as lists)
     versions        package/torch versions that wrote it
+    template        optional: the registration template (shape, data tensor, affine,
+                    similarity_range; see dunet_deploy.data.registration.Template)
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scaler: Any = None,
     rng: dict[str, Any] | None = None,
+    template: dict[str, Any] | None = None,
 ) -> None:
     """Write a checkpoint atomically (temporary file in the same folder, then rename).
 
@@ -80,6 +83,7 @@ def save_checkpoint(
         optimizer: optimizer whose state to keep (for ``--resume``).
         scaler: AMP GradScaler whose state to keep.
         rng: RNG states to restore on resume.
+        template: ``Template.to_checkpoint()`` of the training data, or ``None``.
     """
     bare = unwrap(model)
     name = getattr(bare, "model_name", None)
@@ -101,6 +105,8 @@ def save_checkpoint(
         "rng": rng,
         "versions": {"dunet_deploy": __version__, "torch": str(torch.__version__)},
     }
+    if template is not None:  # a tensor: weights_only loads it back
+        doc["template"] = {**template, "data": torch.as_tensor(template["data"])}
     buf = io.BytesIO()
     torch.save(doc, buf)
     Path(path).parent.mkdir(parents=True, exist_ok=True)

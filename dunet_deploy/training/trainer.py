@@ -100,6 +100,7 @@ from dunet_deploy.choices import TRAIN_DEVICES as DEVICES
 from dunet_deploy.data.cache import SliceCache, build_cache
 from dunet_deploy.data.geometry import measure_geometry, reoriented_shape
 from dunet_deploy.data.layouts import Case, check_case, discover_cases, split_cases
+from dunet_deploy.data.nifti import load_nifti
 from dunet_deploy.errors import DunetError
 from dunet_deploy.losses import LOSSES, get_loss
 from dunet_deploy.metrics import CaseMetrics, mean_pm_std, summarize
@@ -670,6 +671,7 @@ class _Run:
     start_epoch: int = 1
     best_metrics: dict[str, Any] = field(default_factory=dict)
     writer: Any = None
+    template: dict[str, Any] | None = None
 
     @property
     def best_dsc(self) -> float:
@@ -777,6 +779,9 @@ def _prepare(cfg: TrainConfig, d: _Dist, log: Log) -> _Run:
     if doc is not None:
         assert ckpt_path is not None
         _restore(run, doc, ckpt_path)
+    if d.is_main:
+        run.template = (doc or {}).get("template") or _training_template(
+            [by_id[cid] for cid in split["train"]], spec, log)
     if d.enabled:
         run.train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
@@ -789,6 +794,34 @@ def _prepare(cfg: TrainConfig, d: _Dist, log: Log) -> _Run:
         f"{len(split['val'])} val; model {cfg.model} on {device}, world size {d.world_size}; "
         f"spec {spec.image_size}x{spec.image_size}x{spec.in_channels} ({spec.digest()})")
     return run
+
+
+class _Volumes(Sequence[tuple[np.ndarray, np.ndarray]]):
+    """The training images as ``(data, affine)``, each read when asked for (one in memory)."""
+
+    def __init__(self, cases: list[Case]) -> None:
+        self.cases = cases
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[override]
+        vol = load_nifti(self.cases[i].image)
+        return vol.data, vol.affine
+
+
+def _training_template(cases: list[Case], spec: PreprocessSpec, log: Log) -> dict[str, Any] | None:
+    """The registration template of the training cases (``None`` without a shared grid)."""
+    from dunet_deploy.data.registration import build_template
+
+    if spec.grid_affine is None or not cases:
+        log("no registration template: the training volumes share no grid")
+        return None
+    grid = (spec.volume_shape, np.asarray(spec.grid_affine).reshape(4, 4))
+    template = build_template(_Volumes(cases), spec, grid=grid)
+    log(f"registration template {'x'.join(map(str, template.data.shape))} "
+        f"({template.digest()}), training similarity {template.similarity_range}")
+    return template.to_checkpoint()
 
 
 def _train_epoch(run: _Run, epoch: int) -> dict[str, Any]:
@@ -854,6 +887,7 @@ def _save_epoch(run: _Run, epoch: int, record: dict[str, Any], metrics: dict[str
         "model": run.model, "spec": run.spec, "config": run.run_doc, "epoch": epoch,
         "metrics": metrics, "best_metrics": run.best_metrics, "optimizer": run.optimizer,
         "scaler": run.scaler if run.use_scaler else None, "rng": capture_rng_state(),
+        "template": run.template,
     }
     with deferred_interrupts():
         with open(run.out / METRICS, "a") as f:

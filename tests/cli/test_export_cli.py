@@ -16,6 +16,7 @@ import torch
 
 from dunet_deploy.artifacts import read_artifact_info, read_sidecar
 from dunet_deploy.cli import export as cli
+from dunet_deploy.errors import DunetError
 from dunet_deploy.export import tensorrt_build as tb
 from dunet_deploy.export import verify as ver
 from dunet_deploy.models import create_model, model_kwargs
@@ -453,3 +454,28 @@ def test_request_defaults_and_rules_live_in_the_library(ckpt: Path, tmp_path: Pa
     written = run_export(ExportRequest(ckpt, out_dir=tmp_path / "lib", verify=False),
                          log=lambda _: None)
     assert written == [Path("model.onnx"), Path("model.json")]
+
+
+def test_template_travels_beside_the_model(ckpt: Path, tmp_path: Path) -> None:
+    """--template FILE: written beside the ONNX, its digest in the metadata, checked at load."""
+    from dunet_deploy.data.registration import TEMPLATE_FILE, Template, load_template
+
+    data = np.zeros((20, 24, 18), np.float32)
+    data[5:15, 6:18, 4:14] = 1.0
+    data[8:12, 9:15, 7:11] = 2.0
+    src = Template(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    src.save(tmp_path / "mine.nii.gz")
+    out = tmp_path / "out"
+    code, _, err = run(ckpt, "-o", out, "--no-verify", "--template", tmp_path / "mine.nii.gz")
+    assert code == 0, err
+    assert (out / TEMPLATE_FILE).is_file()
+    assert read_artifact_info(out / "model.onnx").template["digest"] == src.digest()
+    assert read_sidecar(out / "model.json").template["digest"] == src.digest()
+    assert load_template(out / "model.onnx").digest() == src.digest()
+    code, _, err = run(ckpt, "-o", tmp_path / "none", "--no-verify")
+    assert code == 0, err
+    with pytest.raises(DunetError, match="--template FILE"):
+        load_template(tmp_path / "none" / "model.onnx")
+    code, _, err = run(ckpt, "-o", tmp_path / "bad", "--no-verify", "--template",
+                       tmp_path / "missing.nii.gz")
+    assert code != 0 and "template not found" in err and not (tmp_path / "bad").exists()

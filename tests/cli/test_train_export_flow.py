@@ -37,6 +37,14 @@ def test_checkpoint_from_dunet_train_exports_every_cpu_format(tmp_path):
     assert m32["verification"]["passed"] and m16["verification"]["passed"]
     assert m32["model_name"] == "dunet" and m16["precision"] == "fp16"
     assert all(r["max_abs"] <= 1e-4 for r in m32["verification"]["rows"])
+    # The registration template dunet-train computed travels beside the models.
+    assert "registration template" in train.stdout + train.stderr
+    from dunet_deploy.data.registration import load_template
+
+    template = load_template(out / "model_fp16.onnx")
+    assert m32["template"]["digest"] == template.digest() == m16["template"]["digest"]
+    lo, hi = template.similarity_range
+    assert -1.0 <= lo <= hi <= 1.0
     # Only this last check needs Triton's protobuf definitions.
     pytest.importorskip("tritonclient.grpc")
     from google.protobuf import text_format

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # torch is pinned: a bare requirement may pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 TRT_STUBS := tensorrt-stubs==10.13.0.35.1
-EXTRAS := cpu,openvino,train,serve,dev,int8,dicom,scanner,anatomy
+EXTRAS := cpu,openvino,train,serve,dev,int8,dicom,scanner,anatomy,ray
 STAMP := $(VENV)/.installed
 
 .PHONY: install test lint typecheck pytest demo bench-cpu clean

@@ -1,0 +1,485 @@
+"""Ray Data batch inference: ``dunet-infer``'s stages spread over a Ray cluster.
+
+::
+
+    driver:  inputs -> rows {index, item}          (one block per volume: each one streams alone)
+    CPU tasks:    prepare  read + to_network       -> {index, payload: PreparedVolume}
+    actor pool:   InferActor (model loaded once)   -> {index, payload: (PreparedVolume, grid)}
+    CPU tasks:    write    finish_prediction + save -> {index, result: CaseResult}
+    driver:  one CaseResult per input, put back into input order
+
+Ray Data's streaming executor keeps only a few volumes in flight per stage
+(back-pressure on the object store), so memory stays bounded however long the
+cohort. A bad volume fails its own case, as in ``dunet-infer``. An actor that
+dies (killed, out of memory, its node lost) is restarted by Ray and the batch
+it held is sent again; a write task that dies is retried. Every file is
+written to a temporary name and renamed, so a retried case rewrites the same
+bytes and never leaves a partial file, and the driver keeps one result per
+input.
+
+The stage functions are reached through one adapter, :class:`_Stages`. Ray is
+imported only when a run starts (the ``ray`` extra); :class:`InferActor` is
+plain Python and runs without Ray. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from dunet_deploy.artifacts import ArtifactInfo, read_artifact_info, write_json
+from dunet_deploy.choices import PROB_DTYPES, RESAMPLE_MODES, TTA_MODES
+from dunet_deploy.errors import DunetError, one_line
+from dunet_deploy.postprocess import with_tta
+from dunet_deploy.runtime.base import Runner, open_runner
+from dunet_deploy.runtime.core import Predictor
+from dunet_deploy.runtime.pipeline import (
+    SUMMARY_NAME,
+    CaseResult,
+    InputItem,
+    OutputOptions,
+    PreparedVolume,
+    expand_inputs,
+    infer_case,
+    prepare_output_dir,
+    prepare_volume,
+    summary_document,
+    write_case,
+)
+from dunet_deploy.spec import PreprocessSpec
+
+__all__ = [
+    "ClusterOptions",
+    "InferActor",
+    "RayRun",
+    "StageOptions",
+    "actor_pool",
+    "import_ray",
+    "run_on_ray",
+    "segment_on_ray",
+]
+
+RAY_EXTRA = "pip install 'dunet-deploy[ray]'"
+_PICKLE = pickle.HIGHEST_PROTOCOL
+
+
+def import_ray() -> ModuleType:
+    """``ray`` with Ray Data, imported on first use.
+
+    Raises:
+        DunetError: one line naming the ``ray`` extra when Ray Data cannot be imported.
+    """
+    try:
+        import ray
+        import ray.data  # (pyarrow and pandas come with it)
+    except ImportError as exc:
+        raise DunetError(f"Ray Data is not installed ({one_line(exc)}): {RAY_EXTRA}") from None
+    return ray
+
+
+# ------------------------------------------------------------------- options
+@dataclass(frozen=True)
+class StageOptions:
+    """How each stage runs (small and picklable: every task and actor gets a copy).
+
+    Attributes:
+        backend: ``auto`` or a backend name (see ``open_runner``).
+        precision: ``auto`` or one the backend can run for this model.
+        device: ``auto``, ``cpu``, ``cuda`` or ``tensorrt``.
+        threads: Backend CPU threads per actor (``None``: the backend's choice).
+        batch_size: Slabs per model call, >= 1.
+        runner_factory: Builds the runner from the model path and its
+            metadata instead of a local backend (must be importable on every
+            node); ``backend``, ``precision``, ``device`` and ``threads`` are
+            then not used.
+        tta: ``none`` or ``flip``.
+        min_lesion_mm3: Remove connected lesions smaller than this (mm³).
+        resample: ``auto`` or ``never``.
+        save_prob: Also write probability maps.
+        prob_dtype: ``float32`` or ``uint16`` probability maps.
+    """
+
+    backend: str = "auto"
+    precision: str = "auto"
+    device: str = "auto"
+    threads: int | None = None
+    batch_size: int = 16
+    runner_factory: Callable[[Path, ArtifactInfo], Runner] | None = None
+    tta: str = "none"
+    min_lesion_mm3: float = 0.0
+    resample: str = "auto"
+    save_prob: bool = False
+    prob_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise DunetError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name, value, known in (("tta", self.tta, TTA_MODES),
+                                   ("resample", self.resample, RESAMPLE_MODES),
+                                   ("prob_dtype", self.prob_dtype, PROB_DTYPES)):
+            if value not in known:
+                raise DunetError(f"{name} {value!r}: choose one of {', '.join(known)}")
+        if not (self.min_lesion_mm3 >= 0.0 and np.isfinite(self.min_lesion_mm3)):
+            raise DunetError(f"min_lesion_mm3 must be a finite size >= 0, got "
+                             f"{self.min_lesion_mm3}")
+
+    def settings(self) -> dict[str, Any]:
+        """The options that change the outputs (for ``resume.options_digest``)."""
+        model = ({"runner_factory": getattr(self.runner_factory, "__qualname__", "?")}
+                 if self.runner_factory is not None else
+                 {"backend": self.backend, "precision": self.precision, "device": self.device})
+        return {**model, "tta": self.tta, "min_lesion_mm3": self.min_lesion_mm3,
+                "resample": self.resample}
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Where and how wide the run goes.
+
+    Attributes:
+        address: A running cluster (``"127.0.0.1:6379"``, ``"auto"``);
+            ``None``: Ray's own choice (``RAY_ADDRESS``, else a local
+            cluster started for this run).
+        actors: Model actors (``None``: see :func:`actor_pool`).
+        gpus_per_actor: GPUs each actor holds (``None``: 1 on a cluster with
+            GPUs, else 0).
+        cpus_per_actor: CPUs each actor holds.
+        cpus_per_task: CPUs each read/preprocess and postprocess/write task holds.
+    """
+
+    address: str | None = None
+    actors: int | None = None
+    gpus_per_actor: float | None = None
+    cpus_per_actor: float = 1.0
+    cpus_per_task: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.actors is not None and self.actors < 1:
+            raise DunetError(f"actors must be >= 1, got {self.actors}")
+        for name, value in (("gpus_per_actor", self.gpus_per_actor),
+                            ("cpus_per_actor", self.cpus_per_actor),
+                            ("cpus_per_task", self.cpus_per_task)):
+            if value is not None and not value >= 0:
+                raise DunetError(f"{name} must be >= 0, got {value}")
+
+
+def actor_pool(resources: Mapping[str, float], cluster: ClusterOptions) -> tuple[int, float]:
+    """How many model actors, and how many GPUs each, for a cluster's total resources.
+
+    With GPUs, one actor per ``gpus_per_actor`` GPUs; without, half the CPUs
+    (the other half reads and writes), at least one.
+
+    Args:
+        resources: ``ray.cluster_resources()`` (``"CPU"``, ``"GPU"``).
+        cluster: What was asked for.
+
+    Returns:
+        ``(actors, gpus_per_actor)``.
+
+    Raises:
+        DunetError: when the pool cannot fit, or leaves no CPU for the tasks
+            (the run would wait forever).
+    """
+    gpus, cpus = float(resources.get("GPU", 0.0)), float(resources.get("CPU", 0.0))
+    per = (1.0 if gpus >= 1 else 0.0) if cluster.gpus_per_actor is None else cluster.gpus_per_actor
+    if cluster.actors is not None:
+        actors = cluster.actors
+    elif per > 0:
+        actors = int(gpus // per)
+    else:
+        actors = max(1, int(cpus // 2))
+    if per > 0 and actors * per > gpus:
+        raise DunetError(f"{actors} actor(s) with gpus_per_actor {per:g} need "
+                         f"{actors * per:g} GPUs; the cluster has {gpus:g}")
+    if actors < 1:
+        raise DunetError(f"gpus_per_actor {per:g}: the cluster's {gpus:g} GPU(s) fit no actor")
+    left = cpus - actors * cluster.cpus_per_actor
+    if left < cluster.cpus_per_task:
+        raise DunetError(f"{actors} actor(s) with cpus_per_actor {cluster.cpus_per_actor:g} "
+                         f"leave {max(left, 0):g} of the cluster's {cpus:g} CPUs for reading "
+                         f"and writing; ask for fewer actors")
+    return actors, per
+
+
+# ------------------------------------------------------------------- stages
+class _Stages:
+    """The stage functions this module runs: read+preprocess, network, postprocess+write.
+
+    The one place that knows them; everything else moves their inputs and outputs.
+    """
+
+    def __init__(self, spec: PreprocessSpec, options: StageOptions) -> None:
+        self.spec = spec
+        self.options = options
+
+    @staticmethod
+    def open_runner(model: Path, info: ArtifactInfo, options: StageOptions) -> Runner:
+        if options.runner_factory is not None:
+            return options.runner_factory(model, info)
+        return open_runner(model, options.backend, info=info, precision=options.precision,
+                           device=options.device, threads=options.threads)
+
+    def predictor(self, runner: Runner) -> Predictor:
+        return with_tta(runner.infer, self.options.tta, self.spec)
+
+    def prepare(self, item: InputItem) -> PreparedVolume:
+        return prepare_volume(item, self.spec, self.options.resample)
+
+    def infer(self, predict: Predictor, prep: PreparedVolume) -> np.ndarray | None:
+        return infer_case(predict, self.spec, prep, self.options.batch_size)
+
+    def write(self, grid: np.ndarray | None, prep: PreparedVolume, out_dir: Path) -> CaseResult:
+        if grid is None:  # failed before the network or in it
+            return prep.result
+        opts = OutputOptions(out_dir, save_prob=self.options.save_prob,
+                             min_lesion_mm3=self.options.min_lesion_mm3,
+                             prob_dtype=self.options.prob_dtype)
+        return write_case(grid, prep, self.spec, opts)
+
+
+def _prepare_row(row: dict[str, Any], spec: PreprocessSpec, options: StageOptions
+                 ) -> dict[str, Any]:
+    prep = _Stages(spec, options).prepare(pickle.loads(row["item"]))
+    return {"index": row["index"], "payload": pickle.dumps(prep, protocol=_PICKLE)}
+
+
+def _write_row(row: dict[str, Any], spec: PreprocessSpec, options: StageOptions,
+               out_dir: str) -> dict[str, Any]:
+    prep, grid = pickle.loads(row["payload"])
+    result = _Stages(spec, options).write(grid, prep, Path(out_dir))
+    return {"index": row["index"], "result": pickle.dumps(result, protocol=_PICKLE),
+            "runner": row["runner"]}
+
+
+class InferActor:
+    """The network stage as a Ray actor: one model load, then any number of batches.
+
+    Plain Python: ``InferActor(model, options)(batch)`` runs in-process too.
+
+    Args:
+        model: The exported model (``.onnx``, or ``.plan`` with its sidecar).
+        options: How the model runs (backend, TTA, batch size, ...).
+    """
+
+    def __init__(self, model: str | os.PathLike[str], options: StageOptions) -> None:
+        path = Path(model)
+        info = read_artifact_info(path)
+        self._stages = _Stages(info.spec, options)
+        self.runner = _Stages.open_runner(path, info, options)
+        self._predict = self._stages.predictor(self.runner)
+        self._described = json.dumps(self.runner.describe(), default=str)
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run the network on a batch of prepared volumes.
+
+        Args:
+            batch: ``index`` int ``[B]`` and ``payload`` ``[B]`` pickled
+                :class:`PreparedVolume` objects.
+
+        Returns:
+            ``index`` ``[B]``, ``payload`` ``[B]`` pickled ``(PreparedVolume,
+            grid or None)`` and ``runner`` ``[B]`` the runner's description
+            (JSON), for the summary.
+        """
+        payloads = []
+        for blob in batch["payload"]:
+            prep: PreparedVolume = pickle.loads(blob)
+            grid = self._stages.infer(self._predict, prep)
+            payloads.append(pickle.dumps((prep, grid), protocol=_PICKLE))
+        n = len(payloads)
+        out = np.empty(n, dtype=object)
+        out[:] = payloads
+        described = np.empty(n, dtype=object)
+        described[:] = [self._described] * n
+        return {"index": np.asarray(batch["index"]), "payload": out, "runner": described}
+
+    def close(self) -> None:
+        """Release the backend."""
+        self.runner.close()
+
+
+# ---------------------------------------------------------------------- run
+@dataclass
+class RayRun:
+    """What a run on Ray did, for the summary.
+
+    Attributes:
+        results: One :class:`CaseResult` per finished input, in input order.
+        runner: The actors' runner description (``Runner.describe``), or
+            ``{}`` when no volume reached an actor.
+        actors: Model actors in the pool.
+        gpus_per_actor: GPUs each actor held.
+        resources: The cluster's total resources when the run started.
+    """
+
+    results: list[CaseResult] = field(default_factory=list)
+    runner: dict[str, Any] = field(default_factory=dict)
+    actors: int = 0
+    gpus_per_actor: float = 0.0
+    resources: dict[str, float] = field(default_factory=dict)
+
+
+def _connect(ray: ModuleType, address: str | None) -> bool:
+    """Connect to (or start) a cluster; ``True`` when this call did, so it shuts down after."""
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except ConnectionError as exc:
+        raise DunetError(f"Ray cluster {address}: cannot connect ({one_line(exc)})") from None
+    return True
+
+
+def run_on_ray(
+    model: str | os.PathLike[str],
+    items: Sequence[InputItem],
+    out_dir: str | os.PathLike[str],
+    options: StageOptions,
+    cluster: ClusterOptions | None = None,
+    *,
+    on_result: Callable[[CaseResult], None] | None = None,
+    run: RayRun | None = None,
+) -> RayRun:
+    """Segment ``items`` on a Ray cluster, writing into ``out_dir`` (which every node must see).
+
+    Args:
+        model: The exported model; every node reads it at this path.
+        items: Inputs (``expand_inputs``), in output order.
+        out_dir: Existing output folder (shared by the nodes).
+        options: How each stage runs.
+        cluster: Where and how wide (default: Ray's own cluster choice).
+        on_result: Called with each finished result, in completion order.
+        run: Filled in as results arrive, so an interrupted caller still has
+            them (in input order once the run stops).
+
+    Returns:
+        ``run``, with one result per input in input order.
+
+    Raises:
+        DunetError: Ray missing, the cluster unreachable, or a pool that cannot fit.
+    """
+    ray = import_ray()
+    cluster = cluster or ClusterOptions()
+    run = RayRun() if run is None else run
+    spec = read_artifact_info(model).spec
+    if not items:
+        return run
+    started = _connect(ray, cluster.address)
+    done: dict[int, CaseResult] = {}
+    try:
+        run.resources = {k: float(v) for k, v in ray.cluster_resources().items()
+                         if k in ("CPU", "GPU", "memory", "object_store_memory")}
+        run.actors, run.gpus_per_actor = actor_pool(run.resources, cluster)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ds = ray.data.from_items(
+            [{"index": i, "item": pickle.dumps(item, protocol=_PICKLE)}
+             for i, item in enumerate(items)], override_num_blocks=len(items))
+        # Reading spreads over the nodes. A remote-args function (rather than plain
+        # arguments) also keeps Ray Data from fusing this stage into the actors, where it
+        # would run before the network in the same process instead of beside it.
+        ds = ds.map(_prepare_row, fn_kwargs={"spec": spec, "options": options},
+                    num_cpus=cluster.cpus_per_task, ray_remote_args_fn=_spread)
+        ds = ds.map_batches(
+            InferActor, fn_constructor_kwargs={"model": str(model), "options": options},
+            batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=run.actors),
+            num_cpus=cluster.cpus_per_actor, num_gpus=run.gpus_per_actor)
+        ds = ds.map(_write_row, fn_kwargs={"spec": spec, "options": options,
+                                           "out_dir": os.fspath(out_dir)},
+                    num_cpus=cluster.cpus_per_task)
+        for row in ds.iter_rows():
+            index = int(row["index"])
+            if index in done:  # a retried task's second answer
+                continue
+            result: CaseResult = pickle.loads(row["result"])
+            done[index] = result
+            if not run.runner and row["runner"]:
+                run.runner = json.loads(row["runner"])
+            if on_result is not None:
+                on_result(result)
+    finally:
+        run.results.extend(done[i] for i in sorted(done))
+        if started:
+            ray.shutdown()
+    return run
+
+
+def _spread() -> dict[str, Any]:
+    return {"scheduling_strategy": "SPREAD"}
+
+
+class _Described:
+    """A runner's description standing in for the runner (which lived in the actors)."""
+
+    def __init__(self, described: Mapping[str, Any]) -> None:
+        self._described = dict(described)
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self._described)
+
+
+def segment_on_ray(
+    model: str | os.PathLike[str],
+    inputs: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    options: StageOptions,
+    cluster: ClusterOptions | None = None,
+    *,
+    on_result: Callable[[CaseResult], None] | None = None,
+    summary_name: str = SUMMARY_NAME,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What ``dunet-infer --ray`` does: expand the inputs, run them on Ray, write the summary.
+
+    The summary has ``dunet-infer``'s shape plus ``"ray"`` (actors, GPUs per
+    actor, the cluster's resources). On Ctrl-C or SIGTERM the finished cases
+    are kept, the summary lists them (with ``"interrupted"``) and the
+    interrupt is re-raised.
+
+    Args:
+        model: The exported model (same path on every node).
+        inputs: Files, directories or glob patterns.
+        out_dir: Output folder (created if missing; shared by the nodes).
+        options: How each stage runs.
+        cluster: Where and how wide.
+        on_result: Called with each finished result, in completion order.
+        summary_name: The summary's file name in ``out_dir``.
+        extra: More top-level entries for the summary (a shard, a fingerprint).
+
+    Returns:
+        The summary document (also written to ``out_dir/summary_name``).
+    """
+    t0 = time.perf_counter()
+    out = prepare_output_dir(out_dir)
+    items = expand_inputs(inputs)
+    run = RayRun()
+    interrupted: KeyboardInterrupt | None = None
+    try:
+        run_on_ray(model, items, out, options, cluster, on_result=on_result, run=run)
+    except KeyboardInterrupt as exc:
+        interrupted = exc
+    inference = {"tta": options.tta, "min_lesion_mm3": options.min_lesion_mm3,
+                 "resample": options.resample}
+    summary = summary_document(
+        _Described(run.runner) if run.runner else None,  # type: ignore[arg-type]
+        run.results, batch_size=options.batch_size, threads=options.threads, load_s=0.0,
+        wall_s=time.perf_counter() - t0, inference=inference, workers=0,
+        interrupted=None if interrupted is None else str(interrupted) or "SIGINT",
+        total=len(items))
+    summary["ray"] = {"actors": run.actors, "gpus_per_actor": run.gpus_per_actor,
+                      "resources": run.resources}
+    summary.update(extra or {})
+    write_json(out / summary_name, summary)
+    if interrupted is not None:
+        raise interrupted
+    return summary

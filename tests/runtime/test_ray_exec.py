@@ -1,0 +1,184 @@
+"""Ray Data batch inference: the actor in-process, and runs on a real two-node cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from runtime_testutils import SHAPE, write_volume
+
+from dunet_deploy.bench.pipeline_bench import StandInRunner, pipeline_spec, write_standin_onnx
+from dunet_deploy.errors import DunetError
+from dunet_deploy.runtime.pipeline import InputItem
+from dunet_deploy.runtime.ray_exec import (
+    ClusterOptions,
+    InferActor,
+    StageOptions,
+    _prepare_row,
+    _write_row,
+    actor_pool,
+    import_ray,
+    segment_on_ray,
+)
+from dunet_deploy.runtime.segmenter import Segmenter
+
+STANDIN = StageOptions(runner_factory=StandInRunner, save_prob=True)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """The stand-in model, 5 scans and a broken file, and dunet-infer's outputs for them."""
+    root = tmp_path_factory.mktemp("ray")
+    model = write_standin_onnx(root / "standin.onnx", pipeline_spec(SHAPE, 32))
+    scans = root / "scans"
+    scans.mkdir()
+    for i in range(5):
+        write_volume(scans / f"case_{i}.nii.gz", seed=i)
+    (scans / "broken.nii.gz").write_bytes(b"not a nifti file")
+    with Segmenter(model, runner_factory=StandInRunner) as seg:
+        summary = seg.predict_files([scans], root / "reference", save_prob=True)
+    return model, scans, root / "reference", summary
+
+
+def _same_files(out: Path, reference: Path) -> None:
+    names = sorted(p.name for p in reference.glob("*.nii.gz"))
+    assert names and sorted(p.name for p in out.glob("*.nii.gz")) == names
+    for name in names:  # byte-identical masks and probability maps
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file
+
+
+def _rows(summary: dict) -> list[tuple]:
+    return [(Path(c["input"]).name, c["status"], c["message"], c["lesion_voxels"],
+             c["slabs_run"]) for c in summary["cases"]]
+
+
+def test_the_actor_runs_in_process_without_ray(cohort, tmp_path):
+    model, scans, reference, _ = cohort
+    spec = pipeline_spec(SHAPE, 32)
+    actor = InferActor(model, STANDIN)
+    try:
+        results = []
+        for i, path in enumerate(sorted(scans.iterdir())):
+            row = _prepare_row({"index": i, "item": pickle.dumps(InputItem(path))}, spec, STANDIN)
+            out = actor({"index": np.array([row["index"]]),
+                         "payload": np.array([row["payload"]], dtype=object)})
+            assert list(out["index"]) == [i] and len(out["payload"]) == 1
+            assert json.loads(out["runner"][0])["backend"] == "standin"
+            done = _write_row({k: v[0] for k, v in out.items()}, spec, STANDIN, str(tmp_path))
+            results.append(pickle.loads(done["result"]))
+    finally:
+        actor.close()
+    assert [r.status for r in results] == ["error"] + ["ok"] * 5  # broken sorts first
+    assert "broken.nii.gz" in results[0].message
+    _same_files(tmp_path, reference)
+
+
+def test_actor_pool_size():
+    cluster = ClusterOptions()
+    assert actor_pool({"CPU": 16.0, "GPU": 4.0}, cluster) == (4, 1.0)
+    assert actor_pool({"CPU": 16.0, "GPU": 4.0}, ClusterOptions(gpus_per_actor=0.5)) == (8, 0.5)
+    assert actor_pool({"CPU": 8.0}, cluster) == (4, 0.0)
+    assert actor_pool({"CPU": 2.0}, cluster) == (1, 0.0)
+    assert actor_pool({"CPU": 8.0, "GPU": 2.0}, ClusterOptions(actors=1)) == (1, 1.0)
+    for resources, asked, says in [
+            ({"CPU": 8.0, "GPU": 2.0}, ClusterOptions(actors=3), "need 3 GPUs; the cluster has 2"),
+            ({"CPU": 8.0}, ClusterOptions(gpus_per_actor=1.0), "fit no actor"),
+            ({"CPU": 2.0}, ClusterOptions(actors=2), "leave 0 of the cluster's 2 CPUs")]:
+        with pytest.raises(DunetError, match=says):
+            actor_pool(resources, asked)
+    with pytest.raises(DunetError, match="actors must be >= 1"):
+        ClusterOptions(actors=0)
+    with pytest.raises(DunetError, match="tta 'mirror': choose one of none, flip"):
+        StageOptions(tta="mirror")
+
+
+def test_without_ray_one_line_names_the_extra(monkeypatch, cohort, tmp_path):
+    model, scans, _, _ = cohort
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.setitem(sys.modules, "ray.data", None)
+    with pytest.raises(DunetError) as info:
+        import_ray()
+    assert "dunet-deploy[ray]" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(DunetError, match=r"dunet-deploy\[ray\]"):
+        segment_on_ray(model, [scans], tmp_path / "out", STANDIN)
+    assert not list((tmp_path / "out").glob("*.nii.gz"))
+
+
+@pytest.mark.slow
+def test_ray_gives_the_masks_of_dunet_infer(ray_cluster, cohort, tmp_path):
+    model, scans, reference, ref_summary = cohort
+    out = tmp_path / "out"
+    summary = segment_on_ray(model, [scans], out, STANDIN,
+                             ClusterOptions(address=ray_cluster.address))
+    _same_files(out, reference)
+    assert _rows(summary) == _rows(ref_summary)  # the bad volume failed alone, in input order
+    assert (summary["ok"], summary["failed"], summary["total"]) == (5, 1, 6)
+    assert set(ref_summary) <= set(summary)  # dunet-infer's shape, plus "ray"
+    assert summary["ray"]["actors"] == 1 and summary["ray"]["resources"]["CPU"] == 2.0
+    assert summary["backend"] == "standin"
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+class PidStandIn(StandInRunner):
+    """The stand-in, slowed down (each case spends ~1 s in the actor at batch size 1)."""
+
+    def _run(self, slabs: np.ndarray) -> np.ndarray:
+        time.sleep(0.03)
+        return super()._run(slabs)
+
+
+class RecordPids:
+    """A runner factory that records the process each runner is made in (one file per pid)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __call__(self, model_path: Path, info) -> PidStandIn:
+        (self.folder / str(os.getpid())).touch()
+        return PidStandIn(model_path, info)
+
+
+@pytest.mark.slow
+def test_an_actor_killed_mid_run_loses_no_case(ray_cluster, cohort, tmp_path):
+    import ray.cloudpickle
+
+    # Ray's workers cannot import this test module: send its classes by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    model, scans, reference, ref_summary = cohort
+    pids = tmp_path / "pids"  # the nodes share this machine's files
+    pids.mkdir()
+    out = tmp_path / "out"
+    killed: list[int] = []
+
+    def kill_first_actor() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed:
+            found = list(pids.iterdir())
+            if found and list(out.glob("*_mask.nii.gz")):  # mid-run: a case is already out
+                pid = int(found[0].name)
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_first_actor)
+    killer.start()
+    try:
+        summary = segment_on_ray(model, [scans], out, StageOptions(
+            runner_factory=RecordPids(pids), save_prob=True, batch_size=1),
+            ClusterOptions(address=ray_cluster.address, actors=1))
+    finally:
+        killer.join()
+    assert killed, "the run ended before an actor could be killed"
+    made_in = {int(p.name) for p in pids.iterdir()}
+    assert killed[0] in made_in and len(made_in) >= 2  # a new actor replaced the killed one
+    _same_files(out, reference)
+    assert _rows(summary) == _rows(ref_summary)  # every case once, the broken one failed

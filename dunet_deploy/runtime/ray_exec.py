@@ -42,6 +42,7 @@ from dunet_deploy.errors import DunetError, one_line
 from dunet_deploy.postprocess import with_tta
 from dunet_deploy.runtime.base import Runner, open_runner
 from dunet_deploy.runtime.core import Predictor
+from dunet_deploy.runtime.options import InferenceOptions
 from dunet_deploy.runtime.pipeline import (
     SUMMARY_NAME,
     CaseResult,
@@ -139,6 +140,14 @@ class StageOptions:
                  {"backend": self.backend, "precision": self.precision, "device": self.device})
         return {**model, "tta": self.tta, "min_lesion_mm3": self.min_lesion_mm3,
                 "resample": self.resample}
+
+    def inference_options(self) -> InferenceOptions:
+        """The same settings as the :class:`InferenceOptions` the stage functions take."""
+        return InferenceOptions(
+            backend=self.backend, precision=self.precision, device=self.device,
+            threads=self.threads, batch_size=self.batch_size, tta=self.tta,
+            min_lesion_mm3=self.min_lesion_mm3, resample=self.resample,
+            save_prob=self.save_prob, prob_dtype=self.prob_dtype)
 
 
 @dataclass(frozen=True)
@@ -240,9 +249,7 @@ class _Stages:
     def write(self, grid: np.ndarray | None, prep: PreparedVolume, out_dir: Path) -> CaseResult:
         if grid is None:  # failed before the network or in it
             return prep.result
-        opts = OutputOptions(out_dir, save_prob=self.options.save_prob,
-                             min_lesion_mm3=self.options.min_lesion_mm3,
-                             prob_dtype=self.options.prob_dtype)
+        opts = OutputOptions(out_dir, self.options.inference_options())
         return write_case(grid, prep, self.spec, opts)
 
 
@@ -472,8 +479,8 @@ def segment_on_ray(
                  "resample": options.resample}
     summary = summary_document(
         _Described(run.runner) if run.runner else None,  # type: ignore[arg-type]
-        run.results, batch_size=options.batch_size, threads=options.threads, load_s=0.0,
-        wall_s=time.perf_counter() - t0, inference=inference, workers=0,
+        run.results, options=options.inference_options(), load_s=0.0,
+        wall_s=time.perf_counter() - t0, inference=inference,
         interrupted=None if interrupted is None else str(interrupted) or "SIGINT",
         total=len(items))
     summary["ray"] = {"actors": run.actors, "gpus_per_actor": run.gpus_per_actor,

@@ -65,7 +65,6 @@ __all__ = [
     "Int8Data",
     "Int8Policy",
     "SensitivityOptions",
-    "calibration_set",
     "calibration_slabs",
     "check_gate",
     "choose_float_layers",
@@ -309,7 +308,7 @@ def calibration_slabs(
     *,
     lesion_share: float = DEFAULT_POLICY.lesion_share,
     seed: int = 0,
-) -> tuple[np.ndarray, dict[str, Any]]:
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Calibration slabs of a dataset, made by the inference core.
 
     Each case goes through :func:`~dunet_deploy.runtime.core.to_network` with
@@ -319,28 +318,11 @@ def calibration_slabs(
     quota. One case is read at a time.
 
     Returns:
-        ``(float32 [K, C, S, S], stats)``, ``K <= n_slabs``; stats count slabs,
-        lesion slabs and cases.
+        ``(float32 [K, C, S, S], bool [K] lesion-bearing, stats)``,
+        ``K <= n_slabs``; stats count slabs, lesion slabs and cases.
 
     Raises:
         DunetError: for unreadable cases or data without any non-empty slab.
-    """
-    slabs, _, stats = calibration_set(cases, spec, n_slabs, lesion_share=lesion_share, seed=seed)
-    return slabs, stats
-
-
-def calibration_set(
-    cases: Sequence[Case],
-    spec: PreprocessSpec,
-    n_slabs: int = DEFAULT_CALIBRATION_SLABS,
-    *,
-    lesion_share: float = DEFAULT_POLICY.lesion_share,
-    seed: int = 0,
-) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """:func:`calibration_slabs` with which slabs hold lesion.
-
-    Returns:
-        ``(float32 [K, C, S, S], bool [K] lesion-bearing, stats)``.
     """
     def volumes() -> Iterator[tuple[NetworkInput, np.ndarray]]:
         for case in cases:
@@ -683,21 +665,25 @@ def _case_row(case_id: str, m32: np.ndarray, m8: np.ndarray, truth: np.ndarray,
     }
 
 
+def _below(cases: list[dict[str, Any]], size: str, value: str, floor: float,
+           min_voxels: int) -> list[dict[str, Any]]:
+    """Cases with ``size`` >= ``min_voxels`` whose ``value`` is under ``floor``, worst first."""
+    judged = [c for c in cases if c[size] >= min_voxels and c[value] < floor]
+    return sorted(judged, key=lambda c: c[value])
+
+
 def _failures(row: dict[str, Any], t: GateThresholds) -> list[str]:
     """Every criterion one backend's row breaks, worst first within each kind."""
     out = []
-    judged = [c for c in row["per_case"] if c["fp32_voxels"] >= t.min_voxels]
-    for c in sorted(judged, key=lambda c: c["dsc_vs_fp32"]):
-        if c["dsc_vs_fp32"] < t.min_lesion_dsc:
-            out.append(f"case {c['case']}: int8 mask vs fp32 mask DSC {c['dsc_vs_fp32']:.4f} < "
-                       f"{t.min_lesion_dsc:g} (fp32 finds {c['fp32_voxels']:,} voxels, int8 "
-                       f"{c['int8_voxels']:,})")
-    regional = [c for c in row["per_case"] if c["region_voxels"] >= t.min_voxels]
-    for c in sorted(regional, key=lambda c: c["region_agreement"]):
-        if c["region_agreement"] < t.min_agreement:
-            out.append(f"case {c['case']}: int8 and fp32 masks agree on "
-                       f"{100 * c['region_agreement']:.2f}% < {100 * t.min_agreement:g}% of the "
-                       f"{c['region_voxels']:,} voxels of both masks and the truth")
+    for c in _below(row["per_case"], "fp32_voxels", "dsc_vs_fp32", t.min_lesion_dsc, t.min_voxels):
+        out.append(f"case {c['case']}: int8 mask vs fp32 mask DSC {c['dsc_vs_fp32']:.4f} < "
+                   f"{t.min_lesion_dsc:g} (fp32 finds {c['fp32_voxels']:,} voxels, int8 "
+                   f"{c['int8_voxels']:,})")
+    for c in _below(row["per_case"], "region_voxels", "region_agreement", t.min_agreement,
+                    t.min_voxels):
+        out.append(f"case {c['case']}: int8 and fp32 masks agree on "
+                   f"{100 * c['region_agreement']:.2f}% < {100 * t.min_agreement:g}% of the "
+                   f"{c['region_voxels']:,} voxels of both masks and the truth")
     if row["dsc_drop"] > t.max_dsc_drop:
         out.append(f"mean DSC vs truth drops {row['dsc_drop']:+.4f} > {t.max_dsc_drop:g} (fp32 "
                    f"{row['dsc_fp32']:.4f}, int8 {row['dsc_int8']:.4f})")
@@ -889,7 +875,7 @@ def prepare_int8(
                                            seed=seed)
     for case in gate_cases:
         _case_network(case, spec)
-    slabs, lesion, stats = calibration_set(calib, spec, n_slabs, seed=seed)
+    slabs, lesion, stats = calibration_slabs(calib, spec, n_slabs, seed=seed)
     return Int8Data(calib, gate_cases, how, slabs, lesion, {**stats, "data": str(calibration)})
 
 

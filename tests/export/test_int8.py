@@ -149,7 +149,7 @@ def test_lesion_slabs_are_over_represented(exported: Path, int8_data: Path) -> N
     assert calib["slabs"] == total  # fewer slabs than the default 512: all of them
     assert calib["lesion_slabs"] == natural
     # With a budget below the data, lesion slabs get up to half of each case's quota.
-    slabs, stats = int8.calibration_slabs(
+    slabs, _, stats = int8.calibration_slabs(
         [c for c in cases if c.case_id in calib["cases"]], spec, 24)
     assert slabs.shape == (24, 4, 32, 32) and slabs.dtype == np.float32
     assert stats["lesion_slabs"] / 24 > natural / total
@@ -272,7 +272,7 @@ def test_bad_calibration_fails_the_gate(
     """Ranges calibrated on inputs 1000x too small clip every activation: refused."""
     m32 = onnx.load(str(exported / "model.onnx"))
     _, cases = discover_cases(int8_data)
-    slabs, _ = int8.calibration_slabs(cases[:6], spec8, 64)
+    slabs, _, _ = int8.calibration_slabs(cases[:6], spec8, 64)
     bad = int8.quantize_qdq(m32, slabs * 1e-3)
     onnx.save(bad, str(tmp_path / "bad_int8.onnx"))
     gate = int8.run_gate(exported / "model.onnx", tmp_path / "bad_int8.onnx",
@@ -367,8 +367,8 @@ def test_calibration_and_gate_run_through_the_core(
     assert max(moved_by) <= 4, (ra["per_case"], rb["per_case"])
     assert b["rows"][0]["cases_judged"] == 2 and b["passed"]
     # Calibration slabs: the same set of slabs, wherever the voxels were stored.
-    sa, sta = int8.calibration_slabs(val, spec8, 64)
-    sb, stb = int8.calibration_slabs(moved, spec8, 64)
+    sa, _, sta = int8.calibration_slabs(val, spec8, 64)
+    sb, _, stb = int8.calibration_slabs(moved, spec8, 64)
     assert sta["lesion_slabs"] == stb["lesion_slabs"] > 0
     np.testing.assert_allclose(np.sort(sa.ravel()), np.sort(sb.ravel()), atol=1e-4)
 
@@ -443,10 +443,10 @@ def test_calibration_reads_every_layout(layout: str, spec32: PreprocessSpec,
                                         tmp_path: Path) -> None:
     write_dataset(tmp_path, cases=2, layout=layout, shape=H.TINY_SHAPE, seed=3)
     _, cases = discover_cases(tmp_path)
-    slabs, stats = int8.calibration_slabs(cases, spec32, 10, seed=1)
+    slabs, _, stats = int8.calibration_slabs(cases, spec32, 10, seed=1)
     assert slabs.shape == (10, 4, 32, 32) and stats["volumes"] == 2
     assert np.isfinite(slabs).all() and float(np.abs(slabs).max()) > 0.5
-    again, _ = int8.calibration_slabs(cases, spec32, 10, seed=1)
+    again, _, _ = int8.calibration_slabs(cases, spec32, 10, seed=1)
     np.testing.assert_array_equal(slabs, again)  # seeded
 
 

@@ -121,11 +121,37 @@ def build_options(params: dict[str, Any]) -> Any:
         raise DunetError(exc.for_command(FLAGS)) from None
 
 
+def _check_remote(options: Any, model_path: Path | None, triton_url: str | None,
+                  server_side: bool) -> None:
+    """Refuse, before any work, what a run on a Triton server cannot do (one line each).
+
+    Raises:
+        DunetError: --server-side without --triton-url, no --engine without
+            --server-side, or an option the server would not apply.
+    """
+    from dunet_deploy.runtime.triton_client import check_remote, check_server_side
+
+    if server_side and not triton_url:
+        raise DunetError("--server-side needs --triton-url URL (the dunet-serve server that "
+                         "runs the pipeline)")
+    if model_path is None and not server_side:
+        raise DunetError("missing option --engine MODEL (only --server-side runs without a "
+                         "local copy of the model)")
+    try:
+        if server_side:
+            check_server_side(options)
+        elif triton_url:
+            check_remote(options)
+    except DunetError as exc:
+        raise DunetError(exc.for_command(FLAGS)) from None
+
+
 @click.command(cls=DunetCommand)
-@click.option("--engine", "model_path", required=True,
+@click.option("--engine", "model_path", default=None,
               type=click.Path(dir_okay=False, path_type=Path),
               help="Model: .onnx (ONNX Runtime / OpenVINO) or a TensorRT .plan with its "
-                   ".plan.json sidecar.")
+                   ".plan.json sidecar. Required, except with --server-side (the server "
+                   "holds the model; when given, the server's must match it).")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--out", "out_dir", required=True,
               type=click.Path(file_okay=False, path_type=Path),
@@ -152,7 +178,7 @@ def build_options(params: dict[str, Any]) -> Any:
               help="Run the model on a dunet-serve Triton server (http://HOST:PORT or "
                    "grpc://HOST:PORT) instead of locally; --engine still names the model, "
                    "whose spec the server must match. --backend/--device/--threads/--precision "
-                   "are then not used.")
+                   "are the server's (dunet-serve) and refused here.")
 @click.option("--tta", type=click.Choice(TTA_MODES), default=None,
               help="Test-time augmentation: flip = mean with the left-right mirror.  "
                    "[default: the model's, set at export; else none]")
@@ -170,7 +196,9 @@ def build_options(params: dict[str, Any]) -> Any:
                    "1-2 cores, else half the cores, at most 4]")
 @click.option("--server-side", is_flag=True,
               help="With --triton-url: send each file's bytes to the server's dunet_volume "
-                   "model (dunet-serve --repository), which runs the whole pipeline.")
+                   "model (dunet-serve --repository), which runs the whole pipeline with "
+                   "this run's --tta, --min-lesion-mm3, --resample and --batch-size; options "
+                   "it cannot apply (--save-prob, --workers, --backend, ...) are refused.")
 @click.option("--preview", is_flag=True,
               help="Also write OUT/<name>_preview.png: slices over the lesion with the "
                    "prediction's outline (and the reference mask's when the layout has one), "
@@ -179,7 +207,7 @@ def build_options(params: dict[str, Any]) -> Any:
               help="Folders: also segment the scans in their sub-folders.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no final summary line.")
 @handle_errors
-def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str, device: str,
+def main(model_path: Path | None, inputs: tuple[str, ...], out_dir: Path, backend: str, device: str,
          batch_size: int, save_prob: bool, prob_dtype: str, threads: int | None, precision: str,
          triton_url: str | None, tta: str | None, min_lesion_mm3: float | None, resample: str,
          cuda_graph: bool, workers: int | None, server_side: bool, preview: bool,
@@ -196,7 +224,11 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
     from dunet_deploy.artifacts import check_output_dir
     from dunet_deploy.runtime.pipeline import SUMMARY_NAME, CaseResult
 
-    options = build_options(click.get_current_context().params)
+    params = dict(click.get_current_context().params)
+    if server_side and params["workers"] is None:
+        params["workers"] = 0  # the server reads and writes: no worker processes here
+    options = build_options(params)
+    _check_remote(options, model_path, triton_url, server_side)
     volumes = _expand(inputs, recursive)
     check_output_dir(out_dir, "-o/--out")
     if preview:
@@ -225,14 +257,15 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
             from dunet_deploy.artifacts import read_artifact_info
             from dunet_deploy.runtime.triton_client import segment_server_side
 
-            if not triton_url or save_prob:
-                raise DunetError("--server-side needs --triton-url and cannot --save-prob")
+            assert triton_url is not None  # _check_remote
             summary = segment_server_side(
-                triton_url, volumes, out_dir, expected=read_artifact_info(model_path),
+                triton_url, volumes, out_dir,
+                expected=None if model_path is None else read_artifact_info(model_path),
                 on_start=progress.start, on_result=on_result, options=options)
         else:
             from dunet_deploy.runtime.segmenter import Segmenter
 
+            assert model_path is not None  # _check_remote
             with Segmenter(model_path, options, lazy=True,
                            runner_factory=triton_runner if triton_url else None) as seg:
                 summary = seg.predict_files(volumes, out_dir, on_start=on_start,

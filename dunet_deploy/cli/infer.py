@@ -134,9 +134,9 @@ def _check_remote(options: Any, model_path: Path | None, triton_url: str | None,
     if server_side and not triton_url:
         raise DunetError("--server-side needs --triton-url URL (the dunet-serve server that "
                          "runs the pipeline)")
-    if model_path is None and not server_side:
-        raise DunetError("missing option --engine MODEL (only --server-side runs without a "
-                         "local copy of the model)")
+    if model_path is None and not triton_url:
+        raise DunetError("missing option --engine MODEL (only a run on a Triton server, "
+                         "--triton-url, can do without a local copy of the model)")
     try:
         if server_side:
             check_server_side(options)
@@ -150,8 +150,8 @@ def _check_remote(options: Any, model_path: Path | None, triton_url: str | None,
 @click.option("--engine", "model_path", default=None,
               type=click.Path(dir_okay=False, path_type=Path),
               help="Model: .onnx (ONNX Runtime / OpenVINO) or a TensorRT .plan with its "
-                   ".plan.json sidecar. Required, except with --server-side (the server "
-                   "holds the model; when given, the server's must match it).")
+                   ".plan.json sidecar. Optional with --triton-url (the server holds the "
+                   "model; when given, the server's spec must match it).")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--out", "out_dir", required=True,
               type=click.Path(file_okay=False, path_type=Path),
@@ -240,7 +240,13 @@ def main(model_path: Path | None, inputs: tuple[str, ...], out_dir: Path, backen
     def triton_runner(path: Path, info: Any) -> Any:
         from dunet_deploy.runtime.triton_client import TritonRunner
 
-        return TritonRunner(str(triton_url), expected=info)
+        return remote if model_path is None else TritonRunner(str(triton_url), expected=info)
+
+    remote: Any = None
+    if triton_url and not server_side and model_path is None:
+        from dunet_deploy.runtime.triton_client import TritonRunner
+
+        remote = TritonRunner(triton_url)  # the server's description stands for the model
 
     def on_start(runner: Any, total: int) -> None:
         progress.start(total)
@@ -265,8 +271,8 @@ def main(model_path: Path | None, inputs: tuple[str, ...], out_dir: Path, backen
         else:
             from dunet_deploy.runtime.segmenter import Segmenter
 
-            assert model_path is not None  # _check_remote
-            with Segmenter(model_path, options, lazy=True,
+            with Segmenter(model_path or str(triton_url), options, lazy=True,
+                           info=None if remote is None else remote.info,
                            runner_factory=triton_runner if triton_url else None) as seg:
                 summary = seg.predict_files(volumes, out_dir, on_start=on_start,
                                             on_result=on_result)

@@ -186,13 +186,14 @@ def test_cli_server_side_needs_the_url_not_the_model(model: Path, tmp_path: Path
                  "--triton-url", URL, cwd=tmp_path)
     assert res.returncode == 2 and "--triton-url" not in res.stderr
     assert res.stderr.startswith("error: --save-prob True: not possible server-side")
-    # a local run (or a client-side Triton run) still needs the model
-    res = _infer(str(scan), "-o", "out", "--triton-url", URL, cwd=tmp_path)
+    # a local run still needs the model
+    res = _infer(str(scan), "-o", "out", cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.strip() == (
-        "error: missing option --engine MODEL (only --server-side runs without a local copy "
-        "of the model)")
-    # without --engine, --server-side goes as far as the server (nothing listens there)
-    res = _infer(str(scan), "-o", "out", "--triton-url", URL, "--server-side", cwd=tmp_path)
-    assert res.returncode == 2 and res.stderr.startswith(
-        f"error: Triton server {URL}: connection refused on 127.0.0.1:9"), res.stderr
+        "error: missing option --engine MODEL (only a run on a Triton server, --triton-url, can "
+        "do without a local copy of the model)")
+    # without --engine, a client goes as far as the server (nothing listens there)
+    for mode in ([], ["--server-side"]):
+        res = _infer(str(scan), "-o", "out", "--triton-url", URL, *mode, cwd=tmp_path)
+        assert res.returncode == 2 and res.stderr.startswith(
+            f"error: Triton server {URL}: connection refused on 127.0.0.1:9"), res.stderr
     assert not (tmp_path / "out").exists()

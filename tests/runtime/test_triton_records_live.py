@@ -62,6 +62,16 @@ def test_clients_record_what_the_server_runs(served) -> None:
         assert tensors < case["bytes_sent"] < tensors + 1024 * -(-case["slabs_run"] // 8)
         assert case["slabs_run"] * 32 * 32 * 4 < case["bytes_received"]
 
+    # Client-side without a local copy of the model: the server's description stands for it.
+    res = subprocess.run(
+        [sys.executable, "-m", "dunet_deploy.cli.infer", str(volumes[0]), "-o",
+         str(root / "no_engine"), "--quiet", "--triton-url", server.http_url],
+        capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    got = _summary(root / "no_engine")
+    assert got["model"]["path"] == server.http_url and got["precision"] == ran["precision"]
+    assert got["ok"] == 1 and got["cases"][0]["lesion_voxels"] > 0
+
     # Server-side over HTTP, without a local copy of the model (--engine left out).
     out = root / "server_side"
     res = subprocess.run(

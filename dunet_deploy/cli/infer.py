@@ -48,7 +48,7 @@ EXIT_SOME_FAILED = 1
 CLI_ONLY = frozenset({"model_path", "inputs", "out_dir", "triton_url", "server_side", "preview",
                       "quiet"})
 #: Flags spelled otherwise than ``--<field-name>`` (for messages about an option).
-FLAGS = {"model": "--engine", "inputs": "INPUTS"}
+FLAGS = {"model": "--engine", "inputs": "INPUTS", "url": "--triton-url"}
 
 
 class _Progress:
@@ -129,7 +129,7 @@ def _check_remote(options: Any, model_path: Path | None, triton_url: str | None,
         DunetError: --server-side without --triton-url, no --engine without
             --server-side, or an option the server would not apply.
     """
-    from dunet_deploy.runtime.triton_client import check_remote, check_server_side
+    from dunet_deploy.runtime.triton_client import check_remote, check_server_side, check_url
 
     if server_side and not triton_url:
         raise DunetError("--server-side needs --triton-url URL (the dunet-serve server that "
@@ -138,6 +138,8 @@ def _check_remote(options: Any, model_path: Path | None, triton_url: str | None,
         raise DunetError("missing option --engine MODEL (only a run on a Triton server, "
                          "--triton-url, can do without a local copy of the model)")
     try:
+        if triton_url is not None:
+            check_url(triton_url)
         if server_side:
             check_server_side(options)
         elif triton_url:

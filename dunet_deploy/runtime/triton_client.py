@@ -98,11 +98,34 @@ def check_remote(options: InferenceOptions) -> None:
 
 
 def parse_url(url: str) -> tuple[str, str]:
-    """``http://host:port`` or ``grpc://host:port`` -> (protocol, ``host:port``)."""
+    """``http://host:port`` or ``grpc://host:port`` -> (protocol, ``host:port``).
+
+    Raises:
+        DunetError: ``url '...': expected ...`` (``option="url"``).
+    """
     parsed = urlparse(url)
-    if parsed.scheme not in ("http", "grpc") or not parsed.hostname or not parsed.port:
-        raise DunetError(f"--triton-url {url!r}: expected http://HOST:PORT or grpc://HOST:PORT")
-    return parsed.scheme, f"{parsed.hostname}:{parsed.port}"
+    try:
+        port = parsed.port
+    except ValueError:  # a port out of range or not a number
+        port = None
+    if parsed.scheme not in ("http", "grpc") or not parsed.hostname or not port:
+        raise DunetError(f"url {url!r}: expected http://HOST:PORT or grpc://HOST:PORT",
+                         option="url")
+    return parsed.scheme, f"{parsed.hostname}:{port}"
+
+
+def check_url(url: str) -> str:
+    """Check ``url`` and that its protocol's client is installed, before any work.
+
+    Returns:
+        The protocol, ``http`` or ``grpc``.
+
+    Raises:
+        DunetError: a malformed URL or no tritonclient (``option="url"``).
+    """
+    protocol, _ = parse_url(url)
+    _module(protocol)
+    return protocol
 
 
 def _module(protocol: str) -> Any:
@@ -115,8 +138,8 @@ def _module(protocol: str) -> Any:
 
         return tg
     except ImportError:
-        raise DunetError(f"--triton-url {protocol}:// needs tritonclient: pip install "
-                         "'dunet-deploy[serve]'") from None
+        raise DunetError(f"url {protocol}://...: needs tritonclient: pip install "
+                         "'dunet-deploy[serve]'", option="url") from None
 
 
 def make_client(protocol: str, address: str, timeout_s: float) -> Any:

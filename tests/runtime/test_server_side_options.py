@@ -164,6 +164,8 @@ URL = "grpc://127.0.0.1:9"
                                           "server decides how its model runs)"),
     (["--backend", "onnxruntime"], "error: --backend 'onnxruntime': set by the Triton server "
                                    "that runs the model, not by its client"),
+    (["--triton-url", "grpc://127.0.0.1:99999"], "error: --triton-url 'grpc://127.0.0.1:99999': "
+                                                 "expected http://HOST:PORT or grpc://HOST:PORT"),
 ])
 def test_cli_refuses_what_a_server_cannot_apply(model: Path, tmp_path: Path, args: list[str],
                                                 line: str) -> None:

@@ -127,7 +127,7 @@ def _check_remote(options: Any, model_path: Path | None, triton_url: str | None,
 
     Raises:
         DunetError: --server-side without --triton-url, no --engine without
-            --server-side, or an option the server would not apply.
+            --triton-url, a bad URL, or an option the server would not apply.
     """
     from dunet_deploy.runtime.triton_client import check_remote, check_server_side, check_url
 
@@ -178,9 +178,9 @@ def _check_remote(options: Any, model_path: Path | None, triton_url: str | None,
               help="auto: openvino bf16 where the CPU has it, else the model's precision.")
 @click.option("--triton-url", default=None, metavar="URL",
               help="Run the model on a dunet-serve Triton server (http://HOST:PORT or "
-                   "grpc://HOST:PORT) instead of locally; --engine still names the model, "
-                   "whose spec the server must match. --backend/--device/--threads/--precision "
-                   "are the server's (dunet-serve) and refused here.")
+                   "grpc://HOST:PORT) instead of locally; --engine, when given, names the "
+                   "model whose spec the server must match. --backend/--device/--threads/"
+                   "--precision are the server's (dunet-serve) and refused here.")
 @click.option("--tta", type=click.Choice(TTA_MODES), default=None,
               help="Test-time augmentation: flip = mean with the left-right mirror.  "
                    "[default: the model's, set at export; else none]")

@@ -10,8 +10,9 @@ width, the times do), and segments the volumes through a real ``tritonserver`` o
 twice: ``dunet-serve --repository`` (python-backend ``dunet`` + ``dunet_volume``) with
 ``--server-side``, and ``dunet-serve --engine`` with client-side slabs; both with ONNX Runtime
 fp32 on the server. Reports per volume: file size, bytes sent and received (from
-``summary.json``: server-side, the serialized gRPC request and response messages; client-side,
-the slab and probability tensor payloads), sent / file size, and wall seconds per volume. Writes
+``summary.json``: the serialized gRPC request and response messages of each inference, for
+server-side the file, for client-side the slab and probability tensors and their framing),
+sent / file size, and wall seconds per volume. Writes
 ``server_side.json`` and ``server_side.md`` to ``--out`` (default
 ``benchmarks/results/<date>-<cpu-slug>-<cores>c/``). Goal (issue 14): server-side bytes sent
 <= 1.1x the file size.
@@ -114,8 +115,8 @@ def main() -> None:
         f"D-UNet base_filters={args.base_filters} at {spec.image_size} px (a stand-in: bytes do "
         "not depend on it, times do), ONNX Runtime fp32 in the server, gRPC on loopback. "
         "Server-side bytes are the serialized gRPC messages (request: the file, its name and "
-        "the tensor header; response: mask and summary); client-side bytes are the tensor "
-        "payloads.",
+        "the tensor header; response: mask and summary); client-side bytes are the serialized "
+        "gRPC messages of the slab requests (tensors and their headers).",
         "",
         "| mode | input | file bytes | bytes sent | bytes received | sent / file |",
         "|---|---|---:|---:|---:|---:|",

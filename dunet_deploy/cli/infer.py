@@ -48,7 +48,7 @@ EXIT_SOME_FAILED = 1
 CLI_ONLY = frozenset({"model_path", "inputs", "out_dir", "triton_url", "server_side", "preview",
                       "quiet"})
 #: Flags spelled otherwise than ``--<field-name>`` (for messages about an option).
-FLAGS = {"model": "--engine", "inputs": "INPUTS"}
+FLAGS = {"model": "--engine", "inputs": "INPUTS", "url": "--triton-url"}
 
 
 class _Progress:
@@ -121,11 +121,39 @@ def build_options(params: dict[str, Any]) -> Any:
         raise DunetError(exc.for_command(FLAGS)) from None
 
 
+def _check_remote(options: Any, model_path: Path | None, triton_url: str | None,
+                  server_side: bool) -> None:
+    """Refuse, before any work, what a run on a Triton server cannot do (one line each).
+
+    Raises:
+        DunetError: --server-side without --triton-url, no --engine without
+            --triton-url, a bad URL, or an option the server would not apply.
+    """
+    from dunet_deploy.runtime.triton_client import check_remote, check_server_side, check_url
+
+    if server_side and not triton_url:
+        raise DunetError("--server-side needs --triton-url URL (the dunet-serve server that "
+                         "runs the pipeline)")
+    if model_path is None and not triton_url:
+        raise DunetError("missing option --engine MODEL (only a run on a Triton server, "
+                         "--triton-url, can do without a local copy of the model)")
+    try:
+        if triton_url is not None:
+            check_url(triton_url)
+        if server_side:
+            check_server_side(options)
+        elif triton_url:
+            check_remote(options)
+    except DunetError as exc:
+        raise DunetError(exc.for_command(FLAGS)) from None
+
+
 @click.command(cls=DunetCommand)
-@click.option("--engine", "model_path", required=True,
+@click.option("--engine", "model_path", default=None,
               type=click.Path(dir_okay=False, path_type=Path),
               help="Model: .onnx (ONNX Runtime / OpenVINO) or a TensorRT .plan with its "
-                   ".plan.json sidecar.")
+                   ".plan.json sidecar. Optional with --triton-url (the server holds the "
+                   "model; when given, the server's spec must match it).")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--out", "out_dir", required=True,
               type=click.Path(file_okay=False, path_type=Path),
@@ -150,9 +178,9 @@ def build_options(params: dict[str, Any]) -> Any:
               help="auto: openvino bf16 where the CPU has it, else the model's precision.")
 @click.option("--triton-url", default=None, metavar="URL",
               help="Run the model on a dunet-serve Triton server (http://HOST:PORT or "
-                   "grpc://HOST:PORT) instead of locally; --engine still names the model, "
-                   "whose spec the server must match. --backend/--device/--threads/--precision "
-                   "are then not used.")
+                   "grpc://HOST:PORT) instead of locally; --engine, when given, names the "
+                   "model whose spec the server must match. --backend/--device/--threads/"
+                   "--precision are the server's (dunet-serve) and refused here.")
 @click.option("--tta", type=click.Choice(TTA_MODES), default=None,
               help="Test-time augmentation: flip = mean with the left-right mirror.  "
                    "[default: the model's, set at export; else none]")
@@ -170,7 +198,9 @@ def build_options(params: dict[str, Any]) -> Any:
                    "1-2 cores, else half the cores, at most 4]")
 @click.option("--server-side", is_flag=True,
               help="With --triton-url: send each file's bytes to the server's dunet_volume "
-                   "model (dunet-serve --repository), which runs the whole pipeline.")
+                   "model (dunet-serve --repository), which runs the whole pipeline with "
+                   "this run's --tta, --min-lesion-mm3, --resample and --batch-size; options "
+                   "it cannot apply (--save-prob, --workers, --backend, ...) are refused.")
 @click.option("--preview", is_flag=True,
               help="Also write OUT/<name>_preview.png: slices over the lesion with the "
                    "prediction's outline (and the reference mask's when the layout has one), "
@@ -179,7 +209,7 @@ def build_options(params: dict[str, Any]) -> Any:
               help="Folders: also segment the scans in their sub-folders.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no final summary line.")
 @handle_errors
-def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str, device: str,
+def main(model_path: Path | None, inputs: tuple[str, ...], out_dir: Path, backend: str, device: str,
          batch_size: int, save_prob: bool, prob_dtype: str, threads: int | None, precision: str,
          triton_url: str | None, tta: str | None, min_lesion_mm3: float | None, resample: str,
          cuda_graph: bool, workers: int | None, server_side: bool, preview: bool,
@@ -196,7 +226,11 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
     from dunet_deploy.artifacts import check_output_dir
     from dunet_deploy.runtime.pipeline import SUMMARY_NAME, CaseResult
 
-    options = build_options(click.get_current_context().params)
+    params = dict(click.get_current_context().params)
+    if server_side and params["workers"] is None:
+        params["workers"] = 0  # the server reads and writes: no worker processes here
+    options = build_options(params)
+    _check_remote(options, model_path, triton_url, server_side)
     volumes = _expand(inputs, recursive)
     check_output_dir(out_dir, "-o/--out")
     if preview:
@@ -208,7 +242,13 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
     def triton_runner(path: Path, info: Any) -> Any:
         from dunet_deploy.runtime.triton_client import TritonRunner
 
-        return TritonRunner(str(triton_url), expected=info)
+        return remote if model_path is None else TritonRunner(str(triton_url), expected=info)
+
+    remote: Any = None
+    if triton_url and not server_side and model_path is None:
+        from dunet_deploy.runtime.triton_client import TritonRunner
+
+        remote = TritonRunner(triton_url)  # the server's description stands for the model
 
     def on_start(runner: Any, total: int) -> None:
         progress.start(total)
@@ -225,15 +265,16 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
             from dunet_deploy.artifacts import read_artifact_info
             from dunet_deploy.runtime.triton_client import segment_server_side
 
-            if not triton_url or save_prob:
-                raise DunetError("--server-side needs --triton-url and cannot --save-prob")
+            assert triton_url is not None  # _check_remote
             summary = segment_server_side(
-                triton_url, volumes, out_dir, expected=read_artifact_info(model_path),
+                triton_url, volumes, out_dir,
+                expected=None if model_path is None else read_artifact_info(model_path),
                 on_start=progress.start, on_result=on_result, options=options)
         else:
             from dunet_deploy.runtime.segmenter import Segmenter
 
-            with Segmenter(model_path, options, lazy=True,
+            with Segmenter(model_path or str(triton_url), options, lazy=True,
+                           info=None if remote is None else remote.info,
                            runner_factory=triton_runner if triton_url else None) as seg:
                 summary = seg.predict_files(volumes, out_dir, on_start=on_start,
                                             on_result=on_result)

@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo, read_artifact_info
-from dunet_deploy.choices import BACKENDS, DEVICES, PRECISIONS
+from dunet_deploy.choices import BACKENDS, DEVICES, PRECISIONS, check_choice
 from dunet_deploy.errors import DunetError, one_line
 from dunet_deploy.spec import PreprocessSpec
 
@@ -272,9 +272,9 @@ def fixed_precision(model_path: Path, backend: str, requested: str, model_precis
     """
     if requested not in ("auto", model_precision):
         raise DunetError(
-            f"{model_path}: {backend} runs this model in its exported precision "
-            f"{model_precision}; --precision {requested} is not possible (use auto or "
-            f"{model_precision}, or export/build the model in {requested})"
+            f"precision {requested!r}: not possible, {backend} runs {model_path} in its "
+            f"exported precision {model_precision} (use auto or {model_precision}, or "
+            f"export/build the model in {requested})", option="precision"
         )
     return model_precision
 
@@ -295,15 +295,15 @@ def backend_for(model_path: str | Path, backend: str = "auto") -> str:
     path = Path(model_path)
     suffix = path.suffix.lower()
     if backend != "auto":
-        if backend not in BACKENDS:
-            raise DunetError(f"unknown backend {backend!r}; choose auto or {', '.join(BACKENDS)}")
+        check_choice("backend", backend, ("auto", *BACKENDS))
         if backend == "tensorrt" and suffix == ".onnx":
             raise DunetError(
-                f"{path}: the tensorrt backend runs built engines (.plan); build one with "
-                "dunet-export or use --backend onnxruntime --device tensorrt"
-            )
+                f"backend 'tensorrt': runs built engines (.plan), not {path}; build one with "
+                "dunet-export, or use backend 'onnxruntime' with device 'tensorrt'",
+                option="backend")
         if backend != "tensorrt" and suffix in ENGINE_SUFFIXES:
-            raise DunetError(f"{path}: a TensorRT engine can only run with --backend tensorrt")
+            raise DunetError(f"backend {backend!r}: {path} is a TensorRT engine, which only "
+                             "backend 'tensorrt' runs", option="backend")
         return backend
     if suffix in ENGINE_SUFFIXES:
         return "tensorrt"
@@ -319,7 +319,7 @@ def backend_for(model_path: str | Path, backend: str = "auto") -> str:
         )
     raise DunetError(
         f"{path}: cannot choose a backend for suffix {suffix or '(none)'!r}; expected .onnx, "
-        ".plan or .engine, or pass --backend"
+        ".plan or .engine, or give the backend"
     )
 
 
@@ -363,18 +363,15 @@ def open_runner(
     name = backend_for(path, backend)
     if not path.is_file():
         raise DunetError(f"{path}: model file not found")
-    precision = opts.get("precision", "auto")
-    if precision not in PRECISIONS:
-        raise DunetError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    device = opts.get("device", "auto")
-    if device not in DEVICES:
-        raise DunetError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    check_choice("precision", opts.get("precision", "auto"), PRECISIONS)
+    check_choice("device", opts.get("device", "auto"), DEVICES)
     threads = opts.get("threads")
     if threads is not None and int(threads) < 1:
-        raise DunetError(f"threads must be >= 1, got {threads}")
+        raise DunetError(f"threads {threads}: must be >= 1", option="threads")
     if opts.get("cuda_graph") and name == "openvino":
-        raise DunetError(f"{path}: CUDA graphs need a CUDA backend (--backend tensorrt, or "
-                         "onnxruntime with --device cuda); openvino runs on the CPU")
+        raise DunetError(f"cuda_graph: CUDA graphs need a CUDA backend (backend 'tensorrt', "
+                         f"or 'onnxruntime' with device 'cuda'); openvino runs {path} on the "
+                         "CPU", option="cuda_graph")
     if not opts.get("cuda_graph", True):
         opts.pop("cuda_graph")
     if info is None:

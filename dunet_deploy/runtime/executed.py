@@ -109,8 +109,8 @@ def int8_float_request(model_path: Path, requested: str, model_precision: str) -
         return requested
     if model_precision != "int8":
         raise DunetError(
-            f"{model_path}: --precision int8 needs an int8 export (dunet-export --format "
-            f"onnx-int8 --calibration DATA); this model is {model_precision}"
+            f"precision 'int8': needs an int8 export (dunet-export --format onnx-int8 "
+            f"--calibration DATA); {model_path} is {model_precision}", option="precision"
         )
     return "auto"
 

@@ -52,8 +52,9 @@ def choose_precision_hint(
     needed = _CAPABILITY.get(requested)
     if needed is not None and needed not in caps:
         raise DunetError(
-            f"openvino: {cpu_name} has no native {requested} (OPTIMIZATION_CAPABILITIES: "
-            f"{', '.join(sorted(caps)) or 'none'}); use --precision fp32 or auto"
+            f"precision {requested!r}: openvino on {cpu_name} has no native {requested} "
+            f"(OPTIMIZATION_CAPABILITIES: {', '.join(sorted(caps)) or 'none'}); use precision "
+            "fp32 or auto", option="precision"
         )
     return _HINTS[requested]
 

@@ -74,8 +74,9 @@ def pick_providers(device: str, available: list[str]) -> list[str]:
     missing = [p for p in wanted[device] if p not in available]
     if missing:
         raise DunetError(
-            f"onnxruntime: --device {device} needs {missing[0]}, but this onnxruntime only has "
-            f"{', '.join(available)} (install onnxruntime-gpu with CUDA/TensorRT)"
+            f"device {device!r}: needs {missing[0]}, but this onnxruntime only has "
+            f"{', '.join(available)} (install onnxruntime-gpu with CUDA/TensorRT)",
+            option="device"
         )
     return [*wanted[device], CPU_EP]
 
@@ -111,7 +112,7 @@ def provider_options(
                 f"{model_path}: ONNX Runtime's TensorRT provider cannot run an fp16 model as "
                 "typed (its trt_fp16_enable lets TensorRT put the FP32 SE branch and head in "
                 "fp16); build the strongly typed engine (dunet-export --format trt) and run "
-                "--engine model.plan, or use --device cuda"
+                "that engine (model.plan), or use device 'cuda'"
             )
         out[TRT_EP] = {
             "trt_fp16_enable": "0",
@@ -173,8 +174,8 @@ class OnnxRuntimeRunner(Runner):
         self._precision = fixed_precision(self.model_path, self.backend, precision, info.precision)
         providers = pick_providers(device, list(ort.get_available_providers()))
         if cuda_graph and CUDA_EP not in providers:
-            raise DunetError(f"{self.model_path}: --cuda-graph needs the CUDA provider "
-                             "(--device cuda)")
+            raise DunetError(f"cuda_graph: needs ONNX Runtime's CUDA provider (device "
+                             f"'cuda'), not used for {self.model_path}", option="cuda_graph")
         self._c, self._s = self.spec.in_channels, self.spec.image_size
         options = provider_options(providers, self.model_path, info.precision,
                                    (self._c, self._s, self._s), cuda_graph=cuda_graph)

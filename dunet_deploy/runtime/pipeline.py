@@ -291,7 +291,7 @@ class CaseResult:
             resampled, obliquity; see ``ModelSpace.describe``).
         lesions_removed: Lesions removed for being under ``min_lesion_mm3``.
         warnings: One-line warnings about the input (e.g. oblique).
-        bytes_sent: Tensor bytes sent to a Triton server (``None``: local model).
+        bytes_sent: Bytes put on the wire to a Triton server (``None``: local model).
         bytes_received: Tensor bytes received from it.
         server: The server's summary (``--server-side``).
     """

@@ -77,6 +77,8 @@ class Segmenter(Closeable):
             instead of a local backend (e.g. a Triton client); ``backend``,
             ``precision``, ``device`` and ``threads`` are then not used.
         lazy: Load the model on first use instead of on entering ``with``.
+        info: The model's description when ``model`` is not a local file to read
+            it from (a remote model: ``runner_factory`` then runs it).
         **changes: :class:`InferenceOptions` fields, applied over ``options``
             (``Segmenter(model, backend="openvino", tta="flip")``).
 
@@ -93,13 +95,17 @@ class Segmenter(Closeable):
         runner_opts: dict[str, Any] | None = None,
         runner_factory: Callable[[Path, ArtifactInfo], Runner] | None = None,
         lazy: bool = False,
+        info: ArtifactInfo | None = None,
         **changes: Any,
     ) -> None:
         asked = _options(options, changes)
         if isinstance(model, bytes) or not isinstance(model, (str, os.PathLike)):
             raise DunetError(f"model {model!r}: give a str or pathlib.Path", option="model")
         self.model_path = Path(model)
-        self.info: ArtifactInfo = read_artifact_info(self.model_path)
+        if info is not None and runner_factory is None:
+            raise DunetError("info= is for a remote model: give runner_factory too", option="info")
+        self.info: ArtifactInfo = info if info is not None else read_artifact_info(
+            self.model_path)
         self._asked = asked  # before the model's defaults: a call's changes apply to it
         self.options, self._sources = asked.with_model_defaults(self.info.inference)
         self._runner_opts = dict(runner_opts or {})

@@ -10,12 +10,20 @@
   the whole pipeline; the returned ``.nii.gz`` masks are written atomically.
 
 Both wait for *model* readiness (with a timeout) before the first request, so a
-client started while the server is still loading does not fail on a 404, and both
-count the tensor bytes they send and receive (``summary.json``).
+client started while the server is still loading does not fail on a 404, both
+count the bytes they put on the wire and receive (:func:`meter_wire`,
+``summary.json``), and both record what the server really runs (backend and
+precision resolved there, e.g. OpenVINO bf16 under ``precision auto``).
+
+The server-side path sends the run's :class:`InferenceOptions` with every file
+(request parameter :data:`OPTIONS_PARAMETER`); ``dunet_volume`` applies the
+fields in :data:`SERVER_SIDE_FIELDS` and refuses any other that is not its
+default (:func:`check_server_side`), so no option is silently dropped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -38,14 +46,86 @@ from dunet_deploy.runtime.serve import SPEC_OUTPUT, spec_model_name
 #: How long a client waits for its model to answer ready before the first request.
 READY_TIMEOUT_S = 60.0
 VOLUME_MODEL = "dunet_volume"
+#: Request parameter of ``dunet_volume`` that carries the run's options (JSON object).
+OPTIONS_PARAMETER = "dunet_options"
+#: Options a server-side run applies: the first four on the server, ``recursive`` in
+#: the client's input search.
+SERVER_SIDE_FIELDS = ("tta", "min_lesion_mm3", "resample", "batch_size", "recursive")
+#: Why each other option cannot apply when the server runs the whole pipeline.
+_NOT_SERVER_SIDE = {
+    "backend": "the server decides how its model runs",
+    "precision": "the server decides how its model runs",
+    "device": "the server decides how its model runs",
+    "threads": "the server decides how its model runs",
+    "cuda_graph": "the server decides how its model runs",
+    "save_prob": "the server returns masks only, no probability maps",
+    "prob_dtype": "the server returns masks only, no probability maps",
+    "workers": "the server reads and writes; the client only sends files",
+    "prefetch": "the server reads and writes; the client only sends files",
+}
+
+
+def check_server_side(options: InferenceOptions) -> None:
+    """Refuse options a server-side run cannot apply (set to other than their default).
+
+    Raises:
+        DunetError: ``"<option> <value>: not possible server-side (<why>)"``,
+            with ``option`` set so a command prints its flag.
+    """
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if f.name in SERVER_SIDE_FIELDS or value == f.default:
+            continue
+        why = _NOT_SERVER_SIDE.get(f.name, "not applied by the server")
+        raise DunetError(f"{f.name} {value!r}: not possible server-side ({why})",
+                         option=f.name)
+
+
+def check_remote(options: InferenceOptions) -> None:
+    """Refuse options a client of a remote model (:class:`TritonRunner`) cannot apply.
+
+    The server loads and runs the model: ``backend``, ``precision``, ``device``,
+    ``threads`` and ``cuda_graph`` are its settings, not the client's.
+
+    Raises:
+        DunetError: ``"<option> <value>: set by the Triton server ..."``.
+    """
+    for name in ("backend", "precision", "device", "threads", "cuda_graph"):
+        value = getattr(options, name)
+        if value != InferenceOptions.__dataclass_fields__[name].default:
+            raise DunetError(f"{name} {value!r}: set by the Triton server that runs the "
+                             "model, not by its client", option=name)
 
 
 def parse_url(url: str) -> tuple[str, str]:
-    """``http://host:port`` or ``grpc://host:port`` -> (protocol, ``host:port``)."""
+    """``http://host:port`` or ``grpc://host:port`` -> (protocol, ``host:port``).
+
+    Raises:
+        DunetError: ``url '...': expected ...`` (``option="url"``).
+    """
     parsed = urlparse(url)
-    if parsed.scheme not in ("http", "grpc") or not parsed.hostname or not parsed.port:
-        raise DunetError(f"--triton-url {url!r}: expected http://HOST:PORT or grpc://HOST:PORT")
-    return parsed.scheme, f"{parsed.hostname}:{parsed.port}"
+    try:
+        port = parsed.port
+    except ValueError:  # a port out of range or not a number
+        port = None
+    if parsed.scheme not in ("http", "grpc") or not parsed.hostname or not port:
+        raise DunetError(f"url {url!r}: expected http://HOST:PORT or grpc://HOST:PORT",
+                         option="url")
+    return parsed.scheme, f"{parsed.hostname}:{port}"
+
+
+def check_url(url: str) -> str:
+    """Check ``url`` and that its protocol's client is installed, before any work.
+
+    Returns:
+        The protocol, ``http`` or ``grpc``.
+
+    Raises:
+        DunetError: a malformed URL or no tritonclient (``option="url"``).
+    """
+    protocol, _ = parse_url(url)
+    _module(protocol)
+    return protocol
 
 
 def _module(protocol: str) -> Any:
@@ -58,8 +138,8 @@ def _module(protocol: str) -> Any:
 
         return tg
     except ImportError:
-        raise DunetError(f"--triton-url {protocol}:// needs tritonclient: pip install "
-                         "'dunet-deploy[serve]'") from None
+        raise DunetError(f"url {protocol}://...: needs tritonclient: pip install "
+                         "'dunet-deploy[serve]'", option="url") from None
 
 
 def make_client(protocol: str, address: str, timeout_s: float) -> Any:
@@ -175,14 +255,18 @@ class TritonRunner(Runner):
 
     # -- connection -----------------------------------------------------------
     def _client(self) -> Any:
-        return thread_client(self._local, self.protocol, self.address, self.timeout_s)
+        client = thread_client(self._local, self.protocol, self.address, self.timeout_s)
+        if not hasattr(client, WIRE_ATTR):
+            meter_wire(client, self.protocol)
+        return client
 
     def _module(self) -> Any:
         return _module(self.protocol)
 
     @property
     def traffic(self) -> tuple[int, int]:
-        """Tensor bytes (sent, received) so far: slabs out, probabilities back."""
+        """Wire bytes (sent, received) so far: the inference requests and responses
+        (:func:`meter_wire`; model-readiness and description calls not counted)."""
         with self._lock:
             return self._sent, self._received
 
@@ -226,11 +310,12 @@ class TritonRunner(Runner):
         inp = mod.InferInput(INPUT_NAME, list(chunk.shape), "FP32")
         inp.set_data_from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
         out = self._call(self.model_name, [inp]).as_numpy(OUTPUT_NAME)
+        sent, received = getattr(self._client(), WIRE_ATTR)  # this thread's client
         if out is None or out.shape != (chunk.shape[0], 1, *chunk.shape[2:]):
             raise DunetError(f"Triton server {self.url} returned a malformed '{OUTPUT_NAME}'")
         with self._lock:
-            self._sent += chunk.nbytes
-            self._received += out.nbytes
+            self._sent += sent
+            self._received += received
         return out
 
     @property
@@ -239,12 +324,30 @@ class TritonRunner(Runner):
         return (None, self.spec.in_channels, s, s)
 
     @property
+    def server_runtime(self) -> dict[str, str]:
+        """What the server runs: ``backend``, ``precision``, ``device`` (resolved there).
+
+        From the description the server returns; a server that does not say
+        (an older ``dunet-serve``) gives the model's own precision, backend unknown.
+        """
+        runtime = self.info.extra.get("runtime")
+        if isinstance(runtime, dict) and runtime.get("precision"):
+            return {k: str(runtime.get(k, "unknown")) for k in ("backend", "precision", "device")}
+        return {"backend": "unknown", "precision": self.info.precision, "device": "unknown"}
+
+    @property
     def precision(self) -> str:
-        return self.info.precision
+        return self.server_runtime["precision"]
 
     @property
     def device(self) -> str:
         return f"triton {self.url}"
+
+    def describe(self) -> dict[str, Any]:
+        """:meth:`Runner.describe` with the URL as the path and what the server runs."""
+        runtime = self.server_runtime
+        return {**super().describe(), "path": self.url, "server_backend": runtime["backend"],
+                "server_device": runtime["device"]}
 
     def _run(self, slabs: np.ndarray) -> np.ndarray:
         # Several requests in flight let the server batch across chunks and clients.
@@ -368,8 +471,12 @@ class ServerSideClient:
             meter_wire(client, self.protocol)
         return client
 
-    def request(self, data: bytes, name: str) -> tuple[bytes, dict[str, Any], tuple[int, int]]:
+    def request(self, data: bytes, name: str, options: InferenceOptions | None = None,
+                ) -> tuple[bytes, dict[str, Any], tuple[int, int]]:
         """One file's bytes -> (mask ``.nii.gz`` bytes, the server's summary, wire bytes).
+
+        ``options`` go with the file as the request parameter
+        :data:`OPTIONS_PARAMETER` (``None``: the server's defaults).
 
         The wire bytes are ``(sent, received)``: the HTTP request and response
         bodies, or the serialized gRPC request and response messages
@@ -383,6 +490,8 @@ class ServerSideClient:
         inp = mod.InferInput("nifti", [1], "BYTES")
         inp.set_data_from_numpy(np.array([data], dtype=np.object_))
         kwargs: dict[str, Any] = {"request_id": name}
+        if options is not None:
+            kwargs["parameters"] = {OPTIONS_PARAMETER: json.dumps(options.to_dict())}
         if self.protocol == "grpc":
             kwargs["client_timeout"] = self.timeout_s
         try:
@@ -408,7 +517,8 @@ class ServerSideClient:
         return blob, doc, wire
 
 
-def _server_side_case(client: ServerSideClient, item: Any, out: Path) -> Any:
+def _server_side_case(client: ServerSideClient, item: Any, out: Path,
+                      options: InferenceOptions | None) -> Any:
     """Read, send, check and write one input; errors go into its result."""
     from dunet_deploy.data.nifti import load_nifti_bytes
     from dunet_deploy.runtime.pipeline import MASK_SUFFIX, CaseResult, output_stem
@@ -422,7 +532,7 @@ def _server_side_case(client: ServerSideClient, item: Any, out: Path) -> Any:
             raise DunetError(f"{item.path}: no such file")
         data = item.path.read_bytes()
         t1 = time.perf_counter()
-        blob, doc, (sent, received) = client.request(data, item.path.name)
+        blob, doc, (sent, received) = client.request(data, item.path.name, options)
         t2 = time.perf_counter()
         mask = load_nifti_bytes(blob, f"mask of {item.path} from {client.url}")
         if list(mask.shape) != list(doc.get("shape", [])):
@@ -474,42 +584,53 @@ def segment_server_side(
         on_start: called with the number of inputs once the server is ready.
         on_result: called with each :class:`~dunet_deploy.runtime.pipeline.CaseResult`.
         ready_timeout_s: how long to wait for the model to answer ready.
-        options: the run's options, recorded in the summary (the server applies
-            its model's own settings).
+        options: the run's options, sent with every file: the server applies
+            ``tta``, ``min_lesion_mm3``, ``resample`` and ``batch_size``
+            (``None``: the server model's defaults); recorded in the summary.
 
     Returns:
         The summary document.
 
     Raises:
-        DunetError: bad URL, a server that is not ready or serves another spec, an
-            output folder that cannot be created (per-file problems go in the summary).
+        DunetError: bad URL, an option the server cannot apply
+            (:func:`check_server_side`), a server that is not ready or serves
+            another spec, an output folder that cannot be created (per-file
+            problems go in the summary).
     """
     from dunet_deploy import __version__
     from dunet_deploy.artifacts import write_json
     from dunet_deploy.machine import machine_info
     from dunet_deploy.runtime.pipeline import SUMMARY_NAME, expand_inputs, prepare_output_dir
 
+    if options is not None:
+        check_server_side(options)
     t_start = time.perf_counter()
     out = Path(out_dir)
     client = ServerSideClient(url, expected, model_name=model_name, in_flight=in_flight,
                               ready_timeout_s=ready_timeout_s)
     prepare_output_dir(out)
-    items = expand_inputs(inputs)
+    items = expand_inputs(inputs, recursive=options is not None and options.recursive)
     if on_start is not None:
         on_start(len(items))
     results = []
     with ThreadPoolExecutor(client.in_flight, thread_name_prefix="triton-volume") as pool:
-        for result in pool.map(lambda item: _server_side_case(client, item, out), items):
+        for result in pool.map(lambda item: _server_side_case(client, item, out, options),
+                               items):
             results.append(result)
             if on_result is not None:
                 on_result(result)
+    runtime = next((dict(r.server["runtime"]) for r in results
+                    if r.ok and isinstance(r.server, dict) and r.server.get("runtime")), {})
     summary = {
         "dunet_deploy": __version__,
-        "model": {"model_name": client.info.model_name, "spec_digest": client.info.spec.digest(),
-                  "server_model": model_name},
+        "model": {"path": url, "model_name": client.info.model_name,
+                  "model_precision": client.info.precision,
+                  "spec_digest": client.info.spec.digest(), "server_model": model_name},
         "backend": "triton-server-side",
         "device": f"triton {url}",
-        "precision": client.info.precision,
+        # What the server ran (its answers say; the model's precision when none came back).
+        "precision": runtime.get("precision", client.info.precision),
+        "server": runtime or None,
         "machine": machine_info(),
         "wall_s": round(time.perf_counter() - t_start, 6),
         "total": len(results),
@@ -518,6 +639,7 @@ def segment_server_side(
         "bytes_sent": sum(r.bytes_sent or 0 for r in results),
         "bytes_received": sum(r.bytes_received or 0 for r in results),
         "options": None if options is None else options.to_dict(),
+        "options_fingerprint": None if options is None else options.fingerprint(),
         "cases": [r.to_dict() for r in results],
     }
     write_json(out / SUMMARY_NAME, summary)

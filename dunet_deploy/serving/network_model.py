@@ -11,6 +11,7 @@ against the model file's own at load.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,53 @@ def open_network(params: Mapping[str, str], version_dir: Path, source: str) -> A
         raise DunetError(f"{source}: {model_file} has spec digest {runner.spec.digest()}, "
                          f"config.pbtxt declares {declared.spec.digest()}")
     return runner
+
+
+#: Triton platform -> the runtime that runs it (Triton's own backends).
+_PLATFORM_RUNTIMES = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}
+_BACKEND_KEY = re.compile(r'^\s*(backend|platform)\s*:\s*"([^"]*)"', re.MULTILINE)
+
+
+def network_runtime(model_dir: Path, source: str) -> dict[str, str]:
+    """What a network model of the repository really runs: backend, precision, device.
+
+    A python-backend network (``runtime.backend`` / ``runtime.precision`` may say
+    ``auto``) is resolved by opening the runner its parameters describe, as the
+    network model itself does at load, and closing it again: OpenVINO's precision
+    under ``auto`` (bf16 or fp32) is only known once the model is compiled on this
+    machine. A network on Triton's ONNX Runtime or TensorRT backend runs the
+    model's own precision.
+
+    Args:
+        model_dir: the network model's folder (``<repository>/<name>``).
+        source: the asking model's name, for messages.
+
+    Returns:
+        ``{"backend": ..., "precision": ..., "device": ...}``, never ``auto``.
+
+    Raises:
+        DunetError: an unreadable configuration or a model that cannot be opened.
+    """
+    from dunet_deploy.export.triton_repo import read_config
+
+    config = model_dir / "config.pbtxt"
+    params, _ = read_config(config)
+    text = config.read_text(encoding="utf-8")
+    found = {m.group(1): m.group(2) for m in _BACKEND_KEY.finditer(text)}
+    if found.get("backend") == "python":
+        versions = sorted((p for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir()),
+                          key=lambda p: int(p.name))
+        if not versions:
+            raise DunetError(f"{source}: network model {model_dir.name!r} has no version folder")
+        runner = open_network(params, versions[-1], f"{source}: network model {model_dir.name!r}")
+        try:
+            return {"backend": runner.backend, "precision": runner.precision,
+                    "device": runner.device}
+        finally:
+            runner.close()
+    declared = artifact_parameters(params, f"{source}: network model {model_dir.name!r}")
+    backend = _PLATFORM_RUNTIMES.get(found.get("platform", ""), found.get("backend", "triton"))
+    return {"backend": backend, "precision": declared.precision, "device": "triton"}
 
 
 class TritonPythonModel:

@@ -10,8 +10,16 @@ Per request (input ``nifti``, ``BYTES [1]``: a ``.nii`` or ``.nii.gz`` file)::
 The same inference core as ``dunet-infer`` and the Segmenter, so a file
 segmented here gives the mask a local run gives.
 
+A request may carry the client's :class:`~dunet_deploy.runtime.options.InferenceOptions`
+as the JSON request parameter ``dunet_options`` (what ``dunet-infer --server-side``
+sends): its ``tta``, ``min_lesion_mm3``, ``resample`` and ``batch_size`` (capped at the
+network's ``max_batch_size``) are applied, ``tta`` / ``min_lesion_mm3`` left ``None``
+take the model's defaults, and an option the server cannot apply (another backend,
+probability maps, ...) or a bad value is refused as ``"<name>: <option> ...: <reason>"``.
+Without it the model's defaults and ``volume.batch_size`` apply.
+
 The slab predictor is a BLS request to the network model (``volume.network_model``,
-in batches of ``volume.batch_size``), so the dynamic batcher in front of the network
+in batches of the request's batch size), so the dynamic batcher in front of the network
 merges slabs of concurrent volumes. A bad file gets a one-line Triton error naming it
 (the request id, which our client sets to the file name); other requests go on.
 Parameters are checked at load against the network model's ``config.pbtxt``.
@@ -32,6 +40,7 @@ from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
 from dunet_deploy.data.nifti import NiftiLimits, load_nifti_bytes, nifti_bytes_like
 from dunet_deploy.errors import DunetError, one_line
 from dunet_deploy.postprocess import with_tta
+from dunet_deploy.runtime.options import InferenceOptions
 from dunet_deploy.runtime.pipeline import (
     CaseResult,
     InputItem,
@@ -39,6 +48,7 @@ from dunet_deploy.runtime.pipeline import (
     infer_case,
     prepare_source,
 )
+from dunet_deploy.runtime.triton_client import OPTIONS_PARAMETER, check_server_side
 from dunet_deploy.serving._config import artifact_parameters, int_parameter, model_parameters
 
 NIFTI_INPUT = "nifti"
@@ -106,8 +116,40 @@ class VolumeSettings:
         return net
 
 
+def request_options(parameters: str | Mapping[str, Any] | None,
+                    name: str) -> InferenceOptions | None:
+    """The client's options from a request's parameters (``None``: it sent none).
+
+    Args:
+        parameters: the request's parameters, as the python backend gives them
+            (a JSON object text) or already decoded.
+        name: the request's name (the file), for messages.
+
+    Raises:
+        DunetError: ``"<name>: <option> <value>: <reason>"`` for a bad value or one
+            the server cannot apply, ``"<name>: request parameter 'dunet_options': ..."``
+            for text that is not a JSON object.
+    """
+    try:
+        params = json.loads(parameters) if isinstance(parameters, str) else dict(parameters or {})
+        raw = params.get(OPTIONS_PARAMETER)
+        if raw is None:
+            return None
+        doc = json.loads(raw) if isinstance(raw, str) else raw
+    except (ValueError, TypeError):
+        raise DunetError(f"{name}: request parameter {OPTIONS_PARAMETER!r}: not a JSON "
+                         "object") from None
+    try:
+        options = InferenceOptions.from_dict(doc)
+        check_server_side(options)
+    except DunetError as exc:
+        raise DunetError(f"{name}: {exc}") from None
+    return options
+
+
 def segment_nifti_bytes(data: bytes, name: str, settings: VolumeSettings,
-                        predict: Predictor) -> tuple[bytes, dict[str, Any]]:
+                        predict: Predictor, options: InferenceOptions | None = None,
+                        max_batch: int | None = None) -> tuple[bytes, dict[str, Any]]:
     """The whole pipeline on one file's bytes.
 
     Args:
@@ -115,15 +157,23 @@ def segment_nifti_bytes(data: bytes, name: str, settings: VolumeSettings,
         name: its name, for messages.
         settings: spec, batch size and limits.
         predict: the network, ``float32 [N, C, S, S] -> float32 [N, 1, S, S]``.
+        options: the client's options (``None``: the model's defaults and
+            ``settings.batch_size``); see :func:`request_options`.
+        max_batch: the network's ``max_batch_size``, which caps ``options.batch_size``.
 
     Returns:
         (the uint8 mask as ``.nii.gz`` bytes on the input's grid, the summary
-        document: shape, zooms, lesion voxels and mm³, times, bytes).
+        document: shape, zooms, lesion voxels and mm³, the settings applied and
+        where each came from, times, bytes).
 
     Raises:
         DunetError: ``"<name>: <reason>"`` for a file we refuse or cannot use.
     """
-    spec, defaults = settings.info.spec, settings.info.inference
+    spec = settings.info.spec
+    asked = InferenceOptions(batch_size=settings.batch_size) if options is None else options
+    run, sources = asked.with_model_defaults(settings.info.inference)
+    assert run.tta is not None and run.min_lesion_mm3 is not None
+    batch = run.batch_size if max_batch is None else min(run.batch_size, max_batch)
     item = InputItem(Path(name))
     result = CaseResult(input=name)
     times = result.times
@@ -131,10 +181,10 @@ def segment_nifti_bytes(data: bytes, name: str, settings: VolumeSettings,
     vol = load_nifti_bytes(data, name, settings.limits)
     times["read"] = time.perf_counter() - t0
     # The stages every other path runs (pipeline.prepare_source / infer_case / finish_case).
-    prep = prepare_source(item, vol, spec, result=result)
-    grid = infer_case(with_tta(predict, defaults.tta, spec), spec, prep, settings.batch_size)
+    prep = prepare_source(item, vol, spec, resample=run.resample, result=result)
+    grid = infer_case(with_tta(predict, run.tta, spec), spec, prep, batch)
     pred = None if grid is None else finish_case(grid, prep, spec,
-                                                 min_lesion_mm3=defaults.min_lesion_mm3,
+                                                 min_lesion_mm3=run.min_lesion_mm3,
                                                  keep_prob=False)
     if pred is None:
         raise DunetError(str(result.message))
@@ -151,7 +201,9 @@ def segment_nifti_bytes(data: bytes, name: str, settings: VolumeSettings,
         "slabs_run": pred.slabs_run,
         "geometry": pred.geometry,
         "warnings": list(pred.warnings),
-        "inference": defaults.to_dict(),
+        "inference": {"tta": run.tta, "min_lesion_mm3": run.min_lesion_mm3,
+                      "resample": run.resample, "source": sources},
+        "batch_size": batch,
         "bytes_received": len(data),
         "mask_bytes": len(blob),
         "times": {k: round(v, 6) for k, v in times.items()},
@@ -165,13 +217,16 @@ class TritonPythonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         """Read and check the parameters against the network model's configuration."""
         from dunet_deploy.export.triton_repo import read_config
+        from dunet_deploy.serving.network_model import network_runtime
 
         self.name, params, model_dir = model_parameters(args)
         self.settings = VolumeSettings.from_parameters(params, self.name)
         net_params, net_max_batch = read_config(
             Path(model_dir).parent / self.settings.network / "config.pbtxt")
         self.settings.check_network(net_params, net_max_batch, self.name)
-        self.backend = net_params.get("runtime.backend", "triton")
+        self.max_batch = net_max_batch or None
+        # What the network really runs (not "auto"), for every response's summary.
+        self.runtime = network_runtime(Path(model_dir).parent / self.settings.network, self.name)
 
     def _predict(self, slabs: np.ndarray) -> np.ndarray:
         import triton_python_backend_utils as pb_utils
@@ -196,11 +251,14 @@ class TritonPythonModel:
                 raise DunetError(f"{name}: input {NIFTI_INPUT!r} must hold one file, "
                                  f"got {raw.size}")
             data = raw.reshape(-1)[0]
-            blob, summary = segment_nifti_bytes(bytes(data), name, self.settings, self._predict)
+            options = request_options(request.parameters(), name)
+            blob, summary = segment_nifti_bytes(bytes(data), name, self.settings, self._predict,
+                                                options, self.max_batch)
         except (DunetError, MemoryError) as exc:
             text = "out of memory" if isinstance(exc, MemoryError) else one_line(exc)
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(text))
-        summary["backend"] = self.backend
+        summary["backend"] = self.runtime["backend"]
+        summary["runtime"] = self.runtime
         summary["network_model"] = self.settings.network
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(MASK_OUTPUT, np.array([blob], dtype=np.object_)),

@@ -196,9 +196,11 @@ def test_usage_errors(tiny, tmp_path):
     res = invoke(["--engine", onnx_path, vols[0], "-o", tmp_path / "o", "--backend",
                   "onnxruntime", "--precision", "bf16"])
     assert res.exit_code == 2 and "exported precision fp32" in res.stderr
+    assert res.stderr.startswith("error: --precision 'bf16': not possible")  # the flag, printed
     res = invoke(["--engine", onnx_path, vols[0], "-o", tmp_path / "o", "--backend",
                   "openvino", "--cuda-graph"])
     assert res.exit_code == 2 and "CUDA graphs need a CUDA backend" in res.stderr
+    assert res.stderr.startswith("error: --cuda-graph: ")
 
 
 def test_eval_engine_agrees_with_checkpoint(tiny, tmp_path):

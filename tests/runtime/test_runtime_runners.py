@@ -61,8 +61,10 @@ def test_runner_rejects_wrong_slab_shape(tiny):
 
 
 def test_fixed_precision_backends_refuse_other_precisions(tiny):
-    with pytest.raises(DunetError, match="exported precision fp32.*--precision bf16"):
+    with pytest.raises(DunetError, match="^precision 'bf16': not possible, onnxruntime runs "
+                       ".* in its exported precision fp32") as err:
         open_runner(tiny[1], "onnxruntime", precision="bf16")
+    assert err.value.option == "precision"  # a command prints its flag, --precision
 
 
 def test_openvino_precision_choice():
@@ -181,8 +183,9 @@ def test_provider_options(tmp_path):
 
 
 def test_cuda_graph_needs_cuda_provider(tiny):
-    with pytest.raises(DunetError, match="--cuda-graph needs the CUDA provider"):
+    with pytest.raises(DunetError, match="^cuda_graph: needs ONNX Runtime's CUDA provider") as e:
         open_runner(tiny[1], "onnxruntime", device="cpu", cuda_graph=True)
+    assert e.value.option == "cuda_graph"
 
 
 def test_pick_providers():
@@ -203,9 +206,10 @@ def test_backend_auto_choice(monkeypatch):
     assert backend_for("m.onnx", "onnxruntime") == "onnxruntime"
     with pytest.raises(DunetError, match="cannot choose a backend"):
         backend_for("m.pt")
-    with pytest.raises(DunetError, match="only run with --backend tensorrt"):
+    with pytest.raises(DunetError, match="^backend 'openvino': m.plan is a TensorRT engine, "
+                       "which only backend 'tensorrt'"):
         backend_for("m.plan", "openvino")
-    with pytest.raises(DunetError, match="runs built engines"):
+    with pytest.raises(DunetError, match="^backend 'tensorrt': runs built engines"):
         backend_for("m.onnx", "tensorrt")
     monkeypatch.setattr(base, "is_installed", lambda name: name == "onnxruntime")
     assert backend_for("m.onnx") == "onnxruntime"
@@ -224,9 +228,9 @@ def test_missing_backend_is_one_line(tiny, monkeypatch):
 def test_bad_options_and_models(tiny, tmp_path):
     with pytest.raises(DunetError, match="model file not found"):
         open_runner(tmp_path / "nope.onnx")
-    with pytest.raises(DunetError, match="unknown precision"):
+    with pytest.raises(DunetError, match="precision 'int4': choose one of"):
         open_runner(tiny[1], precision="int4")
-    with pytest.raises(DunetError, match="unknown backend"):
+    with pytest.raises(DunetError, match="backend 'tvm': choose one of"):
         open_runner(tiny[1], "tvm")
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x00not an onnx file")

@@ -59,8 +59,11 @@ def test_two_clients_match_local_inference(served):
         summary = json.loads((out / "summary.json").read_text())
         assert summary["ok"] == 2 and summary["backend"] == "triton"
         for case in summary["cases"]:  # float32 slabs out [N, 4, 32, 32], probabilities back
-            assert case["bytes_sent"] == case["slabs_run"] * 4 * 32 * 32 * 4 > 0
-            assert case["bytes_received"] == case["slabs_run"] * 32 * 32 * 4
+            # on the wire: the tensors plus each request's (at most 8 slabs) framing
+            requests = -(-case["slabs_run"] // 8)
+            sent, received = case["slabs_run"] * 4 * 32 * 32 * 4, case["slabs_run"] * 32 * 32 * 4
+            assert sent < case["bytes_sent"] < sent + 1024 * requests
+            assert received < case["bytes_received"] < received + 1024 * requests
         for v in vols:
             name = v.name.removesuffix(".nii.gz")
             remote = nib.load(out / f"{name}_mask.nii.gz")

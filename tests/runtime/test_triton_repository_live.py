@@ -106,6 +106,41 @@ def test_two_server_side_clients_match_local_inference(served):
             assert case["lesion_voxels"] == int(np.count_nonzero(np.asarray(ref.dataobj)))
 
 
+def test_server_side_applies_the_runs_options(served, tmp_path):
+    """--tta and --batch-size travel with each file; a bad value from any client is refused."""
+    import tritonclient.grpc as tg
+
+    _, model, volumes, server = served
+    flags = ("--tta", "flip", "--batch-size", "3")
+    local = infer(model, volumes[:2], tmp_path / "local", "--backend", "onnxruntime",
+                  "--precision", "fp32", "--threads", "1", *flags)
+    remote = infer(model, volumes[:2], tmp_path / "remote", "--triton-url", server.grpc_url,
+                   "--server-side", *flags)
+    assert local.wait(timeout=300) == 0, local.stderr.read()
+    assert remote.wait(timeout=300) == 0, remote.stderr.read()
+    summary = json.loads((tmp_path / "remote" / "summary.json").read_text())
+    for v, case in zip(volumes[:2], summary["cases"], strict=True):
+        name = v.name.removesuffix(".nii.gz")
+        assert np.array_equal(mask_of(tmp_path / "remote" / f"{name}_mask.nii.gz"),
+                              mask_of(tmp_path / "local" / f"{name}_mask.nii.gz"))
+        assert case["server"]["inference"]["tta"] == "flip"
+        assert case["server"]["inference"]["source"]["tta"] == "argument"
+        assert case["server"]["batch_size"] == 3
+    assert summary["options"]["tta"] == "flip" and summary["options"]["batch_size"] == 3
+
+    client = tg.InferenceServerClient(f"127.0.0.1:{server.grpc}")
+    data = tg.InferInput("nifti", [1], "BYTES")
+    data.set_data_from_numpy(np.array([volumes[0].read_bytes()], dtype=np.object_))
+    for sent, message in (('{"tta": "sideways"}', "case.nii: tta 'sideways': choose one of"),
+                          ('{"save_prob": true}', "case.nii: save_prob True: not possible "
+                                                  "server-side"),
+                          ("{oops", "case.nii: request parameter 'dunet_options': not a JSON")):
+        with pytest.raises(tg.InferenceServerException) as err:
+            client.infer("dunet_volume", [data], request_id="case.nii",
+                         parameters={"dunet_options": sent})
+        assert message in err.value.message(), err.value.message()
+
+
 def test_corrupt_file_fails_alone(served, tmp_path):
     root, model, volumes, server = served
     good = volumes[0]

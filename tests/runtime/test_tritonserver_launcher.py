@@ -92,7 +92,8 @@ def test_server_side_needs_a_url(tmp_path: Path) -> None:
                                           str(tmp_path / "a.nii.gz"), "-o", str(tmp_path / "o"),
                                           "--server-side"])
     assert res.exit_code == 2
-    assert res.output.strip() == "error: --server-side needs --triton-url and cannot --save-prob"
+    assert res.output.strip() == ("error: --server-side needs --triton-url URL (the dunet-serve "
+                                  "server that runs the pipeline)")
     assert not (tmp_path / "o").exists()
 
 

@@ -101,17 +101,30 @@ def infer(model: Path, inputs: list[Path], out: Path, *extra: str) -> subprocess
     )
 
 
-def write_repository(root: Path, model: Path, *, batch_size: int = 8) -> Path:
-    """What ``dunet-export --format triton --triton-backend python`` writes, from a model."""
+def write_repository(root: Path, model: Path, *, batch_size: int = 8,
+                     runtime: dict[str, str] | None = None, spec_model: bool = False) -> Path:
+    """What ``dunet-export --format triton --triton-backend python`` writes, from a model.
+
+    ``runtime`` replaces the network's runtime parameters (default: ONNX Runtime, one
+    thread); ``spec_model`` adds ``dunet_spec`` (what ``dunet-serve --engine`` serves), so
+    one server takes client-side and server-side clients.
+    """
     from dunet_deploy.artifacts import read_artifact_info
-    from dunet_deploy.export.triton_repo import write_triton_repo, write_volume_model
+    from dunet_deploy.export.triton_repo import (
+        write_spec_model,
+        write_triton_repo,
+        write_volume_model,
+    )
 
     info = read_artifact_info(model)
     repo = root / "repo"
     write_triton_repo(repo, model, info, backend="python", max_batch_size=16,
                       preferred_batch_sizes=(8, 16),
-                      runtime={"runtime.backend": "onnxruntime", "runtime.threads": "1"})
+                      runtime=runtime or {"runtime.backend": "onnxruntime",
+                                          "runtime.threads": "1"})
     write_volume_model(repo, info, batch_size=batch_size)
+    if spec_model:
+        write_spec_model(repo, info, "dunet_spec")
     return repo
 
 

@@ -120,7 +120,7 @@ def test_an_output_named_explicitly_is_refused_not_segmented(tiny_run, tmp_path)
     mask = next(out.glob("*_mask.nii.gz"))
     renamed = tmp_path / "looks like a scan.nii.gz"
     shutil.copy(mask, renamed)
-    assert "header description" in output_file_reason(renamed)
+    assert "header description" in str(output_file_reason(renamed))
     res = infer(tiny_run, renamed, "-o", tmp_path / "again")
     assert res.exit_code == 1, res.output
     assert res.stderr.strip().splitlines() == [

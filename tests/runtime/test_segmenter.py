@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,23 +147,6 @@ def test_bad_inputs_are_one_line_errors(model, scan, tmp_path):
             seg.predict(np.zeros(rt.SHAPE, np.float32), affine=np.eye(3))
         with pytest.raises(DunetError, match="does not match|shape"):
             seg.predict(np.zeros((10, 10, 10), np.float32))
-
-
-def test_readme_python_api_example_runs(model, scan, tmp_path):
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Python API", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    (tmp_path / "export").mkdir()
-    (tmp_path / "export" / "model.onnx").write_bytes(model[0].read_bytes())
-    (tmp_path / "scans").mkdir()
-    (tmp_path / "scans" / "case_000.nii.gz").write_bytes(scan.read_bytes())
-    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert "uint8 float32" in run.stdout and "1/1 segmented" in run.stdout
-    assert (tmp_path / "masks" / "case_000_mask.nii.gz").is_file()
-    assert (tmp_path / "masks" / "case_000_prob.nii.gz").is_file()
-    assert (tmp_path / "masks" / "summary.json").is_file()
 
 
 def test_array_without_affine_is_taken_on_the_models_grid(model, scan):

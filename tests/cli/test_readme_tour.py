@@ -143,6 +143,24 @@ def test_tour_lines_are_found():
     assert "--server-side" in serving[2]
 
 
+def run_serving_block(cwd: Path, ports: dict[str, str]) -> None:
+    """The "Serving the whole pipeline" lines in ``cwd``, the server on free ``ports``."""
+    server = None
+    try:
+        for line in serving_commands(README.read_text()):
+            line = re.sub(r"127\.0\.0\.1:8001\b", f"127.0.0.1:{ports['8001']}", _tiny(line))
+            words = shlex.split(line)
+            if words[0] == "dunet-serve":
+                words += ["--http-port", ports["8000"], "--grpc-port", ports["8001"],
+                          "--metrics-port", ports["8002"]]
+                server = _start_server(words, cwd)
+                continue
+            _run(words, cwd)
+    finally:
+        if server is not None:
+            assert _stop(server) == 0
+
+
 @pytest.mark.slow
 def test_readme_tour_runs_in_order(tmp_path):
     pytest.importorskip("pytriton")
@@ -165,6 +183,7 @@ def test_readme_tour_runs_in_order(tmp_path):
     finally:
         if server is not None:
             _stop(server)
+    run_serving_block(tmp_path, {p: str(_free_port()) for p in ports})
 
     # One validation case (5 cases, 80/20): its spread is undefined, printed n/a.
     assert "±n/a" in (tmp_path / "eval_val" / "summary.md").read_text()
@@ -174,7 +193,7 @@ def test_readme_tour_runs_in_order(tmp_path):
     for key in ("dsc_mean", "dsc_global", "recall_mean", "precision_mean"):
         assert abs(ckpt[key] - onnx[key]) < 1e-3, key
     # ... the scans are segmented (masks skipped), locally and through Triton, with previews.
-    for out in ("masks", "masks_triton"):
+    for out in ("masks", "masks_triton", "masks_server"):
         summary = json.loads((tmp_path / out / "summary.json").read_text())
         assert summary["ok"] == summary["total"] == 2, out
         assert all("imagesTr" in c["input"] for c in summary["cases"])

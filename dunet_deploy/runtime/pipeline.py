@@ -777,6 +777,7 @@ def summary_document(
     interrupted: str | None = None,
     total: int | None = None,
     skipped: Sequence[tuple[Path, str]] = (),
+    earlier: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """The ``summary.json`` document of a run over files.
 
@@ -793,6 +794,8 @@ def summary_document(
         total: Inputs asked for (default: ``len(results)``).
         skipped: ``(path, why)`` of what the input search left out
             (:func:`expand_inputs`), listed as ``skipped``.
+        earlier: Rows of earlier runs whose outputs are still in the output
+            folder (:func:`earlier_cases`), listed as ``earlier_cases``.
     """
     model_keys = ("path", "model_name", "model_precision", "spec_digest")
     top_keys = ("backend", "device", "precision")
@@ -820,4 +823,5 @@ def summary_document(
         "failed": sum(not r.ok for r in results),
         "cases": [r.to_dict() for r in results],
         "skipped": [{"path": str(p), "reason": why} for p, why in skipped],
+        "earlier_cases": list(earlier),
     }

@@ -352,8 +352,7 @@ class Segmenter(Closeable):
             self._runner, results, options=run, load_s=self.load_s,
             wall_s=time.perf_counter() - t_start, inference=_settings(run, sources),
             interrupted=None if interrupted is None else str(interrupted) or "SIGINT",
-            total=len(items), skipped=skipped)
-        summary["earlier_cases"] = earlier_cases(out.out_dir, results)
+            total=len(items), skipped=skipped, earlier=earlier_cases(out.out_dir, results))
         write_json(out.out_dir / SUMMARY_NAME, summary)
         if interrupted is not None:
             raise interrupted

@@ -7,9 +7,11 @@ Example::
 writes ``out/<name>_mask.nii.gz`` (uint8, the input's geometry) per volume,
 ``out/<name>_prob.nii.gz`` with ``--save-prob``, and ``out/summary.json``.
 
-Exit codes: 0 all volumes segmented; 1 some inputs failed (each reported as
+Exit codes: 0 all volumes segmented; 1 some inputs failed, a missing or
+truncated one included, even when it is the only one (each reported as
 ``error: <input>: <reason>`` on stderr and in summary.json, the others still
-processed); 2 usage or model error (nothing segmented).
+processed); 2 usage or model error, or a folder or pattern that gives no scan
+(nothing segmented, no output folder left behind).
 """
 
 from __future__ import annotations
@@ -83,8 +85,8 @@ class _Progress:
             self._bar = None
 
 
-def _expand(inputs: tuple[str, ...], recursive: bool) -> list[str]:
-    """The volumes to segment, masks of known layouts left out with a note on stderr.
+def _expand(inputs: tuple[str, ...], recursive: bool, out_dir: Path) -> list[str]:
+    """The volumes to segment; what is not a scan is left out with a note on stderr.
 
     Raises:
         DunetError: when a folder or pattern matches no scan (before anything is created).
@@ -92,7 +94,7 @@ def _expand(inputs: tuple[str, ...], recursive: bool) -> list[str]:
     from dunet_deploy.runtime.pipeline import expand_inputs
 
     skipped: list[tuple[Path, str]] = []
-    items = expand_inputs(inputs, recursive=recursive, skipped=skipped)
+    items = expand_inputs(inputs, recursive=recursive, skipped=skipped, out_dir=out_dir)
     for path, why in skipped:
         click.echo(f"note: {path}: skipped, {why}", err=True)
     for item in items:
@@ -224,20 +226,26 @@ def main(model_path: Path | None, inputs: tuple[str, ...], out_dir: Path, backen
     """
     # Imported here so that `dunet-infer --help` stays instant.
     from dunet_deploy.artifacts import check_output_dir
-    from dunet_deploy.runtime.pipeline import SUMMARY_NAME, CaseResult
+    from dunet_deploy.runtime.pipeline import (
+        SUMMARY_NAME,
+        CaseResult,
+        missing_folders,
+        remove_empty_folders,
+    )
 
     params = dict(click.get_current_context().params)
     if server_side and params["workers"] is None:
         params["workers"] = 0  # the server reads and writes: no worker processes here
     options = build_options(params)
     _check_remote(options, model_path, triton_url, server_side)
-    volumes = _expand(inputs, recursive)
+    volumes = _expand(inputs, recursive, out_dir)
     check_output_dir(out_dir, "-o/--out")
     if preview:
         from dunet_deploy.runtime.preview import require_matplotlib
 
         require_matplotlib()
     progress = _Progress(enabled=not quiet)
+    created = missing_folders(out_dir)
 
     def triton_runner(path: Path, info: Any) -> Any:
         from dunet_deploy.runtime.triton_client import TritonRunner
@@ -276,8 +284,12 @@ def main(model_path: Path | None, inputs: tuple[str, ...], out_dir: Path, backen
             with Segmenter(model_path or str(triton_url), options, lazy=True,
                            info=None if remote is None else remote.info,
                            runner_factory=triton_runner if triton_url else None) as seg:
-                summary = seg.predict_files(volumes, out_dir, on_start=on_start,
+                # The inputs as given: the summary records what the search left out.
+                summary = seg.predict_files(inputs, out_dir, on_start=on_start,
                                             on_result=on_result)
+    except BaseException:
+        remove_empty_folders(created)  # a run that failed leaves no empty folder it made
+        raise
     finally:
         progress.close()
     if preview:
@@ -286,6 +298,10 @@ def main(model_path: Path | None, inputs: tuple[str, ...], out_dir: Path, backen
         shown = write_previews(summary["cases"], out_dir)
         if not quiet:
             click.echo(f"wrote {len(shown)} preview(s): {Path(out_dir)}/*_preview.png")
+    earlier = len(summary.get("earlier_cases") or [])
+    if earlier:
+        click.echo(f"note: {out_dir}: {earlier} case(s) of earlier runs are kept (not segmented "
+                   f"again); {SUMMARY_NAME} lists them under earlier_cases", err=True)
     if not quiet:
         click.echo(
             f"{summary['ok']}/{summary['total']} volume(s) segmented with {summary['backend']} "

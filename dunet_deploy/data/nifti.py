@@ -42,6 +42,8 @@ __all__ = [
     "load_nifti_bytes",
     "nifti_bytes_like",
     "nifti_suffix",
+    "output_descrip",
+    "output_kind",
     "save_nifti_like",
 ]
 
@@ -56,6 +58,11 @@ SUPPORTED_DTYPES = frozenset(
 _GZIP_MAGIC = b"\x1f\x8b"
 _HEAD_BYTES = 540  # a NIfTI-2 header; NIfTI-1's is 348
 _MAX_VOX_OFFSET = 16 << 20  # header + extensions; real files have a few KB at most
+#: First word of the header ``descrip`` of every output this package writes
+#: (``"dunet-deploy mask"``): a later run recognises its own files by it, whatever their name.
+OUTPUT_MARKER = "dunet-deploy"
+#: What an output can be (the second word of the marker).
+OUTPUT_KINDS = ("mask", "prob")
 
 
 @dataclass(frozen=True)
@@ -326,6 +333,39 @@ def _parse_header(head: bytes, name: PathLike) -> tuple[Any, Any] | None:
     return image_class, header
 
 
+def output_descrip(kind: str) -> str:
+    """The header ``descrip`` written in an output of this package: ``"dunet-deploy mask"``.
+
+    Args:
+        kind: One of :data:`OUTPUT_KINDS`.
+    """
+    if kind not in OUTPUT_KINDS:
+        raise ValueError(f"output kind {kind!r}: one of {', '.join(OUTPUT_KINDS)}")
+    return f"{OUTPUT_MARKER} {kind}"
+
+
+def output_kind(path: PathLike) -> str | None:
+    """``"mask"`` or ``"prob"`` when ``path`` is a NIfTI file this package wrote, else ``None``.
+
+    Reads only the header (the first 540 bytes, inflated from a ``.nii.gz``);
+    a file that is missing, not NIfTI or unreadable is not ours (``None``).
+    """
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        parsed = _file_header(p)
+    except DunetError:
+        return None
+    if parsed is None:
+        return None
+    raw = np.asarray(parsed[1]["descrip"]).item()
+    words = bytes(raw).split(b"\0", 1)[0].decode("latin-1").split()
+    if len(words) == 2 and words[0] == OUTPUT_MARKER and words[1] in OUTPUT_KINDS:
+        return words[1]
+    return None
+
+
 def _inflate(data: bytes, name: str, need: int) -> bytes:
     """The first ``need`` bytes of a gzip stream (multi-member), never inflating more."""
     out = bytearray()
@@ -450,7 +490,7 @@ def _header_for(affine: np.ndarray, shape: tuple[int, ...]) -> Any:
 
 
 def _image_like(name: PathLike, data: npt.ArrayLike, ref: NiftiVolume,
-                dtype: npt.DTypeLike, scale: float = 1.0) -> Any:
+                dtype: npt.DTypeLike, scale: float = 1.0, descrip: str | None = None) -> Any:
     """A NIfTI image of ``data`` with the geometry of ``ref`` (see :func:`save_nifti_like`)."""
     arr = np.asarray(data)
     if arr.shape != ref.data.shape:
@@ -469,11 +509,14 @@ def _image_like(name: PathLike, data: npt.ArrayLike, ref: NiftiVolume,
     img.header.set_slope_inter(scale, 0.0)
     img.header["cal_min"] = 0.0
     img.header["cal_max"] = 0.0
+    if descrip is not None:
+        img.header["descrip"] = descrip.encode("ascii")[:79]
     return img
 
 
 def nifti_bytes_like(data: npt.ArrayLike, ref: NiftiVolume, dtype: npt.DTypeLike = np.uint8,
-                     *, name: str = "output", compresslevel: int = 1) -> bytes:
+                     *, name: str = "output", compresslevel: int = 1,
+                     descrip: str | None = None) -> bytes:
     """The ``.nii.gz`` bytes of ``data`` with the geometry of ``ref`` (what a server returns).
 
     Args:
@@ -482,11 +525,12 @@ def nifti_bytes_like(data: npt.ArrayLike, ref: NiftiVolume, dtype: npt.DTypeLike
         dtype: Stored dtype (integer dtypes require integral, in-range data).
         name: Name used in messages.
         compresslevel: gzip level (1: fast; masks compress well anyway).
+        descrip: Header description (:func:`output_descrip`); ``None``: the reference's.
 
     Returns:
         A gzip-compressed NIfTI file, readable by :func:`load_nifti_bytes`.
     """
-    img = _image_like(name, data, ref, dtype)
+    img = _image_like(name, data, ref, dtype, descrip=descrip)
     return gzip.compress(img.to_bytes(), compresslevel=compresslevel, mtime=0)
 
 
@@ -496,6 +540,8 @@ def save_nifti_like(
     ref: NiftiVolume,
     dtype: npt.DTypeLike = np.float32,
     scale: float = 1.0,
+    *,
+    descrip: str | None = None,
 ) -> Path:
     """Write ``data`` with the geometry of ``ref``, atomically.
 
@@ -512,6 +558,9 @@ def save_nifti_like(
         ref: The volume whose geometry to copy.
         dtype: On-disk dtype. Integer dtypes require integral, in-range data.
         scale: ``scl_slope`` stored with the values (readers get ``value * scale``).
+        descrip: Header description, at most 79 ASCII characters; this
+            package's outputs carry :func:`output_descrip` so that a later run
+            never takes them for scans (``None``: the reference's).
 
     Returns:
         The written path.
@@ -527,7 +576,7 @@ def save_nifti_like(
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise DunetError(f"{out}: directory {parent} does not exist")
-    img = _image_like(out, data, ref, dtype, scale)
+    img = _image_like(out, data, ref, dtype, scale, descrip)
 
     # Same directory so os.replace is an atomic rename; the suffix tells
     # nibabel whether to gzip. (Not mkstemp: its 0600 mode would stick.)

@@ -35,7 +35,7 @@ import numpy.typing as npt
 
 from dunet_deploy.choices import PROB_DTYPES
 from dunet_deploy.data.geometry import ModelSpace, plan_model_space
-from dunet_deploy.data.nifti import NiftiVolume, save_nifti_like
+from dunet_deploy.data.nifti import NiftiVolume, output_descrip, save_nifti_like
 from dunet_deploy.data.preprocess import (
     binarize,
     nonempty_slab_indices,
@@ -325,7 +325,8 @@ class Prediction:
         and is written atomically (missing folders are created); when the
         second write fails the first file is removed too, so a case is never
         half saved. ``.nii.gz`` files are written at gzip level 1 (nibabel's
-        default, the fastest).
+        default, the fastest). Their header description is ``dunet-deploy
+        mask`` / ``dunet-deploy prob``, so a later run never takes them for scans.
 
         Args:
             mask: ``.nii`` / ``.nii.gz`` path of the mask.
@@ -348,7 +349,8 @@ class Prediction:
             if path is not None:
                 _make_parent(Path(path))
         try:
-            written.append(save_nifti_like(mask, self.mask, ref, dtype=np.uint8))
+            written.append(save_nifti_like(mask, self.mask, ref, dtype=np.uint8,
+                                           descrip=output_descrip("mask")))
             if prob is not None:
                 written.append(save_prob_map(prob, self.prob, ref, prob_dtype))
         except BaseException:
@@ -372,13 +374,14 @@ def save_prob_map(path: str | os.PathLike[str], prob: np.ndarray | None, ref: Ni
     if prob is None:
         raise ValueError("this prediction kept no probabilities (segment(keep_prob=False))")
     if dtype == "float32":
-        return save_nifti_like(path, prob, ref, dtype=np.float32)
+        return save_nifti_like(path, prob, ref, dtype=np.float32, descrip=output_descrip("prob"))
     if dtype != "uint16":
         raise DunetError(f"prob dtype {dtype!r}: choose one of {', '.join(PROB_DTYPES)}")
     if not np.isfinite(prob).all():
         raise DunetError(f"{path}: refusing to write NaN or Inf voxels")
     steps = np.rint(np.clip(prob, 0.0, 1.0) * np.float32(PROB_STEPS)).astype(np.uint16)
-    return save_nifti_like(path, steps, ref, dtype=np.uint16, scale=1.0 / PROB_STEPS)
+    return save_nifti_like(path, steps, ref, dtype=np.uint16, scale=1.0 / PROB_STEPS,
+                           descrip=output_descrip("prob"))
 
 
 def geometry_of(vol: NiftiVolume) -> NiftiVolume:

@@ -21,6 +21,7 @@ Imports point one way: ``core`` <- this module <- executors <- ``Segmenter``
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import time
@@ -32,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from dunet_deploy import __version__
-from dunet_deploy.data.nifti import NiftiVolume, load_nifti, nifti_suffix
+from dunet_deploy.data.nifti import NiftiVolume, load_nifti, nifti_suffix, output_kind
 from dunet_deploy.errors import DunetError
 from dunet_deploy.machine import machine_info
 from dunet_deploy.runtime.base import Runner, one_line
@@ -60,14 +61,18 @@ __all__ = [
     "PreparedVolume",
     "Reader",
     "Writer",
+    "earlier_cases",
     "expand_inputs",
     "finish_case",
     "infer_case",
     "label_file_reason",
+    "missing_folders",
+    "output_file_reason",
     "output_stem",
     "prepare_output_dir",
     "prepare_source",
     "prepare_volume",
+    "remove_empty_folders",
     "summary_document",
     "write_case",
 ]
@@ -171,23 +176,93 @@ def _has_magic(text: str) -> bool:
     return any(ch in text for ch in "*?[")
 
 
-def _scans(found: Iterable[Path], skipped: list[tuple[Path, str]] | None) -> list[Path]:
-    """``found`` without the lesion masks of known layouts (noted in ``skipped``)."""
-    scans = []
-    for p in found:
-        reason = label_file_reason(p)
-        if reason is None:
-            scans.append(p)
-        elif skipped is not None:
-            skipped.append((p, reason))
-    return scans
+#: Names this package gives its outputs (``<stem>_mask.nii.gz``, ``<stem>_prob.nii``, ...).
+_OUTPUT_NAME = re.compile(r"_(mask|prob)\.nii(\.gz)?$")
 
 
-def _expand_one(text: str, recursive: bool, skipped: list[tuple[Path, str]] | None,
-                reader: Reader) -> list[InputItem]:
+def output_file_reason(path: str | os.PathLike[str]) -> str | None:
+    """Why ``path`` is an output of this package (a mask or probability map), or ``None``.
+
+    Recognised by the marker in its header description (``dunet-deploy mask``,
+    written in every mask and probability map, whatever the file is named) or
+    by its name (``*_mask.nii.gz``, ``*_prob.nii.gz``, also ``.nii``).
+    """
+    kind = output_kind(path)
+    if kind is not None:
+        return f"a {'mask' if kind == 'mask' else 'probability map'} written by dunet-deploy " \
+               f"(header description 'dunet-deploy {kind}')"
+    match = _OUTPUT_NAME.search(Path(path).name)
+    if match is not None:
+        return f"named like an output of dunet-infer (*{match.group(0)})"
+    return None
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+class _Search:
+    """What a folder or pattern found, less what is not a scan (each noted in ``skipped``).
+
+    Left out: files under the output folder when it lies inside the searched
+    one (a run never reads what it, or an earlier run into the same folder,
+    wrote); hidden files and folders (``.x.nii.gz``, ``._x.nii.gz``, our
+    temporary files); lesion masks of the known layouts
+    (:func:`label_file_reason`); this package's outputs (:func:`output_file_reason`).
+    """
+
+    def __init__(self, out_dir: Path | None, skipped: list[tuple[Path, str]] | None) -> None:
+        self.out_given = out_dir
+        self.out = None if out_dir is None else out_dir.resolve()
+        self.skipped = skipped
+        self._noted_out = False
+
+    def _skip(self, path: Path, reason: str) -> None:
+        if self.skipped is not None:
+            self.skipped.append((path, reason))
+
+    def scans(self, found: Iterable[Path], root: Path) -> list[Path]:
+        """``found`` (under ``root``, the folder searched) without what is not a scan."""
+        root_abs = root.resolve()
+        out = self.out
+        # out == root: the folder asked for is searched; its outputs are known by name/header.
+        if out is not None and (out == root_abs or not _within(out, root_abs)):
+            out = None
+        scans = []
+        for p in found:
+            abs_p = root_abs / p.relative_to(root) if _within(p, root) else p.resolve()
+            if out is not None and _within(abs_p, out):
+                if not self._noted_out:
+                    self._noted_out = True
+                    self._skip(Path(self.out_given or out),
+                               "the output folder of this run (not searched)")
+                continue
+            rel = abs_p.relative_to(root_abs) if _within(abs_p, root_abs) else Path(p.name)
+            if any(part.startswith(".") for part in rel.parts):
+                reason: str | None = "a hidden file (its name or a folder's starts with '.')"
+            else:
+                reason = label_file_reason(p) or output_file_reason(p)
+            if reason is None:
+                scans.append(p)
+            else:
+                self._skip(p, reason)
+        return scans
+
+
+def _glob_root(text: str) -> Path:
+    """The folder a pattern searches: its leading parts without ``*``, ``?`` or ``[``."""
+    parts: list[str] = []
+    for part in Path(text).parts:
+        if _has_magic(part):
+            break
+        parts.append(part)
+    return Path(*parts) if parts else Path(".")
+
+
+def _expand_one(text: str, recursive: bool, search: _Search, reader: Reader) -> list[InputItem]:
     path = Path(text)
     if path.is_dir() and not reader.is_case(path):
-        found = _scans(reader.cases_in(path, recursive), skipped)
+        found = search.scans(reader.cases_in(path, recursive), path)
         where = "directory or its sub-folders" if recursive else "directory"
         if not found:
             hint = "" if recursive else " (--recursive looks in sub-folders)"
@@ -196,10 +271,15 @@ def _expand_one(text: str, recursive: bool, skipped: list[tuple[Path, str]] | No
         return [InputItem(p) for p in found]
     if _has_magic(text) and not path.exists():
         matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
-        found = _scans([p for p in matches if reader.is_case(p)], skipped)
+        found = search.scans([p for p in matches if reader.is_case(p)], _glob_root(text))
         if not found:
             return [InputItem(path, f"{text}: no file matches", matched_nothing=True)]
         return [InputItem(p) for p in found]
+    # A file named explicitly is taken whatever its name, unless its header says we wrote it.
+    kind = output_kind(path)
+    if kind is not None:
+        return [InputItem(path, f"{path}: a {kind} written by dunet-deploy (header description "
+                                f"'dunet-deploy {kind}'), not a scan")]
     return [InputItem(path)]
 
 
@@ -209,6 +289,7 @@ def expand_inputs(
     recursive: bool = False,
     skipped: list[tuple[Path, str]] | None = None,
     reader: Reader = NIFTI_READER,
+    out_dir: str | os.PathLike[str] | None = None,
 ) -> list[InputItem]:
     """Turn command-line inputs into the list of volumes to process, in order.
 
@@ -219,18 +300,24 @@ def expand_inputs(
       glob (``**`` recurses), sorted;
     * anything else is taken as a file (a missing one fails when it is read).
 
-    Lesion masks of the known layouts found in a directory or by a pattern
-    (:func:`label_file_reason`) are not scans: they are left out and listed
-    in ``skipped``; a file named explicitly is always taken. The same file
-    reached twice is processed once; two different files with the same output
-    name fail the second one instead of overwriting.
+    What a directory or a pattern finds is not all scans: the run's output
+    folder ``out_dir`` when it lies inside the folder searched, hidden files,
+    lesion masks of the known layouts (:func:`label_file_reason`) and this
+    package's own outputs (:func:`output_file_reason`: by header marker or by
+    name) are left out and listed in ``skipped``, so running again into the
+    same folder segments the same scans. A file named explicitly is taken
+    whatever its name, but one whose header says this package wrote it fails
+    (``error``). The same file reached twice is processed once; two different
+    files with the same output name fail the second one instead of overwriting.
 
     Args:
         inputs: Files, directories and patterns, as given; a single ``str`` or
             path-like is one input (not a sequence of characters).
         recursive: Directories are searched in their sub-folders too.
-        skipped: Receives ``(path, why)`` for each mask left out.
+        skipped: Receives ``(path, why)`` for each file (or the output
+            folder) left out.
         reader: Says what an input is (:data:`NIFTI_READER`).
+        out_dir: The run's output folder (need not exist yet).
 
     Returns:
         One :class:`InputItem` per volume or per input that matched nothing
@@ -239,14 +326,18 @@ def expand_inputs(
     Raises:
         DunetError: for an input that is not a ``str`` or path-like (bytes included).
     """
+    if isinstance(inputs, (bytes, bytearray)):
+        raise DunetError(f"inputs {bytes(inputs)!r}: a bytes path; give a str or pathlib.Path",
+                         option="inputs")
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
+    search = _Search(None if out_dir is None else Path(out_dir), skipped)
     items: list[InputItem] = []
     for raw in inputs:
         if not isinstance(raw, (str, os.PathLike)) or isinstance(os.fspath(raw), bytes):
             raise DunetError(f"inputs: {raw!r} is not a path (give str or pathlib.Path)",
                              option="inputs")
-        items.extend(_expand_one(os.fspath(raw), recursive, skipped, reader))
+        items.extend(_expand_one(os.fspath(raw), recursive, search, reader))
 
     seen: set[Path] = set()
     stems: dict[str, Path] = {}
@@ -607,6 +698,74 @@ def prepare_output_dir(out_dir: str | os.PathLike[str]) -> Path:
     return out
 
 
+def missing_folders(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """The folders :func:`prepare_output_dir` would create for ``out_dir``, deepest first."""
+    missing: list[Path] = []
+    probe = Path(out_dir).absolute()
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    return missing
+
+
+def remove_empty_folders(folders: Sequence[Path]) -> None:
+    """Remove ``folders`` (deepest first, :func:`missing_folders`) while they are empty.
+
+    What a failed run calls so that it leaves no empty output folder it
+    created; a folder that holds anything is kept, and so are its parents.
+    """
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def earlier_cases(out_dir: str | os.PathLike[str],
+                  results: Sequence[CaseResult]) -> list[dict[str, Any]]:
+    """The cases of earlier runs into ``out_dir`` whose outputs are still there.
+
+    Read from the ``summary.json`` already in ``out_dir`` (its ``cases`` and
+    its own ``earlier_cases``): each successful row whose mask file is still in
+    the folder and whose output name this run did not write again (an ``ok``
+    result in ``results``). A row from a run that is not already tagged gets
+    ``"run"``: that run's ``options_fingerprint`` and model path. As nnU-Net
+    does, a run overwrites only the cases it segments; this keeps the folder's
+    ``summary.json`` a record of every mask in it.
+
+    Args:
+        out_dir: The output folder (before this run's summary replaces the old one).
+        results: This run's results.
+
+    Returns:
+        The rows, in the order the old summary listed them (none when there
+        is no readable old summary).
+    """
+    out = Path(out_dir)
+    try:
+        doc = json.loads((out / SUMMARY_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return []
+    if not isinstance(doc, dict):
+        return []
+    redone = {output_stem(r.input) for r in results if r.ok}
+    model = doc.get("model")
+    run = {"options_fingerprint": doc.get("options_fingerprint"),
+           "model": model.get("path") if isinstance(model, dict) else None}
+    kept: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for row in [*(doc.get("cases") or []), *(doc.get("earlier_cases") or [])]:
+        if not isinstance(row, dict) or row.get("status") != "ok" or not row.get("mask") \
+                or not isinstance(row.get("input"), str):
+            continue
+        stem = output_stem(row["input"])
+        if stem in redone or stem in seen or not (out / Path(str(row["mask"])).name).is_file():
+            continue
+        seen.add(stem)
+        kept.append({**row, "run": row.get("run", run)})
+    return kept
+
+
 def summary_document(
     runner: Runner | None,
     results: Sequence[CaseResult],
@@ -617,6 +776,8 @@ def summary_document(
     inference: dict[str, Any] | None = None,
     interrupted: str | None = None,
     total: int | None = None,
+    skipped: Sequence[tuple[Path, str]] = (),
+    earlier: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """The ``summary.json`` document of a run over files.
 
@@ -631,6 +792,10 @@ def summary_document(
             post-processing, resampling, and where each came from).
         interrupted: The signal that stopped the run early, if one did.
         total: Inputs asked for (default: ``len(results)``).
+        skipped: ``(path, why)`` of what the input search left out
+            (:func:`expand_inputs`), listed as ``skipped``.
+        earlier: Rows of earlier runs whose outputs are still in the output
+            folder (:func:`earlier_cases`), listed as ``earlier_cases``.
     """
     model_keys = ("path", "model_name", "model_precision", "spec_digest")
     top_keys = ("backend", "device", "precision")
@@ -657,4 +822,6 @@ def summary_document(
         "ok": sum(r.ok for r in results),
         "failed": sum(not r.ok for r in results),
         "cases": [r.to_dict() for r in results],
+        "skipped": [{"path": str(p), "reason": why} for p, why in skipped],
+        "earlier_cases": list(earlier),
     }

@@ -46,11 +46,14 @@ from dunet_deploy.runtime.pipeline import (
     OutputOptions,
     Reader,
     Writer,
+    earlier_cases,
     expand_inputs,
     finish_case,
     infer_case,
+    missing_folders,
     prepare_output_dir,
     prepare_source,
+    remove_empty_folders,
     summary_document,
 )
 from dunet_deploy.runtime.workers import run_in_workers
@@ -282,9 +285,20 @@ class Segmenter(Closeable):
         ``summary.json`` lists them (with ``"interrupted"``) and the interrupt
         is re-raised; no partial file is left.
 
+        Folders and patterns give their scans only: the output folder (when it
+        lies inside an input folder), hidden files, lesion masks of the known
+        layouts and this package's own masks and probability maps are left out
+        (``summary["skipped"]``), so running again into the same folder
+        segments the same scans. A folder or pattern that gives no scan raises
+        before anything is created. Only the cases this run segments are
+        overwritten: ``summary["earlier_cases"]`` lists those of earlier runs
+        whose files are still in ``out_dir`` (see
+        :func:`~dunet_deploy.runtime.pipeline.earlier_cases`). A run that fails
+        before writing anything removes the ``out_dir`` it created.
+
         Args:
             inputs: Files, directories or glob patterns; one ``str`` or path
-                is one input.
+                is one input (see :func:`~dunet_deploy.runtime.pipeline.expand_inputs`).
             out_dir: Output folder (created if missing).
             options: This call's options (default: the Segmenter's); see
                 :meth:`run_options`.
@@ -301,15 +315,22 @@ class Segmenter(Closeable):
             The summary document (also written to ``out_dir/summary.json``).
 
         Raises:
-            DunetError: for invalid options, a model that cannot be loaded or an
-                ``out_dir`` that cannot be created; per-input problems are in
-                the summary instead.
+            DunetError: for invalid options, an input folder or pattern that
+                gives no scan, a model that cannot be loaded or an ``out_dir``
+                that cannot be created; per-input problems (a missing or
+                truncated file) are in the summary instead.
         """
         run, sources = self.run_options(options, **changes)
         if self._closed:
             self.open()  # says so before any work
         t_start = time.perf_counter()
-        items = expand_inputs(inputs, recursive=run.recursive, reader=reader)
+        skipped: list[tuple[Path, str]] = []
+        items = expand_inputs(inputs, recursive=run.recursive, reader=reader, out_dir=out_dir,
+                              skipped=skipped)
+        for item in items:
+            if item.matched_nothing:  # before anything is created or loaded
+                raise DunetError(str(item.error))
+        created = missing_folders(out_dir)  # removed again if the run fails before writing
         out = OutputOptions(prepare_output_dir(out_dir), run, writer)
         results: list[CaseResult] = []
 
@@ -330,11 +351,14 @@ class Segmenter(Closeable):
                               results=results, meter=self._traffic)
         except KeyboardInterrupt as exc:
             interrupted = exc
+        except BaseException:
+            remove_empty_folders(created)  # e.g. a model that cannot be loaded
+            raise
         summary = summary_document(
             self._runner, results, options=run, load_s=self.load_s,
             wall_s=time.perf_counter() - t_start, inference=_settings(run, sources),
             interrupted=None if interrupted is None else str(interrupted) or "SIGINT",
-            total=len(items))
+            total=len(items), skipped=skipped, earlier=earlier_cases(out.out_dir, results))
         write_json(out.out_dir / SUMMARY_NAME, summary)
         if interrupted is not None:
             raise interrupted

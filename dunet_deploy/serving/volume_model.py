@@ -37,7 +37,12 @@ from typing import Any
 import numpy as np
 
 from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
-from dunet_deploy.data.nifti import NiftiLimits, load_nifti_bytes, nifti_bytes_like
+from dunet_deploy.data.nifti import (
+    NiftiLimits,
+    load_nifti_bytes,
+    nifti_bytes_like,
+    output_descrip,
+)
 from dunet_deploy.errors import DunetError, one_line
 from dunet_deploy.postprocess import with_tta
 from dunet_deploy.runtime.options import InferenceOptions
@@ -189,7 +194,7 @@ def segment_nifti_bytes(data: bytes, name: str, settings: VolumeSettings,
     if pred is None:
         raise DunetError(str(result.message))
     t1 = time.perf_counter()
-    blob = nifti_bytes_like(pred.mask, vol, np.uint8, name=name)
+    blob = nifti_bytes_like(pred.mask, vol, np.uint8, name=name, descrip=output_descrip("mask"))
     times["write"] = time.perf_counter() - t1
     summary = {
         "input": name,

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -86,11 +87,78 @@ def _stop(proc: subprocess.Popen[str]) -> int | None:
     return proc.returncode
 
 
+def python_blocks(text: str) -> list[str]:
+    """Every ``python`` block of the README, in order."""
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+def serving_commands(text: str) -> list[str]:
+    """The command lines of the "Serving the whole pipeline" block (continuations joined)."""
+    section = text.split("### Serving the whole pipeline", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    return [re.sub(r"\s+#.*$", "", line).strip() for line in block.splitlines() if line.strip()]
+
+
+def _tiny(line: str) -> str:
+    for pattern, repl in TINY:
+        line = re.sub(pattern, repl, line)
+    return line
+
+
+def test_python_examples_run_as_written_on_the_tours_data(tiny_run, tmp_path):
+    """README's Python blocks, run as written after the tour's data steps (issue 19 item 4).
+
+    The tour's ``dunet-synth scans`` line makes ``scans/`` (``imagesTr/`` +
+    ``labelsTr/``); the exported model of the tour is stood in for by the
+    shared tiny run's (same data generator and sizes).
+    """
+    lines = tour_commands(README.read_text())
+    [synth_scans] = [line for line in lines if line.startswith("dunet-synth scans")]
+    _run(shlex.split(_tiny(synth_scans)), tmp_path)
+    (tmp_path / "export").mkdir()
+    shutil.copy(tiny_run.onnx, tmp_path / "export" / "model.onnx")
+    blocks = python_blocks(README.read_text())
+    assert len(blocks) >= 2 and "Segmenter" in blocks[-1]
+    for code in blocks:
+        run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=600)
+        assert run.returncode == 0, f"{code}\n{run.stderr[-3000:]}"
+    assert "uint8 float32" in run.stdout
+    assert "2/2 segmented" in run.stdout and ", 2 skipped" in run.stdout, run.stdout
+    out = tmp_path / "masks_api"
+    summary = json.loads((out / "summary.json").read_text())
+    assert all("imagesTr" in c["input"] for c in summary["cases"])
+    assert all("labelsTr" in s["path"] for s in summary["skipped"])
+    assert sorted(p.name for p in out.iterdir()) == [
+        "case_000_mask.nii.gz", "case_000_prob.nii.gz", "case_001_mask.nii.gz", "summary.json"]
+
+
 def test_tour_lines_are_found():
     lines = tour_commands(README.read_text())
     assert [line.split()[0] for line in lines][:3] == ["dunet-synth", "dunet-synth", "dunet-train"]
     assert all(line.startswith("dunet-") for line in lines)
     assert any("--triton-url" in line for line in lines)
+    serving = serving_commands(README.read_text())
+    assert [line.split()[0] for line in serving] == ["dunet-export", "dunet-serve", "dunet-infer"]
+    assert "--server-side" in serving[2]
+
+
+def run_serving_block(cwd: Path, ports: dict[str, str]) -> None:
+    """The "Serving the whole pipeline" lines in ``cwd``, the server on free ``ports``."""
+    server = None
+    try:
+        for line in serving_commands(README.read_text()):
+            line = re.sub(r"127\.0\.0\.1:8001\b", f"127.0.0.1:{ports['8001']}", _tiny(line))
+            words = shlex.split(line)
+            if words[0] == "dunet-serve":
+                words += ["--http-port", ports["8000"], "--grpc-port", ports["8001"],
+                          "--metrics-port", ports["8002"]]
+                server = _start_server(words, cwd)
+                continue
+            _run(words, cwd)
+    finally:
+        if server is not None:
+            assert _stop(server) == 0
 
 
 @pytest.mark.slow
@@ -115,6 +183,7 @@ def test_readme_tour_runs_in_order(tmp_path):
     finally:
         if server is not None:
             _stop(server)
+    run_serving_block(tmp_path, {p: str(_free_port()) for p in ports})
 
     # One validation case (5 cases, 80/20): its spread is undefined, printed n/a.
     assert "±n/a" in (tmp_path / "eval_val" / "summary.md").read_text()
@@ -124,7 +193,7 @@ def test_readme_tour_runs_in_order(tmp_path):
     for key in ("dsc_mean", "dsc_global", "recall_mean", "precision_mean"):
         assert abs(ckpt[key] - onnx[key]) < 1e-3, key
     # ... the scans are segmented (masks skipped), locally and through Triton, with previews.
-    for out in ("masks", "masks_triton"):
+    for out in ("masks", "masks_triton", "masks_server"):
         summary = json.loads((tmp_path / out / "summary.json").read_text())
         assert summary["ok"] == summary["total"] == 2, out
         assert all("imagesTr" in c["input"] for c in summary["cases"])

@@ -525,3 +525,25 @@ def test_malformed_headers_through_dunet_infer(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["failed"] == len(cases) and summary["ok"] == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["summary.json"]
+
+
+def test_outputs_carry_a_header_marker_that_only_they_have(tmp_path):
+    """Issue 19 item 1: files this package writes are recognised by their header description."""
+    from dunet_deploy.data.nifti import output_descrip, output_kind
+
+    ref = NiftiVolume(data=np.zeros((4, 5, 6), np.float32), affine=np.eye(4))
+    scan = tmp_path / "scan é.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4)), str(scan))
+    assert output_kind(scan) is None
+    for kind, name in (("mask", "a.nii.gz"), ("prob", "b.nii")):
+        path = save_nifti_like(tmp_path / name, ref.data, ref, descrip=output_descrip(kind))
+        assert output_kind(path) == kind
+        assert load_nifti(path).data.shape == (4, 5, 6)  # still an ordinary NIfTI file
+    # The marker replaces the reference's description; without one, the reference's is kept.
+    plain = save_nifti_like(tmp_path / "plain.nii.gz", ref.data, load_nifti(tmp_path / "a.nii.gz"))
+    assert output_kind(plain) == "mask"
+    (tmp_path / "junk.nii.gz").write_bytes(b"not a nifti")
+    for other in (tmp_path / "junk.nii.gz", tmp_path / "missing.nii", tmp_path):
+        assert output_kind(other) is None
+    with pytest.raises(ValueError, match="output kind"):
+        output_descrip("label")

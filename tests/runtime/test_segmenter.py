@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,23 +149,6 @@ def test_bad_inputs_are_one_line_errors(model, scan, tmp_path):
             seg.predict(np.zeros((10, 10, 10), np.float32))
 
 
-def test_readme_python_api_example_runs(model, scan, tmp_path):
-    text = (REPO / "README.md").read_text()
-    section = text.split("## Python API", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    (tmp_path / "export").mkdir()
-    (tmp_path / "export" / "model.onnx").write_bytes(model[0].read_bytes())
-    (tmp_path / "scans").mkdir()
-    (tmp_path / "scans" / "case_000.nii.gz").write_bytes(scan.read_bytes())
-    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert "uint8 float32" in run.stdout and "1/1 segmented" in run.stdout
-    assert (tmp_path / "masks" / "case_000_mask.nii.gz").is_file()
-    assert (tmp_path / "masks" / "case_000_prob.nii.gz").is_file()
-    assert (tmp_path / "masks" / "summary.json").is_file()
-
-
 def test_array_without_affine_is_taken_on_the_models_grid(model, scan):
     from dunet_deploy.data.geometry import plan_model_space
     from dunet_deploy.runtime.core import predict_volume
@@ -215,3 +197,26 @@ def test_predict_files_takes_one_string_as_one_input(model, scan, tmp_path):
     assert (nested["total"], nested["ok"]) == (1, 1)
     assert nested["options"]["recursive"] is True and nested["options"]["save_prob"] is True
     assert (tmp_path / "rec" / "case_000_prob.nii.gz").is_file()
+
+
+def test_more_python_api_edges_are_one_line_errors(model, scan, tmp_path):
+    """Issue 19 items 5 and 9 on the other entry points: predict_files, nibabel images, files."""
+    folder = tmp_path / "my scans é"
+    folder.mkdir()
+    (folder / "case_000.nii.gz").write_bytes(scan.read_bytes())
+    img = nib.load(str(scan))
+    flat = nib.Nifti1Image(np.asanyarray(img.dataobj), None)
+    flat.header.set_sform(np.diag([1.0, 0.0, 1.0, 1.0]), code=1)  # qform: none
+    flat = nib.Nifti1Image(np.asanyarray(img.dataobj), flat.header.get_sform(), flat.header)
+    nib.save(flat, str(tmp_path / "flat.nii.gz"))
+    with Segmenter(model[0], backend="onnxruntime") as seg:
+        for bad in (str(folder).encode(), [str(folder).encode()]):
+            with pytest.raises(DunetError, match="bytes path|is not a path"):
+                seg.predict_files(bad, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+        with pytest.raises(DunetError, match="affine is singular"):
+            seg.predict(flat)  # a nibabel image: no raw nibabel ValueError
+        with pytest.raises(DunetError, match=r"^.*flat\.nii\.gz: .*affine"):
+            seg.predict(tmp_path / "flat.nii.gz")
+        summary = seg.predict_files(folder, tmp_path / "out")  # a Path: one input
+    assert (summary["total"], summary["ok"]) == (1, 1)

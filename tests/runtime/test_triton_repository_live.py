@@ -99,6 +99,9 @@ def test_two_server_side_clients_match_local_inference(served):
             ref = nib.load(str(root / "local" / f"{name}_mask.nii.gz"))
             assert np.array_equal(np.asarray(remote.dataobj), np.asarray(ref.dataobj))
             assert remote.get_data_dtype() == np.uint8
+            # Marked as ours like a local mask, so a later run never takes it for a scan.
+            assert remote.header["descrip"].item() == ref.header["descrip"].item() == \
+                b"dunet-deploy mask"
             np.testing.assert_allclose(remote.affine, ref.affine)
             assert case["bytes_sent"] > v.stat().st_size  # the file and its request framing
             assert 0 < case["bytes_received"] < v.stat().st_size

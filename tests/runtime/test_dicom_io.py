@@ -1,0 +1,127 @@
+"""runtime.dicom_io: DICOM series as pipeline inputs (no model needed), on real pydicom files."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dunet_deploy.data.dicom import DicomVolume, list_series, source_record
+from dunet_deploy.data.synth_dicom import SeriesInfo, write_dicom_series
+from dunet_deploy.errors import DunetError
+from dunet_deploy.runtime.dicom_io import (
+    SEG_SUFFIX,
+    ScanReader,
+    is_series_input,
+    refuse_non_dicom,
+    series_names,
+)
+from dunet_deploy.runtime.pipeline import InputItem, expand_inputs, output_stem
+
+pytest.importorskip("pydicom")
+
+SHAPE = (10, 12, 6)
+AXIAL = np.diag([1.0, 1.0, 2.0, 1.0])
+SAGITTAL = np.array([[0, 0, 1.5, -4], [-1, 0, 0, 6], [0, -1, 0, 5], [0, 0, 0, 1]], float)
+
+
+def _values(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 1000, size=SHAPE).astype(np.float32)
+
+
+def _study(folder: Path) -> dict[str, str]:
+    """A localiser, an axial 'T1 MPRAGE' (series 3) and a sagittal 'FLAIR' (series 5)."""
+    uids = {}
+    for number, name, affine, kind in [(1, "loc", AXIAL, "LOCALIZER"),
+                                       (3, "T1 MPRAGE", AXIAL, "M"),
+                                       (5, "FLAIR", SAGITTAL, "M")]:
+        uid = f"1.2.826.0.1.3680043.8.498.{number}"
+        write_dicom_series(_values(number), affine, folder, prefix=f"s{number}",
+                           info=SeriesInfo(series_uid=uid, series_number=number, description=name,
+                                           image_type=("ORIGINAL", "PRIMARY", kind)))
+        uids[name] = uid
+    return uids
+
+
+def test_a_folder_of_several_series_expands_to_one_named_input_each(tmp_path: Path) -> None:
+    uids = _study(tmp_path / "study")
+    (tmp_path / "scan.nii.gz").write_bytes(b"")  # a NIfTI beside it is an input too
+    reader = ScanReader()
+    items = expand_inputs([tmp_path], reader=reader)
+    names = [p.path.name for p in items]
+    assert names == ["scan.nii.gz", "study_s3_T1_MPRAGE", "study_s5_FLAIR"]
+    assert expand_inputs([tmp_path / "study"], reader=reader) == items[1:]
+    t1 = reader.read(items[1].path)
+    assert isinstance(t1, DicomVolume)
+    np.testing.assert_array_equal(t1.data, _values(3))
+    flair = reader.read(items[2].path)
+    np.testing.assert_allclose(flair.affine, SAGITTAL, atol=1e-5)
+    record = source_record(flair)
+    assert record is not None and record["series_uid"] == uids["FLAIR"]
+    assert record["slices"] == SHAPE[2] and record["series_number"] == 5
+    # The names depend on the headers only: a second listing names them the same.
+    assert list(series_names(list_series(tmp_path / "study"))) == names[1:]
+
+
+def test_series_uid_picks_one_series_and_the_folder_is_one_input(tmp_path: Path) -> None:
+    uids = _study(tmp_path / "study")
+    reader = ScanReader(uids["FLAIR"])
+    items = expand_inputs([tmp_path / "study"], reader=reader)
+    assert [i.path for i in items] == [tmp_path / "study"]
+    np.testing.assert_array_equal(reader.read(items[0].path).data, _values(5))
+    with pytest.raises(DunetError, match="no series with UID 1.2.3"):
+        ScanReader("1.2.3").read(tmp_path / "study")
+
+
+def test_a_series_name_that_is_not_there_lists_the_names(tmp_path: Path) -> None:
+    _study(tmp_path / "study")
+    with pytest.raises(DunetError) as exc:
+        ScanReader().read(tmp_path / "study" / "study_s4_T2")
+    assert "study_s3_T1_MPRAGE, study_s5_FLAIR" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_same_number_and_description_are_told_apart_by_uid(tmp_path: Path) -> None:
+    for uid in ("1.2.3.41", "1.2.3.42"):
+        write_dicom_series(_values(1), AXIAL, tmp_path, prefix=uid,
+                           info=SeriesInfo(series_uid=uid, series_number=2, description="T1"))
+    assert sorted(series_names(list_series(tmp_path))) == [
+        f"{tmp_path.name}_s2_T1_12341", f"{tmp_path.name}_s2_T1_12342"]
+
+
+def test_zip_is_one_input_named_without_zip(tmp_path: Path) -> None:
+    files = write_dicom_series(_values(2), AXIAL, tmp_path / "t1")
+    with zipfile.ZipFile(tmp_path / "t1.zip", "w") as zf:
+        for f in files:
+            zf.write(f, f.name)
+    items = expand_inputs([tmp_path / "t1.zip"], reader=ScanReader())
+    assert output_stem(items[0].path) == "t1"
+    np.testing.assert_array_equal(ScanReader().read(items[0].path).data, _values(2))
+
+
+def test_own_seg_outputs_are_not_inputs(tmp_path: Path) -> None:
+    files = write_dicom_series(_values(2), AXIAL, tmp_path / "out")
+    for f in files:  # what our DICOM SEG outputs look like to a folder scan
+        f.rename(f.with_name(f.stem + SEG_SUFFIX))
+    assert not is_series_input(tmp_path / "out")
+    assert is_series_input(tmp_path) is False
+    item = expand_inputs([tmp_path], reader=ScanReader(), recursive=True)[0]
+    assert item.matched_nothing
+
+
+def test_refuse_non_dicom_names_the_nifti_input(tmp_path: Path) -> None:
+    _study(tmp_path / "study")
+    nifti = tmp_path / "scan.nii.gz"
+    items = expand_inputs([tmp_path / "study"], reader=ScanReader())
+    refuse_non_dicom(items)  # series, virtual paths included
+    with pytest.raises(DunetError) as exc:
+        refuse_non_dicom([*items, InputItem(nifti)])
+    assert str(exc.value).startswith(f"dicom_seg: {nifti} is not a DICOM series")
+    assert exc.value.option == "dicom_seg"
+
+
+def test_reader_pickles_for_worker_processes() -> None:
+    reader = ScanReader("1.2.3")
+    assert pickle.loads(pickle.dumps(reader)) == reader

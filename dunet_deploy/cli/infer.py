@@ -242,6 +242,9 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
 
             if not triton_url or save_prob:
                 raise DunetError("--server-side needs --triton-url and cannot --save-prob")
+            if dicom_seg:
+                raise DunetError("--server-side cannot --dicom-seg (the server returns the "
+                                 "NIfTI mask only)")
             summary = segment_server_side(
                 triton_url, volumes, out_dir, expected=read_artifact_info(model_path),
                 on_start=progress.start, on_result=on_result, options=options)

@@ -106,7 +106,7 @@ def series_names(found: Sequence[DicomSeries]) -> dict[str, DicomSeries]:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass
 class ScanReader:
     """Reads NIfTI files and DICOM series (folders, zips); picklable for worker processes.
 
@@ -116,7 +116,8 @@ class ScanReader:
     """
 
     series_uid: str | None = None
-    kinds: str = ".nii or .nii.gz files, DICOM series folders or .zip files"
+    #: What a folder is searched for, for messages.
+    kinds = ".nii or .nii.gz files, DICOM series folders or .zip files"
 
     def is_case(self, path: Path) -> bool:
         """A file, or a DICOM folder of one 3D series (or any with ``series_uid``)."""

@@ -150,7 +150,8 @@ def test_workers_series_uid_and_zip(tiny_run, tmp_path: Path) -> None:
         for f in sorted(picked.iterdir()):
             zf.write(f, f.name)
     proc = _infer(tiny_run.onnx, tmp_path / "out", tmp_path / "study", tmp_path / "oblique.zip",
-                  extra=("--dicom-seg", "--workers", "1", "--series", uids["T1 oblique"]))
+                  extra=("--dicom-seg", "--workers", "1", "--series", uids["T1 oblique"],
+                         "--preview"))
     assert proc.returncode == 0, proc.stderr
     cases = json.loads((tmp_path / "out" / "summary.json").read_text())["cases"]
     assert [Path(c["input"]).name for c in cases] == ["study", "oblique.zip"]
@@ -158,6 +159,8 @@ def test_workers_series_uid_and_zip(tiny_run, tmp_path: Path) -> None:
     np.testing.assert_array_equal(_mask(cases[0]["mask"]), _mask(cases[1]["mask"]))
     assert (tmp_path / "out" / "study_seg.dcm").is_file()
     assert (tmp_path / "out" / "oblique_seg.dcm").is_file()
+    assert (tmp_path / "out" / "study_preview.png").is_file()
+    assert (tmp_path / "out" / "oblique_preview.png").is_file()
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dunet_deploy.data.dicom import DicomVolume, list_series, source_record
+from dunet_deploy.data.dicom import DicomVolume, list_series, load_series, source_record
 from dunet_deploy.data.synth_dicom import SeriesInfo, write_dicom_series
 from dunet_deploy.errors import DunetError
 from dunet_deploy.runtime.dicom_io import (
@@ -125,3 +125,64 @@ def test_refuse_non_dicom_names_the_nifti_input(tmp_path: Path) -> None:
 def test_reader_pickles_for_worker_processes() -> None:
     reader = ScanReader("1.2.3")
     assert pickle.loads(pickle.dumps(reader)) == reader
+
+
+# ------------------------------------------------------------- the writer
+class _FailingWriter:
+    """A NIfTI writer whose disk is full: the SEG written before it must not stay."""
+
+    def targets(self, item, out):
+        from dunet_deploy.runtime.pipeline import NIFTI_WRITER
+
+        return NIFTI_WRITER.targets(item, out)
+
+    def write(self, pred, prep, out):
+        raise DunetError(f"{out.out_dir}: cannot write (No space left on device)")
+
+    def discard_partial(self, item, out):
+        pass
+
+
+def _prepared(tmp_path: Path):
+    from dunet_deploy.runtime.core import Prediction, geometry_of
+    from dunet_deploy.runtime.pipeline import CaseResult, PreparedVolume
+
+    write_dicom_series(_values(3), AXIAL, tmp_path / "t1")
+    vol = ScanReader().read(tmp_path / "t1")
+    item = InputItem(tmp_path / "t1")
+    prep = PreparedVolume(item, CaseResult(input=str(item.path), source=source_record(vol)),
+                          ref=geometry_of(vol))
+    mask = (vol.data > 500).astype(np.uint8)
+    pred = Prediction(mask=mask, prob=None, affine=vol.affine, header=None,
+                      zooms=(1.0, 1.0, 2.0), slabs_run=0, slabs_skipped=0)
+    return item, prep, pred
+
+
+def test_seg_and_mask_are_written_together_or_not_at_all(tmp_path: Path) -> None:
+    pytest.importorskip("highdicom")
+    from dunet_deploy.runtime.dicom_io import DicomSegWriter
+    from dunet_deploy.runtime.dicom_seg import load_dicom_seg
+    from dunet_deploy.runtime.options import InferenceOptions
+    from dunet_deploy.runtime.pipeline import NIFTI_WRITER, OutputOptions
+
+    _item, prep, pred = _prepared(tmp_path)
+    (tmp_path / "out").mkdir()
+    out = OutputOptions(tmp_path / "out", InferenceOptions(min_lesion_mm3=0.0))
+    failing = DicomSegWriter(_FailingWriter(), "dunet", "0.1 fp32", "ab" * 32)
+    with pytest.raises(DunetError, match="No space left"):
+        failing.write(pred, prep, out)
+    assert list((tmp_path / "out").iterdir()) == []
+
+    writer = DicomSegWriter(NIFTI_WRITER, "dunet", "0.1 fp32", "ab" * 32)
+    copy = pickle.loads(pickle.dumps(writer))  # worker processes write with a copy
+    assert (copy.model_name, copy.model_digest) == (writer.model_name, writer.model_digest)
+    files = writer.write(pred, prep, out)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["t1_mask.nii.gz", "t1_seg.dcm"]
+    datasets = load_series(list_series(tmp_path / "t1")[0]).datasets
+    np.testing.assert_array_equal(load_dicom_seg(files["dicom_seg"], datasets), pred.mask)
+
+    # A series that changed on disk since it was segmented is refused, not mislabelled.
+    for f in sorted((tmp_path / "t1").iterdir())[-1:]:
+        f.unlink()
+    with pytest.raises(DunetError, match="changed since it was read"):
+        writer.write(pred, prep, out)

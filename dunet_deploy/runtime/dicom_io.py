@@ -142,12 +142,16 @@ class ScanReader:
             return self._series_of(folder)
         entries = folder.rglob("*") if recursive else folder.iterdir()
         found: list[Path] = []
+        taken: list[Path] = []  # DICOM folders: what lies below them is theirs (list_series)
         for p in sorted(entries):
+            if any(p.is_relative_to(t) for t in taken):
+                continue
             if p.is_file():
                 if nifti_suffix(p) or p.name.lower().endswith(".zip"):
                     found.append(p)
             elif p.is_dir() and is_series_input(p):
-                found.extend([p] if self.is_case(p) else self._series_of(p))
+                taken.append(p)
+                found.extend(self._series_of(p))
         return sorted(found)
 
     def _series_of(self, folder: Path) -> list[Path]:

@@ -186,3 +186,19 @@ def test_seg_and_mask_are_written_together_or_not_at_all(tmp_path: Path) -> None
         f.unlink()
     with pytest.raises(DunetError, match="changed since it was read"):
         writer.write(pred, prep, out)
+
+
+def test_recursive_search_takes_a_dicom_export_once(tmp_path: Path) -> None:
+    # An export: a DICOM file at the top (a one-image screenshot series stands in for a DICOMDIR)
+    # and the series in sub-folders, which list_series reads: they are no inputs of their own.
+    uids = _study(tmp_path / "export" / "DICOM")
+    write_dicom_series(_values(9)[:, :, :1], AXIAL, tmp_path / "export", prefix="shot",
+                       info=SeriesInfo(series_number=99, description="screenshot"))
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    write_dicom_series(_values(7), AXIAL, tmp_path / "sub" / "deeper" / "t2")
+    items = expand_inputs([tmp_path], reader=ScanReader(), recursive=True)
+    assert [i.path.relative_to(tmp_path) for i in items] == [
+        Path("export/export_s3_T1_MPRAGE"), Path("export/export_s5_FLAIR"),
+        Path("sub/deeper/t2")]
+    np.testing.assert_array_equal(ScanReader(uids["T1 MPRAGE"]).read(tmp_path / "export").data,
+                                  _values(3))

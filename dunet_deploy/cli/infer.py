@@ -5,7 +5,10 @@ Example::
     dunet-infer --engine runs/export/model.onnx scans/ extra/*.nii.gz -o out/
 
 writes ``out/<name>_mask.nii.gz`` (uint8, the input's geometry) per volume,
-``out/<name>_prob.nii.gz`` with ``--save-prob``, and ``out/summary.json``.
+``out/<name>_prob.nii.gz`` with ``--save-prob``, and ``out/summary.json``. A
+folder holding a DICOM series (or a ``.zip`` of one) is an input too (one per
+3D series; ``--series UID`` picks one); ``--dicom-seg`` also writes
+``out/<name>_seg.dcm``, a DICOM SEG of the source series (docs/dicom.md).
 
 Exit codes: 0 all volumes segmented; 1 some inputs failed (each reported as
 ``error: <input>: <reason>`` on stderr and in summary.json, the others still

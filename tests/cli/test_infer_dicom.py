@@ -204,9 +204,12 @@ def test_bad_series_fail_their_own_case_and_nifti_with_dicom_seg_is_refused(
                                       "series (a DICOM SEG needs a source series to reference); "
                                       "give DICOM series only")
     assert not (tmp_path / "out2").exists()
+    bad_uid = _infer(tiny_run.onnx, tmp_path / "out3", good, extra=("--series", "T1"))
+    assert bad_uid.returncode == 2
+    assert bad_uid.stderr.strip() == ("error: --series 'T1': not a DICOM UID (digits and dots, "
+                                      "at most 64 characters)")
 
 
-@pytest.mark.slow
 def test_segmenter_takes_a_dicom_folder(tiny_run, tmp_path: Path) -> None:
     from dunet_deploy.runtime.segmenter import Segmenter
 

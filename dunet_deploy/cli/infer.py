@@ -5,7 +5,10 @@ Example::
     dunet-infer --engine runs/export/model.onnx scans/ extra/*.nii.gz -o out/
 
 writes ``out/<name>_mask.nii.gz`` (uint8, the input's geometry) per volume,
-``out/<name>_prob.nii.gz`` with ``--save-prob``, and ``out/summary.json``.
+``out/<name>_prob.nii.gz`` with ``--save-prob``, and ``out/summary.json``. A
+folder holding a DICOM series (or a ``.zip`` of one) is an input too (one per
+3D series; ``--series UID`` picks one); ``--dicom-seg`` also writes
+``out/<name>_seg.dcm``, a DICOM SEG of the source series (docs/dicom.md).
 
 Exit codes: 0 all volumes segmented; 1 some inputs failed, a missing or
 truncated one included, even when it is the only one (each reported as
@@ -85,16 +88,24 @@ class _Progress:
             self._bar = None
 
 
-def _expand(inputs: tuple[str, ...], recursive: bool, out_dir: Path) -> list[str]:
+def _expand(inputs: tuple[str, ...], options: Any, out_dir: Path) -> list[str]:
     """The volumes to segment; what is not a scan is left out with a note on stderr.
 
     Raises:
-        DunetError: when a folder or pattern matches no scan (before anything is created).
+        DunetError: when a folder or pattern matches no scan, or ``--dicom-seg``
+            is given a NIfTI input (before anything is created).
     """
+    from dunet_deploy.runtime.dicom_io import ScanReader, refuse_non_dicom
     from dunet_deploy.runtime.pipeline import expand_inputs
 
     skipped: list[tuple[Path, str]] = []
-    items = expand_inputs(inputs, recursive=recursive, skipped=skipped, out_dir=out_dir)
+    items = expand_inputs(inputs, recursive=options.recursive, skipped=skipped,
+                          reader=ScanReader(options.series), out_dir=out_dir)
+    if options.dicom_seg:
+        try:
+            refuse_non_dicom(items)
+        except DunetError as exc:
+            raise DunetError(exc.for_command(FLAGS)) from None
     for path, why in skipped:
         click.echo(f"note: {path}: skipped, {why}", err=True)
     for item in items:
@@ -209,15 +220,22 @@ def _check_remote(options: Any, model_path: Path | None, triton_url: str | None,
                    "lesion volume and DSC. Needs matplotlib.")
 @click.option("-r", "--recursive", is_flag=True,
               help="Folders: also segment the scans in their sub-folders.")
+@click.option("--series", default=None, metavar="UID",
+              help="DICOM inputs: segment only the series with this Series Instance UID "
+                   "(default: every 3D series of a folder, each named "
+                   "<folder>_s<number>_<description>).")
+@click.option("--dicom-seg", is_flag=True,
+              help="Also write OUT/<name>_seg.dcm: the mask as a DICOM Segmentation of the "
+                   "source series (DICOM inputs only).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no final summary line.")
 @handle_errors
 def main(model_path: Path | None, inputs: tuple[str, ...], out_dir: Path, backend: str, device: str,
          batch_size: int, save_prob: bool, prob_dtype: str, threads: int | None, precision: str,
          triton_url: str | None, tta: str | None, min_lesion_mm3: float | None, resample: str,
          cuda_graph: bool, workers: int | None, server_side: bool, preview: bool,
-         recursive: bool,
+         recursive: bool, series: str | None, dicom_seg: bool,
          quiet: bool) -> None:
-    """Segment stroke lesions in INPUT volumes (NIfTI files, directories or glob patterns).
+    """Segment stroke lesions in INPUT volumes (NIfTI files, DICOM series, directories or globs).
 
     Writes OUT/<name>_mask.nii.gz per input (same shape, affine, qform/sform
     and voxel sizes as the input) and OUT/summary.json (per-case status,
@@ -238,7 +256,7 @@ def main(model_path: Path | None, inputs: tuple[str, ...], out_dir: Path, backen
         params["workers"] = 0  # the server reads and writes: no worker processes here
     options = build_options(params)
     _check_remote(options, model_path, triton_url, server_side)
-    volumes = _expand(inputs, recursive, out_dir)
+    volumes = _expand(inputs, options, out_dir)
     check_output_dir(out_dir, "-o/--out")
     if preview:
         from dunet_deploy.runtime.preview import require_matplotlib

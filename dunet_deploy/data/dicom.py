@@ -55,6 +55,8 @@ __all__ = [
     "load_dicom",
     "load_series",
     "require_pydicom",
+    "series_headers",
+    "source_record",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -520,6 +522,35 @@ def load_series(series: DicomSeries, limits: NiftiLimits = DEFAULT_LIMITS) -> Di
                        datasets=tuple(datasets), series=series)
 
 
+def series_headers(series: DicomSeries, limits: NiftiLimits = DEFAULT_LIMITS
+                   ) -> tuple[tuple[Any, ...], np.ndarray]:
+    """The datasets of one listed series without pixel data, in slice order, and its affine.
+
+    What a DICOM SEG references, read again after the volume was segmented
+    (a worker process need not ship the headers with the volume).
+
+    Returns:
+        ``(datasets, affine)``: the datasets in the order of a
+        :class:`DicomVolume`'s third axis and its RAS ``[4, 4]`` affine.
+
+    Raises:
+        DunetError: ``series.problem``, or files that changed since listing.
+    """
+    if series.problem is not None:
+        raise DunetError(series.problem)
+    pydicom = require_pydicom()
+    where = f"{series.source}: {series.label}"
+    with _open_source(series.source, limits) as source:
+        named = [(name, _parse(pydicom, source, name, series.source / name, limits, pixels=False))
+                 for name in series.members]
+    if any(ds is None or str(ds.get("SeriesInstanceUID", "")) != series.uid for _, ds in named):
+        raise DunetError(f"{where}: the files changed since the series was listed")
+    geometry = _geometry(where, named)
+    if geometry.order != list(range(len(named))) or geometry.shape != series.shape:
+        raise DunetError(f"{where}: the files changed since the series was listed")
+    return tuple(ds for _, ds in named), geometry.affine
+
+
 def load_dicom(path: PathLike, series_uid: str | None = None,
                limits: NiftiLimits = DEFAULT_LIMITS) -> DicomVolume:
     """Read the 3D series of a folder or zip (the one given by ``series_uid`` when several).
@@ -555,3 +586,18 @@ def load_dicom(path: PathLike, series_uid: str | None = None,
     have = ", ".join(f"{s.label} {s.uid}" for s in volumes)
     raise DunetError(one_line(f"{p}: holds {len(volumes)} 3D series ({have}); choose one "
                               "with series_uid"))
+
+
+def source_record(volume: NiftiVolume) -> dict[str, Any] | None:
+    """What a run's summary records of a DICOM input (``None`` for any other volume).
+
+    Returns:
+        ``{"kind": "dicom", "path", "series_uid", "series_number",
+        "description", "modality", "slices"}``.
+    """
+    if not isinstance(volume, DicomVolume) or volume.series is None:
+        return None
+    series = volume.series
+    return {"kind": "dicom", "path": str(series.source), "series_uid": series.uid,
+            "series_number": series.number, "description": series.description,
+            "modality": series.modality, "slices": len(volume.datasets)}

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,8 @@ __all__ = ["InferenceOptions", "Sources"]
 #: Where each model-defaulted setting came from: ``"model"`` or ``"argument"``.
 Sources = dict[str, str]
 
+#: A DICOM UID: dot-separated numbers, at most 64 characters.
+_UID = re.compile(r"(?=.{1,64}$)[0-9]+(\.[0-9]+)*")
 _OUT = {"output": True}  # the field changes what a run writes (see fingerprint())
 
 
@@ -64,6 +67,10 @@ class InferenceOptions:
         workers: Worker processes that read and write (0: all in this process).
         prefetch: Prepared volumes queued ahead of the model, >= 1.
         recursive: Input folders are searched in their sub-folders too.
+        series: Read only this Series Instance UID from DICOM inputs (``None``:
+            every 3D series of a folder, each its own case).
+        dicom_seg: Also write ``<name>_seg.dcm``, a DICOM SEG of the source
+            series (every input must then be a DICOM series).
 
     Raises:
         DunetError: on construction, for any invalid value (``option`` names the field).
@@ -83,6 +90,9 @@ class InferenceOptions:
     workers: int = 0
     prefetch: int = 1
     recursive: bool = False
+    # DICOM inputs and outputs (runtime/dicom_io.py)
+    series: str | None = field(default=None, metadata=_OUT)
+    dicom_seg: bool = field(default=False, metadata=_OUT)
 
     def __post_init__(self) -> None:
         check_choice("backend", self.backend, ("auto", *choices.BACKENDS))
@@ -97,7 +107,11 @@ class InferenceOptions:
         _check_int("batch_size", self.batch_size, 1)
         _check_int("workers", self.workers, 0)
         _check_int("prefetch", self.prefetch, 1)
-        for name in ("cuda_graph", "save_prob", "recursive"):
+        if self.series is not None and (not isinstance(self.series, str)
+                                        or not _UID.fullmatch(self.series)):
+            raise DunetError(f"series {self.series!r}: not a DICOM UID (digits and dots, "
+                             "at most 64 characters)", option="series")
+        for name in ("cuda_graph", "save_prob", "recursive", "dicom_seg"):
             if not isinstance(getattr(self, name), bool):
                 raise DunetError(f"{name} {getattr(self, name)!r}: must be True or False",
                                  option=name)

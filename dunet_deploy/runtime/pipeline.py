@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from dunet_deploy import __version__
+from dunet_deploy.data.dicom import source_record
 from dunet_deploy.data.nifti import NiftiVolume, load_nifti, nifti_suffix, output_kind
 from dunet_deploy.errors import DunetError
 from dunet_deploy.machine import machine_info
@@ -121,8 +122,11 @@ def label_file_reason(path: str | os.PathLike[str]) -> str | None:
 
 
 def output_stem(path: str | os.PathLike[str]) -> str:
-    """File name without ``.nii`` / ``.nii.gz`` (``sub-1_T1w.nii.gz`` -> ``sub-1_T1w``)."""
+    """File name without ``.nii`` / ``.nii.gz`` / ``.zip`` (``sub-1_T1w.nii.gz`` -> ``sub-1_T1w``).
+    """
     name = Path(path).name
+    if name.lower().endswith(".zip"):  # a zipped DICOM series
+        return name[:-4]
     suffix = nifti_suffix(name)
     return name[: -len(suffix)] if suffix else name
 
@@ -385,6 +389,8 @@ class CaseResult:
         bytes_sent: Bytes put on the wire to a Triton server (``None``: local model).
         bytes_received: Tensor bytes received from it.
         server: The server's summary (``--server-side``).
+        source: A DICOM input's series (``data.dicom.source_record``: UID, slices, ...).
+        dicom_seg: Written DICOM SEG file (``dicom_seg``).
     """
 
     input: str
@@ -405,6 +411,8 @@ class CaseResult:
     bytes_sent: int | None = None
     bytes_received: int | None = None
     server: dict[str, Any] | None = None
+    source: dict[str, Any] | None = None
+    dicom_seg: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -495,6 +503,7 @@ def prepare_source(
     """
     result = CaseResult(input=str(item.path)) if result is None else result
     prep = PreparedVolume(item, result)
+    result.source = source_record(source)
     try:
         net = to_network(source.data, spec, affine=None if as_is else source.affine,
                          resample=resample, times=result.times)

@@ -137,10 +137,12 @@ def _case_preview(case: Mapping[str, Any], out_dir: Path) -> Path:
     """The preview of one ``summary.json`` case (its input, mask and reference if found)."""
     from dunet_deploy.data.nifti import load_mask, load_nifti
     from dunet_deploy.metrics import case_metrics
+    from dunet_deploy.runtime.dicom_io import ScanReader
     from dunet_deploy.runtime.pipeline import output_stem
 
     scan = Path(case["input"])
-    image = load_nifti(scan).data
+    source = case.get("source") or {}
+    image = ScanReader(source.get("series_uid")).read(scan).data  # NIfTI or a DICOM series
     pred = (load_nifti(case["mask"]).data > 0).astype(np.uint8)
     title = f"{output_stem(scan)}: lesion {float(case['lesion_volume_mm3']):.0f} mm³"
     masks = truth_for(scan)

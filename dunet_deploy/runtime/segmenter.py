@@ -35,10 +35,10 @@ from dunet_deploy.errors import DunetError
 from dunet_deploy.postprocess import with_tta
 from dunet_deploy.runtime.base import Closeable, Runner, open_runner
 from dunet_deploy.runtime.core import Prediction, Predictor
+from dunet_deploy.runtime.dicom_io import ScanReader, is_series_input, refuse_non_dicom, seg_writer
 from dunet_deploy.runtime.inprocess import Prefetcher, run_cases
 from dunet_deploy.runtime.options import InferenceOptions, Sources
 from dunet_deploy.runtime.pipeline import (
-    NIFTI_READER,
     NIFTI_WRITER,
     SUMMARY_NAME,
     CaseResult,
@@ -207,7 +207,8 @@ class Segmenter(Closeable):
         ``infer_case``, ``finish_case``), on a volume in memory.
 
         Args:
-            image: A NIfTI path, a nibabel image, a :class:`NiftiVolume`, or a
+            image: A NIfTI path, a DICOM series (folder or zip; ``series``
+                picks one of several), a nibabel image, a :class:`NiftiVolume`, or a
                 3D array (voxel values; then ``affine`` gives its geometry).
             affine: ``[4, 4]`` voxel-to-world matrix of an array input; without
                 it the array is taken as already on the model's grid (no
@@ -223,7 +224,11 @@ class Segmenter(Closeable):
         """
         predict = self.predictor()  # a closed Segmenter says so before any work
         t0 = time.perf_counter()
-        vol = as_volume(image, affine)
+        if isinstance(image, (str, os.PathLike)) and affine is None and not isinstance(
+                os.fspath(image), bytes) and is_series_input(Path(image)):
+            vol = ScanReader(self.options.series).read(Path(image))  # a DICOM series
+        else:
+            vol = as_volume(image, affine)
         item = InputItem(vol.path if vol.path is not None else Path("array"))
         result = CaseResult(input=str(item.path))
         result.times["read"] = time.perf_counter() - t0
@@ -268,14 +273,15 @@ class Segmenter(Closeable):
         *,
         on_start: Callable[[Runner, int], None] | None = None,
         on_result: Callable[[CaseResult], None] | None = None,
-        reader: Reader = NIFTI_READER,
+        reader: Reader | None = None,
         writer: Writer = NIFTI_WRITER,
         **changes: Any,
     ) -> dict[str, Any]:
-        """Segment NIfTI files into ``out_dir`` and write ``summary.json``.
+        """Segment NIfTI files and DICOM series into ``out_dir`` and write ``summary.json``.
 
         Writes ``<name>_mask.nii.gz`` (and ``<name>_prob.nii.gz`` with
-        ``save_prob``) per input. Reading and preprocessing run ahead of the
+        ``save_prob``, ``<name>_seg.dcm`` with ``dicom_seg``) per input.
+        Reading and preprocessing run ahead of the
         model (on a background thread, or in ``workers`` processes that also
         post-process and write); when the model is not loaded yet it is loaded
         while the first volume is read. A bad input fails only its own case
@@ -305,8 +311,12 @@ class Segmenter(Closeable):
             on_start: Called once the model is loaded, with the runner and the
                 number of inputs.
             on_result: Called with each finished :class:`CaseResult`, in order.
-            reader: Says what an input is and reads it.
-            writer: Writes each case's outputs.
+            reader: Says what an input is and reads it (default:
+                :class:`~dunet_deploy.runtime.dicom_io.ScanReader`: NIfTI files
+                and DICOM series, ``series`` picking one UID).
+            writer: Writes each case's outputs (wrapped in a
+                :class:`~dunet_deploy.runtime.dicom_io.DicomSegWriter` with
+                ``dicom_seg``).
             **changes: :class:`InferenceOptions` fields for this call
                 (``save_prob``, ``workers``, ``prefetch``, ``prob_dtype``,
                 ``recursive``, ``tta``, ``min_lesion_mm3``, ``resample``, ...).
@@ -316,20 +326,25 @@ class Segmenter(Closeable):
 
         Raises:
             DunetError: for invalid options, an input folder or pattern that
-                gives no scan, a model that cannot be loaded or an ``out_dir``
-                that cannot be created; per-input problems (a missing or
-                truncated file) are in the summary instead.
+                gives no scan, a model that cannot be loaded, an ``out_dir``
+                that cannot be created, or ``dicom_seg`` with an input that is
+                not a DICOM series (before any work); per-input problems (a
+                missing or truncated file) are in the summary instead.
         """
         run, sources = self.run_options(options, **changes)
         if self._closed:
             self.open()  # says so before any work
         t_start = time.perf_counter()
+        reader = ScanReader(run.series) if reader is None else reader
         skipped: list[tuple[Path, str]] = []
         items = expand_inputs(inputs, recursive=run.recursive, reader=reader, out_dir=out_dir,
                               skipped=skipped)
         for item in items:
             if item.matched_nothing:  # before anything is created or loaded
                 raise DunetError(str(item.error))
+        if run.dicom_seg:
+            refuse_non_dicom(items)
+            writer = seg_writer(writer, self.info, self.model_path)
         created = missing_folders(out_dir)  # removed again if the run fails before writing
         out = OutputOptions(prepare_output_dir(out_dir), run, writer)
         results: list[CaseResult] = []

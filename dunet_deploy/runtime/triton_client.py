@@ -62,6 +62,8 @@ _NOT_SERVER_SIDE = {
     "prob_dtype": "the server returns masks only, no probability maps",
     "workers": "the server reads and writes; the client only sends files",
     "prefetch": "the server reads and writes; the client only sends files",
+    "series": "the server reads NIfTI files only",
+    "dicom_seg": "the server returns the NIfTI mask only",
 }
 
 

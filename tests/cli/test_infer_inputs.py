@@ -51,7 +51,8 @@ def test_an_atlas_t01_folder_segments_the_scan_only(tiny_run, tmp_path):
 def test_recursive_finds_every_scan_of_the_dataset(tiny_run, tmp_path):
     flat = infer(tiny_run, tiny_run.data, "-o", tmp_path / "flat")
     line = _only_error(flat)
-    assert line == (f"error: {tiny_run.data}: no scans (.nii or .nii.gz files) in directory "
+    assert line == (f"error: {tiny_run.data}: no scans (.nii or .nii.gz files, DICOM "
+                    "series folders or .zip files) in directory "
                     "(--recursive looks in sub-folders)")
     assert not (tmp_path / "flat").exists()
 

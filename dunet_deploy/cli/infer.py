@@ -34,6 +34,7 @@ from dunet_deploy.choices import (
     DEVICES,
     PRECISIONS,
     PROB_DTYPES,
+    REGISTER_MODES,
     RESAMPLE_MODES,
     TTA_MODES,
 )
@@ -177,13 +178,22 @@ def build_options(params: dict[str, Any]) -> Any:
                    "lesion volume and DSC. Needs matplotlib.")
 @click.option("-r", "--recursive", is_flag=True,
               help="Folders: also segment the scans in their sub-folders.")
+@click.option("--register", type=click.Choice(REGISTER_MODES), default=None,
+              help="Registration to the model's template (template.nii.gz beside it): auto = "
+                   "scans that do not look registered are registered (12-parameter affine), "
+                   "segmented there and the mask brought back onto the scan's grid; always; "
+                   "never = warn when a scan does not look registered.  [default: the "
+                   "model's, set at export; else auto]")
+@click.option("--bias-correct", is_flag=True,
+              help="N4 bias-field correction of each scan before normalisation (SimpleITK; "
+                   "a few seconds per scan).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no final summary line.")
 @handle_errors
 def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str, device: str,
          batch_size: int, save_prob: bool, prob_dtype: str, threads: int | None, precision: str,
          triton_url: str | None, tta: str | None, min_lesion_mm3: float | None, resample: str,
          cuda_graph: bool, workers: int | None, server_side: bool, preview: bool,
-         recursive: bool,
+         recursive: bool, register: str | None, bias_correct: bool,
          quiet: bool) -> None:
     """Segment stroke lesions in INPUT volumes (NIfTI files, directories or glob patterns).
 

@@ -47,6 +47,7 @@ import nibabel as nib
 import numpy as np
 import numpy.typing as npt
 
+from dunet_deploy.choices import REGISTER_MODES
 from dunet_deploy.errors import DunetError
 from dunet_deploy.spec import PreprocessSpec
 
@@ -63,8 +64,6 @@ __all__ = [
     "similarity",
 ]
 
-#: Values of ``--register``.
-REGISTER_MODES = ("auto", "always", "never")
 #: File name of the template beside an exported model.
 TEMPLATE_FILE = "template.nii.gz"
 #: Voxel size (mm) of a template built from training volumes.

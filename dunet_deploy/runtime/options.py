@@ -64,6 +64,10 @@ class InferenceOptions:
         workers: Worker processes that read and write (0: all in this process).
         prefetch: Prepared volumes queued ahead of the model, >= 1.
         recursive: Input folders are searched in their sub-folders too.
+        register: Registration to the model's template, one of
+            :data:`~dunet_deploy.choices.REGISTER_MODES`; ``None`` takes the
+            model's own default (``auto`` unless exported otherwise).
+        bias_correct: N4 bias-field correction of each scan before normalisation.
 
     Raises:
         DunetError: on construction, for any invalid value (``option`` names the field).
@@ -83,6 +87,9 @@ class InferenceOptions:
     workers: int = 0
     prefetch: int = 1
     recursive: bool = False
+    # registration (runtime/register_stage.py)
+    register: str | None = field(default=None, metadata=_OUT)
+    bias_correct: bool = field(default=False, metadata=_OUT)
 
     def __post_init__(self) -> None:
         check_choice("backend", self.backend, ("auto", *choices.BACKENDS))
@@ -97,7 +104,9 @@ class InferenceOptions:
         _check_int("batch_size", self.batch_size, 1)
         _check_int("workers", self.workers, 0)
         _check_int("prefetch", self.prefetch, 1)
-        for name in ("cuda_graph", "save_prob", "recursive"):
+        if self.register is not None:
+            check_choice("register", self.register, choices.REGISTER_MODES)
+        for name in ("cuda_graph", "save_prob", "recursive", "bias_correct"):
             if not isinstance(getattr(self, name), bool):
                 raise DunetError(f"{name} {getattr(self, name)!r}: must be True or False",
                                  option=name)
@@ -115,21 +124,24 @@ class InferenceOptions:
         return dataclasses.replace(self, **changes)
 
     def with_model_defaults(self, defaults: Any) -> tuple[InferenceOptions, Sources]:
-        """Fill ``tta`` / ``min_lesion_mm3`` left ``None`` from a model's defaults.
+        """Fill ``tta`` / ``min_lesion_mm3`` / ``register`` left ``None`` from a model's defaults.
 
         Args:
             defaults: The model's :class:`~dunet_deploy.spec.InferenceDefaults`.
 
         Returns:
-            ``(options with both set, sources)``: ``sources`` maps each of the
-            two to ``"model"`` or ``"argument"``.
+            ``(options with the three set, sources)``: ``sources`` maps each of
+            them to ``"model"`` or ``"argument"``.
         """
         sources = {"tta": "model" if self.tta is None else "argument",
-                   "min_lesion_mm3": "model" if self.min_lesion_mm3 is None else "argument"}
+                   "min_lesion_mm3": "model" if self.min_lesion_mm3 is None else "argument",
+                   "register": "model" if self.register is None else "argument"}
         resolved = self.replace(
             tta=defaults.tta if self.tta is None else self.tta,
             min_lesion_mm3=(defaults.min_lesion_mm3 if self.min_lesion_mm3 is None
-                            else self.min_lesion_mm3))
+                            else self.min_lesion_mm3),
+            register=(getattr(defaults, "register", "auto") if self.register is None
+                      else self.register))
         return resolved, sources
 
     # ------------------------------------------------------------- records

@@ -146,7 +146,7 @@ def _mtime(model: str | os.PathLike[str]) -> int:
 
 def register_to_network(
     volume: npt.ArrayLike, affine: npt.ArrayLike, spec: PreprocessSpec, stage: RegisterStage,
-    *, resample: str = "auto", times: dict[str, float] | None = None,
+    *, resample: str = "auto", times: dict[str, float] | None = None, template: Any = None,
 ) -> tuple[NetworkInput, dict[str, Any], tuple[str, ...]]:
     """:func:`~dunet_deploy.runtime.core.to_network` with the registration stage before it.
 
@@ -157,6 +157,8 @@ def register_to_network(
         stage: What to do.
         resample: ``"auto"`` or ``"never"``; ``never`` refuses a scan that needs registering.
         times: ``"preprocess"`` seconds (N4, the check, the registration) are added to it.
+        template: A :class:`~dunet_deploy.data.registration.Template` to use
+            instead of the model's (benchmarks, a template in memory).
 
     Returns:
         ``(network input, summary's registration record, warnings)``.
@@ -177,7 +179,9 @@ def register_to_network(
         t_n4 = time.perf_counter()
         vol = bias_correct(vol, aff, threads=stage.threads)
         record["bias_correct_seconds"] = round(time.perf_counter() - t_n4, 3)
-    if not stage.has_template:
+    if template is None and stage.has_template:
+        template = stage.template()
+    if template is None:
         add_time(times, "preprocess", time.perf_counter() - t0)
         record["checked"] = False
         record["reason"] = (NO_TEMPLATE if stage.model is None or spec.grid_matrix is not None
@@ -189,13 +193,13 @@ def register_to_network(
     grid = (spec.volume_shape, spec.grid_matrix)
     if stage.mode != "never" and resample == "never":
         # The check alone decides; registering would resample, which "never" forbids.
-        reg = plan_registration(vol, aff, stage.template(), mode="never", grid=grid)
+        reg = plan_registration(vol, aff, template, mode="never", grid=grid)
         if reg.warnings:
             raise DunetError(f"the scan ({describe_grid(vol.shape, aff)}) does not look "
                              "registered to the model's template and --resample never "
                              "forbids registering it")
     else:
-        reg = plan_registration(vol, aff, stage.template(), mode=stage.mode, grid=grid,
+        reg = plan_registration(vol, aff, template, mode=stage.mode, grid=grid,
                                 threads=stage.threads)
     record.update(reg.describe())
     record["checked"] = True

@@ -52,7 +52,7 @@ class _QuadrantHead(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = torch.nn.functional.avg_pool2d(x.mean(dim=1, keepdim=True), 7, stride=1,
                                            padding=3, count_include_pad=False)
-        return torch.sigmoid(8.0 * (c + 0.5)) * self.window
+        return torch.sigmoid(8.0 * (c + 1.5)) * self.window
 
 
 def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:

@@ -118,6 +118,7 @@ def main() -> None:
         row: dict = {"scan": i, "layout": layout, **{k: v for k, v in motion.to_dict().items()
                                                      if k in ("rotation_deg", "shift_mm", "scale")}}
         img, _lesions, aff = A.synthesize_anatomy_case(args.seed + i, warp_mm=4.0)
+        carried = np.zeros(1)
         scan = A.native_scan(img, aff, motion, layout=layout, voxel_mm=1.0)
         try:
             reg, wall, cpu = _timed(R.plan_registration, scan.data, scan.affine, template,
@@ -146,7 +147,7 @@ def main() -> None:
         row["registered_head"] = {"false_alarm": plan.done,
                                   "similarity": round(plan.similarity_before, 4),
                                   "check_s": round(wall, 4), "preprocess_s": round(pre_wall, 4)}
-        if i < args.n4:  # N4 on a strong bias field
+        if i < args.n4 and carried.ndim == 3:  # N4 on a strong bias field
             x = np.linspace(-1, 1, scan.data.shape[0], dtype=np.float32)[:, None, None]
             biased = scan.data * np.exp(np.float32(0.7) * x)
             fixed, n4_wall, _ = _timed(R.bias_correct, biased, scan.affine, threads=args.threads)
@@ -158,6 +159,16 @@ def main() -> None:
                 except Exception as exc:
                     row[f"bias_{name}"] = {"error": str(exc)}
             row["n4_s"] = round(n4_wall, 3)
+            # Masks of the biased scan through the stage with --bias-correct (without it the
+            # registration above fails: a per-case error, no mask).
+            try:
+                n4_stage = RegisterStage(mode="auto", bias_correct=True, threads=args.threads)
+                net, _, _ = register_to_network(biased, scan.affine, model_spec, n4_stage,
+                                                template=template)
+                row["bias_n4"]["mask_dsc"] = round(_dsc(_mask(
+                    net, scan.data.shape, scan.affine, model_spec, predict), carried), 4)
+            except Exception as exc:
+                row["bias_n4"]["mask_error"] = str(exc)
         rows.append(row)
         print(json.dumps(row), flush=True)
 

@@ -99,14 +99,14 @@ def describe_grid(shape: Sequence[int], affine: npt.ArrayLike) -> str:
 
 
 def describe_box(shape: Sequence[int], affine: npt.ArrayLike) -> str:
-    """Where a grid lies: its world bounding box, ``"world box x -98.5..98.5, y ..., z ... mm"``.
+    """Where a grid lies: its world box to the mm, ``"x -98..98 y -134..98 z -72..116 mm"``.
 
     Two grids of the same shape and spacing differ here when they lie at
     different places (messages name both).
     """
     lo, hi = _world_box(shape, np.asarray(affine, dtype=np.float64))
-    return "world box " + ", ".join(f"{axis} {a:.1f}..{b:.1f}"
-                                    for axis, a, b in zip("xyz", lo, hi, strict=True)) + " mm"
+    return " ".join(f"{axis} {round(float(a))}..{round(float(b))}"
+                    for axis, a, b in zip("xyz", lo, hi, strict=True)) + " mm"
 
 
 def _reorientation(affine: np.ndarray, codes: Sequence[str]) -> np.ndarray:
@@ -405,11 +405,10 @@ def plan_model_space(
             overlap = _overlap(shp, aff, spec.volume_shape, grid)
             if overlap < min_overlap:
                 raise DunetError(
-                    f"scan grid {describe_grid(shp, aff)} ({describe_box(shp, aff)}) covers "
-                    f"only {100 * overlap:.0f}% of the model's training grid {name} "
-                    f"({describe_box(spec.volume_shape, grid)}): the model expects scans "
-                    f"registered to that space ({name}; dunet-infer --register registers them "
-                    "when the model has a template)"
+                    f"scan grid {describe_grid(shp, aff)} at {describe_box(shp, aff)} covers "
+                    f"only {100 * overlap:.0f}% of the training grid {name} at "
+                    f"{describe_box(spec.volume_shape, grid)}: scans must be registered to "
+                    "that space (--register)"
                 )
             target = (spec.volume_shape, grid)
         else:
@@ -421,10 +420,10 @@ def plan_model_space(
     if target is not None:
         if resample == "never":
             raise DunetError(
-                f"scan grid {describe_grid(shp, aff)} ({describe_box(shp, aff)}) differs "
-                f"from the model's {'training grid ' if grid is not None else ''}{name}"
-                f"{f' ({describe_box(spec.volume_shape, grid)})' if grid is not None else ''} "
-                "and --resample never forbids resampling"
+                f"--resample never forbids resampling scan grid {describe_grid(shp, aff)} "
+                f"at {describe_box(shp, aff)} onto the model's "
+                f"{'training grid ' if grid is not None else ''}{name}"
+                f"{f' at {describe_box(spec.volume_shape, grid)}' if grid is not None else ''}"
             )
         model_shape, model_aff = target
         return ModelSpace(shp, aff, model_shape, model_aff, "linear",

@@ -72,7 +72,7 @@ class Prefetcher:
             for item in self._items:
                 if self._stop.is_set() or not self._put(
                         prepare_volume(item, self._spec, self._resample, self._reader,
-                                       self._register)):
+                                       register=self._register)):
                     return
         except BaseException as exc:  # a bug: hand it to the consumer to re-raise
             self._put(exc)

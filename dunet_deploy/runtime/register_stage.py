@@ -126,8 +126,8 @@ class RegisterStage:
 
     @property
     def active(self) -> bool:
-        """Whether the stage does anything beyond the ordinary plan."""
-        return self.bias_correct or self.has_template
+        """Whether the stage runs (and records what it did, if only that it could not check)."""
+        return self.bias_correct or self.model is not None
 
     def template(self) -> Any:
         """The model's :class:`~dunet_deploy.data.registration.Template` (cached per process)."""

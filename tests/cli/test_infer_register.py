@@ -147,3 +147,63 @@ def test_never_warns_and_its_mask_does_not_follow_the_motion(setup):
     mask = np.asarray(nib.load(str(setup["root"] / "never" / "native_mask.nii.gz")).dataobj)
     assert mask.shape == setup["scan"].data.shape
     assert _dsc(mask, _carried_truth(setup, "never")) < 0.8  # the model is position-dependent
+
+
+@pytest.mark.slow
+def test_workers_register_too_and_bias_correct_is_recorded(setup):
+    """The stage runs in the worker processes; --bias-correct (N4) runs before it."""
+    code, output, summary = _infer(setup, "workers", "--workers", "1", "--bias-correct")
+    assert code == 0, output
+    cases = {Path(c["input"]).name: c for c in summary["cases"]}
+    reg = cases["native.nii.gz"]["registration"]
+    assert reg["done"] and reg["bias_corrected"] and reg["bias_correct_seconds"] > 0
+    assert not cases["registered.nii.gz"]["registration"]["done"]
+    assert summary["inference"]["bias_correct"] is True
+    mask = np.asarray(nib.load(str(setup["root"] / "workers" / "native_mask.nii.gz")).dataobj)
+    assert _dsc(mask, _carried_truth(setup, "workers")) >= 0.9
+
+
+def test_a_scan_that_does_not_register_fails_alone_with_the_numbers(setup, tmp_path):
+    """Non-convergence is a per-case error with both similarities, never a silent mask."""
+    upside_down = setup["scan"].data[:, ::-1, :]  # PIR: axis 1 is inferior-superior
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    _save(scans / "flipped.nii.gz", np.ascontiguousarray(upside_down), setup["scan"].affine)
+    _save(scans / "registered.nii.gz", np.round(setup["head"] * 3).astype(np.int16),
+          setup["affine"])
+    result = CliRunner().invoke(main, ["--engine", str(setup["model"]), str(scans), "-o",
+                                       str(tmp_path / "out"), "--workers", "0", "-q"],
+                                catch_exceptions=False)
+    assert result.exit_code == 1, result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("error:"))
+    assert "flipped.nii.gz" in line and "registration did not converge" in line
+    assert "similarity" in line and "floor" in line
+    assert not (tmp_path / "out" / "flipped_mask.nii.gz").exists()
+    assert (tmp_path / "out" / "registered_mask.nii.gz").exists()
+
+
+def test_always_without_a_template_names_the_flag_that_provides_one(setup, tmp_path):
+    import dataclasses
+
+    import onnx
+
+    from dunet_deploy.artifacts import read_artifact_info
+    from dunet_deploy.export.onnx_export import set_metadata
+
+    bare = tmp_path / "bare" / "model.onnx"
+    bare.parent.mkdir()
+    proto = onnx.load(str(setup["model"]))
+    set_metadata(proto, dataclasses.replace(read_artifact_info(setup["model"]), template=None))
+    onnx.save(proto, str(bare))
+    result = CliRunner().invoke(main, ["--engine", str(bare), str(setup["scans"]), "-o",
+                                       str(tmp_path / "out"), "--register", "always"])
+    assert result.exit_code == 2
+    assert "dunet-export --template FILE" in result.output and "Traceback" not in result.output
+    # auto without a template: segmented as before, the summary says the scan was not checked.
+    result = CliRunner().invoke(main, ["--engine", str(bare),
+                                       str(setup["scans"] / "registered.nii.gz"), "-o",
+                                       str(tmp_path / "auto"), "-q", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    case = json.loads((tmp_path / "auto" / "summary.json").read_text())["cases"][0]
+    assert case["registration"]["checked"] is False
+    assert "dunet-export --template" in case["registration"]["reason"]

@@ -184,11 +184,11 @@ def test_native_space_scan_is_refused_with_the_registration_message() -> None:
         plan_model_space((256, 256, 150), native, spec)
     msg = str(exc.value)
     assert "\n" not in msg
-    assert "registered to that space (MNI 197x233x189 at 1 mm" in msg
+    assert "training grid MNI 197x233x189 at 1 mm" in msg and "registered to that space" in msg
     assert "256x256x150" in msg
     # Grids are named by where they lie, not only by their shape.
-    assert "(world box x -0.5..255.5, y -0.5..255.5, z -0.6..179.4 mm)" in msg
-    assert "(world box x -98.5..98.5, y -134.5..98.5, z -72.5..116.5 mm)" in msg
+    assert "256x256x150 at 1x1x1.2 mm, RAS at x 0..256 y 0..256 z -1..179 mm covers" in msg
+    assert "MNI 197x233x189 at 1 mm at x -98..98 y -134..98 z -72..116 mm" in msg
     assert "--register" in msg
     # The same space at another field of view is fine.
     crop = mni.copy()

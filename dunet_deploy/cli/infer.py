@@ -175,7 +175,8 @@ def build_options(params: dict[str, Any]) -> Any:
 @click.option("--preview", is_flag=True,
               help="Also write OUT/<name>_preview.png: slices over the lesion with the "
                    "prediction's outline (and the reference mask's when the layout has one), "
-                   "lesion volume and DSC. Needs matplotlib.")
+                   "lesion volume and DSC; and for registered scans OUT/<name>_registration.png "
+                   "(the template's brain outline over the registered scan). Needs matplotlib.")
 @click.option("-r", "--recursive", is_flag=True,
               help="Folders: also segment the scans in their sub-folders.")
 @click.option("--register", type=click.Choice(REGISTER_MODES), default=None,
@@ -255,6 +256,13 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
         shown = write_previews(summary["cases"], out_dir)
         if not quiet:
             click.echo(f"wrote {len(shown)} preview(s): {Path(out_dir)}/*_preview.png")
+        if not triton_url:  # the template lies beside a local model
+            from dunet_deploy.runtime.register_stage import write_registration_previews
+
+            registered = write_registration_previews(summary["cases"], model_path, out_dir)
+            if registered and not quiet:
+                click.echo(f"wrote {len(registered)} registration preview(s): "
+                           f"{Path(out_dir)}/*_registration.png")
     if not quiet:
         click.echo(
             f"{summary['ok']}/{summary['total']} volume(s) segmented with {summary['backend']} "

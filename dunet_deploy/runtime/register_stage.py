@@ -19,6 +19,7 @@ metadata), read once per process. Nothing here imports torch or SimpleITK
 from __future__ import annotations
 
 import functools
+import io
 import os
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,8 @@ from dunet_deploy.errors import DunetError
 from dunet_deploy.runtime.core import NetworkInput, add_time, to_network
 from dunet_deploy.spec import PreprocessSpec
 
-__all__ = ["NO_TEMPLATE", "RegisterStage", "RegisteredSpace", "register_to_network"]
+__all__ = ["NO_TEMPLATE", "REGISTRATION_PREVIEW_SUFFIX", "RegisterStage", "RegisteredSpace",
+           "register_to_network", "write_registration_preview", "write_registration_previews"]
 
 #: Why a scan was not checked when the model has no template (names the flag that adds one).
 NO_TEMPLATE = ("the model has no registration template, so the scan was not checked: "
@@ -218,3 +220,77 @@ def register_to_network(
     net = to_network(on_grid, spec, affine=None, times=times)
     net.space = space
     return net, record, warnings
+
+
+# ------------------------------------------------------------------ preview
+#: ``--preview`` file of a registered case: the template's outline over the registered scan.
+REGISTRATION_PREVIEW_SUFFIX = "_registration.png"
+_OUTLINE_COLOUR = "#ffcc00"
+
+
+def write_registration_preview(case: dict[str, Any], template: Any,
+                               out_dir: str | os.PathLike[str]) -> Path:
+    """``<name>_registration.png``: the scan on the template grid, the template brain outlined.
+
+    Three axial slices (a quarter, half and three quarters up the template)
+    of the scan resampled through the case's ``world_to_template``, with the
+    outline of the template's brain (Otsu threshold): a good registration
+    puts the outline on the scan's brain.
+
+    Args:
+        case: A ``summary.json`` case whose ``registration`` was done.
+        template: The model's :class:`~dunet_deploy.data.registration.Template`.
+        out_dir: Where to write.
+
+    Raises:
+        DunetError: when matplotlib is missing (one line naming the install).
+    """
+    from dunet_deploy.data.nifti import load_nifti
+    from dunet_deploy.data.registration import _otsu, _resample
+    from dunet_deploy.runtime.pipeline import output_stem
+    from dunet_deploy.runtime.preview import require_matplotlib
+
+    plt = require_matplotlib()
+    scan = load_nifti(case["input"])
+    reg = case["registration"]
+    w2t = np.asarray(reg["world_to_template"], dtype=np.float64)
+    on_template = _resample(np.asarray(scan.data), np.asarray(scan.affine, dtype=np.float64),
+                            template.data.shape, template.affine, world=np.linalg.inv(w2t))
+    brain = template.data > _otsu(template.data)
+    depth = template.data.shape[2]
+    zs = [int(depth * f) for f in (0.35, 0.5, 0.65)]
+    inside = on_template[on_template > 0]
+    lo, hi = np.percentile(inside, [1, 99.5]) if inside.size else (0.0, 1.0)
+    fig, axes = plt.subplots(1, len(zs), figsize=(2.7 * len(zs), 3.4), squeeze=False)
+    try:
+        for ax, z in zip(axes[0], zs, strict=True):
+            ax.imshow(on_template[:, :, z].T, cmap="gray", origin="lower", vmin=lo, vmax=hi)
+            if brain[:, :, z].any():
+                ax.contour(brain[:, :, z].T.astype(np.float32), levels=[0.5],
+                           colors=[_OUTLINE_COLOUR], linewidths=1.0, origin="lower")
+            ax.set_title(f"template z = {z}", fontsize=8)
+            ax.set_axis_off()
+        fig.suptitle(f"{output_stem(case['input'])}: registered to the template (outline), "
+                     f"similarity {reg['similarity_before']:.2f} -> {reg['similarity_after']:.2f}",
+                     fontsize=9)
+        fig.tight_layout(rect=(0, 0, 1, 0.93))
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+    from dunet_deploy.artifacts import atomic_write_bytes
+
+    out = Path(out_dir) / f"{output_stem(case['input'])}{REGISTRATION_PREVIEW_SUFFIX}"
+    atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+def write_registration_previews(cases: list[dict[str, Any]], model: str | os.PathLike[str],
+                                out_dir: str | os.PathLike[str]) -> list[Path]:
+    """:func:`write_registration_preview` for each registered case of a ``summary.json``."""
+    done = [c for c in cases if c.get("status") == "ok" and (c.get("registration") or {})
+            .get("done")]
+    if not done:
+        return []
+    template = _template(str(model), _mtime(model))
+    return [write_registration_preview(c, template, out_dir) for c in done]

@@ -150,10 +150,16 @@ def test_never_warns_and_its_mask_does_not_follow_the_motion(setup):
 
 
 @pytest.mark.slow
-def test_workers_register_too_and_bias_correct_is_recorded(setup):
+def test_workers_register_too_and_bias_correct_and_preview(setup):
     """The stage runs in the worker processes; --bias-correct (N4) runs before it."""
-    code, output, summary = _infer(setup, "workers", "--workers", "1", "--bias-correct")
+    pytest.importorskip("matplotlib")
+    code, output, summary = _infer(setup, "workers", "--workers", "1", "--bias-correct",
+                                   "--preview")
     assert code == 0, output
+    # --preview: the template's outline over the registered scan, for registered cases only.
+    out = setup["root"] / "workers"
+    assert (out / "native_registration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "registered_registration.png").exists()
     cases = {Path(c["input"]).name: c for c in summary["cases"]}
     reg = cases["native.nii.gz"]["registration"]
     assert reg["done"] and reg["bias_corrected"] and reg["bias_correct_seconds"] > 0

@@ -213,3 +213,31 @@ def test_always_without_a_template_names_the_flag_that_provides_one(setup, tmp_p
     case = json.loads((tmp_path / "auto" / "summary.json").read_text())["cases"][0]
     assert case["registration"]["checked"] is False
     assert "dunet-export --template" in case["registration"]["reason"]
+
+
+@pytest.mark.slow
+def test_dunet_eval_registers_native_scans_too(setup, tmp_path):
+    """dunet-eval --engine scores native scans in their own space, registered like dunet-infer."""
+    import csv
+    import shutil
+
+    from dunet_deploy.cli.eval import main as eval_main
+
+    code, output, _ = _infer(setup, "eval_ref")
+    assert code == 0, output
+    data = tmp_path / "data"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    shutil.copyfile(setup["scans"] / "native.nii.gz", data / "imagesTr" / "native.nii.gz")
+    _save(data / "labelsTr" / "native.nii.gz", _carried_truth(setup, "eval_ref"),
+          setup["scan"].affine)
+    scores = {}
+    for mode in ("auto", "never"):
+        result = CliRunner().invoke(eval_main, ["--engine", str(setup["model"]), "--data",
+                                                str(data), "--out", str(tmp_path / mode),
+                                                "--register", mode, "--no-boxplot"],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        with open(tmp_path / mode / "cases.csv", newline="") as f:
+            scores[mode] = float(next(csv.DictReader(f))["dsc"])
+    assert scores["auto"] >= 0.9 and scores["never"] < 0.8, scores

@@ -544,6 +544,42 @@ def register(volume: npt.ArrayLike, affine: npt.ArrayLike, template: Template, *
             sitk.CenteredTransformInitializerFilter.MOMENTS)
     except RuntimeError as exc:  # ITK: e.g. a scan whose voxels are all 0
         raise DunetError(f"registration failed: {' '.join(str(exc).split())[-160:]}") from None
+    _optimise(sitk, fixed, fixed_mask, moving, init, seed)
+    w2t = _world_to_template(init)
+    after = similarity(vol, aff, template, w2t)
+    if after < template.floor:
+        # Large rotations can send 12 free parameters into shear: start again with a
+        # similarity transform (rotation, shift, one scale), then free the affine from it.
+        start_sim = sitk.CenteredTransformInitializer(
+            fixed, moving, sitk.Similarity3DTransform(),
+            sitk.CenteredTransformInitializerFilter.MOMENTS)
+        _optimise(sitk, fixed, fixed_mask, moving, start_sim, seed)
+        retry = sitk.AffineTransform(3)
+        retry.SetCenter(start_sim.GetCenter())
+        retry.SetMatrix(start_sim.GetMatrix())
+        retry.SetTranslation(start_sim.GetTranslation())
+        _optimise(sitk, fixed, fixed_mask, moving, retry, seed + 1)
+        w2t_retry = _world_to_template(retry)
+        after_retry = similarity(vol, aff, template, w2t_retry)
+        if after_retry > after:
+            w2t, after = w2t_retry, after_retry
+    seconds = time.perf_counter() - start
+    if after < template.floor:
+        raise DunetError(
+            f"registration did not converge: similarity {after:.3f} after it (before "
+            f"{before:.3f}) is below the registered floor {template.floor:.3f}")
+    shape, gaff = _grid(template, grid)
+    return Registration(w2t, _shape3(vol.shape), aff, shape, gaff, done=True, method="affine",
+                        similarity_before=before, similarity_after=after, seconds=seconds)
+
+
+def _optimise(sitk: Any, fixed: Any, fixed_mask: Any, moving: Any, transform: Any,
+              seed: int) -> None:
+    """Run the two-level registration of ``moving`` onto ``fixed`` from ``transform`` (in place).
+
+    Raises:
+        DunetError: when ITK gives up (e.g. too few samples inside the moving image).
+    """
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsCorrelation()
     reg.SetMetricSamplingStrategy(reg.RANDOM)
@@ -557,23 +593,17 @@ def register(volume: npt.ArrayLike, affine: npt.ArrayLike, template: Template, *
     reg.SetShrinkFactorsPerLevel([f for f, _ in _LEVELS])
     reg.SetSmoothingSigmasPerLevel([s for _, s in _LEVELS])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    reg.SetInitialTransform(init, inPlace=True)
+    reg.SetInitialTransform(transform, inPlace=True)
     try:
         reg.Execute(fixed, moving)
-    except RuntimeError as exc:  # ITK: e.g. too few samples inside the moving image
+    except RuntimeError as exc:
         raise DunetError(f"registration failed: {' '.join(str(exc).split())[:200]}") from None
+
+
+def _world_to_template(transform: Any) -> np.ndarray:
+    """``[4, 4]`` scan world → template world (RAS) of an ITK transform fitted as above."""
     # ITK maps template (fixed, LPS) points to scan (moving, LPS) points.
-    template_to_world = _FLIP @ _matrix(init) @ _FLIP
-    w2t = np.linalg.inv(template_to_world)
-    after = similarity(vol, aff, template, w2t)
-    seconds = time.perf_counter() - start
-    if after < template.floor:
-        raise DunetError(
-            f"registration did not converge: similarity {after:.3f} after it (before "
-            f"{before:.3f}) is below the registered floor {template.floor:.3f}")
-    shape, gaff = _grid(template, grid)
-    return Registration(w2t, _shape3(vol.shape), aff, shape, gaff, done=True, method="affine",
-                        similarity_before=before, similarity_after=after, seconds=seconds)
+    return np.linalg.inv(_FLIP @ _matrix(transform) @ _FLIP)
 
 
 def _shape3(shape: Sequence[int]) -> tuple[int, int, int]:

@@ -16,6 +16,7 @@ __all__ = [
     "LAYOUTS",
     "PRECISIONS",
     "PROB_DTYPES",
+    "REGISTER_MODES",
     "RESAMPLE_MODES",
     "SPLITS",
     "TRAIN_DEVICES",
@@ -48,6 +49,9 @@ RESAMPLE_MODES: tuple[str, ...] = ("auto", "never")
 #: On-disk type of probability maps: float32, or uint16 (p * 65535 with scl_slope; NIfTI has
 #: no float16).
 PROB_DTYPES: tuple[str, ...] = ("float32", "uint16")
+#: Registration to the model's template: ``auto`` registers scans that do not look
+#: registered, ``always`` every scan, ``never`` none (a warning when one does not look so).
+REGISTER_MODES: tuple[str, ...] = ("auto", "always", "never")
 
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> str:

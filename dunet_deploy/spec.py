@@ -38,7 +38,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import numpy.typing as npt
 
-from dunet_deploy.choices import TTA_MODES
+from dunet_deploy.choices import REGISTER_MODES, TTA_MODES
 from dunet_deploy.errors import DunetError
 
 SPEC_VERSION = 2
@@ -504,10 +504,14 @@ class InferenceDefaults:
             (``"flip"``: mean of the prediction and of the left-right mirrored one).
         min_lesion_mm3: Connected lesions smaller than this (mm³) are removed
             from the mask; 0 keeps every lesion.
+        register: Registration to the model's template, one of
+            :data:`~dunet_deploy.choices.REGISTER_MODES` (``auto``: scans that
+            do not look registered are registered).
     """
 
     tta: str = "none"
     min_lesion_mm3: float = 0.0
+    register: str = "auto"
 
     #: Prefix of the keys in :meth:`to_parameters` (ONNX metadata / Triton parameters).
     PARAMETER_PREFIX: ClassVar[str] = "dunet.inference."
@@ -521,10 +525,14 @@ class InferenceDefaults:
             raise DunetError(f"inference default 'min_lesion_mm3' (--min-lesion-mm3): {value!r} "
                              "must be a finite number >= 0")
         object.__setattr__(self, "min_lesion_mm3", float(value))
+        if not isinstance(self.register, str) or self.register not in REGISTER_MODES:
+            raise DunetError(f"inference default 'register' (--register): {self.register!r} "
+                             f"is not one of {', '.join(REGISTER_MODES)}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-compatible dict."""
-        return {"tta": self.tta, "min_lesion_mm3": self.min_lesion_mm3}
+        return {"tta": self.tta, "min_lesion_mm3": self.min_lesion_mm3,
+                "register": self.register}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> InferenceDefaults:
@@ -535,7 +543,7 @@ class InferenceDefaults:
         """
         if not isinstance(d, Mapping):
             raise DunetError(f"inference defaults: expected a JSON object, got {type(d).__name__}")
-        unknown = sorted(set(d) - {"tta", "min_lesion_mm3"})
+        unknown = sorted(set(d) - {"tta", "min_lesion_mm3", "register"})
         if unknown:
             raise DunetError(f"inference default {unknown[0]!r}: unknown field")
         return cls(**dict(d))
@@ -564,7 +572,8 @@ class InferenceDefaults:
             ``{"dunet.inference.tta": "flip", "dunet.inference.min_lesion_mm3": "10.0"}``.
         """
         return {f"{self.PARAMETER_PREFIX}tta": self.tta,
-                f"{self.PARAMETER_PREFIX}min_lesion_mm3": repr(self.min_lesion_mm3)}
+                f"{self.PARAMETER_PREFIX}min_lesion_mm3": repr(self.min_lesion_mm3),
+                f"{self.PARAMETER_PREFIX}register": self.register}
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str]) -> InferenceDefaults:
@@ -577,6 +586,8 @@ class InferenceDefaults:
         kwargs: dict[str, Any] = {}
         if f"{cls.PARAMETER_PREFIX}tta" in params:
             kwargs["tta"] = params[f"{cls.PARAMETER_PREFIX}tta"]
+        if f"{cls.PARAMETER_PREFIX}register" in params:
+            kwargs["register"] = params[f"{cls.PARAMETER_PREFIX}register"]
         if key in params:
             try:
                 kwargs["min_lesion_mm3"] = float(params[key])

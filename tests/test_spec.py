@@ -363,7 +363,11 @@ def test_inference_defaults_round_trip_and_parameters() -> None:
     assert InferenceDefaults.from_json(d.to_json()) == d
     assert InferenceDefaults.from_dict({}) == default
     params = d.to_parameters()
-    assert params == {"dunet.inference.tta": "flip", "dunet.inference.min_lesion_mm3": "10.0"}
+    assert params == {"dunet.inference.tta": "flip", "dunet.inference.min_lesion_mm3": "10.0",
+                      "dunet.inference.register": "auto"}
+    never = InferenceDefaults(register="never")
+    assert InferenceDefaults.from_parameters(never.to_parameters()) == never
+    assert InferenceDefaults.from_json(never.to_json()) == never
     assert all(isinstance(v, str) for v in params.values())
     assert InferenceDefaults.from_parameters(params) == d
     assert InferenceDefaults.from_parameters({"dunet.spec": "{}"}) == default
@@ -373,6 +377,7 @@ def test_inference_defaults_round_trip_and_parameters() -> None:
     ("make", "needle"),
     [
         (lambda: InferenceDefaults(tta="mirror"), "tta"),
+        (lambda: InferenceDefaults(register="sometimes"), "register"),
         (lambda: InferenceDefaults(min_lesion_mm3=-1), "min_lesion_mm3"),
         (lambda: InferenceDefaults(min_lesion_mm3=float("inf")), "min_lesion_mm3"),
         (lambda: InferenceDefaults(min_lesion_mm3=True), "min_lesion_mm3"),

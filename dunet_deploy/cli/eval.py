@@ -23,6 +23,7 @@ from dunet_deploy.choices import (
     BACKENDS,
     LAYOUTS,
     PRECISIONS,
+    REGISTER_MODES,
     RESAMPLE_MODES,
     SPLITS,
     TRAIN_DEVICES,
@@ -107,11 +108,18 @@ def _want_boxplot(asked: bool | None) -> bool:
                    "own, else 0]")
 @click.option("--resample", type=click.Choice(RESAMPLE_MODES), default="auto", show_default=True,
               help="Scans off the training grid: resample (auto) or refuse (never).")
+@click.option("--register", type=click.Choice(REGISTER_MODES), default=None,
+              help="With --engine: registration to the model's template (auto: scans that "
+                   "do not look registered are registered; always; never).  [default: the "
+                   "engine's, else auto]")
+@click.option("--bias-correct", is_flag=True,
+              help="With --engine: N4 bias-field correction of each scan first.")
 @handle_errors
 def main(checkpoint: Path | None, engine: Path | None, backend: str, precision: str,
          threads: int | None, data: Path, out: Path, split: str, device: str, batch_size: int,
          layout: str | None, amp: bool, boxplot: bool | None, tta: str | None,
-         min_lesion_mm3: float | None, resample: str) -> None:
+         min_lesion_mm3: float | None, resample: str, register: str | None,
+         bias_correct: bool) -> None:
     """Evaluate CHECKPOINT (or ENGINE) on the cases of DATA; write the report to OUT."""
     from dunet_deploy.artifacts import check_output_dir
     from dunet_deploy.training.evaluate import (
@@ -136,13 +144,17 @@ def main(checkpoint: Path | None, engine: Path | None, backend: str, precision: 
             try:
                 options = InferenceOptions(backend=backend, precision=precision, threads=threads,
                                            device=device, batch_size=batch_size, tta=tta,
-                                           min_lesion_mm3=min_lesion_mm3, resample=resample)
+                                           min_lesion_mm3=min_lesion_mm3, resample=resample,
+                                           register=register, bias_correct=bias_correct)
             except DunetError as exc:
                 raise DunetError(exc.for_command()) from None
             result = evaluate_engine(engine, data, options=options, layout=layout,
                                      progress=progress)
         else:
             assert checkpoint is not None
+            if register is not None or bias_correct:
+                raise DunetError("--register / --bias-correct run in the exported model's "
+                                 "pipeline: evaluate with --engine (dunet-export first)")
             result = evaluate_checkpoint_file(
                 checkpoint, data, split=split, device=device, batch_size=batch_size,
                 layout=layout, amp=amp, progress=progress, tta=tta or "none",

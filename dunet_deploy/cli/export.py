@@ -25,7 +25,7 @@ from pathlib import Path
 import click
 
 from dunet_deploy.artifacts import check_output_dir
-from dunet_deploy.choices import TTA_MODES
+from dunet_deploy.choices import REGISTER_MODES, TTA_MODES
 from dunet_deploy.cli._common import DunetCommand, handle_errors, require_torch
 from dunet_deploy.errors import DunetError
 from dunet_deploy.export.pipeline import (
@@ -184,6 +184,14 @@ def _batch_range(ctx: click.Context, param: click.Parameter, value: str) -> tupl
     help="Registration template (a T1 NIfTI in the model's world, e.g. your MNI152 copy) "
     "written beside the models, for checkpoints trained without one.",
 )
+@click.option(
+    "--register",
+    type=click.Choice(REGISTER_MODES),
+    default="auto",
+    show_default=True,
+    help="Default registration to the template stored in the artefacts (auto: scans that do "
+    "not look registered are registered); dunet-infer --register overrides it.",
+)
 @handle_errors
 def main(
     checkpoint: Path,
@@ -209,6 +217,7 @@ def main(
     tta: str,
     min_lesion_mm3: float,
     template: Path | None,
+    register: str,
 ) -> None:
     """Export a dunet-deploy CHECKPOINT for deployment (ONNX, FP16/INT8 ONNX, TensorRT, Triton)."""
     require_torch("dunet-export")
@@ -234,7 +243,7 @@ def main(
         gate_max_dsc_drop=gate_max_dsc_drop,
         gate_min_lesion_dsc=gate_min_lesion_dsc,
         gate_min_agreement=gate_min_agreement,
-        inference=InferenceDefaults(tta=tta, min_lesion_mm3=min_lesion_mm3),
+        inference=InferenceDefaults(tta=tta, min_lesion_mm3=min_lesion_mm3, register=register),
         template=template,
     )
     written = run_export(req, log=click.echo)

@@ -39,6 +39,7 @@ from dunet_deploy.choices import (
     DEVICES,
     PRECISIONS,
     PROB_DTYPES,
+    REGISTER_MODES,
     RESAMPLE_MODES,
     TTA_MODES,
 )
@@ -217,7 +218,8 @@ def _check_remote(options: Any, model_path: Path | None, triton_url: str | None,
 @click.option("--preview", is_flag=True,
               help="Also write OUT/<name>_preview.png: slices over the lesion with the "
                    "prediction's outline (and the reference mask's when the layout has one), "
-                   "lesion volume and DSC. Needs matplotlib.")
+                   "lesion volume and DSC; and for registered scans OUT/<name>_registration.png "
+                   "(the template's brain outline over the registered scan). Needs matplotlib.")
 @click.option("-r", "--recursive", is_flag=True,
               help="Folders: also segment the scans in their sub-folders.")
 @click.option("--series", default=None, metavar="UID",
@@ -227,13 +229,23 @@ def _check_remote(options: Any, model_path: Path | None, triton_url: str | None,
 @click.option("--dicom-seg", is_flag=True,
               help="Also write OUT/<name>_seg.dcm: the mask as a DICOM Segmentation of the "
                    "source series (DICOM inputs only).")
+@click.option("--register", type=click.Choice(REGISTER_MODES), default=None,
+              help="Registration to the model's template (template.nii.gz beside it): auto = "
+                   "scans that do not look registered are registered (12-parameter affine), "
+                   "segmented there and the mask brought back onto the scan's grid; always; "
+                   "never = warn when a scan does not look registered.  [default: the "
+                   "model's, set at export; else auto]")
+@click.option("--bias-correct", is_flag=True,
+              help="N4 bias-field correction of each scan before normalisation (SimpleITK; "
+                   "a few seconds per scan).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no final summary line.")
 @handle_errors
 def main(model_path: Path | None, inputs: tuple[str, ...], out_dir: Path, backend: str, device: str,
          batch_size: int, save_prob: bool, prob_dtype: str, threads: int | None, precision: str,
          triton_url: str | None, tta: str | None, min_lesion_mm3: float | None, resample: str,
          cuda_graph: bool, workers: int | None, server_side: bool, preview: bool,
-         recursive: bool, series: str | None, dicom_seg: bool,
+         recursive: bool, series: str | None, dicom_seg: bool, register: str | None,
+         bias_correct: bool,
          quiet: bool) -> None:
     """Segment stroke lesions in INPUT volumes (NIfTI files, DICOM series, directories or globs).
 
@@ -316,6 +328,13 @@ def main(model_path: Path | None, inputs: tuple[str, ...], out_dir: Path, backen
         shown = write_previews(summary["cases"], out_dir)
         if not quiet:
             click.echo(f"wrote {len(shown)} preview(s): {Path(out_dir)}/*_preview.png")
+        if not triton_url:  # the template lies beside a local model
+            from dunet_deploy.runtime.register_stage import write_registration_previews
+
+            registered = write_registration_previews(summary["cases"], model_path, out_dir)
+            if registered and not quiet:
+                click.echo(f"wrote {len(registered)} registration preview(s): "
+                           f"{Path(out_dir)}/*_registration.png")
     earlier = len(summary.get("earlier_cases") or [])
     if earlier:
         click.echo(f"note: {out_dir}: {earlier} case(s) of earlier runs are kept (not segmented "

@@ -160,14 +160,29 @@ def _smooth_field(rng: np.random.Generator, shape: Sequence[int], knots: int,
 
 def _warp(vols: dict[str, np.ndarray], affine: np.ndarray, rng: np.random.Generator,
           max_mm: float) -> dict[str, np.ndarray]:
-    """Every volume pulled through one random smooth displacement (≤ ``max_mm``)."""
+    """Every volume pulled through one random smooth displacement (≤ ``max_mm``), affine-free.
+
+    The displacement's best affine fit over the head is removed, so the head
+    stays registered: its best affine map to the template is the identity, and
+    a known motion applied afterwards is exactly what an affine registration
+    must find (a warp with an affine part would move the answer by that part).
+    """
     from scipy import ndimage
 
     shape = next(iter(vols.values())).shape
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    fields = [_smooth_field(rng, shape, 5, max_mm / float(zooms[a])) for a in range(3)]
+    head = np.argwhere(vols["t1"][::3, ::3, ::3] > 0.05) * 3
+    design = np.hstack([head.astype(np.float64), np.ones((len(head), 1))])
+    axes = np.ogrid[tuple(slice(0, n) for n in shape)]
     grid = np.indices(shape, dtype=np.float32)
-    coords = np.stack([grid[a] + _smooth_field(rng, shape, 5, max_mm / float(zooms[a]))
-                       for a in range(3)])
+    coords = []
+    for a in range(3):
+        beta = np.linalg.lstsq(design, fields[a][tuple(head.T)].astype(np.float64),
+                               rcond=None)[0]
+        trend = sum(np.float32(beta[k]) * axes[k].astype(np.float32) for k in range(3))
+        coords.append(grid[a] + fields[a] - trend - np.float32(beta[3]))
+    coords = np.stack(coords)
     return {k: ndimage.map_coordinates(v, coords, order=1, mode="constant", cval=0.0,
                                        prefilter=False).astype(np.float32)
             for k, v in vols.items()}

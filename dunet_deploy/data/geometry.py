@@ -42,6 +42,7 @@ __all__ = [
     "OBLIQUE_WARN_DEG",
     "ModelSpace",
     "axcodes",
+    "describe_box",
     "describe_grid",
     "measure_geometry",
     "obliquity_deg",
@@ -95,6 +96,17 @@ def describe_grid(shape: Sequence[int], affine: npt.ArrayLike) -> str:
     if tuple(int(n) for n in shape) == ATLAS_SHAPE and np.allclose(zooms, 1.0, rtol=_ZOOM_RTOL):
         return f"MNI {text}"
     return f"{text}, {''.join(axcodes(aff))}"
+
+
+def describe_box(shape: Sequence[int], affine: npt.ArrayLike) -> str:
+    """Where a grid lies: its world box to the mm, ``"x -98..98 y -134..98 z -72..116 mm"``.
+
+    Two grids of the same shape and spacing differ here when they lie at
+    different places (messages name both).
+    """
+    lo, hi = _world_box(shape, np.asarray(affine, dtype=np.float64))
+    return " ".join(f"{axis} {round(float(a))}..{round(float(b))}"
+                    for axis, a, b in zip("xyz", lo, hi, strict=True)) + " mm"
 
 
 def _reorientation(affine: np.ndarray, codes: Sequence[str]) -> np.ndarray:
@@ -393,9 +405,10 @@ def plan_model_space(
             overlap = _overlap(shp, aff, spec.volume_shape, grid)
             if overlap < min_overlap:
                 raise DunetError(
-                    f"scan grid {describe_grid(shp, aff)} covers only {100 * overlap:.0f}% of "
-                    f"the model's training grid {name} in world space: the model expects scans "
-                    f"registered to that space ({name})"
+                    f"scan grid {describe_grid(shp, aff)} at {describe_box(shp, aff)} covers "
+                    f"only {100 * overlap:.0f}% of the training grid {name} at "
+                    f"{describe_box(spec.volume_shape, grid)}: scans must be registered to "
+                    "that space (--register)"
                 )
             target = (spec.volume_shape, grid)
         else:
@@ -407,9 +420,10 @@ def plan_model_space(
     if target is not None:
         if resample == "never":
             raise DunetError(
-                f"scan grid {describe_grid(shp, aff)} differs from the model's "
-                f"{'training grid ' if grid is not None else ''}{name} and --resample never "
-                "forbids resampling"
+                f"--resample never forbids resampling scan grid {describe_grid(shp, aff)} "
+                f"at {describe_box(shp, aff)} onto the model's "
+                f"{'training grid ' if grid is not None else ''}{name}"
+                f"{f' at {describe_box(spec.volume_shape, grid)}' if grid is not None else ''}"
             )
         model_shape, model_aff = target
         return ModelSpace(shp, aff, model_shape, model_aff, "linear",

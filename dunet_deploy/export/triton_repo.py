@@ -306,6 +306,7 @@ def write_triton_repo(
     version_dir.mkdir(parents=True, exist_ok=True)
     if model_file is not None:
         shutil.copyfile(model_file, version_dir / PLATFORMS[backend][1])
+        _copy_template(Path(model_file), info, version_dir)
     elif backend != "python" or not Path(dict(runtime or {}).get("runtime.model_file",
                                                                   "")).is_absolute():
         raise ValueError("model_file=None needs backend 'python' and an absolute "
@@ -315,6 +316,21 @@ def write_triton_repo(
                         "Triton python-backend model: slabs -> probabilities via our runtime.")
     (model_dir / "config.pbtxt").write_text(text, encoding="utf-8")
     return model_dir
+
+
+def _copy_template(model_file: Path, info: ArtifactInfo, version_dir: Path) -> None:
+    """The registration template beside the model goes beside its copy (``dunet_volume`` reads it).
+
+    Raises:
+        DunetError: when the model records a template that is not beside it.
+    """
+    if not info.template:
+        return
+    name = str(info.template.get("file", "template.nii.gz"))
+    source = model_file.parent / name
+    if not source.is_file():
+        raise DunetError(f"{model_file}: its registration template {name} is missing beside it")
+    shutil.copyfile(source, version_dir / name)
 
 
 def _write_model_py(version_dir: Path, module: str, doc: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from dunet_deploy.runtime import pipeline as stages
 from dunet_deploy.runtime.core import Predictor
 from dunet_deploy.runtime.pipeline import infer_case, prepare_volume, write_case
+from dunet_deploy.runtime.register_stage import RegisterStage
 from dunet_deploy.spec import PreprocessSpec
 
 __all__ = ["Prefetcher", "run_cases"]
@@ -39,13 +40,16 @@ class Prefetcher:
         depth: Queue size (ready volumes held ahead of the consumer), >= 1.
         resample: ``"auto"`` or ``"never"``, for :func:`prepare_volume`.
         reader: Reads each input (:data:`~dunet_deploy.runtime.pipeline.NIFTI_READER`).
+        register: The registration stage (``None``: none).
     """
 
     _DONE = object()
 
     def __init__(self, items: Sequence[stages.InputItem], spec: PreprocessSpec, depth: int = 1,
-                 resample: str = "auto", reader: stages.Reader = stages.NIFTI_READER) -> None:
+                 resample: str = "auto", reader: stages.Reader = stages.NIFTI_READER,
+                 register: RegisterStage | None = None) -> None:
         self._items = list(items)
+        self._register = register
         self._spec = spec
         self._resample = resample
         self._reader = reader
@@ -67,7 +71,8 @@ class Prefetcher:
         try:
             for item in self._items:
                 if self._stop.is_set() or not self._put(
-                        prepare_volume(item, self._spec, self._resample, self._reader)):
+                        prepare_volume(item, self._spec, self._resample, self._reader,
+                                       register=self._register)):
                     return
         except BaseException as exc:  # a bug: hand it to the consumer to re-raise
             self._put(exc)

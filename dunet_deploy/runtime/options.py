@@ -71,6 +71,10 @@ class InferenceOptions:
             every 3D series of a folder, each its own case).
         dicom_seg: Also write ``<name>_seg.dcm``, a DICOM SEG of the source
             series (every input must then be a DICOM series).
+        register: Registration to the model's template, one of
+            :data:`~dunet_deploy.choices.REGISTER_MODES`; ``None`` takes the
+            model's own default (``auto`` unless exported otherwise).
+        bias_correct: N4 bias-field correction of each scan before normalisation.
 
     Raises:
         DunetError: on construction, for any invalid value (``option`` names the field).
@@ -93,6 +97,9 @@ class InferenceOptions:
     # DICOM inputs and outputs (runtime/dicom_io.py)
     series: str | None = field(default=None, metadata=_OUT)
     dicom_seg: bool = field(default=False, metadata=_OUT)
+    # registration (runtime/register_stage.py)
+    register: str | None = field(default=None, metadata=_OUT)
+    bias_correct: bool = field(default=False, metadata=_OUT)
 
     def __post_init__(self) -> None:
         check_choice("backend", self.backend, ("auto", *choices.BACKENDS))
@@ -107,11 +114,13 @@ class InferenceOptions:
         _check_int("batch_size", self.batch_size, 1)
         _check_int("workers", self.workers, 0)
         _check_int("prefetch", self.prefetch, 1)
+        if self.register is not None:
+            check_choice("register", self.register, choices.REGISTER_MODES)
         if self.series is not None and (not isinstance(self.series, str)
                                         or not _UID.fullmatch(self.series)):
             raise DunetError(f"series {self.series!r}: not a DICOM UID (digits and dots, "
                              "at most 64 characters)", option="series")
-        for name in ("cuda_graph", "save_prob", "recursive", "dicom_seg"):
+        for name in ("cuda_graph", "save_prob", "recursive", "dicom_seg", "bias_correct"):
             if not isinstance(getattr(self, name), bool):
                 raise DunetError(f"{name} {getattr(self, name)!r}: must be True or False",
                                  option=name)
@@ -129,21 +138,24 @@ class InferenceOptions:
         return dataclasses.replace(self, **changes)
 
     def with_model_defaults(self, defaults: Any) -> tuple[InferenceOptions, Sources]:
-        """Fill ``tta`` / ``min_lesion_mm3`` left ``None`` from a model's defaults.
+        """Fill ``tta`` / ``min_lesion_mm3`` / ``register`` left ``None`` from a model's defaults.
 
         Args:
             defaults: The model's :class:`~dunet_deploy.spec.InferenceDefaults`.
 
         Returns:
-            ``(options with both set, sources)``: ``sources`` maps each of the
-            two to ``"model"`` or ``"argument"``.
+            ``(options with the three set, sources)``: ``sources`` maps each of
+            them to ``"model"`` or ``"argument"``.
         """
         sources = {"tta": "model" if self.tta is None else "argument",
-                   "min_lesion_mm3": "model" if self.min_lesion_mm3 is None else "argument"}
+                   "min_lesion_mm3": "model" if self.min_lesion_mm3 is None else "argument",
+                   "register": "model" if self.register is None else "argument"}
         resolved = self.replace(
             tta=defaults.tta if self.tta is None else self.tta,
             min_lesion_mm3=(defaults.min_lesion_mm3 if self.min_lesion_mm3 is None
-                            else self.min_lesion_mm3))
+                            else self.min_lesion_mm3),
+            register=(getattr(defaults, "register", "auto") if self.register is None
+                      else self.register))
         return resolved, sources
 
     # ------------------------------------------------------------- records

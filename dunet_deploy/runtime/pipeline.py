@@ -48,6 +48,7 @@ from dunet_deploy.runtime.core import (
     to_network,
 )
 from dunet_deploy.runtime.options import InferenceOptions
+from dunet_deploy.runtime.register_stage import RegisterStage, register_to_network
 from dunet_deploy.spec import PreprocessSpec
 
 __all__ = [
@@ -391,6 +392,8 @@ class CaseResult:
         server: The server's summary (``--server-side``).
         source: A DICOM input's series (``data.dicom.source_record``: UID, slices, ...).
         dicom_seg: Written DICOM SEG file (``dicom_seg``).
+        registration: What the registration stage did (``--register``; see
+            :func:`~dunet_deploy.runtime.register_stage.register_to_network`).
     """
 
     input: str
@@ -413,6 +416,7 @@ class CaseResult:
     server: dict[str, Any] | None = None
     source: dict[str, Any] | None = None
     dicom_seg: str | None = None
+    registration: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -485,7 +489,7 @@ class PreparedVolume:
 
 def prepare_source(
     item: InputItem, source: NiftiVolume, spec: PreprocessSpec, *, resample: str = "auto",
-    as_is: bool = False, result: CaseResult | None = None,
+    as_is: bool = False, result: CaseResult | None = None, register: RegisterStage | None = None,
 ) -> PreparedVolume:
     """Stage 1 on a volume already read: bring it onto the model's grid; errors go into the result.
 
@@ -497,6 +501,7 @@ def prepare_source(
         as_is: Take the voxels as already on the model's grid (an array given
             without an affine): no reorientation, no resampling.
         result: The case's result so far (e.g. with its ``read`` time).
+        register: The registration stage (``None``: none; not with ``as_is``).
 
     Returns:
         A :class:`PreparedVolume` (``result.status == "error"`` on failure).
@@ -504,9 +509,15 @@ def prepare_source(
     result = CaseResult(input=str(item.path)) if result is None else result
     prep = PreparedVolume(item, result)
     result.source = source_record(source)
+    extra: tuple[str, ...] = ()
     try:
-        net = to_network(source.data, spec, affine=None if as_is else source.affine,
-                         resample=resample, times=result.times)
+        if register is not None and register.active and not as_is:
+            net, result.registration, extra = register_to_network(
+                source.data, source.affine, spec, register, resample=resample,
+                times=result.times)
+        else:
+            net = to_network(source.data, spec, affine=None if as_is else source.affine,
+                             resample=resample, times=result.times)
     except CASE_ERRORS as exc:
         result.fail(item.path, exc)
         return prep
@@ -517,13 +528,14 @@ def prepare_source(
     if net.space is not None:
         result.geometry = net.space.describe()
         result.warnings = list(net.space.warnings)
+    result.warnings += [w for w in extra if w not in result.warnings]
     prep.ref, prep.net = geometry_of(source), net
     return prep
 
 
 def prepare_volume(
     item: InputItem, spec: PreprocessSpec, resample: str = "auto",
-    reader: Reader = NIFTI_READER,
+    reader: Reader = NIFTI_READER, register: RegisterStage | None = None,
 ) -> PreparedVolume:
     """Stage 1: read one input and bring it onto the model's grid; errors go into the result.
 
@@ -532,6 +544,7 @@ def prepare_volume(
         spec: The model's preprocessing spec.
         resample: ``"auto"`` or ``"never"`` (see :func:`~dunet_deploy.runtime.core.to_network`).
         reader: Reads the input (:data:`NIFTI_READER`).
+        register: The registration stage (``None``: none).
 
     Returns:
         A :class:`PreparedVolume` (``result.status == "error"`` on failure).
@@ -547,7 +560,8 @@ def prepare_volume(
     except CASE_ERRORS as exc:
         result.fail(item.path, exc)
         return PreparedVolume(item, result)
-    return prepare_source(item, source, spec, resample=resample, result=result)
+    return prepare_source(item, source, spec, resample=resample, result=result,
+                          register=register)
 
 
 # ----------------------------------------------------------------- writing

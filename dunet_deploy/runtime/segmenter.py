@@ -56,6 +56,7 @@ from dunet_deploy.runtime.pipeline import (
     remove_empty_folders,
     summary_document,
 )
+from dunet_deploy.runtime.register_stage import RegisterStage
 from dunet_deploy.runtime.workers import run_in_workers
 from dunet_deploy.spec import InferenceDefaults, PreprocessSpec
 
@@ -234,14 +235,24 @@ class Segmenter(Closeable):
         result.times["read"] = time.perf_counter() - t0
         as_is = affine is None and isinstance(image, np.ndarray)
         prep = prepare_source(item, vol, self.spec, resample=self.resample, as_is=as_is,
-                              result=result)
+                              result=result, register=self.register_stage())
         grid = infer_case(predict, self.spec, prep, self.batch_size)
         assert self.options.min_lesion_mm3 is not None
         pred = None if grid is None else finish_case(
             grid, prep, self.spec, min_lesion_mm3=self.options.min_lesion_mm3)
         if pred is None:
             raise DunetError(str(prep.result.message))
+        pred.warnings = tuple(prep.result.warnings)
         return pred
+
+    def register_stage(self, options: InferenceOptions | None = None) -> RegisterStage:
+        """The registration stage of a run with ``options`` (default: the Segmenter's).
+
+        Raises:
+            DunetError: ``register="always"`` on a model without a template.
+        """
+        return RegisterStage.for_model(self.model_path, self.info, options or self.options,
+                                       self.spec)
 
     def run_options(self, options: InferenceOptions | None = None,
                     **changes: Any) -> tuple[InferenceOptions, Sources]:
@@ -334,6 +345,7 @@ class Segmenter(Closeable):
         run, sources = self.run_options(options, **changes)
         if self._closed:
             self.open()  # says so before any work
+        register = self.register_stage(run)
         t_start = time.perf_counter()
         reader = ScanReader(run.series) if reader is None else reader
         skipped: list[tuple[Path, str]] = []
@@ -358,10 +370,11 @@ class Segmenter(Closeable):
         try:
             if run.workers:
                 run_in_workers(predictor, self.spec, items, out, on_result=on_result,
-                               results=results, meter=self._traffic, reader=reader)
+                               results=results, meter=self._traffic, reader=reader,
+                               register=register)
             else:
                 with Prefetcher(items, self.spec, depth=run.prefetch, resample=run.resample,
-                                reader=reader) as prefetcher:
+                                reader=reader, register=register) as prefetcher:
                     run_cases(predictor(), self.spec, prefetcher, out, on_result=on_result,
                               results=results, meter=self._traffic)
         except KeyboardInterrupt as exc:
@@ -423,12 +436,13 @@ def _options(options: InferenceOptions | None, changes: dict[str, Any]) -> Infer
 def _settings(options: InferenceOptions, sources: Sources) -> dict[str, Any]:
     """The ``inference`` record of a summary: TTA, post-processing, resampling and sources."""
     return {**_inference(options).to_dict(), "resample": options.resample,
-            "source": dict(sources)}
+            "bias_correct": options.bias_correct, "source": dict(sources)}
 
 
 def _inference(options: InferenceOptions) -> InferenceDefaults:
     assert options.tta is not None and options.min_lesion_mm3 is not None
-    return InferenceDefaults(tta=options.tta, min_lesion_mm3=options.min_lesion_mm3)
+    return InferenceDefaults(tta=options.tta, min_lesion_mm3=options.min_lesion_mm3,
+                             register=options.register or "auto")
 
 
 def as_volume(image: ImageLike, affine: npt.ArrayLike | None = None) -> NiftiVolume:

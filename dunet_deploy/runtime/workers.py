@@ -58,6 +58,7 @@ from dunet_deploy.runtime.pipeline import (
     prepare_volume,
     write_case,
 )
+from dunet_deploy.runtime.register_stage import RegisterStage
 from dunet_deploy.spec import PreprocessSpec
 
 __all__ = ["THREAD_VARIABLES", "blas_threads", "default_workers", "run_in_workers"]
@@ -176,8 +177,8 @@ def blas_threads() -> int | None:
 
 
 def _prepare_task(item: InputItem, spec: PreprocessSpec, resample: str,
-                  reader: Reader) -> PreparedVolume:
-    return prepare_volume(item, spec, resample, reader)
+                  reader: Reader, register: RegisterStage | None = None) -> PreparedVolume:
+    return prepare_volume(item, spec, resample, reader, register)
 
 
 def _write_task(grid: np.ndarray, prep: PreparedVolume, spec: PreprocessSpec,
@@ -351,6 +352,7 @@ def run_in_workers(
     results: list[CaseResult] | None = None,
     meter: Meter | None = None,
     reader: Reader = NIFTI_READER,
+    register: RegisterStage | None = None,
 ) -> list[CaseResult]:
     """Segment ``items`` with reading/writing in worker processes and the model here.
 
@@ -366,6 +368,7 @@ def run_in_workers(
             interrupted caller still has them.
         meter: Traffic counter of a remote model (see ``pipeline.infer_case``).
         reader: Reads each input in the workers.
+        register: The registration stage, run in the workers (``None``: none).
 
     Returns:
         ``results``: one :class:`CaseResult` per input, in order.
@@ -397,7 +400,7 @@ def run_in_workers(
         while todo and len(preparing) < options.workers + options.prefetch:
             item = todo.popleft()
             preparing.append(pool.submit(item, (_prepare_task, item, spec, options.resample,
-                                                reader), prepare_died(item)))
+                                                reader, register), prepare_died(item)))
 
     try:
         submit_prepares()

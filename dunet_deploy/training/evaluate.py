@@ -80,6 +80,7 @@ def evaluate_case(
     batch_size: int = 16,
     min_lesion_mm3: float = 0.0,
     resample: str = "auto",
+    register: Any = None,
 ) -> CaseMetrics:
     """Native-space scores of one case (image and mask files), segmented as ``dunet-infer`` does.
 
@@ -90,6 +91,8 @@ def evaluate_case(
         batch_size: Slabs per ``predict`` call.
         min_lesion_mm3: Lesions smaller than this are removed before scoring.
         resample: ``"auto"`` or ``"never"`` for scans off the training grid.
+        register: A :class:`~dunet_deploy.runtime.register_stage.RegisterStage`
+            (``None``: no registration stage).
 
     Raises:
         DunetError: naming the case when its files cannot be read or do not
@@ -97,7 +100,13 @@ def evaluate_case(
     """
     image, mask = load_case(case)
     try:
-        net = to_network(image.data, spec, affine=image.affine, resample=resample)
+        if register is not None and register.active:
+            from dunet_deploy.runtime.register_stage import register_to_network
+
+            net = register_to_network(image.data, image.affine, spec, register,
+                                      resample=resample)[0]
+        else:
+            net = to_network(image.data, spec, affine=image.affine, resample=resample)
         pred = segment(net, geometry_of(image), spec, predict, batch_size=batch_size,
                        min_lesion_mm3=min_lesion_mm3)
     except DunetError as exc:
@@ -121,8 +130,8 @@ def evaluate_cases(
         spec: The preprocessing spec of the model.
         predict: The network.
         progress: Optional ``callback(done, total, case_id)`` after each case.
-        **case_opts: ``batch_size``, ``min_lesion_mm3``, ``resample`` of
-            :func:`evaluate_case`.
+        **case_opts: ``batch_size``, ``min_lesion_mm3``, ``resample``, ``register``
+            of :func:`evaluate_case`.
     """
     out = []
     for k, case in enumerate(cases):
@@ -418,7 +427,7 @@ def evaluate_engine(
         progress: Optional ``callback(done, total, case_id)``.
         **segmenter_opts: :class:`~dunet_deploy.Segmenter` options (``backend``,
             ``precision``, ``threads``, ``device``, ``batch_size``, ``tta``,
-            ``min_lesion_mm3``, ``resample``).
+            ``min_lesion_mm3``, ``resample``, ``register``, ``bias_correct``).
 
     Raises:
         DunetError: for a bad model, backend choice or data folder.
@@ -430,7 +439,7 @@ def evaluate_engine(
         metrics = evaluate_cases(select_cases(data_dir, layout=layout), seg.spec,
                                  seg.predictor(), progress=progress, batch_size=seg.batch_size,
                                  min_lesion_mm3=seg.inference.min_lesion_mm3,
-                                 resample=seg.resample)
+                                 resample=seg.resample, register=seg.register_stage())
         meta: dict[str, Any] = {"engine": str(engine), "backend": runner.backend,
                                 "precision": runner.precision,
                                 "inference": seg.inference_settings()}

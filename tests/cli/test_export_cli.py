@@ -472,8 +472,11 @@ def test_template_travels_beside_the_model(ckpt: Path, tmp_path: Path) -> None:
     assert read_artifact_info(out / "model.onnx").template["digest"] == src.digest()
     assert read_sidecar(out / "model.json").template["digest"] == src.digest()
     assert load_template(out / "model.onnx").digest() == src.digest()
-    code, _, err = run(ckpt, "-o", tmp_path / "none", "--no-verify")
+    assert read_artifact_info(out / "model.onnx").inference.register == "auto"
+    code, _, err = run(ckpt, "-o", tmp_path / "none", "--no-verify", "--register", "never")
     assert code == 0, err
+    # --register stores the model's default, like --tta.
+    assert read_artifact_info(tmp_path / "none" / "model.onnx").inference.register == "never"
     with pytest.raises(DunetError, match="--template FILE"):
         load_template(tmp_path / "none" / "model.onnx")
     code, _, err = run(ckpt, "-o", tmp_path / "bad", "--no-verify", "--template",

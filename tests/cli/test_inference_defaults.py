@@ -62,12 +62,15 @@ def test_dunet_infer_applies_and_reports_them_and_flags_override(exported, tmp_p
         assert run.returncode == 0, run.stderr
         summaries[name] = json.loads((out / "summary.json").read_text())
     assert summaries["model"]["inference"] == {
-        "tta": "flip", "min_lesion_mm3": 30.0, "resample": "auto",
-        "source": {"tta": "model", "min_lesion_mm3": "model"}}
+        "tta": "flip", "min_lesion_mm3": 30.0, "resample": "auto", "register": "auto",
+        "bias_correct": False,
+        "source": {"tta": "model", "min_lesion_mm3": "model", "register": "model"}}
     assert summaries["no_tta"]["inference"]["source"] == {"tta": "argument",
-                                                          "min_lesion_mm3": "model"}
+                                                          "min_lesion_mm3": "model",
+                                                          "register": "model"}
     assert summaries["plain"]["inference"]["source"] == {"tta": "argument",
-                                                         "min_lesion_mm3": "argument"}
+                                                         "min_lesion_mm3": "argument",
+                                                         "register": "model"}
     # The shipped minimum, by hand: the plain mask without its components under 30 mm3.
     plain = load_nifti(tmp_path / "plain" / "case_mask.nii.gz").data > 0
     labels, count = label_lesions(plain)

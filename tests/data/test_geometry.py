@@ -184,8 +184,12 @@ def test_native_space_scan_is_refused_with_the_registration_message() -> None:
         plan_model_space((256, 256, 150), native, spec)
     msg = str(exc.value)
     assert "\n" not in msg
-    assert "registered to that space (MNI 197x233x189 at 1 mm)" in msg
+    assert "training grid MNI 197x233x189 at 1 mm" in msg and "registered to that space" in msg
     assert "256x256x150" in msg
+    # Grids are named by where they lie, not only by their shape.
+    assert "256x256x150 at 1x1x1.2 mm, RAS at x 0..256 y 0..256 z -1..179 mm covers" in msg
+    assert "MNI 197x233x189 at 1 mm at x -98..98 y -134..98 z -72..116 mm" in msg
+    assert "--register" in msg
     # The same space at another field of view is fine.
     crop = mni.copy()
     crop[:3, 3] += (20, 20, 20)

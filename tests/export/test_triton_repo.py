@@ -310,3 +310,29 @@ def test_export_cli_writes_a_python_backend_repository(tiny_ckpt: Path, tmp_path
               for k, v in _parse(out / "triton/dunet_volume/config.pbtxt").parameters.items()}
     net = read_artifact_info(out / "triton/dunet/1/model.onnx")
     assert ArtifactInfo.from_metadata(params, "dunet_volume").spec == net.spec
+
+
+def test_the_registration_template_goes_beside_the_served_model(tiny_onnx: Path,
+                                                                 tmp_path: Path) -> None:
+    """The template beside the model is copied next to its copy (dunet_volume reads it there)."""
+    import shutil
+    from dataclasses import replace
+
+    import numpy as np
+
+    from dunet_deploy.data.registration import TEMPLATE_FILE, Template
+
+    rng = np.random.default_rng(0)
+    template = Template(rng.random((8, 9, 10), dtype=np.float32), np.diag([2.0, 2, 2, 1]))
+    model = tmp_path / "export" / "model.onnx"
+    model.parent.mkdir()
+    shutil.copyfile(tiny_onnx, model)
+    info = replace(read_artifact_info(tiny_onnx), template=template.describe())
+    with pytest.raises(DunetError, match="template.nii.gz is missing beside it"):
+        write_triton_repo(tmp_path / "bad", model, info, backend="onnx", max_batch_size=8)
+    template.save(model.parent / TEMPLATE_FILE)
+    net = write_triton_repo(tmp_path / "repo", model, info, backend="onnx", max_batch_size=8)
+    assert Template.load(net / "1" / TEMPLATE_FILE).digest() == template.digest()
+    plain = write_triton_repo(tmp_path / "plain", tiny_onnx, read_artifact_info(tiny_onnx),
+                              backend="onnx", max_batch_size=8)
+    assert not (plain / "1" / TEMPLATE_FILE).exists()  # a model without one gets none

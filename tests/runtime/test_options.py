@@ -49,7 +49,12 @@ def test_model_defaults_fill_only_what_was_not_given():
     model = InferenceDefaults(tta="flip", min_lesion_mm3=10.0)
     run, sources = InferenceOptions(min_lesion_mm3=0).with_model_defaults(model)
     assert (run.tta, run.min_lesion_mm3) == ("flip", 0.0)
-    assert sources == {"tta": "model", "min_lesion_mm3": "argument"}
+    assert sources == {"tta": "model", "min_lesion_mm3": "argument", "register": "model"}
+    assert run.register == "auto"  # the model's default
+    model = InferenceDefaults(register="never")
+    run, sources = InferenceOptions(register="always").with_model_defaults(model)
+    assert run.register == "always" and sources["register"] == "argument"
+    assert InferenceOptions().with_model_defaults(model)[0].register == "never"
 
 
 def test_fingerprint_follows_outputs_not_speed():

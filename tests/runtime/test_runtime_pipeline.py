@@ -92,7 +92,7 @@ def test_prefetcher_order_bound_and_early_stop(tmp_path, monkeypatch):
     started: list[str] = []
     real = inprocess.prepare_volume
 
-    def slow_prepare(item, spec, resample="auto", reader=None):
+    def slow_prepare(item, spec, resample="auto", reader=None, register=None):
         started.append(item.path.name)
         return real(item, spec, resample)
 
@@ -223,7 +223,7 @@ def test_import_direction_check_sees_a_lazy_import(tmp_path):
 def test_prefetcher_forwards_bugs(tmp_path, monkeypatch):
     from dunet_deploy.runtime import inprocess
 
-    def broken(item, spec, resample="auto", reader=None):
+    def broken(item, spec, resample="auto", reader=None, register=None):
         raise RuntimeError("bug")
 
     monkeypatch.setattr(inprocess, "prepare_volume", broken)

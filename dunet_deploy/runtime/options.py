@@ -64,6 +64,9 @@ class InferenceOptions:
         workers: Worker processes that read and write (0: all in this process).
         prefetch: Prepared volumes queued ahead of the model, >= 1.
         recursive: Input folders are searched in their sub-folders too.
+        skip_existing: Inputs whose outputs are already complete in the output
+            folder, made by the same model and output-affecting options, are
+            not done again (see :func:`~dunet_deploy.runtime.resume.plan_run`).
 
     Raises:
         DunetError: on construction, for any invalid value (``option`` names the field).
@@ -83,6 +86,7 @@ class InferenceOptions:
     workers: int = 0
     prefetch: int = 1
     recursive: bool = False
+    skip_existing: bool = False
 
     def __post_init__(self) -> None:
         check_choice("backend", self.backend, ("auto", *choices.BACKENDS))
@@ -97,7 +101,7 @@ class InferenceOptions:
         _check_int("batch_size", self.batch_size, 1)
         _check_int("workers", self.workers, 0)
         _check_int("prefetch", self.prefetch, 1)
-        for name in ("cuda_graph", "save_prob", "recursive"):
+        for name in ("cuda_graph", "save_prob", "recursive", "skip_existing"):
             if not isinstance(getattr(self, name), bool):
                 raise DunetError(f"{name} {getattr(self, name)!r}: must be True or False",
                                  option=name)

@@ -17,9 +17,13 @@ written to a temporary name and renamed, so a retried case rewrites the same
 bytes and never leaves a partial file, and the driver keeps one result per
 input.
 
-The stage functions are reached through one adapter, :class:`_Stages`. Ray is
-imported only when a run starts (the ``ray`` extra); :class:`InferActor` is
-plain Python and runs without Ray. Nothing here imports torch.
+Every task and actor gets the run's :class:`InferenceOptions` (the object
+``dunet-infer`` builds for every path); :class:`ClusterOptions` says where and
+how wide. The stage functions are reached through one adapter,
+:class:`_Stages`, and each actor loads its model through a
+:class:`~dunet_deploy.Segmenter`. Ray is imported only when a run starts (the
+``ray`` extra); :class:`InferActor` is plain Python and runs without Ray.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -37,14 +41,11 @@ from typing import Any
 import numpy as np
 
 from dunet_deploy.artifacts import ArtifactInfo, read_artifact_info, write_json
-from dunet_deploy.choices import PROB_DTYPES, RESAMPLE_MODES, TTA_MODES
 from dunet_deploy.errors import DunetError, one_line
-from dunet_deploy.postprocess import with_tta
-from dunet_deploy.runtime.base import Runner, open_runner
+from dunet_deploy.runtime.base import Runner
 from dunet_deploy.runtime.core import Predictor
 from dunet_deploy.runtime.options import InferenceOptions
 from dunet_deploy.runtime.pipeline import (
-    SUMMARY_NAME,
     CaseResult,
     InputItem,
     OutputOptions,
@@ -56,13 +57,16 @@ from dunet_deploy.runtime.pipeline import (
     summary_document,
     write_case,
 )
+from dunet_deploy.runtime.resume import plan_run
+from dunet_deploy.runtime.segmenter import Segmenter
+from dunet_deploy.runtime.shards import Shard
 from dunet_deploy.spec import PreprocessSpec
 
 __all__ = [
     "ClusterOptions",
     "InferActor",
     "RayRun",
-    "StageOptions",
+    "RunnerFactory",
     "actor_pool",
     "import_ray",
     "run_on_ray",
@@ -88,68 +92,6 @@ def import_ray() -> ModuleType:
 
 
 # ------------------------------------------------------------------- options
-@dataclass(frozen=True)
-class StageOptions:
-    """How each stage runs (small and picklable: every task and actor gets a copy).
-
-    Attributes:
-        backend: ``auto`` or a backend name (see ``open_runner``).
-        precision: ``auto`` or one the backend can run for this model.
-        device: ``auto``, ``cpu``, ``cuda`` or ``tensorrt``.
-        threads: Backend CPU threads per actor (``None``: the backend's choice).
-        batch_size: Slabs per model call, >= 1.
-        runner_factory: Builds the runner from the model path and its
-            metadata instead of a local backend (must be importable on every
-            node); ``backend``, ``precision``, ``device`` and ``threads`` are
-            then not used.
-        tta: ``none`` or ``flip``.
-        min_lesion_mm3: Remove connected lesions smaller than this (mm³).
-        resample: ``auto`` or ``never``.
-        save_prob: Also write probability maps.
-        prob_dtype: ``float32`` or ``uint16`` probability maps.
-    """
-
-    backend: str = "auto"
-    precision: str = "auto"
-    device: str = "auto"
-    threads: int | None = None
-    batch_size: int = 16
-    runner_factory: Callable[[Path, ArtifactInfo], Runner] | None = None
-    tta: str = "none"
-    min_lesion_mm3: float = 0.0
-    resample: str = "auto"
-    save_prob: bool = False
-    prob_dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise DunetError(f"batch_size must be >= 1, got {self.batch_size}")
-        for name, value, known in (("tta", self.tta, TTA_MODES),
-                                   ("resample", self.resample, RESAMPLE_MODES),
-                                   ("prob_dtype", self.prob_dtype, PROB_DTYPES)):
-            if value not in known:
-                raise DunetError(f"{name} {value!r}: choose one of {', '.join(known)}")
-        if not (self.min_lesion_mm3 >= 0.0 and np.isfinite(self.min_lesion_mm3)):
-            raise DunetError(f"min_lesion_mm3 must be a finite size >= 0, got "
-                             f"{self.min_lesion_mm3}")
-
-    def settings(self) -> dict[str, Any]:
-        """The options that change the outputs (for ``resume.options_digest``)."""
-        model = ({"runner_factory": getattr(self.runner_factory, "__qualname__", "?")}
-                 if self.runner_factory is not None else
-                 {"backend": self.backend, "precision": self.precision, "device": self.device})
-        return {**model, "tta": self.tta, "min_lesion_mm3": self.min_lesion_mm3,
-                "resample": self.resample}
-
-    def inference_options(self) -> InferenceOptions:
-        """The same settings as the :class:`InferenceOptions` the stage functions take."""
-        return InferenceOptions(
-            backend=self.backend, precision=self.precision, device=self.device,
-            threads=self.threads, batch_size=self.batch_size, tta=self.tta,
-            min_lesion_mm3=self.min_lesion_mm3, resample=self.resample,
-            save_prob=self.save_prob, prob_dtype=self.prob_dtype)
-
-
 @dataclass(frozen=True)
 class ClusterOptions:
     """Where and how wide the run goes.
@@ -220,25 +162,24 @@ def actor_pool(resources: Mapping[str, float], cluster: ClusterOptions) -> tuple
 
 
 # ------------------------------------------------------------------- stages
+#: Builds the runner from the model path and its metadata instead of a local backend (a
+#: Triton client, a stand-in); it must be picklable and importable on every node.
+RunnerFactory = Callable[[Path, ArtifactInfo], Runner]
+
+
 class _Stages:
     """The stage functions this module runs: read+preprocess, network, postprocess+write.
 
     The one place that knows them; everything else moves their inputs and outputs.
+
+    Args:
+        spec: The model's preprocessing spec.
+        options: The run's options, with the model's defaults applied.
     """
 
-    def __init__(self, spec: PreprocessSpec, options: StageOptions) -> None:
+    def __init__(self, spec: PreprocessSpec, options: InferenceOptions) -> None:
         self.spec = spec
         self.options = options
-
-    @staticmethod
-    def open_runner(model: Path, info: ArtifactInfo, options: StageOptions) -> Runner:
-        if options.runner_factory is not None:
-            return options.runner_factory(model, info)
-        return open_runner(model, options.backend, info=info, precision=options.precision,
-                           device=options.device, threads=options.threads)
-
-    def predictor(self, runner: Runner) -> Predictor:
-        return with_tta(runner.infer, self.options.tta, self.spec)
 
     def prepare(self, item: InputItem) -> PreparedVolume:
         return prepare_volume(item, self.spec, self.options.resample)
@@ -249,17 +190,16 @@ class _Stages:
     def write(self, grid: np.ndarray | None, prep: PreparedVolume, out_dir: Path) -> CaseResult:
         if grid is None:  # failed before the network or in it
             return prep.result
-        opts = OutputOptions(out_dir, self.options.inference_options())
-        return write_case(grid, prep, self.spec, opts)
+        return write_case(grid, prep, self.spec, OutputOptions(out_dir, self.options))
 
 
-def _prepare_row(row: dict[str, Any], spec: PreprocessSpec, options: StageOptions
+def _prepare_row(row: dict[str, Any], spec: PreprocessSpec, options: InferenceOptions
                  ) -> dict[str, Any]:
     prep = _Stages(spec, options).prepare(pickle.loads(row["item"]))
     return {"index": row["index"], "payload": pickle.dumps(prep, protocol=_PICKLE)}
 
 
-def _write_row(row: dict[str, Any], spec: PreprocessSpec, options: StageOptions,
+def _write_row(row: dict[str, Any], spec: PreprocessSpec, options: InferenceOptions,
                out_dir: str) -> dict[str, Any]:
     prep, grid = pickle.loads(row["payload"])
     result = _Stages(spec, options).write(grid, prep, Path(out_dir))
@@ -274,16 +214,23 @@ class InferActor:
 
     Args:
         model: The exported model (``.onnx``, or ``.plan`` with its sidecar).
-        options: How the model runs (backend, TTA, batch size, ...).
+        options: How the model runs (backend, precision, TTA, batch size, ...):
+            the same :class:`InferenceOptions` as ``dunet-infer``'s.
+        runner_factory: Builds the runner instead of a local backend (see
+            :class:`~dunet_deploy.Segmenter`).
     """
 
-    def __init__(self, model: str | os.PathLike[str], options: StageOptions) -> None:
-        path = Path(model)
-        info = read_artifact_info(path)
-        self._stages = _Stages(info.spec, options)
-        self.runner = _Stages.open_runner(path, info, options)
-        self._predict = self._stages.predictor(self.runner)
-        self._described = json.dumps(self.runner.describe(), default=str)
+    def __init__(self, model: str | os.PathLike[str], options: InferenceOptions,
+                 runner_factory: RunnerFactory | None = None) -> None:
+        self._segmenter = Segmenter(model, options, runner_factory=runner_factory).open()
+        self._stages = _Stages(self._segmenter.spec, self._segmenter.options)
+        self._predict = self._segmenter.predictor()
+        self._described = json.dumps(self._segmenter.describe(), default=str)
+
+    @property
+    def runner(self) -> Runner:
+        """The loaded runner."""
+        return self._segmenter.runner
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run the network on a batch of prepared volumes.
@@ -311,7 +258,7 @@ class InferActor:
 
     def close(self) -> None:
         """Release the backend."""
-        self.runner.close()
+        self._segmenter.close()
 
 
 # ---------------------------------------------------------------------- run
@@ -350,9 +297,10 @@ def run_on_ray(
     model: str | os.PathLike[str],
     items: Sequence[InputItem],
     out_dir: str | os.PathLike[str],
-    options: StageOptions,
+    options: InferenceOptions | None = None,
     cluster: ClusterOptions | None = None,
     *,
+    runner_factory: RunnerFactory | None = None,
     on_result: Callable[[CaseResult], None] | None = None,
     run: RayRun | None = None,
 ) -> RayRun:
@@ -362,8 +310,12 @@ def run_on_ray(
         model: The exported model; every node reads it at this path.
         items: Inputs (``expand_inputs``), in output order.
         out_dir: Existing output folder (shared by the nodes).
-        options: How each stage runs.
+        options: How each stage runs (``tta`` / ``min_lesion_mm3`` left
+            ``None`` take the model's defaults); ``workers`` and ``prefetch``
+            are not used (Ray's tasks read and write).
         cluster: Where and how wide (default: Ray's own cluster choice).
+        runner_factory: Builds each actor's runner instead of a local backend
+            (picklable, importable on every node).
         on_result: Called with each finished result, in completion order.
         run: Filled in as results arrive, so an interrupted caller still has
             them (in input order once the run stops).
@@ -377,7 +329,9 @@ def run_on_ray(
     ray = import_ray()
     cluster = cluster or ClusterOptions()
     run = RayRun() if run is None else run
-    spec = read_artifact_info(model).spec
+    info = read_artifact_info(model)
+    spec = info.spec
+    options, _ = (options or InferenceOptions()).with_model_defaults(info.inference)
     if not items:
         return run
     started = _connect(ray, cluster.address)
@@ -397,7 +351,8 @@ def run_on_ray(
         ds = ds.map(_prepare_row, fn_kwargs={"spec": spec, "options": options},
                     num_cpus=cluster.cpus_per_task, ray_remote_args_fn=_spread)
         ds = ds.map_batches(
-            InferActor, fn_constructor_kwargs={"model": str(model), "options": options},
+            InferActor, fn_constructor_kwargs={"model": str(model), "options": options,
+                                               "runner_factory": runner_factory},
             batch_size=1, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=run.actors),
             num_cpus=cluster.cpus_per_actor, num_gpus=run.gpus_per_actor)
@@ -439,16 +394,18 @@ def segment_on_ray(
     model: str | os.PathLike[str],
     inputs: Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
-    options: StageOptions,
+    options: InferenceOptions | None = None,
     cluster: ClusterOptions | None = None,
     *,
+    runner_factory: RunnerFactory | None = None,
     on_result: Callable[[CaseResult], None] | None = None,
-    summary_name: str = SUMMARY_NAME,
-    extra: Mapping[str, Any] | None = None,
+    shard: Shard | None = None,
 ) -> dict[str, Any]:
     """What ``dunet-infer --ray`` does: expand the inputs, run them on Ray, write the summary.
 
-    The summary has ``dunet-infer``'s shape plus ``"ray"`` (actors, GPUs per
+    The same run as ``Segmenter.predict_files`` with the same options (shards
+    and ``skip_existing`` included), its stages spread over the cluster. The
+    summary has ``dunet-infer``'s shape plus ``"ray"`` (actors, GPUs per
     actor, the cluster's resources). On Ctrl-C or SIGTERM the finished cases
     are kept, the summary lists them (with ``"interrupted"``) and the
     interrupt is re-raised.
@@ -457,36 +414,40 @@ def segment_on_ray(
         model: The exported model (same path on every node).
         inputs: Files, directories or glob patterns.
         out_dir: Output folder (created if missing; shared by the nodes).
-        options: How each stage runs.
+        options: The run's options (see :func:`run_on_ray`).
         cluster: Where and how wide.
+        runner_factory: Builds each actor's runner instead of a local backend.
         on_result: Called with each finished result, in completion order.
-        summary_name: The summary's file name in ``out_dir``.
-        extra: More top-level entries for the summary (a shard, a fingerprint).
+        shard: Segment only this shard's part of the inputs and write
+            ``summary-I-of-N.json``.
 
     Returns:
-        The summary document (also written to ``out_dir/summary_name``).
+        The summary document (also written to ``out_dir``).
     """
     t0 = time.perf_counter()
+    seg = Segmenter(model, options, runner_factory=runner_factory, lazy=True)  # metadata only
+    opts = seg.options
+    import_ray()  # before anything is created
+    everything = expand_inputs(inputs, recursive=opts.recursive)
+    plan = plan_run(list(inputs), everything, out_dir, opts, seg.fingerprint(), shard=shard)
     out = prepare_output_dir(out_dir)
-    items = expand_inputs(inputs)
     run = RayRun()
     interrupted: KeyboardInterrupt | None = None
     try:
-        run_on_ray(model, items, out, options, cluster, on_result=on_result, run=run)
+        run_on_ray(model, plan.todo, out, opts, cluster, runner_factory=runner_factory,
+                   on_result=on_result, run=run)
     except KeyboardInterrupt as exc:
         interrupted = exc
-    inference = {"tta": options.tta, "min_lesion_mm3": options.min_lesion_mm3,
-                 "resample": options.resample}
     summary = summary_document(
         _Described(run.runner) if run.runner else None,  # type: ignore[arg-type]
-        run.results, options=options.inference_options(), load_s=0.0,
-        wall_s=time.perf_counter() - t0, inference=inference,
+        plan.results(run.results), options=opts, load_s=0.0,
+        wall_s=time.perf_counter() - t0, inference=seg.inference_settings(),
         interrupted=None if interrupted is None else str(interrupted) or "SIGINT",
-        total=len(items))
+        total=len(plan.items))
     summary["ray"] = {"actors": run.actors, "gpus_per_actor": run.gpus_per_actor,
                       "resources": run.resources}
-    summary.update(extra or {})
-    write_json(out / summary_name, summary)
+    summary.update(plan.summary_entries())
+    write_json(out / plan.summary_name, summary)
     if interrupted is not None:
         raise interrupted
     return summary

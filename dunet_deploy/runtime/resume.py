@@ -6,16 +6,23 @@ lists its finished cases. A case counts as done when
 
 * a summary in the folder (``summary.json`` or a shard's ``summary-I-of-N.json``)
   lists it as ``ok`` under the same :class:`RunFingerprint` (model file digest
-  and the digest of the options that change the outputs), and
+  and :meth:`InferenceOptions.fingerprint` of the options that change the
+  outputs), and
 * its mask — and its probability map when one is asked for, of the asked type —
   is in the folder as a whole, readable NIfTI (a gzip stream is read to its end,
   which checks its CRC and length).
+
+:func:`plan_run` is what every executor (in-process, worker processes, Ray)
+calls before it starts: this run's inputs (a shard's part of them, with a
+shard), those it can skip (``skip_existing``) and the entries its summary
+records so that a later run can resume from it.
 
 Nothing here imports torch or a backend.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -23,8 +30,8 @@ import json
 import math
 import os
 import zlib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +41,26 @@ from nibabel.spatialimages import HeaderDataError
 from nibabel.wrapstruct import WrapStructError
 
 from dunet_deploy.errors import DunetError
-from dunet_deploy.runtime.pipeline import MASK_SUFFIX, SUMMARY_NAME
+from dunet_deploy.runtime.options import InferenceOptions
+from dunet_deploy.runtime.pipeline import (
+    MASK_SUFFIX,
+    NIFTI_READER,
+    PROB_SUFFIX,
+    SUMMARY_NAME,
+    CaseResult,
+    InputItem,
+    Reader,
+    output_stem,
+)
+from dunet_deploy.runtime.shards import Shard, ShardPlan, plan_shard
 
 __all__ = [
     "RunFingerprint",
+    "RunPlan",
     "completed_cases",
     "model_digest",
     "nifti_complete",
-    "options_digest",
+    "plan_run",
 ]
 
 _CHUNK = 1 << 20
@@ -58,35 +77,24 @@ def model_digest(path: str | os.PathLike[str]) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
-def options_digest(settings: Mapping[str, Any]) -> str:
-    """``sha256:<hex>`` of the options that change the outputs, as canonical JSON.
-
-    Give the settings that change a mask (backend, precision, device, TTA,
-    ``min_lesion_mm3``, resampling), not those that only change speed
-    (threads, batch size, workers) or which files are written (``save_prob``:
-    :func:`completed_cases` checks those files itself).
-    """
-    text = json.dumps(dict(settings), sort_keys=True, separators=(",", ":"), default=str)
-    return f"sha256:{hashlib.sha256(text.encode()).hexdigest()}"
-
-
 @dataclass(frozen=True)
 class RunFingerprint:
     """What made a folder's outputs: the ``"fingerprint"`` entry of a summary.
 
     Attributes:
         model: :func:`model_digest` of the model file.
-        options: :func:`options_digest` of the settings that change the outputs.
+        options: :meth:`InferenceOptions.fingerprint` of the run's options,
+            with the model's defaults applied (speed settings do not enter it).
     """
 
     model: str
     options: str
 
     @classmethod
-    def of(cls, model_path: str | os.PathLike[str], settings: Mapping[str, Any]
+    def of(cls, model_path: str | os.PathLike[str], options: InferenceOptions
            ) -> RunFingerprint:
-        """The fingerprint of a run of ``model_path`` with ``settings``."""
-        return cls(model_digest(model_path), options_digest(settings))
+        """The fingerprint of a run of ``model_path`` with ``options``."""
+        return cls(model_digest(model_path), options.fingerprint())
 
     def to_dict(self) -> dict[str, str]:
         """JSON-able form (stored in every summary)."""
@@ -190,3 +198,101 @@ def completed_cases(
                 continue
             done[stem] = case
     return done
+
+
+# ---------------------------------------------------------------- run plan
+@dataclass(frozen=True)
+class RunPlan:
+    """Which of a run's inputs it segments, and which it keeps from earlier runs.
+
+    Attributes:
+        items: The run's inputs (with a shard, the shard's), in input order.
+        todo: Those to segment now, in input order.
+        kept: ``str(item.path)`` -> the earlier result of each input skipped
+            (``skip_existing``), its file paths in this run's output folder.
+        fingerprint: What makes this run's outputs.
+        shard: The shard's part of the inputs, or ``None`` (the whole run).
+    """
+
+    items: tuple[InputItem, ...]
+    todo: tuple[InputItem, ...]
+    kept: Mapping[str, CaseResult] = field(default_factory=dict)
+    fingerprint: RunFingerprint | None = None
+    shard: ShardPlan | None = None
+
+    @property
+    def summary_name(self) -> str:
+        """``summary.json``, or a shard's ``summary-I-of-N.json``."""
+        return SUMMARY_NAME if self.shard is None else self.shard.shard.summary_name
+
+    def results(self, finished: Iterable[CaseResult]) -> list[CaseResult]:
+        """The kept results and ``finished`` ones (any order, any subset), in input order."""
+        by_input = {**self.kept, **{r.input: r for r in finished}}
+        return [by_input[key] for key in (str(i.path) for i in self.items) if key in by_input]
+
+    def summary_entries(self) -> dict[str, Any]:
+        """What the run's summary adds: ``fingerprint``, ``skipped_existing`` and ``shard``."""
+        entries: dict[str, Any] = {
+            "fingerprint": None if self.fingerprint is None else self.fingerprint.to_dict(),
+            "skipped_existing": len(self.kept)}
+        if self.shard is not None:
+            entries["shard"] = self.shard.to_dict()
+        return entries
+
+
+def _kept_result(row: Mapping[str, Any], item: InputItem, out: Path) -> CaseResult:
+    """An earlier summary row as this run's result for ``item`` (files named in ``out``)."""
+    known = {f.name for f in dataclasses.fields(CaseResult)}
+    result = CaseResult(**{k: v for k, v in row.items() if k in known})
+    stem = output_stem(item.path)
+    result.input = str(item.path)
+    result.mask = str(out / f"{stem}{MASK_SUFFIX}")
+    if row.get("prob"):
+        result.prob = str(out / f"{stem}{PROB_SUFFIX}")
+    return result
+
+
+def plan_run(
+    inputs: Sequence[str | os.PathLike[str]],
+    items: Sequence[InputItem],
+    out_dir: str | os.PathLike[str],
+    options: InferenceOptions,
+    fingerprint: RunFingerprint | None,
+    *,
+    shard: Shard | None = None,
+    reader: Reader = NIFTI_READER,
+) -> RunPlan:
+    """This run's part of the inputs and the cases it need not redo.
+
+    Args:
+        inputs: The inputs as given (a shard is chosen by each case's path
+            relative to its input).
+        items: ``expand_inputs(inputs, ...)``.
+        out_dir: The output folder (need not exist yet).
+        options: The run's options with the model's defaults applied:
+            ``skip_existing`` keeps the cases :func:`completed_cases` finds;
+            ``save_prob`` / ``prob_dtype`` say which files a case needs.
+        fingerprint: This run's model and options (``None``: not recorded,
+            and nothing is skipped).
+        shard: Segment only this shard's cases.
+        reader: Says what an input is (as ``items`` were expanded).
+
+    Returns:
+        A :class:`RunPlan`.
+    """
+    shard_plan = None
+    if shard is not None:
+        shard_plan = plan_shard(inputs, shard, recursive=options.recursive, items=items,
+                                reader=reader)
+        items = shard_plan.items
+    kept: dict[str, CaseResult] = {}
+    if options.skip_existing and fingerprint is not None:
+        out = Path(out_dir)
+        done = completed_cases(out, fingerprint, save_prob=options.save_prob,
+                               prob_dtype=options.prob_dtype)
+        for item in items:
+            row = done.get(output_stem(item.path))
+            if item.error is None and row is not None:
+                kept[str(item.path)] = _kept_result(row, item, out)
+    todo = tuple(item for item in items if str(item.path) not in kept)
+    return RunPlan(tuple(items), todo, kept, fingerprint, shard_plan)

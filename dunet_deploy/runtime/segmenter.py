@@ -40,7 +40,6 @@ from dunet_deploy.runtime.options import InferenceOptions, Sources
 from dunet_deploy.runtime.pipeline import (
     NIFTI_READER,
     NIFTI_WRITER,
-    SUMMARY_NAME,
     CaseResult,
     InputItem,
     OutputOptions,
@@ -53,6 +52,8 @@ from dunet_deploy.runtime.pipeline import (
     prepare_source,
     summary_document,
 )
+from dunet_deploy.runtime.resume import RunFingerprint, model_digest, plan_run
+from dunet_deploy.runtime.shards import Shard
 from dunet_deploy.runtime.workers import run_in_workers
 from dunet_deploy.spec import InferenceDefaults, PreprocessSpec
 
@@ -107,6 +108,7 @@ class Segmenter(Closeable):
         self._lazy = lazy
         self._runner: Runner | None = None
         self._closed = False
+        self._digest: str | None = None
         self.load_s = 0.0
 
     # ---------------------------------------------------------- lifecycle
@@ -179,6 +181,15 @@ class Segmenter(Closeable):
     def inference_settings(self) -> dict[str, Any]:
         """TTA, post-processing and resampling applied, and where each came from."""
         return _settings(self.options, self._sources)
+
+    def fingerprint(self, options: InferenceOptions | None = None) -> RunFingerprint:
+        """What a run with ``options`` (default: the Segmenter's) writes: model digest + options.
+
+        The model file is hashed once per Segmenter.
+        """
+        if self._digest is None:
+            self._digest = model_digest(self.model_path)
+        return RunFingerprint(self._digest, (options or self.options).fingerprint())
 
     def _traffic(self) -> tuple[int, int] | None:
         """Bytes sent and received so far by a remote runner (a Triton client), else ``None``."""
@@ -261,6 +272,7 @@ class Segmenter(Closeable):
         on_result: Callable[[CaseResult], None] | None = None,
         reader: Reader = NIFTI_READER,
         writer: Writer = NIFTI_WRITER,
+        shard: Shard | None = None,
         **changes: Any,
     ) -> dict[str, Any]:
         """Segment NIfTI files into ``out_dir`` and write ``summary.json``.
@@ -274,7 +286,10 @@ class Segmenter(Closeable):
         process that dies (``worker process died (signal 9)``), and a new one
         takes over. On Ctrl-C or SIGTERM the cases already complete are kept,
         ``summary.json`` lists them (with ``"interrupted"``) and the interrupt
-        is re-raised; no partial file is left.
+        is re-raised; no partial file is left. With ``skip_existing``, inputs
+        already complete in ``out_dir`` (made by the same model and options, see
+        :func:`~dunet_deploy.runtime.resume.plan_run`) are not done again; the
+        summary lists them with the rest (and their count as ``skipped_existing``).
 
         Args:
             inputs: Files, directories or glob patterns; one ``str`` or path
@@ -287,12 +302,16 @@ class Segmenter(Closeable):
             on_result: Called with each finished :class:`CaseResult`, in order.
             reader: Says what an input is and reads it.
             writer: Writes each case's outputs.
+            shard: Segment only this shard's part of the inputs and write
+                ``summary-I-of-N.json`` instead of ``summary.json``
+                (:mod:`~dunet_deploy.runtime.shards`).
             **changes: :class:`InferenceOptions` fields for this call
                 (``save_prob``, ``workers``, ``prefetch``, ``prob_dtype``,
                 ``recursive``, ``tta``, ``min_lesion_mm3``, ``resample``, ...).
 
         Returns:
-            The summary document (also written to ``out_dir/summary.json``).
+            The summary document (also written to ``out_dir/summary.json``, or
+            the shard's summary).
 
         Raises:
             DunetError: for invalid options, a model that cannot be loaded or an
@@ -303,7 +322,10 @@ class Segmenter(Closeable):
         if self._closed:
             self.open()  # says so before any work
         t_start = time.perf_counter()
-        items = expand_inputs(inputs, recursive=run.recursive, reader=reader)
+        everything = expand_inputs(inputs, recursive=run.recursive, reader=reader)
+        plan = plan_run(_as_list(inputs), everything, out_dir, run, self.fingerprint(run),
+                        shard=shard, reader=reader)
+        items = plan.todo
         out = OutputOptions(prepare_output_dir(out_dir), run, writer)
         results: list[CaseResult] = []
 
@@ -325,11 +347,12 @@ class Segmenter(Closeable):
         except KeyboardInterrupt as exc:
             interrupted = exc
         summary = summary_document(
-            self._runner, results, options=run, load_s=self.load_s,
+            self._runner, plan.results(results), options=run, load_s=self.load_s,
             wall_s=time.perf_counter() - t_start, inference=_settings(run, sources),
             interrupted=None if interrupted is None else str(interrupted) or "SIGINT",
-            total=len(items))
-        write_json(out.out_dir / SUMMARY_NAME, summary)
+            total=len(plan.items))
+        summary.update(plan.summary_entries())
+        write_json(out.out_dir / plan.summary_name, summary)
         if interrupted is not None:
             raise interrupted
         return summary
@@ -359,6 +382,12 @@ def segment_files(
     with Segmenter(model, _options(options, changes), runner_opts=runner_opts,
                    runner_factory=runner_factory, lazy=True) as seg:
         return seg.predict_files(inputs, out_dir, on_start=on_start, on_result=on_result)
+
+
+def _as_list(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+             ) -> list[str | os.PathLike[str]]:
+    """One input (a ``str`` or path) as a list of one; a sequence as a list."""
+    return [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
 
 
 def _options(options: InferenceOptions | None, changes: dict[str, Any]) -> InferenceOptions:

@@ -29,7 +29,14 @@ from typing import Any
 
 from dunet_deploy.artifacts import write_json
 from dunet_deploy.errors import DunetError
-from dunet_deploy.runtime.pipeline import SUMMARY_NAME, InputItem, expand_inputs, output_stem
+from dunet_deploy.runtime.pipeline import (
+    NIFTI_READER,
+    SUMMARY_NAME,
+    InputItem,
+    Reader,
+    expand_inputs,
+    output_stem,
+)
 
 __all__ = [
     "Shard",
@@ -152,12 +159,13 @@ class ShardPlan:
                 "keys": list(self.keys)}
 
 
-def _keys(inputs: Sequence[str | os.PathLike[str]], recursive: bool) -> dict[Path, str]:
+def _keys(inputs: Sequence[str | os.PathLike[str]], recursive: bool, reader: Reader
+          ) -> dict[Path, str]:
     """Resolved path -> key, each file keyed under the first input that reaches it."""
     keys: dict[Path, str] = {}
     for raw in inputs:
         root = input_root(raw)
-        for item in expand_inputs([raw], recursive=recursive):
+        for item in expand_inputs([raw], recursive=recursive, reader=reader):
             if not item.matched_nothing:
                 keys.setdefault(item.path.resolve(), shard_key(item.path, root))
     return keys
@@ -169,6 +177,7 @@ def plan_shard(
     *,
     recursive: bool = False,
     items: Sequence[InputItem] | None = None,
+    reader: Reader = NIFTI_READER,
 ) -> ShardPlan:
     """This shard's part of the inputs.
 
@@ -176,14 +185,16 @@ def plan_shard(
         inputs: Files, directories and patterns, as every shard is given them.
         shard: Which part.
         recursive: Directories are searched in their sub-folders too.
-        items: ``expand_inputs(inputs, recursive=recursive)`` when the caller
-            already has it.
+        items: ``expand_inputs(inputs, recursive=recursive, reader=reader)``
+            when the caller already has it.
+        reader: Says what an input is (as the run is given it).
 
     Returns:
         A :class:`ShardPlan`; the shards of one count partition the inputs.
     """
-    everything = list(items) if items is not None else expand_inputs(inputs, recursive=recursive)
-    keys = _keys(inputs, recursive)
+    everything = (list(items) if items is not None
+                  else expand_inputs(inputs, recursive=recursive, reader=reader))
+    keys = _keys(inputs, recursive, reader)
     positions, mine, mine_keys = [], [], []
     for pos, item in enumerate(everything):
         key = (item.path.as_posix() if item.matched_nothing

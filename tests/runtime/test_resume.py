@@ -12,21 +12,22 @@ from runtime_testutils import SHAPE, write_volume
 
 from dunet_deploy.bench.pipeline_bench import StandInRunner, pipeline_spec, write_standin_onnx
 from dunet_deploy.errors import DunetError
+from dunet_deploy.runtime.options import InferenceOptions
 from dunet_deploy.runtime.resume import (
     RunFingerprint,
     completed_cases,
     model_digest,
     nifti_complete,
-    options_digest,
 )
 from dunet_deploy.runtime.segmenter import Segmenter
 
-SETTINGS = {"backend": "auto", "precision": "auto", "tta": "none", "min_lesion_mm3": 0.0}
+#: The run's options as predict_files resolves them (the stand-in's defaults: no TTA, keep all).
+OPTIONS = InferenceOptions(save_prob=True, prob_dtype="uint16", tta="none", min_lesion_mm3=0.0)
 
 
 @pytest.fixture(scope="module")
 def done_run(tmp_path_factory):
-    """A finished run of 4 volumes and a broken file, its summary with a fingerprint."""
+    """A finished run of 4 volumes and a broken file; its summary records its fingerprint."""
     root = tmp_path_factory.mktemp("resume")
     model = write_standin_onnx(root / "standin.onnx", pipeline_spec(SHAPE, 32))
     scans = [write_volume(root / f"case_{i}.nii.gz", seed=i) for i in range(4)]
@@ -35,9 +36,9 @@ def done_run(tmp_path_factory):
     with Segmenter(model, runner_factory=StandInRunner) as seg:
         summary = seg.predict_files([*scans, root / "broken.nii.gz"], out, save_prob=True,
                                     prob_dtype="uint16")
-    fp = RunFingerprint.of(model, SETTINGS)
-    summary["fingerprint"] = fp.to_dict()
-    (out / "summary.json").write_text(json.dumps(summary))
+    fp = RunFingerprint.of(model, OPTIONS)
+    assert summary["fingerprint"] == fp.to_dict()
+    assert fp.options == summary["options_fingerprint"] == OPTIONS.fingerprint()
     return model, out, fp
 
 
@@ -54,8 +55,9 @@ def test_digests(done_run, tmp_path):
     other = tmp_path / "other.onnx"
     other.write_bytes(model.read_bytes() + b"\0")
     assert model_digest(other) != fp.model
-    assert options_digest({"a": 1, "b": 2}) == options_digest({"b": 2, "a": 1})
-    assert options_digest(SETTINGS) != options_digest({**SETTINGS, "tta": "flip"})
+    # Speed settings do not enter it; what changes the files does.
+    assert RunFingerprint.of(model, OPTIONS.replace(threads=1, batch_size=2, workers=3)) == fp
+    assert RunFingerprint.of(model, OPTIONS.replace(tta="flip")).options != fp.options
 
 
 def test_finished_cases_count_as_done(done_run):
@@ -67,9 +69,8 @@ def test_finished_cases_count_as_done(done_run):
 
 
 def test_another_model_or_options_redo_everything(done_run, tmp_path):
-    _, out, fp = done_run
-    assert completed_cases(out, RunFingerprint(fp.model, options_digest(
-        {**SETTINGS, "tta": "flip"}))) == {}
+    model, out, fp = done_run
+    assert completed_cases(out, RunFingerprint.of(model, OPTIONS.replace(tta="flip"))) == {}
     assert completed_cases(out, RunFingerprint("sha256:" + "0" * 64, fp.options)) == {}
     # Probability maps asked for in another type than the ones on disk.
     assert completed_cases(out, fp, save_prob=True, prob_dtype="float32") == {}

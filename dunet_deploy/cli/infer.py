@@ -7,9 +7,16 @@ Example::
 writes ``out/<name>_mask.nii.gz`` (uint8, the input's geometry) per volume,
 ``out/<name>_prob.nii.gz`` with ``--save-prob``, and ``out/summary.json``.
 
+Many machines (docs/many-machines.md)::
+
+    dunet-infer --engine model.onnx scans/ -o out/ --shard 3/8 --skip-existing  # one of 8 jobs
+    dunet-infer --merge out/ scans/               # summary-*-of-8.json -> out/summary.json
+    dunet-infer --engine model.onnx scans/ -o out/ --ray 10.0.0.1:6379      # a Ray cluster
+
 Exit codes: 0 all volumes segmented; 1 some inputs failed (each reported as
 ``error: <input>: <reason>`` on stderr and in summary.json, the others still
-processed); 2 usage or model error (nothing segmented).
+processed), or ``--merge`` found failed or missing cases; 2 usage or model
+error (nothing segmented).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from dunet_deploy.choices import (
     RESAMPLE_MODES,
     TTA_MODES,
 )
-from dunet_deploy.cli._common import DunetCommand, handle_errors, one_line
+from dunet_deploy.cli._common import DunetCommand, fail, handle_errors, one_line
 from dunet_deploy.errors import DunetError
 
 EXIT_SOME_FAILED = 1
@@ -46,7 +53,9 @@ EXIT_SOME_FAILED = 1
 #: fields: what the command itself does with them (every other parameter is a field;
 #: tests/cli/test_infer_cli.py::test_every_parameter_is_an_option_or_cli_only checks it).
 CLI_ONLY = frozenset({"model_path", "inputs", "out_dir", "triton_url", "server_side", "preview",
-                      "quiet"})
+                      "quiet",
+                      # many machines: which shard, merging shards, a Ray cluster
+                      "shard", "merge", "ray_address", "ray_actors", "ray_gpus_per_actor"})
 #: Flags spelled otherwise than ``--<field-name>`` (for messages about an option).
 FLAGS = {"model": "--engine", "inputs": "INPUTS"}
 
@@ -122,14 +131,14 @@ def build_options(params: dict[str, Any]) -> Any:
 
 
 @click.command(cls=DunetCommand)
-@click.option("--engine", "model_path", required=True,
+@click.option("--engine", "model_path",
               type=click.Path(dir_okay=False, path_type=Path),
               help="Model: .onnx (ONNX Runtime / OpenVINO) or a TensorRT .plan with its "
-                   ".plan.json sidecar.")
-@click.argument("inputs", nargs=-1, required=True)
-@click.option("-o", "--out", "out_dir", required=True,
+                   ".plan.json sidecar.  [required, except with --merge]")
+@click.argument("inputs", nargs=-1, metavar="INPUTS...")
+@click.option("-o", "--out", "out_dir",
               type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder (created if missing).")
+              help="Output folder (created if missing).  [required, except with --merge]")
 @click.option("--backend", default="auto", show_default=True,
               type=click.Choice(["auto", *BACKENDS]),
               help="auto: .plan/.engine -> tensorrt; .onnx -> openvino if installed "
@@ -178,13 +187,40 @@ def build_options(params: dict[str, Any]) -> Any:
 @click.option("-r", "--recursive", is_flag=True,
               help="Folders: also segment the scans in their sub-folders.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no final summary line.")
+# -- many machines (docs/many-machines.md) --
+@click.option("--skip-existing", is_flag=True,
+              help="Do not redo inputs whose outputs in OUT are complete and were made by the "
+                   "same model and output-affecting options (recorded in OUT's summaries): "
+                   "resumes a cut-off or pre-empted run.")
+@click.option("--shard", metavar="I/N", default=None,
+              help="Segment only part I of N of the inputs (by a hash of each path relative "
+                   "to its input: stable when files are added) and write "
+                   "OUT/summary-I-of-N.json; for job arrays (Slurm --array=1-N).")
+@click.option("--merge", type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="OUT",
+              help="Combine the shards' OUT/summary-I-of-N.json into OUT/summary.json, listing "
+                   "missing and failed cases (give the INPUTS to name the cases of shards that "
+                   "wrote nothing); needs no model.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None,
+              metavar="[ADDRESS]",
+              help="Run on a Ray cluster (extra 'ray'): read and write as CPU tasks, the model "
+                   "in a pool of actors. ADDRESS: host:port of a running cluster or 'auto'; "
+                   "none: $RAY_ADDRESS, else a local cluster. OUT, the model and the inputs "
+                   "must be at the same paths on every node.")
+@click.option("--ray-actors", type=click.IntRange(min=1), default=None,
+              help="With --ray: model actors.  [default: one per GPU, or half the CPUs]")
+@click.option("--ray-gpus-per-actor", type=click.FloatRange(min=0), default=None,
+              help="With --ray: GPUs each actor holds.  [default: 1 if the cluster has GPUs, "
+                   "else 0]")
 @handle_errors
 def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str, device: str,
          batch_size: int, save_prob: bool, prob_dtype: str, threads: int | None, precision: str,
          triton_url: str | None, tta: str | None, min_lesion_mm3: float | None, resample: str,
          cuda_graph: bool, workers: int | None, server_side: bool, preview: bool,
          recursive: bool,
-         quiet: bool) -> None:
+         quiet: bool, skip_existing: bool, shard: str | None, merge: Path | None,
+         ray_address: str | None, ray_actors: int | None,
+         ray_gpus_per_actor: float | None) -> None:
     """Segment stroke lesions in INPUT volumes (NIfTI files, directories or glob patterns).
 
     Writes OUT/<name>_mask.nii.gz per input (same shape, affine, qform/sform
@@ -196,7 +232,13 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
     from dunet_deploy.artifacts import check_output_dir
     from dunet_deploy.runtime.pipeline import SUMMARY_NAME, CaseResult
 
-    options = build_options(click.get_current_context().params)
+    ctx = click.get_current_context()
+    if merge is not None:
+        _merge(merge, inputs, recursive, quiet)
+        return
+    many = _many_machines(ctx.params)
+    _require(ctx, "model_path", "inputs", "out_dir")
+    options = build_options(ctx.params)
     volumes = _expand(inputs, recursive)
     check_output_dir(out_dir, "-o/--out")
     if preview:
@@ -230,13 +272,19 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
             summary = segment_server_side(
                 triton_url, volumes, out_dir, expected=read_artifact_info(model_path),
                 on_start=progress.start, on_result=on_result, options=options)
+        elif many.cluster is not None:
+            from dunet_deploy.runtime.ray_exec import segment_on_ray
+
+            summary = segment_on_ray(model_path, inputs, out_dir, options, many.cluster,
+                                     on_result=on_result, shard=many.shard)
         else:
             from dunet_deploy.runtime.segmenter import Segmenter
 
             with Segmenter(model_path, options, lazy=True,
                            runner_factory=triton_runner if triton_url else None) as seg:
-                summary = seg.predict_files(volumes, out_dir, on_start=on_start,
-                                            on_result=on_result)
+                summary = seg.predict_files(inputs if many.shard else volumes, out_dir,
+                                            on_start=on_start, on_result=on_result,
+                                            shard=many.shard)
     finally:
         progress.close()
     if preview:
@@ -246,12 +294,89 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
         if not quiet:
             click.echo(f"wrote {len(shown)} preview(s): {Path(out_dir)}/*_preview.png")
     if not quiet:
+        kept = summary.get("skipped_existing") or 0
         click.echo(
             f"{summary['ok']}/{summary['total']} volume(s) segmented with {summary['backend']} "
-            f"({summary['precision']}, {summary['device']}) in {summary['wall_s']:.1f} s; "
-            f"summary: {Path(out_dir) / SUMMARY_NAME}"
+            f"({summary['precision']}, {summary['device']}) in {summary['wall_s']:.1f} s"
+            f"{f' ({kept} already done, skipped)' if kept else ''}; "
+            f"summary: {Path(out_dir) / (many.shard.summary_name if many.shard else SUMMARY_NAME)}"
         )
     if summary["failed"]:
+        raise click.exceptions.Exit(EXIT_SOME_FAILED)
+
+
+# ------------------------------------------------------------ many machines
+class _ManyMachines:
+    """What --shard and --ray asked for: the shard, the Ray cluster (or ``None``)."""
+
+    def __init__(self, shard: Any, cluster: Any) -> None:
+        self.shard = shard
+        self.cluster = cluster
+
+
+def _require(ctx: click.Context, *names: str) -> None:
+    """The usage error of a missing parameter, for those required unless --merge is given."""
+    for param in ctx.command.params:
+        if param.name in names and ctx.params.get(param.name) in (None, ()):
+            fail(click.MissingParameter(ctx=ctx, param=param).format_message())
+
+
+def _many_machines(params: dict[str, Any]) -> _ManyMachines:
+    """Parse --shard / --ray* (the work is in runtime.shards and runtime.ray_exec).
+
+    Raises:
+        DunetError: a bad shard, a --ray value that is an input, or flags that do not combine.
+    """
+    from dunet_deploy.runtime.shards import parse_shard
+
+    address = params["ray_address"]
+    if address is None:
+        for name in ("ray_actors", "ray_gpus_per_actor"):
+            if params[name] is not None:
+                raise DunetError(f"--{name.replace('_', '-')} needs --ray")
+    if (address is not None or params["shard"] or params["skip_existing"]) \
+            and params["server_side"]:
+        raise DunetError("--server-side runs every case on the server: it takes no --ray, "
+                         "--shard or --skip-existing")
+    try:
+        shard = parse_shard(params["shard"]) if params["shard"] else None
+    except DunetError as exc:
+        raise DunetError(exc.for_command(FLAGS)) from None
+    if address is None:
+        return _ManyMachines(shard, None)
+    if address and Path(address).exists():
+        raise DunetError(f"--ray {address!r} is a file or folder, not a cluster address: write "
+                         f"--ray=ADDRESS, or put --ray after the inputs")
+    for flag, given in (("--triton-url", params["triton_url"]),
+                        ("--workers", params["workers"] is not None)):
+        if given:
+            raise DunetError(f"--ray runs the model in the cluster's actors and reads and "
+                             f"writes in its tasks: it takes no {flag}")
+    from dunet_deploy.runtime.ray_exec import ClusterOptions
+
+    return _ManyMachines(shard, ClusterOptions(address=address or None,
+                                               actors=params["ray_actors"],
+                                               gpus_per_actor=params["ray_gpus_per_actor"]))
+
+
+def _merge(out: Path, inputs: tuple[str, ...], recursive: bool, quiet: bool) -> None:
+    """``--merge OUT``: the shards' summaries into OUT/summary.json; exit 1 if cases are missing."""
+    from dunet_deploy.runtime.shards import merge_summaries
+
+    merged = merge_summaries(out, list(inputs) or None, recursive=recursive)
+    missing = len(merged["missing_cases"]) + merged["unlisted_cases"]
+    for name in merged["missing_cases"]:
+        click.echo(f"missing: {name}", err=True)
+    for name in merged["failed_cases"]:
+        click.echo(f"failed: {name}", err=True)
+    if not quiet:
+        shards = merged["shards"]
+        absent = f", shard(s) {', '.join(map(str, shards['missing']))} wrote no summary" \
+            if shards["missing"] else ""
+        click.echo(f"merged {len(shards['found'])} of {shards['count']} shard summaries: "
+                   f"{merged['ok']}/{merged['total']} volume(s) segmented, {merged['failed']} "
+                   f"failed, {missing} missing{absent}; summary: {out / 'summary.json'}")
+    if merged["failed"] or missing:
         raise click.exceptions.Exit(EXIT_SOME_FAILED)
 
 

@@ -68,9 +68,10 @@ class Shard:
 
     def __post_init__(self) -> None:
         if self.count < 1:
-            raise DunetError(f"shard {self}: the count N must be >= 1")
+            raise DunetError(f"shard {self}: the count N must be >= 1", option="shard")
         if not 1 <= self.index <= self.count:
-            raise DunetError(f"shard {self}: I must be between 1 and {self.count}")
+            raise DunetError(f"shard {self}: I must be between 1 and {self.count}",
+                             option="shard")
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
@@ -93,7 +94,8 @@ def parse_shard(text: str) -> Shard:
     """
     match = _SHARD_TEXT.match(text)
     if match is None:
-        raise DunetError(f"shard {text!r}: expected I/N, like 1/4 (the first of four)")
+        raise DunetError(f"shard {text!r}: expected I/N, like 1/4 (the first of four)",
+                         option="shard")
     return Shard(int(match.group(1)), int(match.group(2)))
 
 

@@ -29,9 +29,13 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
+import signal
+import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,13 +287,27 @@ class RayRun:
 
 
 def _connect(ray: ModuleType, address: str | None) -> bool:
-    """Connect to (or start) a cluster; ``True`` when this call did, so it shuts down after."""
+    """Connect to (or start) a cluster; ``True`` when this call did, so it shuts down after.
+
+    ``ray.init`` replaces the process's SIGTERM handler with one that exits at
+    once; the caller's handlers are put back, so that a SIGTERM stops the run
+    as in every other path (finished cases kept and recorded).
+    """
     if ray.is_initialized():
         return False
+    held = {}
+    if threading.current_thread() is threading.main_thread():
+        held = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     except ConnectionError as exc:
         raise DunetError(f"Ray cluster {address}: cannot connect ({one_line(exc)})") from None
+    finally:
+        for sig, handler in held.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+    # Ray Data reports each dataset's start and end at INFO: a run reports its own cases.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     return True
 
 
@@ -348,8 +366,10 @@ def run_on_ray(
         # Reading spreads over the nodes. A remote-args function (rather than plain
         # arguments) also keeps Ray Data from fusing this stage into the actors, where it
         # would run before the network in the same process instead of beside it.
-        ds = ds.map(_prepare_row, fn_kwargs={"spec": spec, "options": options},
-                    num_cpus=cluster.cpus_per_task, ray_remote_args_fn=_spread)
+        with warnings.catch_warnings():  # deprecated for Ray 2.64; ray is pinned to 2.60
+            warnings.filterwarnings("ignore", message=".*ray_remote_args_fn")
+            ds = ds.map(_prepare_row, fn_kwargs={"spec": spec, "options": options},
+                        num_cpus=cluster.cpus_per_task, ray_remote_args_fn=_spread)
         ds = ds.map_batches(
             InferActor, fn_constructor_kwargs={"model": str(model), "options": options,
                                                "runner_factory": runner_factory},

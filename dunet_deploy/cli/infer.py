@@ -55,7 +55,8 @@ EXIT_SOME_FAILED = 1
 CLI_ONLY = frozenset({"model_path", "inputs", "out_dir", "triton_url", "server_side", "preview",
                       "quiet",
                       # many machines: which shard, merging shards, a Ray cluster
-                      "shard", "merge", "ray_address", "ray_actors", "ray_gpus_per_actor"})
+                      "shard", "merge", "ray_address", "ray_actors", "ray_gpus_per_actor",
+                      "calibrate_workers"})
 #: Flags spelled otherwise than ``--<field-name>`` (for messages about an option).
 FLAGS = {"model": "--engine", "inputs": "INPUTS"}
 
@@ -175,8 +176,9 @@ def build_options(params: dict[str, Any]) -> Any:
               help="TensorRT / ONNX Runtime CUDA: capture and replay a CUDA graph per batch size.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Worker processes that read/preprocess and post-process/write while this "
-                   "process keeps the model busy; 0 = all in this process.  [default: 0 on "
-                   "1-2 cores, else half the cores, at most 4]")
+                   "process keeps the model busy; 0 = all in this process.  [default: the "
+                   "count --calibrate-workers measured on this machine; else 0 on 1-2 cores, "
+                   "else half the cores, at most 4]")
 @click.option("--server-side", is_flag=True,
               help="With --triton-url: send each file's bytes to the server's dunet_volume "
                    "model (dunet-serve --repository), which runs the whole pipeline.")
@@ -212,6 +214,10 @@ def build_options(params: dict[str, Any]) -> Any:
 @click.option("--ray-gpus-per-actor", type=click.FloatRange(min=0), default=None,
               help="With --ray: GPUs each actor holds.  [default: 1 if the cluster has GPUs, "
                    "else 0]")
+@click.option("--calibrate-workers", is_flag=True,
+              help="Measure which --workers count is fastest on this machine (about a minute, "
+                   "stand-in model on synthetic full-size scans) and make it the default here; "
+                   "needs no model.")
 @handle_errors
 def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str, device: str,
          batch_size: int, save_prob: bool, prob_dtype: str, threads: int | None, precision: str,
@@ -220,7 +226,7 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
          recursive: bool,
          quiet: bool, skip_existing: bool, shard: str | None, merge: Path | None,
          ray_address: str | None, ray_actors: int | None,
-         ray_gpus_per_actor: float | None) -> None:
+         ray_gpus_per_actor: float | None, calibrate_workers: bool) -> None:
     """Segment stroke lesions in INPUT volumes (NIfTI files, directories or glob patterns).
 
     Writes OUT/<name>_mask.nii.gz per input (same shape, affine, qform/sform
@@ -235,6 +241,9 @@ def main(model_path: Path, inputs: tuple[str, ...], out_dir: Path, backend: str,
     ctx = click.get_current_context()
     if merge is not None:
         _merge(merge, inputs, recursive, quiet)
+        return
+    if calibrate_workers:
+        _calibrate(quiet)
         return
     many = _many_machines(ctx.params)
     _require(ctx, "model_path", "inputs", "out_dir")
@@ -357,6 +366,16 @@ def _many_machines(params: dict[str, Any]) -> _ManyMachines:
     return _ManyMachines(shard, ClusterOptions(address=address or None,
                                                actors=params["ray_actors"],
                                                gpus_per_actor=params["ray_gpus_per_actor"]))
+
+
+def _calibrate(quiet: bool) -> None:
+    """``--calibrate-workers``: measure, save and report this machine's default worker count."""
+    from dunet_deploy.bench.workers_calibration import calibrate_workers
+
+    done = calibrate_workers(log=None if quiet else lambda line: click.echo(line, err=True))
+    rates = ", ".join(f"{w}: {v:.2f}" for w, v in done["median"].items())
+    click.echo(f"default --workers on this machine: {done['workers']} (volumes/s by workers, "
+               f"median: {rates}); saved in {done['path']}")
 
 
 def _merge(out: Path, inputs: tuple[str, ...], recursive: bool, quiet: bool) -> None:

@@ -28,6 +28,7 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -360,8 +361,10 @@ def run_on_ray(
         run.actors, run.gpus_per_actor = actor_pool(run.resources, cluster)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
+        # The tasks and actors run in other folders: they get absolute paths, and the
+        # results are given back the paths as this run was given them.
         ds = ray.data.from_items(
-            [{"index": i, "item": pickle.dumps(item, protocol=_PICKLE)}
+            [{"index": i, "item": pickle.dumps(_absolute(item), protocol=_PICKLE)}
              for i, item in enumerate(items)], override_num_blocks=len(items))
         # Reading spreads over the nodes. A remote-args function (rather than plain
         # arguments) also keeps Ray Data from fusing this stage into the actors, where it
@@ -371,19 +374,20 @@ def run_on_ray(
             ds = ds.map(_prepare_row, fn_kwargs={"spec": spec, "options": options},
                         num_cpus=cluster.cpus_per_task, ray_remote_args_fn=_spread)
         ds = ds.map_batches(
-            InferActor, fn_constructor_kwargs={"model": str(model), "options": options,
+            InferActor, fn_constructor_kwargs={"model": str(Path(model).absolute()),
+                                               "options": options,
                                                "runner_factory": runner_factory},
             batch_size=1, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=run.actors),
             num_cpus=cluster.cpus_per_actor, num_gpus=run.gpus_per_actor)
         ds = ds.map(_write_row, fn_kwargs={"spec": spec, "options": options,
-                                           "out_dir": os.fspath(out_dir)},
+                                           "out_dir": str(Path(out_dir).absolute())},
                     num_cpus=cluster.cpus_per_task)
-        for row in ds.iter_rows():
+        for row in _rows(ray, ds):
             index = int(row["index"])
             if index in done:  # a retried task's second answer
                 continue
-            result: CaseResult = pickle.loads(row["result"])
+            result = _as_given(pickle.loads(row["result"]), items[index], Path(out_dir))
             done[index] = result
             if not run.runner and row["runner"]:
                 run.runner = json.loads(row["runner"])
@@ -394,6 +398,42 @@ def run_on_ray(
         if started:
             ray.shutdown()
     return run
+
+
+def _absolute(item: InputItem) -> InputItem:
+    return dataclasses.replace(item, path=item.path.absolute())
+
+
+def _as_given(result: CaseResult, item: InputItem, out_dir: Path) -> CaseResult:
+    """A result made from ``_absolute(item)``, with the paths as the run was given them."""
+    shipped, given = str(item.path.absolute()), str(item.path)
+    if result.message and result.message.startswith(shipped):
+        result.message = given + result.message[len(shipped):]
+    result.input = given
+    for key in ("mask", "prob"):
+        if getattr(result, key):
+            setattr(result, key, str(out_dir / Path(getattr(result, key)).name))
+    return result
+
+
+def _rows(ray: ModuleType, ds: Any) -> Iterator[dict[str, Any]]:
+    """``ds.iter_rows()``, a user error raised on the cluster as one line.
+
+    A :class:`DunetError` raised in a task or actor (a node without the model
+    file, a backend it lacks) comes back wrapped in Ray's errors; bugs keep
+    their traceback.
+    """
+    try:
+        yield from ds.iter_rows()
+    except ray.exceptions.RayError as exc:
+        cause: BaseException | None = exc
+        seen = set()
+        while cause is not None and id(cause) not in seen:
+            seen.add(id(cause))
+            if isinstance(cause, DunetError):
+                raise DunetError(f"on the Ray cluster: {one_line(cause)}") from None
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        raise
 
 
 def _spread() -> dict[str, Any]:

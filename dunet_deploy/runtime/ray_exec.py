@@ -486,10 +486,10 @@ def segment_on_ray(
     """
     t0 = time.perf_counter()
     seg = Segmenter(model, options, runner_factory=runner_factory, lazy=True)  # metadata only
-    opts = seg.options
+    opts = seg.options.replace(workers=0)  # (the summary says so: Ray's tasks read and write)
     import_ray()  # before anything is created
     everything = expand_inputs(inputs, recursive=opts.recursive)
-    plan = plan_run(list(inputs), everything, out_dir, opts, seg.fingerprint(), shard=shard)
+    plan = plan_run(list(inputs), everything, out_dir, opts, seg.fingerprint(opts), shard=shard)
     out = prepare_output_dir(out_dir)
     run = RayRun()
     interrupted: KeyboardInterrupt | None = None

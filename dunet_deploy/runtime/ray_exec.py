@@ -492,10 +492,17 @@ def segment_on_ray(
     plan = plan_run(list(inputs), everything, out_dir, opts, seg.fingerprint(opts), shard=shard)
     out = prepare_output_dir(out_dir)
     run = RayRun()
+    journal = plan.journal(out)
+
+    def finished(result: CaseResult) -> None:
+        journal.record(result)
+        if on_result is not None:
+            on_result(result)
+
     interrupted: KeyboardInterrupt | None = None
     try:
         run_on_ray(model, plan.todo, out, opts, cluster, runner_factory=runner_factory,
-                   on_result=on_result, run=run)
+                   on_result=finished, run=run)
     except KeyboardInterrupt as exc:
         interrupted = exc
     summary = summary_document(
@@ -508,6 +515,7 @@ def segment_on_ray(
                       "resources": run.resources}
     summary.update(plan.summary_entries())
     write_json(out / plan.summary_name, summary)
+    journal.close()
     if interrupted is not None:
         raise interrupted
     return summary

@@ -328,6 +328,12 @@ class Segmenter(Closeable):
         items = plan.todo
         out = OutputOptions(prepare_output_dir(out_dir), run, writer)
         results: list[CaseResult] = []
+        journal = plan.journal(out.out_dir)
+
+        def finished(result: CaseResult) -> None:
+            journal.record(result)
+            if on_result is not None:
+                on_result(result)
 
         def predictor() -> Predictor:
             if on_start is not None:
@@ -337,12 +343,12 @@ class Segmenter(Closeable):
         interrupted: KeyboardInterrupt | None = None
         try:
             if run.workers:
-                run_in_workers(predictor, self.spec, items, out, on_result=on_result,
+                run_in_workers(predictor, self.spec, items, out, on_result=finished,
                                results=results, meter=self._traffic, reader=reader)
             else:
                 with Prefetcher(items, self.spec, depth=run.prefetch, resample=run.resample,
                                 reader=reader) as prefetcher:
-                    run_cases(predictor(), self.spec, prefetcher, out, on_result=on_result,
+                    run_cases(predictor(), self.spec, prefetcher, out, on_result=finished,
                               results=results, meter=self._traffic)
         except KeyboardInterrupt as exc:
             interrupted = exc
@@ -353,6 +359,7 @@ class Segmenter(Closeable):
             total=len(plan.items))
         summary.update(plan.summary_entries())
         write_json(out.out_dir / plan.summary_name, summary)
+        journal.close()
         if interrupted is not None:
             raise interrupted
         return summary

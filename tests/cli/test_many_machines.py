@@ -123,7 +123,8 @@ def test_two_shards_in_two_processes_then_merge_give_one_run(cohort, tmp_path):
     assert merged["missing_cases"] == [] and merged["fingerprint"] == reference["fingerprint"]
 
 
-def _kill_mid_run(cmd: list[str], out: Path, cases: int = 2) -> subprocess.CompletedProcess:
+def _kill_mid_run(cmd: list[str], out: Path, cases: int = 2,
+                  sig: int = signal.SIGTERM) -> subprocess.CompletedProcess:
     """Start ``cmd`` in its own process group; SIGTERM the group once ``cases`` cases are out.
 
     A case's probability map is written after its mask, and the next case's after the
@@ -136,31 +137,46 @@ def _kill_mid_run(cmd: list[str], out: Path, cases: int = 2) -> subprocess.Compl
         assert proc.poll() is None, f"ended before a mask was out: {proc.communicate()}"
         assert time.monotonic() < deadline, "no mask in 300 s"
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, sig)
     stdout, stderr = proc.communicate(timeout=300)
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
+def _journal(path: Path) -> dict:
+    """What a SIGKILLed run leaves: its journal's finished cases, as a summary's "cases"."""
+    cases = [json.loads(line)["case"] for line in path.read_text().splitlines()]
+    return {"cases": cases, "ok": len(cases)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [(), ("--workers", "1"), ("--shard", "1/2")],
-                         ids=["in-process", "workers", "shard"])
-def test_a_killed_run_restarted_redoes_only_the_missing_cases(cohort, tmp_path, extra):
+@pytest.mark.parametrize(("extra", "sig"), [
+    ((), signal.SIGTERM), (("--workers", "1"), signal.SIGTERM),
+    (("--shard", "1/2"), signal.SIGTERM),
+    ((), signal.SIGKILL), (("--workers", "1"), signal.SIGKILL)],
+    ids=["in-process", "workers", "shard", "in-process-SIGKILL", "workers-SIGKILL"])
+def test_a_killed_run_restarted_redoes_only_the_missing_cases(cohort, tmp_path, extra, sig):
     model, scans, whole, reference = cohort
     out = tmp_path / "out"
     name = f"summary-{extra[1].replace('/', '-of-')}.json" if extra[:1] == ("--shard",) \
         else "summary.json"
-    killed = _kill_mid_run(_cmd(model, scans, out, *extra), out)
-    assert killed.returncode == 143, killed.stderr
-    assert killed.stderr.strip().splitlines()[-1] == "error: interrupted (SIGTERM)"
-    first = json.loads((out / name).read_text())
-    assert first["interrupted"] == "SIGTERM" and 0 < first["ok"] < first["total"], first["ok"]
+    killed = _kill_mid_run(_cmd(model, scans, out, *extra), out, sig=sig)
+    if sig == signal.SIGKILL:  # no summary: the journal of finished cases
+        assert killed.returncode == -signal.SIGKILL and not (out / name).exists()
+        first = _journal(out / f".{name}.done.jsonl")
+        assert 0 < first["ok"] < VOLUMES, first["ok"]
+    else:
+        assert killed.returncode == 143, killed.stderr
+        assert killed.stderr.strip().splitlines()[-1] == "error: interrupted (SIGTERM)"
+        first = json.loads((out / name).read_text())
+        assert first["interrupted"] == "SIGTERM" and 0 < first["ok"] < first["total"]
+        assert not list(out.glob(".*"))  # the journal is gone once the summary is written
     done_first = _recorded(first, out)
 
     again = _infer(model, scans, out, *extra, "--skip-existing")
     resumed = json.loads((out / name).read_text())
     # The broken file (when this shard has it) is tried again, and fails again.
     assert again.returncode == (1 if resumed["failed"] else 0), again.stderr
-    assert resumed["done"] == resumed["total"] == first["total"]
+    assert resumed["done"] == resumed["total"] == first.get("total", VOLUMES + 1)
     assert resumed["skipped_existing"] == first["ok"] and resumed["interrupted"] is None
     after = _stamps(out)
     assert {n: after[n] for n in done_first} == done_first  # not one finished case redone

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,10 @@ from runtime_testutils import SHAPE, write_volume
 from dunet_deploy.bench.pipeline_bench import StandInRunner, pipeline_spec, write_standin_onnx
 from dunet_deploy.errors import DunetError
 from dunet_deploy.runtime.options import InferenceOptions
+from dunet_deploy.runtime.pipeline import CaseResult
 from dunet_deploy.runtime.resume import (
     RunFingerprint,
+    RunPlan,
     completed_cases,
     model_digest,
     nifti_complete,
@@ -45,7 +49,7 @@ def done_run(tmp_path_factory):
 def _copy(out: Path, dest: Path) -> Path:
     dest.mkdir()
     for path in out.iterdir():
-        (dest / path.name).write_bytes(path.read_bytes())
+        shutil.copy2(path, dest / path.name)  # times kept, as `cp -p` and `rsync -a` keep them
     return dest
 
 
@@ -123,3 +127,36 @@ def test_nifti_complete(done_run, tmp_path):
     assert not nifti_complete(tmp_path / "absent.nii.gz")
     (tmp_path / "text.nii.gz").write_bytes(b"not gzip at all")
     assert not nifti_complete(tmp_path / "text.nii.gz")
+
+
+def test_files_newer_than_their_summary_are_redone(done_run, tmp_path):
+    _, out, fp = done_run
+    dest = _copy(out, tmp_path / "copy")
+    # A later run with other options replaced case_1's files (and wrote its own summary
+    # elsewhere): the first summary's claim no longer holds for them.
+    summary = (dest / "summary.json").stat().st_mtime_ns
+    os.utime(dest / "case_1_mask.nii.gz", ns=(summary + 10**9, summary + 10**9))
+    assert sorted(completed_cases(dest, fp)) == ["case_0", "case_2", "case_3"]
+
+
+def test_a_journal_is_what_a_sigkilled_run_leaves(done_run, tmp_path):
+    _, out, fp = done_run
+    dest = _copy(out, tmp_path / "copy")
+    (dest / "summary.json").unlink()  # SIGKILLed: no summary
+    rows = json.loads((out / "summary.json").read_text())["cases"]
+    results = {Path(r["input"]).name: CaseResult(**r) for r in rows}
+    plan = RunPlan(items=(), todo=(), fingerprint=fp)
+    journal = plan.journal(dest)
+    assert journal.path == dest / ".summary.json.done.jsonl"
+    for name in ("case_0.nii.gz", "broken.nii.gz", "case_2.nii.gz"):
+        journal.record(results[name])  # (a failed case is not recorded)
+    with open(journal.path, "a") as f:
+        f.write('{"fingerprint": {"model": "sha256:')  # the line the kill cut short
+    assert sorted(completed_cases(dest, fp, save_prob=True, prob_dtype="uint16")) == [
+        "case_0", "case_2"]
+    assert completed_cases(dest, RunFingerprint(fp.model, "0" * 16)) == {}
+    (dest / "case_2_prob.nii.gz").write_bytes((dest / "case_3_prob.nii.gz").read_bytes())
+    assert sorted(completed_cases(dest, fp)) == ["case_0", "case_2"]  # the mask is unchanged
+    assert sorted(completed_cases(dest, fp, save_prob=True, prob_dtype="uint16")) == ["case_0"]
+    journal.close()
+    assert not journal.path.exists() and completed_cases(dest, fp) == {}

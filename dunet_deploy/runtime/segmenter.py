@@ -290,6 +290,9 @@ class Segmenter(Closeable):
         already complete in ``out_dir`` (made by the same model and options, see
         :func:`~dunet_deploy.runtime.resume.plan_run`) are not done again; the
         summary lists them with the rest (and their count as ``skipped_existing``).
+        Until the summary is written, each finished case is also appended to a
+        journal in ``out_dir`` (:class:`~dunet_deploy.runtime.resume.Journal`),
+        so that a SIGKILLed run can be resumed too.
 
         Args:
             inputs: Files, directories or glob patterns; one ``str`` or path

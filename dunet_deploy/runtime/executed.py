@@ -6,9 +6,16 @@ runs its convolutions in int8 is the runtime's decision (ONNX Runtime fuses
 it has a kernel; OpenVINO's low-precision transformations may leave a layer in
 bf16/f32). So the runners report what this module reads back:
 
-* ONNX Runtime: the graph after its optimisations (the session writes it to
-  ``optimized_model_filepath``), counted by op type — ``QLinearConv``,
-  ``ConvInteger``, ``QLinearMatMul``... are integer kernels;
+* ONNX Runtime (CPU, CUDA providers): the graph after its optimisations (the
+  session writes it to ``optimized_model_filepath``), counted by op type —
+  ``QLinearConv``, ``ConvInteger``, ``QLinearMatMul``... are integer kernels;
+* ONNX Runtime's TensorRT provider: its nodes are compiled into TensorRT
+  engines, which ONNX Runtime cannot serialise (it refuses
+  ``optimized_model_filepath`` then). The runner's own session records which
+  provider took which node (``get_provider_graph_assignment_info``); TensorRT
+  runs a Q/DQ-wrapped convolution in int8 (explicit quantization: the Q/DQ
+  nodes, not TensorRT, decide the precision), so the int8 layers are the QDQ
+  convolutions TensorRT took;
 * OpenVINO: the compiled model's runtime graph, where every layer carries its
   ``layerType`` and ``runtimePrecision``.
 
@@ -26,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from dunet_deploy.errors import DunetError
+from dunet_deploy.runtime.loaders import TRT_EP
 
 __all__ = [
     "ORT_INTEGER_OPS",
@@ -33,6 +41,8 @@ __all__ = [
     "int8_float_request",
     "onnxruntime_executed",
     "openvino_executed",
+    "provider_assignment",
+    "tensorrt_provider_executed",
 ]
 
 #: ONNX Runtime op types that compute in integer arithmetic.
@@ -46,6 +56,11 @@ _OV_INTEGER = frozenset({"i8", "u8"})
 # Layers whose precision decides the name we report (the FLOPs are there).
 _OV_COMPUTE = frozenset({"Convolution", "FullyConnected", "MatMul", "Deconvolution"})
 _OV_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+# ONNX op types whose FLOPs decide the precision we report.
+_ONNX_COMPUTE = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+
+#: ``[(provider, [(op_type, node name), ...]), ...]``, one entry per assigned subgraph.
+Assignment = list[tuple[str, list[tuple[str, str]]]]
 
 
 @dataclass(frozen=True)
@@ -57,8 +72,9 @@ class Executed:
             the float precision that runs (``"fp32"``, ``"bf16"``...).
         integer_layers: compute layers (convolutions, matmuls) running integer kernels.
         float_layers: compute layers running a float kernel, by precision.
-        ops: op/layer counts of the executed graph (``"QLinearConv": 30`` or
-            ``"Convolution/i8": 32``).
+        ops: op/layer counts of the executed graph (``"QLinearConv": 30``,
+            ``"Convolution/i8": 32``, or per provider for ONNX Runtime's
+            TensorRT provider: ``"TensorrtExecutionProvider/Conv": 32``).
     """
 
     precision: str
@@ -155,3 +171,69 @@ def openvino_executed(compiled: Any, fallback: str) -> Executed:
             floats[name] = floats.get(name, 0) + 1
     integer = [k for k in counts if k.split("/")[1] in _OV_INTEGER]
     return _summarise(counts, integer, floats, fallback)
+
+
+def provider_assignment(session: Any, version: str) -> Assignment:
+    """Which execution provider runs which node of ``session``'s graph.
+
+    Args:
+        session: an ``InferenceSession`` opened with
+            :data:`~dunet_deploy.runtime.loaders.ASSIGNMENT_ENTRY` set to ``"1"``.
+        version: ``onnxruntime.__version__``, for the message.
+
+    Returns:
+        One ``(provider, [(op_type, name), ...])`` per assigned subgraph: the
+        graph as partitioned, before each provider's own fusions.
+
+    Raises:
+        DunetError: when this onnxruntime cannot report the assignment.
+    """
+    read = getattr(session, "get_provider_graph_assignment_info", None)
+    if read is None:
+        raise DunetError(
+            f"onnxruntime {version} cannot report which nodes its TensorRT provider runs (no "
+            "get_provider_graph_assignment_info), so the int8 model's executed precision is "
+            "unknown; upgrade onnxruntime-gpu, or run an int8 engine (dunet-export --format trt "
+            "--trt-precision int8)"
+        )
+    return [(str(sub.ep_name), [(str(n.op_type), str(n.name)) for n in sub.get_nodes()])
+            for sub in read()]
+
+
+def _quantized(node: Any, dq_outputs: set[str]) -> bool:
+    """Data and weight come through ``DequantizeLinear``: a Q/DQ-wrapped compute node."""
+    return len(node.input) >= 2 and node.input[0] in dq_outputs and node.input[1] in dq_outputs
+
+
+def tensorrt_provider_executed(graph: Any, assignment: Assignment, fallback: str) -> Executed:
+    """The executed precision of a QDQ model under ONNX Runtime's TensorRT provider.
+
+    TensorRT compiles the nodes it takes with explicit quantization: a compute
+    node whose data and weight come through ``DequantizeLinear`` runs an int8
+    kernel. A compute node left to another provider (TensorRT could not take
+    it) counts as ``fallback`` precision whatever it is: only TensorRT's int8
+    is reported, and ``ops`` names the provider that took each node.
+
+    Args:
+        graph: the model's ``onnx.GraphProto``.
+        assignment: from :func:`provider_assignment`.
+        fallback: the float precision TensorRT runs unquantized layers in.
+
+    Returns:
+        The executed precision; ``ops`` counts ``"<provider>/<op_type>"``.
+    """
+    on_trt = {name for ep, nodes in assignment if ep == TRT_EP for _, name in nodes}
+    whole = bool(assignment) and all(ep == TRT_EP for ep, _ in assignment)
+    dq_outputs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    n_int = n_float = 0
+    for node in graph.node:
+        if node.op_type not in _ONNX_COMPUTE:
+            continue
+        # Unnamed nodes cannot be matched: they are on TensorRT only if all of the graph is.
+        if (whole or (node.name and node.name in on_trt)) and _quantized(node, dq_outputs):
+            n_int += 1
+        else:
+            n_float += 1
+    counts = collections.Counter(f"{ep}/{op}" for ep, nodes in assignment for op, _ in nodes)
+    floats = {fallback: n_float} if n_float else {}
+    return Executed("int8" if n_int else fallback, n_int, floats, dict(counts))

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import tensorrt as trt
 
 __all__ = [
+    "ASSIGNMENT_ENTRY",
     "CPU_EP",
     "CUDA_EP",
     "TRT_EP",
@@ -36,6 +37,8 @@ __all__ = [
 CPU_EP = "CPUExecutionProvider"
 CUDA_EP = "CUDAExecutionProvider"
 TRT_EP = "TensorrtExecutionProvider"
+#: Session config entry that makes ONNX Runtime keep which provider took which node.
+ASSIGNMENT_ENTRY = "session.record_ep_graph_assignment_info"
 
 
 # --------------------------------------------------------------- ONNX Runtime
@@ -72,6 +75,7 @@ def ort_session(
     source: str | None = None,
     require_providers: bool = True,
     optimized_model_path: str | None = None,
+    record_assignment: bool = False,
 ) -> Any:
     """An ``onnxruntime.InferenceSession`` whose requested providers really are active.
 
@@ -89,7 +93,10 @@ def ort_session(
         require_providers: refuse a session in which the first requested GPU
             provider is not active (``False``: accept the fallback).
         optimized_model_path: also write the optimised graph ONNX Runtime will
-            run there (to inspect which kernels execute).
+            run there (to inspect which kernels execute). ONNX Runtime refuses
+            this when a provider compiles nodes (TensorRT): use ``record_assignment``.
+        record_assignment: record which provider runs which node, for
+            ``session.get_provider_graph_assignment_info()``.
 
     Returns:
         The session.
@@ -118,6 +125,8 @@ def ort_session(
     so.log_severity_level = 3  # errors only; ORT warns about every cast around fp16 ops
     if optimized_model_path is not None:
         so.optimized_model_filepath = optimized_model_path
+    if record_assignment:
+        so.add_session_config_entry(ASSIGNMENT_ENTRY, "1")
     opts = provider_options or {}
     plist: list[Any] = [(p, dict(opts[p])) if p in opts else p for p in providers]
     src = model if isinstance(model, bytes) else str(model)

@@ -13,7 +13,12 @@ beside the model) and the batch profile 1..64 (opt 32). ONNX Runtime builds
 TensorRT networks weakly typed: with ``trt_fp16_enable`` the FP32 islands of the
 mixed-precision policy would not be kept, so an FP16 model is refused there
 (a ``.plan`` from ``dunet-export``, strongly typed, is the path that honours
-them) and FP16 is never enabled.
+them) and FP16 is never enabled. An int8 (QDQ) model gets ``trt_int8_enable``
+(TensorRT builds the Q/DQ layers only with INT8 configured, and needs no
+calibration table for them); its executed precision is read from the
+runner's own session, which records the provider of each node: ONNX Runtime
+cannot write the optimised graph of TensorRT-compiled nodes
+(:mod:`dunet_deploy.runtime.executed`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,12 @@ import numpy as np
 from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
 from dunet_deploy.errors import DunetError
 from dunet_deploy.runtime.base import Runner, fixed_precision, one_line
-from dunet_deploy.runtime.executed import Executed, onnxruntime_executed
+from dunet_deploy.runtime.executed import (
+    Executed,
+    onnxruntime_executed,
+    provider_assignment,
+    tensorrt_provider_executed,
+)
 from dunet_deploy.runtime.loaders import CPU_EP, CUDA_EP, TRT_EP, ort_errors, ort_session
 
 __all__ = ["OnnxRuntimeRunner", "pick_providers", "provider_options"]
@@ -105,6 +115,9 @@ def provider_options(
             )
         out[TRT_EP] = {
             "trt_fp16_enable": "0",
+            # Q/DQ layers build only with INT8 configured (explicit quantization: no
+            # calibration table, the model's scales are used).
+            "trt_int8_enable": "1" if precision == "int8" else "0",
             "trt_engine_cache_enable": "1",
             "trt_engine_cache_path": str(cache),
             "trt_timing_cache_enable": "1",
@@ -165,9 +178,11 @@ class OnnxRuntimeRunner(Runner):
         self._c, self._s = self.spec.in_channels, self.spec.image_size
         options = provider_options(providers, self.model_path, info.precision,
                                    (self._c, self._s, self._s), cuda_graph=cuda_graph)
+        on_trt = TRT_EP in providers and info.precision == "int8"
         # "auto" may fall back to the CPU (reported by .device); an explicit device may not.
         self._session = ort_session(self.model_path, providers, provider_options=options,
-                                    threads=threads, require_providers=device != "auto")
+                                    threads=threads, require_providers=device != "auto",
+                                    record_assignment=on_trt)
         inputs = {i.name: i for i in self._session.get_inputs()}
         outputs = [o.name for o in self._session.get_outputs()]
         node = inputs.get(INPUT_NAME)
@@ -190,11 +205,23 @@ class OnnxRuntimeRunner(Runner):
         self._ort = ort
         self._executed: Executed | None = None
         if info.precision == "int8":  # report the kernels that run, not the label
-            self._executed = onnxruntime_executed(
-                lambda path: ort_session(self.model_path, providers, provider_options=options,
-                                         threads=threads, require_providers=False,
-                                         optimized_model_path=path), "fp32")
+            self._executed = self._read_executed(providers, options, threads)
             self._precision = self._executed.precision
+
+    def _read_executed(self, providers: list[str], options: dict[str, dict[str, str]],
+                       threads: int | None) -> Executed:
+        """The int8 model's executed precision (see :mod:`dunet_deploy.runtime.executed`)."""
+        if TRT_EP in self._providers:
+            # TensorRT-compiled nodes cannot be serialised: read this session's assignment.
+            import onnx
+
+            graph = onnx.load(str(self.model_path), load_external_data=False).graph
+            assignment = provider_assignment(self._session, self._ort.__version__)
+            return tensorrt_provider_executed(graph, assignment, "fp32")
+        return onnxruntime_executed(
+            lambda path: ort_session(self.model_path, providers, provider_options=options,
+                                     threads=threads, require_providers=False,
+                                     optimized_model_path=path), "fp32")
 
     @property
     def input_shape(self) -> tuple[int | None, int, int, int]:

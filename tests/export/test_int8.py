@@ -123,6 +123,11 @@ def test_export_reports_the_layers_kept_in_float(exported_log: str, exported: Pa
     # Each kept layer measurably improved the worst runtime's masks on the lesion slabs.
     worst = [min(fl["dsc_vs_fp32_all_int8"].values())] + [
         min(k["model_dsc_vs_fp32"].values()) for k in fl["kept"]]
+    # Margins, printed so a CPU that comes close shows it: the all-int8 model must stay
+    # below the search's target for a layer to be kept at all.
+    print(f"float-layer search: all-int8 DSC vs fp32 {fl['dsc_vs_fp32_all_int8']} (target "
+          f"{fl.get('target_dsc')}), worst runtime after each kept layer "
+          f"{[round(w, 4) for w in worst]}")
     assert all(b > a for a, b in itertools.pairwise(worst))
 
 
@@ -356,8 +361,10 @@ def test_calibration_and_gate_run_through_the_core(
     assert ra["dsc_fp32"] == pytest.approx(rb["dsc_fp32"], abs=1e-12)
     # int8 rounds activations to steps: a last-bit difference of the normalised input (its
     # statistics summed in another order) may move a few edge voxels, not more.
-    for ca, cb in zip(ra["per_case"], rb["per_case"], strict=True):
-        assert abs(ca["int8_voxels"] - cb["int8_voxels"]) <= 4, (ca, cb)
+    moved_by = [abs(ca["int8_voxels"] - cb["int8_voxels"])
+                for ca, cb in zip(ra["per_case"], rb["per_case"], strict=True)]
+    print(f"int8 voxels moved by storing the gate data another way round: {moved_by} (max 4)")
+    assert max(moved_by) <= 4, (ra["per_case"], rb["per_case"])
     assert b["rows"][0]["cases_judged"] == 2 and b["passed"]
     # Calibration slabs: the same set of slabs, wherever the voxels were stored.
     sa, sta = int8.calibration_slabs(val, spec8, 64)

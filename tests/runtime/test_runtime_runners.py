@@ -166,6 +166,7 @@ def test_provider_options(tmp_path):
     opts = provider_options(gpu, tmp_path / "m.onnx", "int8", (4, 192, 192))
     trt = opts["TensorrtExecutionProvider"]
     assert trt["trt_fp16_enable"] == "0" and trt["trt_engine_cache_enable"] == "1"
+    assert trt["trt_int8_enable"] == "1"  # Q/DQ layers build only with INT8 configured
     assert trt["trt_engine_cache_path"] == str(tmp_path / "m.onnx.trt-ep-cache")
     assert trt["trt_timing_cache_enable"] == "1"
     assert trt["trt_profile_opt_shapes"] == "slabs:32x4x192x192"
@@ -173,6 +174,7 @@ def test_provider_options(tmp_path):
     assert "CUDAExecutionProvider" not in opts
     fp32 = provider_options(gpu, tmp_path / "m.onnx", "fp32", (4, 192, 192), cuda_graph=True)
     assert fp32["TensorrtExecutionProvider"]["trt_fp16_enable"] == "0"
+    assert fp32["TensorrtExecutionProvider"]["trt_int8_enable"] == "0"
     assert fp32["CUDAExecutionProvider"] == {"enable_cuda_graph": "1"}
     assert provider_options(["CPUExecutionProvider"], tmp_path / "m.onnx", "fp32",
                             (4, 32, 32)) == {}

@@ -77,6 +77,8 @@ def test_bytes_reported_are_the_bytes_on_the_wire(served, tmp_path: Path, protoc
     reported = Counter((c["bytes_sent"], c["bytes_received"]) for c in cases)
     seen: Counter[tuple[int, int]] = Counter()
     for up, down in proxy.connections:
+        if not up:  # the client's reachability probe connects and closes without a byte
+            continue
         if protocol == "http":
             pairs = zip(http_bodies(bytes(up)), http_bodies(bytes(down)), strict=True)
             seen.update((req[1], res[1]) for req, res in pairs

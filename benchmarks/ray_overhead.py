@@ -30,7 +30,7 @@ from dunet_deploy.bench.pipeline_bench import (
     write_volumes,
 )
 from dunet_deploy.machine import machine_info
-from dunet_deploy.runtime.ray_exec import ClusterOptions, StageOptions, segment_on_ray
+from dunet_deploy.runtime.ray_exec import ClusterOptions, segment_on_ray
 from dunet_deploy.runtime.segmenter import Segmenter
 from dunet_deploy.spec import ATLAS_SHAPE
 
@@ -60,8 +60,9 @@ def main() -> None:
                 out = work / f"{name}{r}"
                 t0 = time.perf_counter()
                 if name == "ray":
-                    segment_on_ray(model, paths, out, StageOptions(runner_factory=StandInRunner),
-                                   ClusterOptions(address=cluster.address))
+                    segment_on_ray(model, paths, out, None,
+                                   ClusterOptions(address=cluster.address),
+                                   runner_factory=StandInRunner)
                 else:
                     with Segmenter(model, runner_factory=StandInRunner) as seg:
                         seg.predict_files(paths, out)

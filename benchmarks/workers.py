@@ -12,7 +12,9 @@ Usage::
 
     python benchmarks/workers.py [--volumes 16] [--workers 0,1,2,3] [--repeat 3] [--out DIR]
 
-Writes ``DIR/workers.json`` and ``DIR/workers.md`` (with the CPU model and flags).
+Writes ``DIR/workers.json`` and ``DIR/workers.md`` (with the CPU model and flags). Then runs
+``dunet-infer --calibrate-workers``'s calibration (its cache in a scratch folder: this machine's
+default is left as it is) and records which count it picks, beside the fastest measured here.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from dunet_deploy.bench.pipeline_bench import (
     write_standin_onnx,
     write_volumes,
 )
+from dunet_deploy.bench.workers_calibration import calibrate_workers
 from dunet_deploy.machine import machine_info
 from dunet_deploy.runtime.workers import default_workers
 from dunet_deploy.spec import ATLAS_SHAPE
@@ -61,7 +64,7 @@ def measure(volumes: int, workers: list[int], repeat: int, work: Path) -> dict[s
     return {"config": {"volumes": volumes, "shape": list(spec.volume_shape),
                        "image_size": spec.image_size, "workers": workers, "repeat": repeat,
                        "model": "standin", "encoding": "int16"},
-            "machine": machine_info(), "default_workers_today": default_workers(),
+            "machine": machine_info(), "default_workers_today": default_workers(2),
             "loadavg": {"start": load_start, "end": list(os.getloadavg())},
             "summary": summary, "runs": runs}
 
@@ -86,6 +89,13 @@ def render(doc: dict[str, Any]) -> str:
         mark = " (today's default)" if int(w) == doc["default_workers_today"] else ""
         lines.append(f"| {w}{mark} | {s['median']:.3f} | {s['min']:.3f} | {s['max']:.3f} |")
     lines += ["", f"Fastest by median: --workers {best}."]
+    cal = doc.get("calibration")
+    if cal:
+        rates = ", ".join(f"{w}: {v:.3f}" for w, v in cal["median"].items())
+        lines += ["", f"`dunet-infer --calibrate-workers` (run after, {cal['volumes']} volumes x "
+                      f"{cal['repeat']} repeats; load average {cal['loadavg'][0]:.2f} -> "
+                      f"{cal['loadavg'][1]:.2f}): picks --workers {cal['workers']} (core rule: "
+                      f"{cal['rule']}); volumes/s median by workers: {rates}."]
     return "\n".join(lines) + "\n"
 
 
@@ -100,6 +110,12 @@ def main() -> None:
     workers = [int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory(prefix="dunet-workers-") as tmp:
         doc = measure(args.volumes, workers, args.repeat, Path(tmp))
+        os.environ["XDG_CACHE_HOME"] = str(Path(tmp) / "cache")
+        picked = calibrate_workers(log=print)
+        doc["calibration"] = {"workers": picked["workers"], "rule": picked["rule"],
+                              "median": {str(w): v for w, v in picked["median"].items()},
+                              "volumes": picked["volumes"], "repeat": picked["repeat"],
+                              "loadavg": picked["loadavg"]}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "workers.json", doc)
     atomic_write_bytes(args.out / "workers.md", render(doc).encode())

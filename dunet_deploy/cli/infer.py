@@ -10,11 +10,18 @@ folder holding a DICOM series (or a ``.zip`` of one) is an input too (one per
 3D series; ``--series UID`` picks one); ``--dicom-seg`` also writes
 ``out/<name>_seg.dcm``, a DICOM SEG of the source series (docs/dicom.md).
 
+Many machines (docs/many-machines.md)::
+
+    dunet-infer --engine model.onnx scans/ -o out/ --shard 3/8 --skip-existing  # one of 8 jobs
+    dunet-infer --merge out/ scans/               # summary-*-of-8.json -> out/summary.json
+    dunet-infer --engine model.onnx scans/ -o out/ --ray 10.0.0.1:6379      # a Ray cluster
+
 Exit codes: 0 all volumes segmented; 1 some inputs failed, a missing or
 truncated one included, even when it is the only one (each reported as
 ``error: <input>: <reason>`` on stderr and in summary.json, the others still
-processed); 2 usage or model error, or a folder or pattern that gives no scan
-(nothing segmented, no output folder left behind).
+processed), or ``--merge`` found failed or missing cases; 2 usage or model
+error, or a folder or pattern that gives no scan (nothing segmented, no output
+folder left behind).
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from dunet_deploy.choices import (
     RESAMPLE_MODES,
     TTA_MODES,
 )
-from dunet_deploy.cli._common import DunetCommand, handle_errors, one_line
+from dunet_deploy.cli._common import DunetCommand, fail, handle_errors, one_line
 from dunet_deploy.errors import DunetError
 
 EXIT_SOME_FAILED = 1
@@ -52,7 +59,10 @@ EXIT_SOME_FAILED = 1
 #: fields: what the command itself does with them (every other parameter is a field;
 #: tests/cli/test_infer_cli.py::test_every_parameter_is_an_option_or_cli_only checks it).
 CLI_ONLY = frozenset({"model_path", "inputs", "out_dir", "triton_url", "server_side", "preview",
-                      "quiet"})
+                      "quiet",
+                      # many machines: which shard, merging shards, a Ray cluster
+                      "shard", "merge", "ray_address", "ray_actors", "ray_gpus_per_actor",
+                      "calibrate_workers"})
 #: Flags spelled otherwise than ``--<field-name>`` (for messages about an option).
 FLAGS = {"model": "--engine", "inputs": "INPUTS", "url": "--triton-url"}
 
@@ -167,11 +177,12 @@ def _check_remote(options: Any, model_path: Path | None, triton_url: str | None,
               type=click.Path(dir_okay=False, path_type=Path),
               help="Model: .onnx (ONNX Runtime / OpenVINO) or a TensorRT .plan with its "
                    ".plan.json sidecar. Optional with --triton-url (the server holds the "
-                   "model; when given, the server's spec must match it).")
-@click.argument("inputs", nargs=-1, required=True)
-@click.option("-o", "--out", "out_dir", required=True,
+                   "model; when given, the server's spec must match it).  [required, except "
+                   "with --triton-url, --merge or --calibrate-workers]")
+@click.argument("inputs", nargs=-1, metavar="INPUTS...")
+@click.option("-o", "--out", "out_dir",
               type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder (created if missing).")
+              help="Output folder (created if missing).  [required, except with --merge]")
 @click.option("--backend", default="auto", show_default=True,
               type=click.Choice(["auto", *BACKENDS]),
               help="auto: .plan/.engine -> tensorrt; .onnx -> openvino if installed "
@@ -208,8 +219,9 @@ def _check_remote(options: Any, model_path: Path | None, triton_url: str | None,
               help="TensorRT / ONNX Runtime CUDA: capture and replay a CUDA graph per batch size.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Worker processes that read/preprocess and post-process/write while this "
-                   "process keeps the model busy; 0 = all in this process.  [default: 0 on "
-                   "1-2 cores, else half the cores, at most 4]")
+                   "process keeps the model busy; 0 = all in this process.  [default: the "
+                   "count --calibrate-workers measured on this machine; else 0 on 1-2 cores, "
+                   "else half the cores, at most 4]")
 @click.option("--server-side", is_flag=True,
               help="With --triton-url: send each file's bytes to the server's dunet_volume "
                    "model (dunet-serve --repository), which runs the whole pipeline with "
@@ -239,6 +251,35 @@ def _check_remote(options: Any, model_path: Path | None, triton_url: str | None,
               help="N4 bias-field correction of each scan before normalisation (SimpleITK; "
                    "a few seconds per scan).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no final summary line.")
+# -- many machines (docs/many-machines.md) --
+@click.option("--skip-existing", is_flag=True,
+              help="Do not redo inputs whose outputs in OUT are complete and were made by the "
+                   "same model and output-affecting options (recorded in OUT's summaries): "
+                   "resumes a cut-off or pre-empted run.")
+@click.option("--shard", metavar="I/N", default=None,
+              help="Segment only part I of N of the inputs (by a hash of each path relative "
+                   "to its input: stable when files are added) and write "
+                   "OUT/summary-I-of-N.json; for job arrays (Slurm --array=1-N).")
+@click.option("--merge", type=click.Path(file_okay=False, path_type=Path), default=None,
+              metavar="OUT",
+              help="Combine the shards' OUT/summary-I-of-N.json into OUT/summary.json, listing "
+                   "missing and failed cases (give the INPUTS to name the cases of shards that "
+                   "wrote nothing); needs no model.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None,
+              metavar="[ADDRESS]",
+              help="Run on a Ray cluster (extra 'ray'): read and write as CPU tasks, the model "
+                   "in a pool of actors. ADDRESS: host:port of a running cluster or 'auto'; "
+                   "none: $RAY_ADDRESS, else a local cluster. OUT, the model and the inputs "
+                   "must be at the same paths on every node.")
+@click.option("--ray-actors", type=click.IntRange(min=1), default=None,
+              help="With --ray: model actors.  [default: one per GPU, or half the CPUs]")
+@click.option("--ray-gpus-per-actor", type=click.FloatRange(min=0), default=None,
+              help="With --ray: GPUs each actor holds.  [default: 1 if the cluster has GPUs, "
+                   "else 0]")
+@click.option("--calibrate-workers", is_flag=True,
+              help="Measure which --workers count is fastest on this machine (about a minute, "
+                   "stand-in model on synthetic full-size scans) and make it the default here; "
+                   "needs no model.")
 @handle_errors
 def main(model_path: Path | None, inputs: tuple[str, ...], out_dir: Path, backend: str, device: str,
          batch_size: int, save_prob: bool, prob_dtype: str, threads: int | None, precision: str,
@@ -246,7 +287,9 @@ def main(model_path: Path | None, inputs: tuple[str, ...], out_dir: Path, backen
          cuda_graph: bool, workers: int | None, server_side: bool, preview: bool,
          recursive: bool, series: str | None, dicom_seg: bool, register: str | None,
          bias_correct: bool,
-         quiet: bool) -> None:
+         quiet: bool, skip_existing: bool, shard: str | None, merge: Path | None,
+         ray_address: str | None, ray_actors: int | None,
+         ray_gpus_per_actor: float | None, calibrate_workers: bool) -> None:
     """Segment stroke lesions in INPUT volumes (NIfTI files, DICOM series, directories or globs).
 
     Writes OUT/<name>_mask.nii.gz per input (same shape, affine, qform/sform
@@ -263,7 +306,16 @@ def main(model_path: Path | None, inputs: tuple[str, ...], out_dir: Path, backen
         remove_empty_folders,
     )
 
-    params = dict(click.get_current_context().params)
+    ctx = click.get_current_context()
+    if merge is not None:
+        _merge(merge, inputs, recursive, quiet)
+        return
+    if calibrate_workers:
+        _calibrate(quiet)
+        return
+    many = _many_machines(ctx.params)
+    _require(ctx, "inputs", "out_dir")
+    params = dict(ctx.params)
     if server_side and params["workers"] is None:
         params["workers"] = 0  # the server reads and writes: no worker processes here
     options = build_options(params)
@@ -308,6 +360,13 @@ def main(model_path: Path | None, inputs: tuple[str, ...], out_dir: Path, backen
                 triton_url, volumes, out_dir,
                 expected=None if model_path is None else read_artifact_info(model_path),
                 on_start=progress.start, on_result=on_result, options=options)
+        elif many.cluster is not None:
+            from dunet_deploy.runtime.ray_exec import segment_on_ray
+
+            assert model_path is not None  # _check_remote: no --triton-url with --ray
+
+            summary = segment_on_ray(model_path, inputs, out_dir, options, many.cluster,
+                                     on_result=on_result, shard=many.shard)
         else:
             from dunet_deploy.runtime.segmenter import Segmenter
 
@@ -316,7 +375,7 @@ def main(model_path: Path | None, inputs: tuple[str, ...], out_dir: Path, backen
                            runner_factory=triton_runner if triton_url else None) as seg:
                 # The inputs as given: the summary records what the search left out.
                 summary = seg.predict_files(inputs, out_dir, on_start=on_start,
-                                            on_result=on_result)
+                                            on_result=on_result, shard=many.shard)
     except BaseException:
         remove_empty_folders(created)  # a run that failed leaves no empty folder it made
         raise
@@ -328,7 +387,7 @@ def main(model_path: Path | None, inputs: tuple[str, ...], out_dir: Path, backen
         shown = write_previews(summary["cases"], out_dir)
         if not quiet:
             click.echo(f"wrote {len(shown)} preview(s): {Path(out_dir)}/*_preview.png")
-        if not triton_url:  # the template lies beside a local model
+        if model_path is not None and not triton_url:  # the template lies beside the model
             from dunet_deploy.runtime.register_stage import write_registration_previews
 
             registered = write_registration_previews(summary["cases"], model_path, out_dir)
@@ -340,12 +399,99 @@ def main(model_path: Path | None, inputs: tuple[str, ...], out_dir: Path, backen
         click.echo(f"note: {out_dir}: {earlier} case(s) of earlier runs are kept (not segmented "
                    f"again); {SUMMARY_NAME} lists them under earlier_cases", err=True)
     if not quiet:
+        kept = summary.get("skipped_existing") or 0
         click.echo(
             f"{summary['ok']}/{summary['total']} volume(s) segmented with {summary['backend']} "
-            f"({summary['precision']}, {summary['device']}) in {summary['wall_s']:.1f} s; "
-            f"summary: {Path(out_dir) / SUMMARY_NAME}"
+            f"({summary['precision']}, {summary['device']}) in {summary['wall_s']:.1f} s"
+            f"{f' ({kept} already done, skipped)' if kept else ''}; "
+            f"summary: {Path(out_dir) / (many.shard.summary_name if many.shard else SUMMARY_NAME)}"
         )
     if summary["failed"]:
+        raise click.exceptions.Exit(EXIT_SOME_FAILED)
+
+
+# ------------------------------------------------------------ many machines
+class _ManyMachines:
+    """What --shard and --ray asked for: the shard, the Ray cluster (or ``None``)."""
+
+    def __init__(self, shard: Any, cluster: Any) -> None:
+        self.shard = shard
+        self.cluster = cluster
+
+
+def _require(ctx: click.Context, *names: str) -> None:
+    """The usage error of a missing parameter, for those required unless --merge is given."""
+    for param in ctx.command.params:
+        if param.name in names and ctx.params.get(param.name) in (None, ()):
+            fail(click.MissingParameter(ctx=ctx, param=param).format_message())
+
+
+def _many_machines(params: dict[str, Any]) -> _ManyMachines:
+    """Parse --shard / --ray* (the work is in runtime.shards and runtime.ray_exec).
+
+    Raises:
+        DunetError: a bad shard, a --ray value that is an input, or flags that do not combine.
+    """
+    from dunet_deploy.runtime.shards import parse_shard
+
+    address = params["ray_address"]
+    if address is None:
+        for name in ("ray_actors", "ray_gpus_per_actor"):
+            if params[name] is not None:
+                raise DunetError(f"--{name.replace('_', '-')} needs --ray")
+    if (address is not None or params["shard"] or params["skip_existing"]) \
+            and params["server_side"]:
+        raise DunetError("--server-side runs every case on the server: it takes no --ray, "
+                         "--shard or --skip-existing")
+    try:
+        shard = parse_shard(params["shard"]) if params["shard"] else None
+    except DunetError as exc:
+        raise DunetError(exc.for_command(FLAGS)) from None
+    if address is None:
+        return _ManyMachines(shard, None)
+    if address and Path(address).exists():
+        raise DunetError(f"--ray {address!r} is a file or folder, not a cluster address: write "
+                         f"--ray=ADDRESS, or put --ray after the inputs")
+    for flag, given in (("--triton-url", params["triton_url"]),
+                        ("--workers", params["workers"] is not None)):
+        if given:
+            raise DunetError(f"--ray runs the model in the cluster's actors and reads and "
+                             f"writes in its tasks: it takes no {flag}")
+    from dunet_deploy.runtime.ray_exec import ClusterOptions
+
+    return _ManyMachines(shard, ClusterOptions(address=address or None,
+                                               actors=params["ray_actors"],
+                                               gpus_per_actor=params["ray_gpus_per_actor"]))
+
+
+def _calibrate(quiet: bool) -> None:
+    """``--calibrate-workers``: measure, save and report this machine's default worker count."""
+    from dunet_deploy.bench.workers_calibration import calibrate_workers
+
+    done = calibrate_workers(log=None if quiet else lambda line: click.echo(line, err=True))
+    rates = ", ".join(f"{w}: {v:.2f}" for w, v in done["median"].items())
+    click.echo(f"default --workers on this machine: {done['workers']} (volumes/s by workers, "
+               f"median: {rates}); saved in {done['path']}")
+
+
+def _merge(out: Path, inputs: tuple[str, ...], recursive: bool, quiet: bool) -> None:
+    """``--merge OUT``: the shards' summaries into OUT/summary.json; exit 1 if cases are missing."""
+    from dunet_deploy.runtime.shards import merge_summaries
+
+    merged = merge_summaries(out, list(inputs) or None, recursive=recursive)
+    missing = len(merged["missing_cases"]) + merged["unlisted_cases"]
+    for name in merged["missing_cases"]:
+        click.echo(f"missing: {name}", err=True)
+    for name in merged["failed_cases"]:
+        click.echo(f"failed: {name}", err=True)
+    if not quiet:
+        shards = merged["shards"]
+        absent = f", shard(s) {', '.join(map(str, shards['missing']))} wrote no summary" \
+            if shards["missing"] else ""
+        click.echo(f"merged {len(shards['found'])} of {shards['count']} shard summaries: "
+                   f"{merged['ok']}/{merged['total']} volume(s) segmented, {merged['failed']} "
+                   f"failed, {missing} missing{absent}; summary: {out / 'summary.json'}")
+    if merged["failed"] or missing:
         raise click.exceptions.Exit(EXIT_SOME_FAILED)
 
 

@@ -75,6 +75,9 @@ class InferenceOptions:
             :data:`~dunet_deploy.choices.REGISTER_MODES`; ``None`` takes the
             model's own default (``auto`` unless exported otherwise).
         bias_correct: N4 bias-field correction of each scan before normalisation.
+        skip_existing: Inputs whose outputs are already complete in the output
+            folder, made by the same model and output-affecting options, are
+            not done again (see :func:`~dunet_deploy.runtime.resume.plan_run`).
 
     Raises:
         DunetError: on construction, for any invalid value (``option`` names the field).
@@ -100,6 +103,7 @@ class InferenceOptions:
     # registration (runtime/register_stage.py)
     register: str | None = field(default=None, metadata=_OUT)
     bias_correct: bool = field(default=False, metadata=_OUT)
+    skip_existing: bool = False
 
     def __post_init__(self) -> None:
         check_choice("backend", self.backend, ("auto", *choices.BACKENDS))
@@ -120,7 +124,8 @@ class InferenceOptions:
                                         or not _UID.fullmatch(self.series)):
             raise DunetError(f"series {self.series!r}: not a DICOM UID (digits and dots, "
                              "at most 64 characters)", option="series")
-        for name in ("cuda_graph", "save_prob", "recursive", "dicom_seg", "bias_correct"):
+        for name in ("cuda_graph", "save_prob", "recursive", "dicom_seg", "bias_correct",
+                     "skip_existing"):
             if not isinstance(getattr(self, name), bool):
                 raise DunetError(f"{name} {getattr(self, name)!r}: must be True or False",
                                  option=name)

@@ -17,18 +17,27 @@ written to a temporary name and renamed, so a retried case rewrites the same
 bytes and never leaves a partial file, and the driver keeps one result per
 input.
 
-The stage functions are reached through one adapter, :class:`_Stages`. Ray is
-imported only when a run starts (the ``ray`` extra); :class:`InferActor` is
-plain Python and runs without Ray. Nothing here imports torch.
+Every task and actor gets the run's :class:`InferenceOptions` (the object
+``dunet-infer`` builds for every path); :class:`ClusterOptions` says where and
+how wide. The stage functions are reached through one adapter,
+:class:`_Stages`, and each actor loads its model through a
+:class:`~dunet_deploy.Segmenter`. Ray is imported only when a run starts (the
+``ray`` extra); :class:`InferActor` is plain Python and runs without Ray.
+Nothing here imports torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import pickle
+import signal
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -37,14 +46,11 @@ from typing import Any
 import numpy as np
 
 from dunet_deploy.artifacts import ArtifactInfo, read_artifact_info, write_json
-from dunet_deploy.choices import PROB_DTYPES, RESAMPLE_MODES, TTA_MODES
 from dunet_deploy.errors import DunetError, one_line
-from dunet_deploy.postprocess import with_tta
-from dunet_deploy.runtime.base import Runner, open_runner
+from dunet_deploy.runtime.base import Runner
 from dunet_deploy.runtime.core import Predictor
 from dunet_deploy.runtime.options import InferenceOptions
 from dunet_deploy.runtime.pipeline import (
-    SUMMARY_NAME,
     CaseResult,
     InputItem,
     OutputOptions,
@@ -56,13 +62,16 @@ from dunet_deploy.runtime.pipeline import (
     summary_document,
     write_case,
 )
+from dunet_deploy.runtime.resume import plan_run
+from dunet_deploy.runtime.segmenter import Segmenter
+from dunet_deploy.runtime.shards import Shard
 from dunet_deploy.spec import PreprocessSpec
 
 __all__ = [
     "ClusterOptions",
     "InferActor",
     "RayRun",
-    "StageOptions",
+    "RunnerFactory",
     "actor_pool",
     "import_ray",
     "run_on_ray",
@@ -88,68 +97,6 @@ def import_ray() -> ModuleType:
 
 
 # ------------------------------------------------------------------- options
-@dataclass(frozen=True)
-class StageOptions:
-    """How each stage runs (small and picklable: every task and actor gets a copy).
-
-    Attributes:
-        backend: ``auto`` or a backend name (see ``open_runner``).
-        precision: ``auto`` or one the backend can run for this model.
-        device: ``auto``, ``cpu``, ``cuda`` or ``tensorrt``.
-        threads: Backend CPU threads per actor (``None``: the backend's choice).
-        batch_size: Slabs per model call, >= 1.
-        runner_factory: Builds the runner from the model path and its
-            metadata instead of a local backend (must be importable on every
-            node); ``backend``, ``precision``, ``device`` and ``threads`` are
-            then not used.
-        tta: ``none`` or ``flip``.
-        min_lesion_mm3: Remove connected lesions smaller than this (mm³).
-        resample: ``auto`` or ``never``.
-        save_prob: Also write probability maps.
-        prob_dtype: ``float32`` or ``uint16`` probability maps.
-    """
-
-    backend: str = "auto"
-    precision: str = "auto"
-    device: str = "auto"
-    threads: int | None = None
-    batch_size: int = 16
-    runner_factory: Callable[[Path, ArtifactInfo], Runner] | None = None
-    tta: str = "none"
-    min_lesion_mm3: float = 0.0
-    resample: str = "auto"
-    save_prob: bool = False
-    prob_dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise DunetError(f"batch_size must be >= 1, got {self.batch_size}")
-        for name, value, known in (("tta", self.tta, TTA_MODES),
-                                   ("resample", self.resample, RESAMPLE_MODES),
-                                   ("prob_dtype", self.prob_dtype, PROB_DTYPES)):
-            if value not in known:
-                raise DunetError(f"{name} {value!r}: choose one of {', '.join(known)}")
-        if not (self.min_lesion_mm3 >= 0.0 and np.isfinite(self.min_lesion_mm3)):
-            raise DunetError(f"min_lesion_mm3 must be a finite size >= 0, got "
-                             f"{self.min_lesion_mm3}")
-
-    def settings(self) -> dict[str, Any]:
-        """The options that change the outputs (for ``resume.options_digest``)."""
-        model = ({"runner_factory": getattr(self.runner_factory, "__qualname__", "?")}
-                 if self.runner_factory is not None else
-                 {"backend": self.backend, "precision": self.precision, "device": self.device})
-        return {**model, "tta": self.tta, "min_lesion_mm3": self.min_lesion_mm3,
-                "resample": self.resample}
-
-    def inference_options(self) -> InferenceOptions:
-        """The same settings as the :class:`InferenceOptions` the stage functions take."""
-        return InferenceOptions(
-            backend=self.backend, precision=self.precision, device=self.device,
-            threads=self.threads, batch_size=self.batch_size, tta=self.tta,
-            min_lesion_mm3=self.min_lesion_mm3, resample=self.resample,
-            save_prob=self.save_prob, prob_dtype=self.prob_dtype)
-
-
 @dataclass(frozen=True)
 class ClusterOptions:
     """Where and how wide the run goes.
@@ -220,25 +167,24 @@ def actor_pool(resources: Mapping[str, float], cluster: ClusterOptions) -> tuple
 
 
 # ------------------------------------------------------------------- stages
+#: Builds the runner from the model path and its metadata instead of a local backend (a
+#: Triton client, a stand-in); it must be picklable and importable on every node.
+RunnerFactory = Callable[[Path, ArtifactInfo], Runner]
+
+
 class _Stages:
     """The stage functions this module runs: read+preprocess, network, postprocess+write.
 
     The one place that knows them; everything else moves their inputs and outputs.
+
+    Args:
+        spec: The model's preprocessing spec.
+        options: The run's options, with the model's defaults applied.
     """
 
-    def __init__(self, spec: PreprocessSpec, options: StageOptions) -> None:
+    def __init__(self, spec: PreprocessSpec, options: InferenceOptions) -> None:
         self.spec = spec
         self.options = options
-
-    @staticmethod
-    def open_runner(model: Path, info: ArtifactInfo, options: StageOptions) -> Runner:
-        if options.runner_factory is not None:
-            return options.runner_factory(model, info)
-        return open_runner(model, options.backend, info=info, precision=options.precision,
-                           device=options.device, threads=options.threads)
-
-    def predictor(self, runner: Runner) -> Predictor:
-        return with_tta(runner.infer, self.options.tta, self.spec)
 
     def prepare(self, item: InputItem) -> PreparedVolume:
         return prepare_volume(item, self.spec, self.options.resample)
@@ -249,17 +195,16 @@ class _Stages:
     def write(self, grid: np.ndarray | None, prep: PreparedVolume, out_dir: Path) -> CaseResult:
         if grid is None:  # failed before the network or in it
             return prep.result
-        opts = OutputOptions(out_dir, self.options.inference_options())
-        return write_case(grid, prep, self.spec, opts)
+        return write_case(grid, prep, self.spec, OutputOptions(out_dir, self.options))
 
 
-def _prepare_row(row: dict[str, Any], spec: PreprocessSpec, options: StageOptions
+def _prepare_row(row: dict[str, Any], spec: PreprocessSpec, options: InferenceOptions
                  ) -> dict[str, Any]:
     prep = _Stages(spec, options).prepare(pickle.loads(row["item"]))
     return {"index": row["index"], "payload": pickle.dumps(prep, protocol=_PICKLE)}
 
 
-def _write_row(row: dict[str, Any], spec: PreprocessSpec, options: StageOptions,
+def _write_row(row: dict[str, Any], spec: PreprocessSpec, options: InferenceOptions,
                out_dir: str) -> dict[str, Any]:
     prep, grid = pickle.loads(row["payload"])
     result = _Stages(spec, options).write(grid, prep, Path(out_dir))
@@ -274,16 +219,23 @@ class InferActor:
 
     Args:
         model: The exported model (``.onnx``, or ``.plan`` with its sidecar).
-        options: How the model runs (backend, TTA, batch size, ...).
+        options: How the model runs (backend, precision, TTA, batch size, ...):
+            the same :class:`InferenceOptions` as ``dunet-infer``'s.
+        runner_factory: Builds the runner instead of a local backend (see
+            :class:`~dunet_deploy.Segmenter`).
     """
 
-    def __init__(self, model: str | os.PathLike[str], options: StageOptions) -> None:
-        path = Path(model)
-        info = read_artifact_info(path)
-        self._stages = _Stages(info.spec, options)
-        self.runner = _Stages.open_runner(path, info, options)
-        self._predict = self._stages.predictor(self.runner)
-        self._described = json.dumps(self.runner.describe(), default=str)
+    def __init__(self, model: str | os.PathLike[str], options: InferenceOptions,
+                 runner_factory: RunnerFactory | None = None) -> None:
+        self._segmenter = Segmenter(model, options, runner_factory=runner_factory).open()
+        self._stages = _Stages(self._segmenter.spec, self._segmenter.options)
+        self._predict = self._segmenter.predictor()
+        self._described = json.dumps(self._segmenter.describe(), default=str)
+
+    @property
+    def runner(self) -> Runner:
+        """The loaded runner."""
+        return self._segmenter.runner
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run the network on a batch of prepared volumes.
@@ -311,7 +263,7 @@ class InferActor:
 
     def close(self) -> None:
         """Release the backend."""
-        self.runner.close()
+        self._segmenter.close()
 
 
 # ---------------------------------------------------------------------- run
@@ -336,13 +288,27 @@ class RayRun:
 
 
 def _connect(ray: ModuleType, address: str | None) -> bool:
-    """Connect to (or start) a cluster; ``True`` when this call did, so it shuts down after."""
+    """Connect to (or start) a cluster; ``True`` when this call did, so it shuts down after.
+
+    ``ray.init`` replaces the process's SIGTERM handler with one that exits at
+    once; the caller's handlers are put back, so that a SIGTERM stops the run
+    as in every other path (finished cases kept and recorded).
+    """
     if ray.is_initialized():
         return False
+    held = {}
+    if threading.current_thread() is threading.main_thread():
+        held = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     except ConnectionError as exc:
         raise DunetError(f"Ray cluster {address}: cannot connect ({one_line(exc)})") from None
+    finally:
+        for sig, handler in held.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+    # Ray Data reports each dataset's start and end at INFO: a run reports its own cases.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     return True
 
 
@@ -350,9 +316,10 @@ def run_on_ray(
     model: str | os.PathLike[str],
     items: Sequence[InputItem],
     out_dir: str | os.PathLike[str],
-    options: StageOptions,
+    options: InferenceOptions | None = None,
     cluster: ClusterOptions | None = None,
     *,
+    runner_factory: RunnerFactory | None = None,
     on_result: Callable[[CaseResult], None] | None = None,
     run: RayRun | None = None,
 ) -> RayRun:
@@ -362,8 +329,12 @@ def run_on_ray(
         model: The exported model; every node reads it at this path.
         items: Inputs (``expand_inputs``), in output order.
         out_dir: Existing output folder (shared by the nodes).
-        options: How each stage runs.
+        options: How each stage runs (``tta`` / ``min_lesion_mm3`` left
+            ``None`` take the model's defaults); ``workers`` and ``prefetch``
+            are not used (Ray's tasks read and write).
         cluster: Where and how wide (default: Ray's own cluster choice).
+        runner_factory: Builds each actor's runner instead of a local backend
+            (picklable, importable on every node).
         on_result: Called with each finished result, in completion order.
         run: Filled in as results arrive, so an interrupted caller still has
             them (in input order once the run stops).
@@ -377,7 +348,9 @@ def run_on_ray(
     ray = import_ray()
     cluster = cluster or ClusterOptions()
     run = RayRun() if run is None else run
-    spec = read_artifact_info(model).spec
+    info = read_artifact_info(model)
+    spec = info.spec
+    options, _ = (options or InferenceOptions()).with_model_defaults(info.inference)
     if not items:
         return run
     started = _connect(ray, cluster.address)
@@ -388,27 +361,33 @@ def run_on_ray(
         run.actors, run.gpus_per_actor = actor_pool(run.resources, cluster)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
+        # The tasks and actors run in other folders: they get absolute paths, and the
+        # results are given back the paths as this run was given them.
         ds = ray.data.from_items(
-            [{"index": i, "item": pickle.dumps(item, protocol=_PICKLE)}
+            [{"index": i, "item": pickle.dumps(_absolute(item), protocol=_PICKLE)}
              for i, item in enumerate(items)], override_num_blocks=len(items))
         # Reading spreads over the nodes. A remote-args function (rather than plain
         # arguments) also keeps Ray Data from fusing this stage into the actors, where it
         # would run before the network in the same process instead of beside it.
-        ds = ds.map(_prepare_row, fn_kwargs={"spec": spec, "options": options},
-                    num_cpus=cluster.cpus_per_task, ray_remote_args_fn=_spread)
+        with warnings.catch_warnings():  # deprecated for Ray 2.64; ray is pinned to 2.60
+            warnings.filterwarnings("ignore", message=".*ray_remote_args_fn")
+            ds = ds.map(_prepare_row, fn_kwargs={"spec": spec, "options": options},
+                        num_cpus=cluster.cpus_per_task, ray_remote_args_fn=_spread)
         ds = ds.map_batches(
-            InferActor, fn_constructor_kwargs={"model": str(model), "options": options},
+            InferActor, fn_constructor_kwargs={"model": str(Path(model).absolute()),
+                                               "options": options,
+                                               "runner_factory": runner_factory},
             batch_size=1, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=run.actors),
             num_cpus=cluster.cpus_per_actor, num_gpus=run.gpus_per_actor)
         ds = ds.map(_write_row, fn_kwargs={"spec": spec, "options": options,
-                                           "out_dir": os.fspath(out_dir)},
+                                           "out_dir": str(Path(out_dir).absolute())},
                     num_cpus=cluster.cpus_per_task)
-        for row in ds.iter_rows():
+        for row in _rows(ray, ds):
             index = int(row["index"])
             if index in done:  # a retried task's second answer
                 continue
-            result: CaseResult = pickle.loads(row["result"])
+            result = _as_given(pickle.loads(row["result"]), items[index], Path(out_dir))
             done[index] = result
             if not run.runner and row["runner"]:
                 run.runner = json.loads(row["runner"])
@@ -419,6 +398,42 @@ def run_on_ray(
         if started:
             ray.shutdown()
     return run
+
+
+def _absolute(item: InputItem) -> InputItem:
+    return dataclasses.replace(item, path=item.path.absolute())
+
+
+def _as_given(result: CaseResult, item: InputItem, out_dir: Path) -> CaseResult:
+    """A result made from ``_absolute(item)``, with the paths as the run was given them."""
+    shipped, given = str(item.path.absolute()), str(item.path)
+    if result.message and result.message.startswith(shipped):
+        result.message = given + result.message[len(shipped):]
+    result.input = given
+    for key in ("mask", "prob"):
+        if getattr(result, key):
+            setattr(result, key, str(out_dir / Path(getattr(result, key)).name))
+    return result
+
+
+def _rows(ray: ModuleType, ds: Any) -> Iterator[dict[str, Any]]:
+    """``ds.iter_rows()``, a user error raised on the cluster as one line.
+
+    A :class:`DunetError` raised in a task or actor (a node without the model
+    file, a backend it lacks) comes back wrapped in Ray's errors; bugs keep
+    their traceback.
+    """
+    try:
+        yield from ds.iter_rows()
+    except ray.exceptions.RayError as exc:
+        cause: BaseException | None = exc
+        seen = set()
+        while cause is not None and id(cause) not in seen:
+            seen.add(id(cause))
+            if isinstance(cause, DunetError):
+                raise DunetError(f"on the Ray cluster: {one_line(cause)}") from None
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        raise
 
 
 def _spread() -> dict[str, Any]:
@@ -439,16 +454,18 @@ def segment_on_ray(
     model: str | os.PathLike[str],
     inputs: Sequence[str | os.PathLike[str]],
     out_dir: str | os.PathLike[str],
-    options: StageOptions,
+    options: InferenceOptions | None = None,
     cluster: ClusterOptions | None = None,
     *,
+    runner_factory: RunnerFactory | None = None,
     on_result: Callable[[CaseResult], None] | None = None,
-    summary_name: str = SUMMARY_NAME,
-    extra: Mapping[str, Any] | None = None,
+    shard: Shard | None = None,
 ) -> dict[str, Any]:
     """What ``dunet-infer --ray`` does: expand the inputs, run them on Ray, write the summary.
 
-    The summary has ``dunet-infer``'s shape plus ``"ray"`` (actors, GPUs per
+    The same run as ``Segmenter.predict_files`` with the same options (shards
+    and ``skip_existing`` included), its stages spread over the cluster. The
+    summary has ``dunet-infer``'s shape plus ``"ray"`` (actors, GPUs per
     actor, the cluster's resources). On Ctrl-C or SIGTERM the finished cases
     are kept, the summary lists them (with ``"interrupted"``) and the
     interrupt is re-raised.
@@ -457,36 +474,48 @@ def segment_on_ray(
         model: The exported model (same path on every node).
         inputs: Files, directories or glob patterns.
         out_dir: Output folder (created if missing; shared by the nodes).
-        options: How each stage runs.
+        options: The run's options (see :func:`run_on_ray`).
         cluster: Where and how wide.
+        runner_factory: Builds each actor's runner instead of a local backend.
         on_result: Called with each finished result, in completion order.
-        summary_name: The summary's file name in ``out_dir``.
-        extra: More top-level entries for the summary (a shard, a fingerprint).
+        shard: Segment only this shard's part of the inputs and write
+            ``summary-I-of-N.json``.
 
     Returns:
-        The summary document (also written to ``out_dir/summary_name``).
+        The summary document (also written to ``out_dir``).
     """
     t0 = time.perf_counter()
+    seg = Segmenter(model, options, runner_factory=runner_factory, lazy=True)  # metadata only
+    opts = seg.options.replace(workers=0)  # (the summary says so: Ray's tasks read and write)
+    import_ray()  # before anything is created
+    everything = expand_inputs(inputs, recursive=opts.recursive)
+    plan = plan_run(list(inputs), everything, out_dir, opts, seg.fingerprint(opts), shard=shard)
     out = prepare_output_dir(out_dir)
-    items = expand_inputs(inputs)
     run = RayRun()
+    journal = plan.journal(out)
+
+    def finished(result: CaseResult) -> None:
+        journal.record(result)
+        if on_result is not None:
+            on_result(result)
+
     interrupted: KeyboardInterrupt | None = None
     try:
-        run_on_ray(model, items, out, options, cluster, on_result=on_result, run=run)
+        run_on_ray(model, plan.todo, out, opts, cluster, runner_factory=runner_factory,
+                   on_result=finished, run=run)
     except KeyboardInterrupt as exc:
         interrupted = exc
-    inference = {"tta": options.tta, "min_lesion_mm3": options.min_lesion_mm3,
-                 "resample": options.resample}
     summary = summary_document(
         _Described(run.runner) if run.runner else None,  # type: ignore[arg-type]
-        run.results, options=options.inference_options(), load_s=0.0,
-        wall_s=time.perf_counter() - t0, inference=inference,
+        plan.results(run.results), options=opts, load_s=0.0,
+        wall_s=time.perf_counter() - t0, inference=seg.inference_settings(),
         interrupted=None if interrupted is None else str(interrupted) or "SIGINT",
-        total=len(items))
+        total=len(plan.items))
     summary["ray"] = {"actors": run.actors, "gpus_per_actor": run.gpus_per_actor,
                       "resources": run.resources}
-    summary.update(extra or {})
-    write_json(out / summary_name, summary)
+    summary.update(plan.summary_entries())
+    write_json(out / plan.summary_name, summary)
+    journal.close()
     if interrupted is not None:
         raise interrupted
     return summary

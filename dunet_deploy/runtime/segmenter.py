@@ -40,7 +40,6 @@ from dunet_deploy.runtime.inprocess import Prefetcher, run_cases
 from dunet_deploy.runtime.options import InferenceOptions, Sources
 from dunet_deploy.runtime.pipeline import (
     NIFTI_WRITER,
-    SUMMARY_NAME,
     CaseResult,
     InputItem,
     OutputOptions,
@@ -57,6 +56,8 @@ from dunet_deploy.runtime.pipeline import (
     summary_document,
 )
 from dunet_deploy.runtime.register_stage import RegisterStage
+from dunet_deploy.runtime.resume import RunFingerprint, model_digest, plan_run
+from dunet_deploy.runtime.shards import Shard
 from dunet_deploy.runtime.workers import run_in_workers
 from dunet_deploy.spec import InferenceDefaults, PreprocessSpec
 
@@ -117,6 +118,7 @@ class Segmenter(Closeable):
         self._lazy = lazy
         self._runner: Runner | None = None
         self._closed = False
+        self._digest: str | None = None
         self.load_s = 0.0
 
     # ---------------------------------------------------------- lifecycle
@@ -189,6 +191,15 @@ class Segmenter(Closeable):
     def inference_settings(self) -> dict[str, Any]:
         """TTA, post-processing and resampling applied, and where each came from."""
         return _settings(self.options, self._sources)
+
+    def fingerprint(self, options: InferenceOptions | None = None) -> RunFingerprint:
+        """What a run with ``options`` (default: the Segmenter's) writes: model digest + options.
+
+        The model file is hashed once per Segmenter.
+        """
+        if self._digest is None:
+            self._digest = model_digest(self.model_path)
+        return RunFingerprint(self._digest, (options or self.options).fingerprint())
 
     def _traffic(self) -> tuple[int, int] | None:
         """Bytes sent and received so far by a remote runner (a Triton client), else ``None``."""
@@ -286,6 +297,7 @@ class Segmenter(Closeable):
         on_result: Callable[[CaseResult], None] | None = None,
         reader: Reader | None = None,
         writer: Writer = NIFTI_WRITER,
+        shard: Shard | None = None,
         **changes: Any,
     ) -> dict[str, Any]:
         """Segment NIfTI files and DICOM series into ``out_dir`` and write ``summary.json``.
@@ -300,7 +312,13 @@ class Segmenter(Closeable):
         process that dies (``worker process died (signal 9)``), and a new one
         takes over. On Ctrl-C or SIGTERM the cases already complete are kept,
         ``summary.json`` lists them (with ``"interrupted"``) and the interrupt
-        is re-raised; no partial file is left.
+        is re-raised; no partial file is left. With ``skip_existing``, inputs
+        already complete in ``out_dir`` (made by the same model and options, see
+        :func:`~dunet_deploy.runtime.resume.plan_run`) are not done again; the
+        summary lists them with the rest (and their count as ``skipped_existing``).
+        Until the summary is written, each finished case is also appended to a
+        journal in ``out_dir`` (:class:`~dunet_deploy.runtime.resume.Journal`),
+        so that a SIGKILLed run can be resumed too.
 
         Folders and patterns give their scans only: the output folder (when it
         lies inside an input folder), hidden files, lesion masks of the known
@@ -328,12 +346,16 @@ class Segmenter(Closeable):
             writer: Writes each case's outputs (wrapped in a
                 :class:`~dunet_deploy.runtime.dicom_io.DicomSegWriter` with
                 ``dicom_seg``).
+            shard: Segment only this shard's part of the inputs and write
+                ``summary-I-of-N.json`` instead of ``summary.json``
+                (:mod:`~dunet_deploy.runtime.shards`).
             **changes: :class:`InferenceOptions` fields for this call
                 (``save_prob``, ``workers``, ``prefetch``, ``prob_dtype``,
                 ``recursive``, ``tta``, ``min_lesion_mm3``, ``resample``, ...).
 
         Returns:
-            The summary document (also written to ``out_dir/summary.json``).
+            The summary document (also written to ``out_dir/summary.json``, or
+            the shard's summary).
 
         Raises:
             DunetError: for invalid options, an input folder or pattern that
@@ -349,17 +371,26 @@ class Segmenter(Closeable):
         t_start = time.perf_counter()
         reader = ScanReader(run.series) if reader is None else reader
         skipped: list[tuple[Path, str]] = []
-        items = expand_inputs(inputs, recursive=run.recursive, reader=reader, out_dir=out_dir,
-                              skipped=skipped)
-        for item in items:
+        everything = expand_inputs(inputs, recursive=run.recursive, reader=reader,
+                                   out_dir=out_dir, skipped=skipped)
+        for item in everything:
             if item.matched_nothing:  # before anything is created or loaded
                 raise DunetError(str(item.error))
         if run.dicom_seg:
-            refuse_non_dicom(items)
+            refuse_non_dicom(everything)
             writer = seg_writer(writer, self.info, self.model_path)
+        plan = plan_run(_as_list(inputs), everything, out_dir, run, self.fingerprint(run),
+                        shard=shard, reader=reader)
+        items = plan.todo
         created = missing_folders(out_dir)  # removed again if the run fails before writing
         out = OutputOptions(prepare_output_dir(out_dir), run, writer)
         results: list[CaseResult] = []
+        journal = plan.journal(out.out_dir)
+
+        def finished(result: CaseResult) -> None:
+            journal.record(result)
+            if on_result is not None:
+                on_result(result)
 
         def predictor() -> Predictor:
             if on_start is not None:
@@ -369,25 +400,30 @@ class Segmenter(Closeable):
         interrupted: KeyboardInterrupt | None = None
         try:
             if run.workers:
-                run_in_workers(predictor, self.spec, items, out, on_result=on_result,
+                run_in_workers(predictor, self.spec, items, out, on_result=finished,
                                results=results, meter=self._traffic, reader=reader,
                                register=register)
             else:
                 with Prefetcher(items, self.spec, depth=run.prefetch, resample=run.resample,
                                 reader=reader, register=register) as prefetcher:
-                    run_cases(predictor(), self.spec, prefetcher, out, on_result=on_result,
+                    run_cases(predictor(), self.spec, prefetcher, out, on_result=finished,
                               results=results, meter=self._traffic)
         except KeyboardInterrupt as exc:
             interrupted = exc
         except BaseException:
             remove_empty_folders(created)  # e.g. a model that cannot be loaded
             raise
+        done = plan.results(results)
         summary = summary_document(
-            self._runner, results, options=run, load_s=self.load_s,
+            self._runner, done, options=run, load_s=self.load_s,
             wall_s=time.perf_counter() - t_start, inference=_settings(run, sources),
             interrupted=None if interrupted is None else str(interrupted) or "SIGINT",
-            total=len(items), skipped=skipped, earlier=earlier_cases(out.out_dir, results))
-        write_json(out.out_dir / SUMMARY_NAME, summary)
+            total=len(plan.items), skipped=skipped,
+            # a shard's summary covers its own part; the merge lists what is missing
+            earlier=earlier_cases(out.out_dir, done) if shard is None else ())
+        summary.update(plan.summary_entries())
+        write_json(out.out_dir / plan.summary_name, summary)
+        journal.close()
         if interrupted is not None:
             raise interrupted
         return summary
@@ -417,6 +453,12 @@ def segment_files(
     with Segmenter(model, _options(options, changes), runner_opts=runner_opts,
                    runner_factory=runner_factory, lazy=True) as seg:
         return seg.predict_files(inputs, out_dir, on_start=on_start, on_result=on_result)
+
+
+def _as_list(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+             ) -> list[str | os.PathLike[str]]:
+    """One input (a ``str`` or path) as a list of one; a sequence as a list."""
+    return [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
 
 
 def _options(options: InferenceOptions | None, changes: dict[str, Any]) -> InferenceOptions:

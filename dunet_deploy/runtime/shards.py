@@ -29,7 +29,14 @@ from typing import Any
 
 from dunet_deploy.artifacts import write_json
 from dunet_deploy.errors import DunetError
-from dunet_deploy.runtime.pipeline import SUMMARY_NAME, InputItem, expand_inputs, output_stem
+from dunet_deploy.runtime.pipeline import (
+    NIFTI_READER,
+    SUMMARY_NAME,
+    InputItem,
+    Reader,
+    expand_inputs,
+    output_stem,
+)
 
 __all__ = [
     "Shard",
@@ -61,9 +68,10 @@ class Shard:
 
     def __post_init__(self) -> None:
         if self.count < 1:
-            raise DunetError(f"shard {self}: the count N must be >= 1")
+            raise DunetError(f"shard {self}: the count N must be >= 1", option="shard")
         if not 1 <= self.index <= self.count:
-            raise DunetError(f"shard {self}: I must be between 1 and {self.count}")
+            raise DunetError(f"shard {self}: I must be between 1 and {self.count}",
+                             option="shard")
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
@@ -86,7 +94,8 @@ def parse_shard(text: str) -> Shard:
     """
     match = _SHARD_TEXT.match(text)
     if match is None:
-        raise DunetError(f"shard {text!r}: expected I/N, like 1/4 (the first of four)")
+        raise DunetError(f"shard {text!r}: expected I/N, like 1/4 (the first of four)",
+                         option="shard")
     return Shard(int(match.group(1)), int(match.group(2)))
 
 
@@ -152,12 +161,13 @@ class ShardPlan:
                 "keys": list(self.keys)}
 
 
-def _keys(inputs: Sequence[str | os.PathLike[str]], recursive: bool) -> dict[Path, str]:
+def _keys(inputs: Sequence[str | os.PathLike[str]], recursive: bool, reader: Reader
+          ) -> dict[Path, str]:
     """Resolved path -> key, each file keyed under the first input that reaches it."""
     keys: dict[Path, str] = {}
     for raw in inputs:
         root = input_root(raw)
-        for item in expand_inputs([raw], recursive=recursive):
+        for item in expand_inputs([raw], recursive=recursive, reader=reader):
             if not item.matched_nothing:
                 keys.setdefault(item.path.resolve(), shard_key(item.path, root))
     return keys
@@ -169,6 +179,7 @@ def plan_shard(
     *,
     recursive: bool = False,
     items: Sequence[InputItem] | None = None,
+    reader: Reader = NIFTI_READER,
 ) -> ShardPlan:
     """This shard's part of the inputs.
 
@@ -176,14 +187,16 @@ def plan_shard(
         inputs: Files, directories and patterns, as every shard is given them.
         shard: Which part.
         recursive: Directories are searched in their sub-folders too.
-        items: ``expand_inputs(inputs, recursive=recursive)`` when the caller
-            already has it.
+        items: ``expand_inputs(inputs, recursive=recursive, reader=reader)``
+            when the caller already has it.
+        reader: Says what an input is (as the run is given it).
 
     Returns:
         A :class:`ShardPlan`; the shards of one count partition the inputs.
     """
-    everything = list(items) if items is not None else expand_inputs(inputs, recursive=recursive)
-    keys = _keys(inputs, recursive)
+    everything = (list(items) if items is not None
+                  else expand_inputs(inputs, recursive=recursive, reader=reader))
+    keys = _keys(inputs, recursive, reader)
     positions, mine, mine_keys = [], [], []
     for pos, item in enumerate(everything):
         key = (item.path.as_posix() if item.matched_nothing

@@ -31,20 +31,24 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import multiprocessing as mp
 import multiprocessing.connection as mp_connection
 import os
 import signal
+import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from dunet_deploy.artifacts import deferred_interrupts
+from dunet_deploy.errors import DunetError
 from dunet_deploy.runtime.core import Predictor
 from dunet_deploy.runtime.pipeline import (
     NIFTI_READER,
@@ -61,7 +65,16 @@ from dunet_deploy.runtime.pipeline import (
 from dunet_deploy.runtime.register_stage import RegisterStage
 from dunet_deploy.spec import PreprocessSpec
 
-__all__ = ["THREAD_VARIABLES", "blas_threads", "default_workers", "run_in_workers"]
+__all__ = [
+    "THREAD_VARIABLES",
+    "blas_threads",
+    "calibrated_workers",
+    "calibration_path",
+    "default_workers",
+    "machine_key",
+    "run_in_workers",
+    "save_calibration",
+]
 
 #: Set to 1 in workers (unless already set): N workers must not each start a
 #: thread per core beside the backend's threads.
@@ -69,17 +82,80 @@ THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"
 _WORKER_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def _cores() -> int:
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return int(n or 1)
+
+
 def default_workers(cores: int | None = None) -> int:
     """Worker processes ``dunet-infer`` uses by default.
 
-    None on one or two cores (the backend already uses them; a worker would
-    only compete), else half the cores, at most 4: enough to keep a GPU fed
-    at ~1 core-second of host work per volume.
+    The count calibrated on this machine (:func:`calibrated_workers`:
+    ``dunet-infer --calibrate-workers``, cached per machine) when there is one.
+    Else: none on one or two cores (the backend already uses them), half the
+    cores, at most 4, above. No rule on the core count holds on every CPU
+    measured (benchmarks/results/2026-12-05-amd-epyc-zen3-2c/workers.md: on
+    2 cores the best count was 0 on an Intel Xeon and an AMD Zen 3, 3 on an
+    AMD Zen 4): the calibration measures instead.
+
+    Args:
+        cores: Decide for this many cores by the rule alone (no calibration).
     """
-    n = cores if cores is not None else (len(os.sched_getaffinity(0))
-                                         if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    n = int(n or 1)
+    if cores is None:
+        calibrated = calibrated_workers()
+        if calibrated is not None:
+            return calibrated
+    n = cores if cores is not None else _cores()
     return 0 if n <= 2 else min(4, n // 2)
+
+
+def calibration_path() -> Path:
+    """``$XDG_CACHE_HOME/dunet-deploy/workers.json`` (``~/.cache`` when unset)."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "dunet-deploy" / "workers.json"
+
+
+def machine_key() -> str:
+    """What a calibration holds for: host name, CPU model and flags, usable cores.
+
+    A home folder shared by the nodes of a cluster keeps one entry per node.
+    """
+    from dunet_deploy.machine import cpu_features
+
+    cpu = cpu_features()
+    return "|".join([socket.gethostname(), str(cpu["model"]), str(cpu["family"]),
+                     str(cpu["model_id"]), " ".join(cpu["flags"]), f"{_cores()} cores"])
+
+
+def _read_calibrations(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}  # none yet, or unreadable: the rule decides
+    return doc if isinstance(doc, dict) else {}
+
+
+def calibrated_workers() -> int | None:
+    """The worker count calibrated on this machine (:func:`machine_key`), or ``None``."""
+    entry = _read_calibrations(calibration_path()).get(machine_key())
+    workers = entry.get("workers") if isinstance(entry, dict) else None
+    return workers if isinstance(workers, int) and not isinstance(workers, bool) \
+        and workers >= 0 else None
+
+
+def save_calibration(workers: int, measured: dict[str, Any]) -> Path:
+    """Record ``workers`` as this machine's default (with what was measured); returns the file."""
+    from dunet_deploy.artifacts import write_json
+
+    path = calibration_path()
+    doc = _read_calibrations(path)
+    doc[machine_key()] = {"workers": int(workers), "measured": measured}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, doc)
+    except OSError as exc:
+        raise DunetError(f"{path}: cannot save the calibration ({exc.strerror})") from None
+    return path
 
 
 @contextlib.contextmanager

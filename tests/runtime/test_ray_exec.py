@@ -17,11 +17,11 @@ from runtime_testutils import SHAPE, write_volume
 
 from dunet_deploy.bench.pipeline_bench import StandInRunner, pipeline_spec, write_standin_onnx
 from dunet_deploy.errors import DunetError
+from dunet_deploy.runtime.options import InferenceOptions
 from dunet_deploy.runtime.pipeline import InputItem
 from dunet_deploy.runtime.ray_exec import (
     ClusterOptions,
     InferActor,
-    StageOptions,
     _prepare_row,
     _write_row,
     actor_pool,
@@ -30,7 +30,8 @@ from dunet_deploy.runtime.ray_exec import (
 )
 from dunet_deploy.runtime.segmenter import Segmenter
 
-STANDIN = StageOptions(runner_factory=StandInRunner, save_prob=True)
+#: What dunet-infer --save-prob builds, the model's defaults applied (the stand-in has none).
+STANDIN = InferenceOptions(save_prob=True, tta="none", min_lesion_mm3=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def _rows(summary: dict) -> list[tuple]:
 def test_the_actor_runs_in_process_without_ray(cohort, tmp_path):
     model, scans, reference, _ = cohort
     spec = pipeline_spec(SHAPE, 32)
-    actor = InferActor(model, STANDIN)
+    actor = InferActor(model, STANDIN, StandInRunner)
     try:
         results = []
         for i, path in enumerate(sorted(scans.iterdir())):
@@ -97,8 +98,6 @@ def test_actor_pool_size():
             actor_pool(resources, asked)
     with pytest.raises(DunetError, match="actors must be >= 1"):
         ClusterOptions(actors=0)
-    with pytest.raises(DunetError, match="tta 'mirror': choose one of none, flip"):
-        StageOptions(tta="mirror")
 
 
 def test_without_ray_one_line_names_the_extra(monkeypatch, cohort, tmp_path):
@@ -109,7 +108,7 @@ def test_without_ray_one_line_names_the_extra(monkeypatch, cohort, tmp_path):
         import_ray()
     assert "dunet-deploy[ray]" in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(DunetError, match=r"dunet-deploy\[ray\]"):
-        segment_on_ray(model, [scans], tmp_path / "out", STANDIN)
+        segment_on_ray(model, [scans], tmp_path / "out", STANDIN, runner_factory=StandInRunner)
     assert not list((tmp_path / "out").glob("*.nii.gz"))
 
 
@@ -118,7 +117,8 @@ def test_ray_gives_the_masks_of_dunet_infer(ray_cluster, cohort, tmp_path):
     model, scans, reference, ref_summary = cohort
     out = tmp_path / "out"
     summary = segment_on_ray(model, [scans], out, STANDIN,
-                             ClusterOptions(address=ray_cluster.address))
+                             ClusterOptions(address=ray_cluster.address),
+                             runner_factory=StandInRunner)
     _same_files(out, reference)
     assert _rows(summary) == _rows(ref_summary)  # the bad volume failed alone, in input order
     assert (summary["ok"], summary["failed"], summary["total"]) == (5, 1, 6)
@@ -172,9 +172,9 @@ def test_an_actor_killed_mid_run_loses_no_case(ray_cluster, cohort, tmp_path):
     killer = threading.Thread(target=kill_first_actor)
     killer.start()
     try:
-        summary = segment_on_ray(model, [scans], out, StageOptions(
-            runner_factory=RecordPids(pids), save_prob=True, batch_size=1),
-            ClusterOptions(address=ray_cluster.address, actors=1))
+        summary = segment_on_ray(model, [scans], out, STANDIN.replace(batch_size=1),
+                                 ClusterOptions(address=ray_cluster.address, actors=1),
+                                 runner_factory=RecordPids(pids))
     finally:
         killer.join()
     assert killed, "the run ended before an actor could be killed"

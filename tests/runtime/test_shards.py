@@ -13,6 +13,7 @@ from runtime_testutils import SHAPE, write_volume
 
 from dunet_deploy.bench.pipeline_bench import StandInRunner, pipeline_spec, write_standin_onnx
 from dunet_deploy.errors import DunetError
+from dunet_deploy.runtime.options import InferenceOptions
 from dunet_deploy.runtime.pipeline import expand_inputs
 from dunet_deploy.runtime.resume import RunFingerprint
 from dunet_deploy.runtime.segmenter import Segmenter
@@ -129,15 +130,15 @@ def cohort(tmp_path):
     return model, scans
 
 
-def _run_shard(model: Path, inputs: list[str], out: Path, shard: Shard, scratch: Path,
-               fingerprint: RunFingerprint) -> ShardPlan:
-    """One shard as phase 2 will run it: its items, then summary-I-of-N.json."""
+def _run_shard(model: Path, inputs: list[str], out: Path, shard: Shard,
+               options: InferenceOptions | None = None) -> ShardPlan:
+    """One shard, as ``dunet-infer --shard`` runs it: summary-I-of-N.json, never summary.json."""
+    with Segmenter(model, options, runner_factory=StandInRunner) as seg:
+        summary = seg.predict_files(inputs, out, shard=shard)
     plan = plan_shard(inputs, shard)
-    with Segmenter(model, runner_factory=StandInRunner) as seg:
-        summary = seg.predict_files([str(it.path) for it in plan.items], scratch)
-    summary.update(shard=plan.to_dict(), fingerprint=fingerprint.to_dict())
-    out.mkdir(exist_ok=True)
-    (out / shard.summary_name).write_text(json.dumps(summary))
+    assert summary["shard"] == plan.to_dict()
+    assert summary["fingerprint"] == seg.fingerprint().to_dict()
+    assert json.loads((out / shard.summary_name).read_text()) == summary
     return plan
 
 
@@ -148,13 +149,14 @@ def _rows(doc: dict) -> list[tuple]:
 
 def test_merged_shards_give_the_rows_of_one_run(cohort, tmp_path):
     model, scans = cohort
-    fp = RunFingerprint.of(model, {"tta": "none"})
+    fp = RunFingerprint.of(model, InferenceOptions(tta="none", min_lesion_mm3=0.0))
     with Segmenter(model, runner_factory=StandInRunner) as seg:
         whole = seg.predict_files([str(scans)], tmp_path / "whole")
     out = tmp_path / "out"
-    plans = [_run_shard(model, [str(scans)], out, Shard(i, 3), tmp_path / f"s{i}", fp)
+    plans = [_run_shard(model, [str(scans)], out, Shard(i, 3))
              for i in (1, 2, 3)]
     assert all(plan.items for plan in plans)  # 8 inputs: every shard has work here
+    assert not (out / "summary.json").exists()  # only the shards' summaries
     merged = merge_summaries(out)
     assert json.loads((out / "summary.json").read_text()) == merged
     assert _rows(merged) == _rows(whole)
@@ -166,10 +168,9 @@ def test_merged_shards_give_the_rows_of_one_run(cohort, tmp_path):
 
 def test_merge_lists_what_is_missing(cohort, tmp_path):
     model, scans = cohort
-    fp = RunFingerprint.of(model, {})
     out = tmp_path / "out"
-    plan1 = _run_shard(model, [str(scans)], out, Shard(1, 3), tmp_path / "s1", fp)
-    plan3 = _run_shard(model, [str(scans)], out, Shard(3, 3), tmp_path / "s3", fp)
+    plan1 = _run_shard(model, [str(scans)], out, Shard(1, 3))
+    plan3 = _run_shard(model, [str(scans)], out, Shard(3, 3))
     # Shard 3 was cut off after its first case.
     doc = json.loads((out / "summary-3-of-3.json").read_text())
     cut = doc["cases"][1:]
@@ -190,18 +191,16 @@ def test_merge_lists_what_is_missing(cohort, tmp_path):
 
 def test_merge_refuses_mixed_or_overlapping_shards(cohort, tmp_path):
     model, scans = cohort
-    fp = RunFingerprint.of(model, {})
     out = tmp_path / "out"
     with pytest.raises(DunetError, match="no shard summaries"):
         merge_summaries(tmp_path)
-    _run_shard(model, [str(scans)], out, Shard(1, 2), tmp_path / "a", fp)
-    _run_shard(model, [str(scans)], out, Shard(2, 2), tmp_path / "b",
-               RunFingerprint.of(model, {"tta": "flip"}))
+    _run_shard(model, [str(scans)], out, Shard(1, 2))
+    _run_shard(model, [str(scans)], out, Shard(2, 2), InferenceOptions(tta="flip"))
     with pytest.raises(DunetError, match="different models or options"):
         merge_summaries(out)
-    _run_shard(model, [str(scans)], out, Shard(2, 2), tmp_path / "b", fp)
+    _run_shard(model, [str(scans)], out, Shard(2, 2))
     merge_summaries(out)
-    _run_shard(model, [str(scans)], out, Shard(1, 3), tmp_path / "c", fp)
+    _run_shard(model, [str(scans)], out, Shard(1, 3))
     with pytest.raises(DunetError, match="different shard counts"):
         merge_summaries(out)
     (out / "summary-1-of-3.json").unlink()

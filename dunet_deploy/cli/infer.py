@@ -225,7 +225,8 @@ def _check_remote(options: Any, model_path: Path | None, triton_url: str | None,
 @click.option("--server-side", is_flag=True,
               help="With --triton-url: send each file's bytes to the server's dunet_volume "
                    "model (dunet-serve --repository), which runs the whole pipeline with "
-                   "this run's --tta, --min-lesion-mm3, --resample and --batch-size; options "
+                   "this run's --tta, --min-lesion-mm3, --resample, --register, --bias-correct "
+                   "and --batch-size; options "
                    "it cannot apply (--save-prob, --workers, --backend, ...) are refused.")
 @click.option("--preview", is_flag=True,
               help="Also write OUT/<name>_preview.png: slices over the lesion with the "

@@ -496,7 +496,7 @@ def _threads(threads: int | None) -> int:
 
 def register(volume: npt.ArrayLike, affine: npt.ArrayLike, template: Template, *,
              grid: tuple[Sequence[int], npt.ArrayLike] | None = None,
-             threads: int | None = None, seed: int = 0) -> Registration:
+             threads: int | None = None, seed: int = 1) -> Registration:
     """12-parameter affine registration of a scan to the template (SimpleITK).
 
     Moments initialisation, then two resolutions (8 and 4 mm on a 2 mm
@@ -512,7 +512,8 @@ def register(volume: npt.ArrayLike, affine: npt.ArrayLike, template: Template, *
         grid: ``(shape, affine)`` of the model's grid (what :meth:`Registration.to_model`
             produces); the template's own grid when ``None``.
         threads: Threads SimpleITK may use (default: the CPUs this process may run on).
-        seed: Seed of the metric's sampling (the same seed, the same result).
+        seed: Seed of the metric's sampling, >= 1 (the same seed and thread count,
+            the same result; SimpleITK takes 0 as "seed from the wall clock").
 
     Returns:
         The :class:`Registration` (``done=True``, ``method="affine"``).
@@ -583,6 +584,8 @@ def _optimise(sitk: Any, fixed: Any, fixed_mask: Any, moving: Any, transform: An
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsCorrelation()
     reg.SetMetricSamplingStrategy(reg.RANDOM)
+    if seed < 1:  # 0 is sitkWallClock: a different sample, and transform, every run
+        raise ValueError(f"seed {seed}: must be >= 1")
     reg.SetMetricSamplingPercentage(_SAMPLING, seed)
     reg.SetMetricFixedMask(fixed_mask)
     reg.SetInterpolator(sitk.sitkLinear)

@@ -45,24 +45,26 @@ from typing import Any
 
 import numpy as np
 
-from dunet_deploy.artifacts import ArtifactInfo, read_artifact_info, write_json
+from dunet_deploy.artifacts import ArtifactInfo, read_artifact_info
 from dunet_deploy.errors import DunetError, one_line
 from dunet_deploy.runtime.base import Runner
 from dunet_deploy.runtime.core import Predictor
 from dunet_deploy.runtime.options import InferenceOptions
 from dunet_deploy.runtime.pipeline import (
+    NIFTI_READER,
+    NIFTI_WRITER,
     CaseResult,
     InputItem,
     OutputOptions,
     PreparedVolume,
-    expand_inputs,
+    Reader,
+    Writer,
     infer_case,
     prepare_output_dir,
     prepare_volume,
-    summary_document,
     write_case,
 )
-from dunet_deploy.runtime.resume import plan_run
+from dunet_deploy.runtime.register_stage import RegisterStage
 from dunet_deploy.runtime.segmenter import Segmenter
 from dunet_deploy.runtime.shards import Shard
 from dunet_deploy.spec import PreprocessSpec
@@ -180,14 +182,23 @@ class _Stages:
     Args:
         spec: The model's preprocessing spec.
         options: The run's options, with the model's defaults applied.
+        reader: Reads each input (NIfTI files, DICOM series).
+        register: The registration stage (``None``: none).
+        writer: Writes each case's outputs (NIfTI, DICOM SEG).
     """
 
-    def __init__(self, spec: PreprocessSpec, options: InferenceOptions) -> None:
+    def __init__(self, spec: PreprocessSpec, options: InferenceOptions,
+                 reader: Reader = NIFTI_READER, register: RegisterStage | None = None,
+                 writer: Writer = NIFTI_WRITER) -> None:
         self.spec = spec
         self.options = options
+        self.reader = reader
+        self.register = register
+        self.writer = writer
 
     def prepare(self, item: InputItem) -> PreparedVolume:
-        return prepare_volume(item, self.spec, self.options.resample)
+        return prepare_volume(item, self.spec, self.options.resample, reader=self.reader,
+                              register=self.register)
 
     def infer(self, predict: Predictor, prep: PreparedVolume) -> np.ndarray | None:
         return infer_case(predict, self.spec, prep, self.options.batch_size)
@@ -195,19 +206,17 @@ class _Stages:
     def write(self, grid: np.ndarray | None, prep: PreparedVolume, out_dir: Path) -> CaseResult:
         if grid is None:  # failed before the network or in it
             return prep.result
-        return write_case(grid, prep, self.spec, OutputOptions(out_dir, self.options))
+        return write_case(grid, prep, self.spec, OutputOptions(out_dir, self.options, self.writer))
 
 
-def _prepare_row(row: dict[str, Any], spec: PreprocessSpec, options: InferenceOptions
-                 ) -> dict[str, Any]:
-    prep = _Stages(spec, options).prepare(pickle.loads(row["item"]))
+def _prepare_row(row: dict[str, Any], stages: _Stages) -> dict[str, Any]:
+    prep = stages.prepare(pickle.loads(row["item"]))
     return {"index": row["index"], "payload": pickle.dumps(prep, protocol=_PICKLE)}
 
 
-def _write_row(row: dict[str, Any], spec: PreprocessSpec, options: InferenceOptions,
-               out_dir: str) -> dict[str, Any]:
+def _write_row(row: dict[str, Any], stages: _Stages, out_dir: str) -> dict[str, Any]:
     prep, grid = pickle.loads(row["payload"])
-    result = _Stages(spec, options).write(grid, prep, Path(out_dir))
+    result = stages.write(grid, prep, Path(out_dir))
     return {"index": row["index"], "result": pickle.dumps(result, protocol=_PICKLE),
             "runner": row["runner"]}
 
@@ -322,6 +331,9 @@ def run_on_ray(
     runner_factory: RunnerFactory | None = None,
     on_result: Callable[[CaseResult], None] | None = None,
     run: RayRun | None = None,
+    reader: Reader = NIFTI_READER,
+    register: RegisterStage | None = None,
+    writer: Writer = NIFTI_WRITER,
 ) -> RayRun:
     """Segment ``items`` on a Ray cluster, writing into ``out_dir`` (which every node must see).
 
@@ -338,6 +350,9 @@ def run_on_ray(
         on_result: Called with each finished result, in completion order.
         run: Filled in as results arrive, so an interrupted caller still has
             them (in input order once the run stops).
+        reader: Reads each input in the read tasks (NIfTI, DICOM series).
+        register: The registration stage, run in the read tasks.
+        writer: Writes each case's outputs in the write tasks.
 
     Returns:
         ``run``, with one result per input in input order.
@@ -353,6 +368,7 @@ def run_on_ray(
     options, _ = (options or InferenceOptions()).with_model_defaults(info.inference)
     if not items:
         return run
+    stages = _Stages(spec, options, reader, register, writer)
     started = _connect(ray, cluster.address)
     done: dict[int, CaseResult] = {}
     try:
@@ -371,7 +387,7 @@ def run_on_ray(
         # would run before the network in the same process instead of beside it.
         with warnings.catch_warnings():  # deprecated for Ray 2.64; ray is pinned to 2.60
             warnings.filterwarnings("ignore", message=".*ray_remote_args_fn")
-            ds = ds.map(_prepare_row, fn_kwargs={"spec": spec, "options": options},
+            ds = ds.map(_prepare_row, fn_kwargs={"stages": stages},
                         num_cpus=cluster.cpus_per_task, ray_remote_args_fn=_spread)
         ds = ds.map_batches(
             InferActor, fn_constructor_kwargs={"model": str(Path(model).absolute()),
@@ -380,7 +396,7 @@ def run_on_ray(
             batch_size=1, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=run.actors),
             num_cpus=cluster.cpus_per_actor, num_gpus=run.gpus_per_actor)
-        ds = ds.map(_write_row, fn_kwargs={"spec": spec, "options": options,
+        ds = ds.map(_write_row, fn_kwargs={"stages": stages,
                                            "out_dir": str(Path(out_dir).absolute())},
                     num_cpus=cluster.cpus_per_task)
         for row in _rows(ray, ds):
@@ -410,7 +426,7 @@ def _as_given(result: CaseResult, item: InputItem, out_dir: Path) -> CaseResult:
     if result.message and result.message.startswith(shipped):
         result.message = given + result.message[len(shipped):]
     result.input = given
-    for key in ("mask", "prob"):
+    for key in ("mask", "prob", "dicom_seg"):
         if getattr(result, key):
             setattr(result, key, str(out_dir / Path(getattr(result, key)).name))
     return result
@@ -488,11 +504,10 @@ def segment_on_ray(
     seg = Segmenter(model, options, runner_factory=runner_factory, lazy=True)  # metadata only
     opts = seg.options.replace(workers=0)  # (the summary says so: Ray's tasks read and write)
     import_ray()  # before anything is created
-    everything = expand_inputs(inputs, recursive=opts.recursive)
-    plan = plan_run(list(inputs), everything, out_dir, opts, seg.fingerprint(opts), shard=shard)
+    files = seg.plan_files(inputs, out_dir, opts, shard=shard)
     out = prepare_output_dir(out_dir)
     run = RayRun()
-    journal = plan.journal(out)
+    journal = files.plan.journal(out)
 
     def finished(result: CaseResult) -> None:
         journal.record(result)
@@ -501,20 +516,17 @@ def segment_on_ray(
 
     interrupted: KeyboardInterrupt | None = None
     try:
-        run_on_ray(model, plan.todo, out, opts, cluster, runner_factory=runner_factory,
-                   on_result=finished, run=run)
+        run_on_ray(model, files.plan.todo, out, opts, cluster, runner_factory=runner_factory,
+                   on_result=finished, run=run, reader=files.reader, register=files.register,
+                   writer=files.writer)
     except KeyboardInterrupt as exc:
         interrupted = exc
-    summary = summary_document(
+    summary = files.write_summary(
         _Described(run.runner) if run.runner else None,  # type: ignore[arg-type]
-        plan.results(run.results), options=opts, load_s=0.0,
-        wall_s=time.perf_counter() - t0, inference=seg.inference_settings(),
-        interrupted=None if interrupted is None else str(interrupted) or "SIGINT",
-        total=len(plan.items))
-    summary["ray"] = {"actors": run.actors, "gpus_per_actor": run.gpus_per_actor,
-                      "resources": run.resources}
-    summary.update(plan.summary_entries())
-    write_json(out / plan.summary_name, summary)
+        run.results, out, load_s=0.0, wall_s=time.perf_counter() - t0,
+        inference=seg.inference_settings(), interrupted=interrupted,
+        extra={"ray": {"actors": run.actors, "gpus_per_actor": run.gpus_per_actor,
+                       "resources": run.resources}})
     journal.close()
     if interrupted is not None:
         raise interrupted

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ from dunet_deploy.runtime.pipeline import (
     summary_document,
 )
 from dunet_deploy.runtime.register_stage import RegisterStage
-from dunet_deploy.runtime.resume import RunFingerprint, model_digest, plan_run
+from dunet_deploy.runtime.resume import RunFingerprint, RunPlan, model_digest, plan_run
 from dunet_deploy.runtime.shards import Shard
 from dunet_deploy.runtime.workers import run_in_workers
 from dunet_deploy.spec import InferenceDefaults, PreprocessSpec
@@ -67,6 +68,55 @@ ImageLike = str | os.PathLike[str] | NiftiVolume | np.ndarray | Any
 
 #: Options that decide how the model is loaded: fixed for a Segmenter's life.
 RUNNER_FIELDS = ("backend", "precision", "device", "threads", "cuda_graph")
+
+
+@dataclass(frozen=True)
+class FilesRun:
+    """A run over files, planned (:meth:`Segmenter.plan_files`).
+
+    Attributes:
+        plan: Which inputs it segments and which it keeps (``skip_existing``, shard).
+        options: The run's options, the model's defaults applied.
+        skipped: ``(path, why)`` of what the input search left out.
+        reader: Reads each input (NIfTI, DICOM series).
+        writer: Writes each case's outputs.
+        register: The registration stage.
+    """
+
+    plan: RunPlan
+    options: InferenceOptions
+    skipped: tuple[tuple[Path, str], ...]
+    reader: Reader
+    writer: Writer
+    register: RegisterStage
+
+    def write_summary(self, runner: Runner | None, results: Sequence[CaseResult],
+                      out_dir: Path, *, interrupted: KeyboardInterrupt | None = None,
+                      extra: dict[str, Any] | None = None, **timing: Any) -> dict[str, Any]:
+        """Write the run's summary (``summary.json`` or the shard's) and return it.
+
+        Args:
+            runner: The runner that ran (or stands for) the model; ``None``
+                when the run stopped before it loaded.
+            results: The cases this run finished.
+            out_dir: The output folder.
+            interrupted: The interrupt that stopped the run, if one did.
+            extra: More top-level entries (e.g. ``"ray"``).
+            **timing: ``load_s``, ``wall_s``, ``inference`` of
+                :func:`~dunet_deploy.runtime.pipeline.summary_document`.
+        """
+        done = self.plan.results(results)
+        summary = summary_document(
+            runner, done, options=self.options, total=len(self.plan.items),
+            interrupted=None if interrupted is None else str(interrupted) or "SIGINT",
+            skipped=self.skipped,
+            # a shard's summary covers its own part; the merge lists what is missing
+            earlier=earlier_cases(out_dir, done) if self.plan.shard is None else (),
+            **timing)
+        summary.update(extra or {})
+        summary.update(self.plan.summary_entries())
+        write_json(out_dir / self.plan.summary_name, summary)
+        return summary
 
 
 class Segmenter(Closeable):
@@ -287,6 +337,50 @@ class Segmenter(Closeable):
                                  "one", option=name)
         return run, sources
 
+    def plan_files(
+        self,
+        inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        out_dir: str | os.PathLike[str],
+        run: InferenceOptions,
+        *,
+        shard: Shard | None = None,
+        reader: Reader | None = None,
+        writer: Writer = NIFTI_WRITER,
+    ) -> FilesRun:
+        """What a run over files does, decided before anything is created or loaded.
+
+        Shared by :meth:`predict_files` and ``runtime.ray_exec``: the inputs'
+        expansion (what is left out and why), the DICOM reader and SEG writer,
+        the registration stage, the shard and what ``skip_existing`` keeps.
+
+        Args:
+            inputs: As for :meth:`predict_files`.
+            out_dir: The output folder (need not exist yet).
+            run: The run's options with the model's defaults applied.
+            shard: This run's shard, if any.
+            reader: Default: a :class:`~dunet_deploy.runtime.dicom_io.ScanReader`.
+            writer: Wrapped in a DICOM SEG writer with ``dicom_seg``.
+
+        Raises:
+            DunetError: a folder or pattern that gives no scan, ``dicom_seg``
+                with an input that is not a DICOM series, ``register="always"``
+                on a model without a template.
+        """
+        register = self.register_stage(run)
+        reader = ScanReader(run.series) if reader is None else reader
+        skipped: list[tuple[Path, str]] = []
+        everything = expand_inputs(inputs, recursive=run.recursive, reader=reader,
+                                   out_dir=out_dir, skipped=skipped)
+        for item in everything:
+            if item.matched_nothing:
+                raise DunetError(str(item.error))
+        if run.dicom_seg:
+            refuse_non_dicom(everything)
+            writer = seg_writer(writer, self.info, self.model_path)
+        plan = plan_run(_as_list(inputs), everything, out_dir, run, self.fingerprint(run),
+                        shard=shard, reader=reader)
+        return FilesRun(plan, run, tuple(skipped), reader, writer, register)
+
     def predict_files(
         self,
         inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
@@ -367,25 +461,13 @@ class Segmenter(Closeable):
         run, sources = self.run_options(options, **changes)
         if self._closed:
             self.open()  # says so before any work
-        register = self.register_stage(run)
         t_start = time.perf_counter()
-        reader = ScanReader(run.series) if reader is None else reader
-        skipped: list[tuple[Path, str]] = []
-        everything = expand_inputs(inputs, recursive=run.recursive, reader=reader,
-                                   out_dir=out_dir, skipped=skipped)
-        for item in everything:
-            if item.matched_nothing:  # before anything is created or loaded
-                raise DunetError(str(item.error))
-        if run.dicom_seg:
-            refuse_non_dicom(everything)
-            writer = seg_writer(writer, self.info, self.model_path)
-        plan = plan_run(_as_list(inputs), everything, out_dir, run, self.fingerprint(run),
-                        shard=shard, reader=reader)
-        items = plan.todo
+        files = self.plan_files(inputs, out_dir, run, shard=shard, reader=reader, writer=writer)
+        reader, register, items = files.reader, files.register, files.plan.todo
         created = missing_folders(out_dir)  # removed again if the run fails before writing
-        out = OutputOptions(prepare_output_dir(out_dir), run, writer)
+        out = OutputOptions(prepare_output_dir(out_dir), run, files.writer)
         results: list[CaseResult] = []
-        journal = plan.journal(out.out_dir)
+        journal = files.plan.journal(out.out_dir)
 
         def finished(result: CaseResult) -> None:
             journal.record(result)
@@ -413,16 +495,10 @@ class Segmenter(Closeable):
         except BaseException:
             remove_empty_folders(created)  # e.g. a model that cannot be loaded
             raise
-        done = plan.results(results)
-        summary = summary_document(
-            self._runner, done, options=run, load_s=self.load_s,
+        summary = files.write_summary(
+            self._runner, results, out.out_dir, load_s=self.load_s,
             wall_s=time.perf_counter() - t_start, inference=_settings(run, sources),
-            interrupted=None if interrupted is None else str(interrupted) or "SIGINT",
-            total=len(plan.items), skipped=skipped,
-            # a shard's summary covers its own part; the merge lists what is missing
-            earlier=earlier_cases(out.out_dir, done) if shard is None else ())
-        summary.update(plan.summary_entries())
-        write_json(out.out_dir / plan.summary_name, summary)
+            interrupted=interrupted)
         journal.close()
         if interrupted is not None:
             raise interrupted

@@ -29,6 +29,7 @@ from typing import Any
 
 from dunet_deploy.artifacts import write_json
 from dunet_deploy.errors import DunetError
+from dunet_deploy.runtime.dicom_io import ScanReader
 from dunet_deploy.runtime.pipeline import (
     NIFTI_READER,
     SUMMARY_NAME,
@@ -307,10 +308,16 @@ def merge_summaries(
         missing.extend((pos, name) for name, pos in position.items() if name not in reported)
 
     absent = [i for i in range(1, count + 1) if Shard(i, count) not in docs]
+    first_doc = min(docs.values(), key=lambda pd: pd[1]["shard"]["index"])[1]
     total = int(next(iter(docs.values()))[1]["shard"]["total"])
     if absent and inputs is not None:
+        # the inputs as the shards expanded them: DICOM series, the output folder left out
+        series = (first_doc.get("options") or {}).get("series")
+        reader = ScanReader(series if isinstance(series, str) else None)
+        items = expand_inputs(inputs, recursive=recursive, reader=reader, out_dir=out)
         for i in absent:
-            plan = plan_shard(inputs, Shard(i, count), recursive=recursive)
+            plan = plan_shard(inputs, Shard(i, count), recursive=recursive, items=items,
+                              reader=reader)
             missing.extend(zip(plan.positions, (str(it.path) for it in plan.items)))
     rows.sort(key=lambda pc: pc[0])
     missing.sort()

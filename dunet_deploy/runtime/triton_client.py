@@ -50,7 +50,8 @@ VOLUME_MODEL = "dunet_volume"
 OPTIONS_PARAMETER = "dunet_options"
 #: Options a server-side run applies: the first four on the server, ``recursive`` in
 #: the client's input search.
-SERVER_SIDE_FIELDS = ("tta", "min_lesion_mm3", "resample", "batch_size", "recursive")
+SERVER_SIDE_FIELDS = ("tta", "min_lesion_mm3", "resample", "batch_size", "recursive",
+                      "register", "bias_correct")
 #: Why each other option cannot apply when the server runs the whole pipeline.
 _NOT_SERVER_SIDE = {
     "backend": "the server decides how its model runs",
@@ -552,6 +553,8 @@ def _server_side_case(client: ServerSideClient, item: Any, out: Path,
     result.lesion_volume_mm3 = float(doc["lesion_volume_mm3"])
     result.times.update(read=t1 - t0, infer=t2 - t1, write=t3 - t2)
     result.bytes_sent, result.bytes_received = sent, received
+    result.registration = doc.get("registration")
+    result.warnings = [str(w) for w in doc.get("warnings") or []]
     result.server = doc
     return result
 
@@ -587,8 +590,9 @@ def segment_server_side(
         on_result: called with each :class:`~dunet_deploy.runtime.pipeline.CaseResult`.
         ready_timeout_s: how long to wait for the model to answer ready.
         options: the run's options, sent with every file: the server applies
-            ``tta``, ``min_lesion_mm3``, ``resample`` and ``batch_size``
-            (``None``: the server model's defaults); recorded in the summary.
+            ``tta``, ``min_lesion_mm3``, ``resample``, ``register``,
+            ``bias_correct`` and ``batch_size`` (``None``: the server model's
+            defaults); recorded in the summary.
 
     Returns:
         The summary document.

@@ -59,6 +59,36 @@ _PLATFORM_RUNTIMES = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tenso
 _BACKEND_KEY = re.compile(r'^\s*(backend|platform)\s*:\s*"([^"]*)"', re.MULTILINE)
 
 
+def network_model_file(model_dir: Path, source: str) -> Path:
+    """The model file a network model of the repository runs (its template lies beside it).
+
+    A python-backend network names it in ``runtime.model_file`` (absolute, or in
+    its version folder); Triton's own backends read ``model.onnx`` / ``model.plan``
+    from the newest version folder.
+
+    Args:
+        model_dir: the network model's folder (``<repository>/<name>``).
+        source: the asking model's name, for messages.
+
+    Raises:
+        DunetError: an unreadable configuration or no version folder.
+    """
+    from dunet_deploy.export.triton_repo import PLATFORMS, read_config
+
+    config = model_dir / "config.pbtxt"
+    params, _ = read_config(config)
+    found = {m.group(1): m.group(2) for m in _BACKEND_KEY.finditer(config.read_text("utf-8"))}
+    versions = sorted((p for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir()),
+                      key=lambda p: int(p.name))
+    if not versions:
+        raise DunetError(f"{source}: network model {model_dir.name!r} has no version folder")
+    if found.get("backend") == "python":
+        named = Path(params.get("runtime.model_file", "model.onnx"))
+        return named if named.is_absolute() else versions[-1] / named
+    names = {platform: file for platform, file, _ in PLATFORMS.values()}
+    return versions[-1] / names.get(found.get("platform", ""), "model.onnx")
+
+
 def network_runtime(model_dir: Path, source: str) -> dict[str, str]:
     """What a network model of the repository really runs: backend, precision, device.
 

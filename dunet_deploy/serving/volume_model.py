@@ -12,11 +12,13 @@ segmented here gives the mask a local run gives.
 
 A request may carry the client's :class:`~dunet_deploy.runtime.options.InferenceOptions`
 as the JSON request parameter ``dunet_options`` (what ``dunet-infer --server-side``
-sends): its ``tta``, ``min_lesion_mm3``, ``resample`` and ``batch_size`` (capped at the
-network's ``max_batch_size``) are applied, ``tta`` / ``min_lesion_mm3`` left ``None``
-take the model's defaults, and an option the server cannot apply (another backend,
-probability maps, ...) or a bad value is refused as ``"<name>: <option> ...: <reason>"``.
-Without it the model's defaults and ``volume.batch_size`` apply.
+sends): its ``tta``, ``min_lesion_mm3``, ``resample``, ``register``, ``bias_correct`` and
+``batch_size`` (capped at the network's ``max_batch_size``) are applied (registration
+with the template the network model's file carries beside it), ``tta`` /
+``min_lesion_mm3`` left ``None`` take the model's defaults, and an option the server
+cannot apply (another backend, probability maps, ...) or a bad value is refused as
+``"<name>: <option> ...: <reason>"``. Without it the model's defaults and
+``volume.batch_size`` apply.
 
 The slab predictor is a BLS request to the network model (``volume.network_model``,
 in batches of the request's batch size), so the dynamic batcher in front of the network
@@ -53,6 +55,7 @@ from dunet_deploy.runtime.pipeline import (
     infer_case,
     prepare_source,
 )
+from dunet_deploy.runtime.register_stage import RegisterStage
 from dunet_deploy.runtime.triton_client import OPTIONS_PARAMETER, check_server_side
 from dunet_deploy.serving._config import artifact_parameters, int_parameter, model_parameters
 
@@ -154,7 +157,8 @@ def request_options(parameters: str | Mapping[str, Any] | None,
 
 def segment_nifti_bytes(data: bytes, name: str, settings: VolumeSettings,
                         predict: Predictor, options: InferenceOptions | None = None,
-                        max_batch: int | None = None) -> tuple[bytes, dict[str, Any]]:
+                        max_batch: int | None = None,
+                        model_file: str | Path | None = None) -> tuple[bytes, dict[str, Any]]:
     """The whole pipeline on one file's bytes.
 
     Args:
@@ -165,6 +169,8 @@ def segment_nifti_bytes(data: bytes, name: str, settings: VolumeSettings,
         options: the client's options (``None``: the model's defaults and
             ``settings.batch_size``); see :func:`request_options`.
         max_batch: the network's ``max_batch_size``, which caps ``options.batch_size``.
+        model_file: the network's model file, whose registration template lies
+            beside it (``None``: no template; ``register`` auto then only says so).
 
     Returns:
         (the uint8 mask as ``.nii.gz`` bytes on the input's grid, the summary
@@ -183,10 +189,12 @@ def segment_nifti_bytes(data: bytes, name: str, settings: VolumeSettings,
     result = CaseResult(input=name)
     times = result.times
     t0 = time.perf_counter()
+    register = _register_stage(model_file, settings.info, run)
     vol = load_nifti_bytes(data, name, settings.limits)
     times["read"] = time.perf_counter() - t0
     # The stages every other path runs (pipeline.prepare_source / infer_case / finish_case).
-    prep = prepare_source(item, vol, spec, resample=run.resample, result=result)
+    prep = prepare_source(item, vol, spec, resample=run.resample, result=result,
+                          register=register)
     grid = infer_case(with_tta(predict, run.tta, spec), spec, prep, batch)
     pred = None if grid is None else finish_case(grid, prep, spec,
                                                  min_lesion_mm3=run.min_lesion_mm3,
@@ -205,9 +213,11 @@ def segment_nifti_bytes(data: bytes, name: str, settings: VolumeSettings,
         "lesions_removed": pred.lesions_removed,
         "slabs_run": pred.slabs_run,
         "geometry": pred.geometry,
-        "warnings": list(pred.warnings),
+        "warnings": list(dict.fromkeys([*result.warnings, *pred.warnings])),
         "inference": {"tta": run.tta, "min_lesion_mm3": run.min_lesion_mm3,
-                      "resample": run.resample, "source": sources},
+                      "resample": run.resample, "register": run.register or "auto",
+                      "bias_correct": run.bias_correct, "source": sources},
+        "registration": result.registration,
         "batch_size": batch,
         "bytes_received": len(data),
         "mask_bytes": len(blob),
@@ -216,13 +226,28 @@ def segment_nifti_bytes(data: bytes, name: str, settings: VolumeSettings,
     return blob, summary
 
 
+def _register_stage(model_file: str | Path | None, info: ArtifactInfo,
+                    run: InferenceOptions) -> RegisterStage:
+    """The registration stage of one request (the template is read once per process).
+
+    Raises:
+        DunetError: ``register`` always on a model without a template.
+    """
+    if model_file is not None:
+        return RegisterStage.for_model(model_file, info, run, info.spec)
+    if run.register == "always":
+        raise DunetError("register 'always': the server's model has no registration template",
+                         option="register")
+    return RegisterStage(mode=run.register or "auto", bias_correct=run.bias_correct)
+
+
 class TritonPythonModel:
     """Triton's python-backend entry points for ``dunet_volume``."""
 
     def initialize(self, args: dict[str, Any]) -> None:
         """Read and check the parameters against the network model's configuration."""
         from dunet_deploy.export.triton_repo import read_config
-        from dunet_deploy.serving.network_model import network_runtime
+        from dunet_deploy.serving.network_model import network_model_file, network_runtime
 
         self.name, params, model_dir = model_parameters(args)
         self.settings = VolumeSettings.from_parameters(params, self.name)
@@ -231,7 +256,11 @@ class TritonPythonModel:
         self.settings.check_network(net_params, net_max_batch, self.name)
         self.max_batch = net_max_batch or None
         # What the network really runs (not "auto"), for every response's summary.
-        self.runtime = network_runtime(Path(model_dir).parent / self.settings.network, self.name)
+        network_dir = Path(model_dir).parent / self.settings.network
+        self.runtime = network_runtime(network_dir, self.name)
+        # The registration template travels beside the network's model file.
+        self.model_file = (network_model_file(network_dir, self.name)
+                           if self.settings.info.template else None)
 
     def _predict(self, slabs: np.ndarray) -> np.ndarray:
         import triton_python_backend_utils as pb_utils
@@ -258,7 +287,7 @@ class TritonPythonModel:
             data = raw.reshape(-1)[0]
             options = request_options(request.parameters(), name)
             blob, summary = segment_nifti_bytes(bytes(data), name, self.settings, self._predict,
-                                                options, self.max_batch)
+                                                options, self.max_batch, self.model_file)
         except (DunetError, MemoryError) as exc:
             text = "out of memory" if isinstance(exc, MemoryError) else one_line(exc)
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(text))

@@ -241,3 +241,56 @@ def test_dunet_eval_registers_native_scans_too(setup, tmp_path):
         with open(tmp_path / mode / "cases.csv", newline="") as f:
             scores[mode] = float(next(csv.DictReader(f))["dsc"])
     assert scores["auto"] >= 0.9 and scores["never"] < 0.8, scores
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["onnx", "python"])
+def test_dunet_volume_registers_with_the_template_the_repository_carries(setup, tmp_path,
+                                                                        backend):
+    """Server-side (``dunet_volume``): the template copied beside the network's model file
+    registers the native scan; the mask equals dunet-infer's, the record comes back."""
+    from dunet_deploy.artifacts import read_artifact_info
+    from dunet_deploy.export.triton_repo import (
+        read_config,
+        write_triton_repo,
+        write_volume_model,
+    )
+    from dunet_deploy.runtime.base import open_runner
+    from dunet_deploy.runtime.options import InferenceOptions
+    from dunet_deploy.serving.volume_model import TritonPythonModel, request_options
+    from dunet_deploy.serving.volume_model import segment_nifti_bytes as segment
+
+    info = read_artifact_info(setup["model"])
+    repo = tmp_path / "repo"
+    write_triton_repo(repo, setup["model"], info, backend=backend, max_batch_size=8)
+    assert (repo / "dunet" / "1" / TEMPLATE_FILE).is_file()
+    volume_dir = write_volume_model(repo, info, batch_size=8)
+    params, _ = read_config(volume_dir / "config.pbtxt")
+    served = TritonPythonModel()
+    served.initialize({"model_repository": str(volume_dir), "model_config": json.dumps(
+        {"name": "dunet_volume", "parameters": {k: {"string_value": v}
+                                                for k, v in params.items()}})})
+    assert served.model_file == repo / "dunet" / "1" / "model.onnx"
+
+    code, output, summary = _infer(setup, "served_ref")
+    assert code == 0, output
+    native = setup["scans"] / "native.nii.gz"
+    with open_runner(setup["model"], "onnxruntime", threads=1) as runner:
+        for mode in ("auto", "never"):
+            sent = json.dumps({"dunet_options": json.dumps(
+                InferenceOptions(register=mode).to_dict())})
+            blob, doc = segment(native.read_bytes(), native.name, served.settings,
+                                runner.infer, request_options(sent, native.name), 8,
+                                served.model_file)
+            (tmp_path / f"{mode}.nii.gz").write_bytes(blob)
+            mask = np.asarray(nib.load(str(tmp_path / f"{mode}.nii.gz")).dataobj)
+            assert doc["inference"]["register"] == mode
+            if mode == "auto":
+                assert doc["registration"]["done"] and doc["registration"]["method"] == "affine"
+                local = np.asarray(nib.load(str(setup["root"] / "served_ref" /
+                                                "native_mask.nii.gz")).dataobj)
+                assert np.array_equal(mask, local)
+            else:
+                assert not doc["registration"]["done"]
+                assert any("does not look registered" in w for w in doc["warnings"])
+                assert _dsc(mask, _carried_truth(setup, "served_ref")) < 0.8

@@ -23,6 +23,7 @@ from dunet_deploy.runtime.ray_exec import (
     ClusterOptions,
     InferActor,
     _prepare_row,
+    _Stages,
     _write_row,
     actor_pool,
     import_ray,
@@ -68,13 +69,14 @@ def test_the_actor_runs_in_process_without_ray(cohort, tmp_path):
     actor = InferActor(model, STANDIN, StandInRunner)
     try:
         results = []
+        stages = _Stages(spec, STANDIN)
         for i, path in enumerate(sorted(scans.iterdir())):
-            row = _prepare_row({"index": i, "item": pickle.dumps(InputItem(path))}, spec, STANDIN)
+            row = _prepare_row({"index": i, "item": pickle.dumps(InputItem(path))}, stages)
             out = actor({"index": np.array([row["index"]]),
                          "payload": np.array([row["payload"]], dtype=object)})
             assert list(out["index"]) == [i] and len(out["payload"]) == 1
             assert json.loads(out["runner"][0])["backend"] == "standin"
-            done = _write_row({k: v[0] for k, v in out.items()}, spec, STANDIN, str(tmp_path))
+            done = _write_row({k: v[0] for k, v in out.items()}, stages, str(tmp_path))
             results.append(pickle.loads(done["result"]))
     finally:
         actor.close()

@@ -130,6 +130,36 @@ def test_ray_gives_the_masks_of_dunet_infer(ray_cluster, cohort, tmp_path):
     assert json.loads((out / "summary.json").read_text()) == summary
 
 
+def test_ray_reads_dicom_series_and_writes_dicom_seg_like_dunet_infer(ray_cluster, cohort,
+                                                                       tmp_path):
+    """The read tasks take DICOM series (each 3D series a case), the write tasks the SEG."""
+    pytest.importorskip("highdicom")
+    import nibabel as nib
+
+    from dunet_deploy.data.synth_dicom import SeriesInfo, write_dicom_series
+
+    model, scans, _, _ = cohort
+    study = tmp_path / "study"
+    for number in (2, 3):
+        img = nib.load(str(scans / f"case_{number}.nii.gz"))
+        write_dicom_series(np.asarray(img.dataobj, dtype=np.float32), img.affine, study,
+                           prefix=f"s{number}",
+                           info=SeriesInfo(series_uid=f"1.2.826.0.1.3680043.8.498.7{number}",
+                                           series_number=number, description=f"T1 {number}"))
+    with Segmenter(model, runner_factory=StandInRunner) as seg:
+        ref = seg.predict_files(study, tmp_path / "reference", STANDIN, dicom_seg=True)
+    summary = segment_on_ray(model, [study], tmp_path / "out", STANDIN.replace(dicom_seg=True),
+                             ClusterOptions(address=ray_cluster.address),
+                             runner_factory=StandInRunner)
+    assert (summary["ok"], summary["total"]) == (ref["ok"], ref["total"]) == (2, 2)
+    _same_files(tmp_path / "out", tmp_path / "reference")
+    for case, want in zip(summary["cases"], ref["cases"], strict=True):
+        assert case["source"] == want["source"] and case["input"] == want["input"]
+        assert Path(case["dicom_seg"]).parent == tmp_path / "out"
+        assert Path(case["dicom_seg"]).name == Path(want["dicom_seg"]).name
+        assert Path(case["dicom_seg"]).stat().st_size > 0
+
+
 class PidStandIn(StandInRunner):
     """The stand-in, slowed down (each case spends ~1 s in the actor at batch size 1)."""
 

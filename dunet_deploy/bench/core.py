@@ -169,25 +169,24 @@ def time_callable(
             return True
         return time.perf_counter() - start + (last or 0.0) <= time_budget_s
 
-    done = 0
-    for _ in range(warmup):
-        if not fits():
-            break
+    def timed() -> float:
         t0 = time.perf_counter()
         fn()
         if sync is not None:
             sync()
-        last = time.perf_counter() - t0
+        return time.perf_counter() - t0
+
+    done = 0
+    for _ in range(warmup):
+        if not fits():
+            break
+        last = timed()
         done += 1
     lat: list[float] = []
     for i in range(iters):
         if i >= min_iters and not fits():
             break
-        t0 = time.perf_counter()
-        fn()
-        if sync is not None:
-            sync()
-        last = time.perf_counter() - t0
+        last = timed()
         lat.append(last * 1e3)
     return TimingResult(lat, done)
 

@@ -4,6 +4,12 @@ synthesize an ATLAS-like dataset -> train D-UNet briefly -> evaluate it ->
 export a verified ONNX -> run ``dunet-infer`` (the torch-free runtime) on a
 held-out volume -> write its mask, a PNG overlay and a short report.
 
+The heads are real anatomy by default (``anatomy="mni152"``: the MNI152 2009a
+template shipped in the nilearn wheel, warped, with a bias field and implanted
+lesions; see :mod:`dunet_deploy.data.anatomy`) on a 3 mm grid over the MNI
+box; ``anatomy="ellipsoid"`` gives the older ellipsoid heads, which need no
+nilearn.
+
 Everything lands in one folder::
 
     OUT/data/          synthetic training set (ATLAS R1.1 layout)
@@ -30,9 +36,22 @@ from typing import Any
 import numpy as np
 
 from dunet_deploy.artifacts import read_sidecar, write_json
+from dunet_deploy.data.anatomy import ANATOMIES
 from dunet_deploy.errors import DunetError
 from dunet_deploy.machine import machine_info
 from dunet_deploy.metrics import mean_pm_std
+
+#: Volume shape per anatomy when none is given. mni152: the MNI box on a 3 mm
+#: grid (197/66, 233/78, 189/63 mm per voxel), whose 66×66 crop barely needs
+#: resizing for the 64×64 input; 52 of its 63 axial slabs hold head, against 38
+#: of 48 for the ellipsoids, so training costs about 1.4× theirs (the 2 mm box,
+#: 99×117×95, has 78 and would cost 2×, for an input resized to 64 anyway).
+DEMO_SHAPES: dict[str, tuple[int, int, int]] = {
+    "ellipsoid": (64, 80, 48),
+    "mni152": (66, 78, 63),
+}
+#: Smallest lesion (mm³) the held-out case must show (200 voxels at 1 mm).
+_HELDOUT_MIN_LESION_MM3 = 200.0
 
 
 @dataclass(frozen=True)
@@ -42,7 +61,11 @@ class DemoConfig:
     Attributes:
         out: output folder (must be new or empty, or a previous demo's).
         cases: synthetic training cases (80/20 train/validation split).
-        shape: synthetic volume shape ``(X, Y, Z)``.
+        anatomy: head model, ``"mni152"`` (warped MNI152 2009a template; needs
+            nilearn, the ``anatomy`` extra) or ``"ellipsoid"``.
+        shape: synthetic volume shape ``(X, Y, Z)``; ``None`` (the default)
+            becomes ``DEMO_SHAPES[anatomy]``. For mni152 it is the grid over
+            the MNI box (197×233×189 is 1 mm).
         image_size: network input side (64 keeps CPU training short).
         epochs: training epochs.
         batch_size: slabs per step.
@@ -54,7 +77,8 @@ class DemoConfig:
 
     out: Path
     cases: int = 10
-    shape: tuple[int, int, int] = (64, 80, 48)
+    anatomy: str = "mni152"
+    shape: tuple[int, int, int] | None = None
     image_size: int = 64
     epochs: int = 8
     batch_size: int = 8
@@ -62,6 +86,22 @@ class DemoConfig:
     oversample: float = 3.0
     seed: int = 0
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        """Check ``anatomy`` and fill in its default ``shape``.
+
+        Raises:
+            DunetError: on an unknown anatomy.
+        """
+        if self.anatomy not in ANATOMIES:
+            raise DunetError(f"anatomy {self.anatomy!r}: choose one of {', '.join(ANATOMIES)}")
+        if self.shape is None:
+            object.__setattr__(self, "shape", DEMO_SHAPES[self.anatomy])
+
+    @property
+    def volume_shape(self) -> tuple[int, int, int]:
+        """The synthetic volume shape ``(X, Y, Z)``: ``shape``, or the anatomy's default."""
+        return self.shape if self.shape is not None else DEMO_SHAPES[self.anatomy]
 
 
 _MARKER = "demo.json"
@@ -80,16 +120,36 @@ def _prepare(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _lesion_seed(shape: tuple[int, int, int], start: int, min_voxels: int = 200) -> int:
+def _lesion_seed(shape: tuple[int, int, int], start: int, anatomy: str,
+                 min_mm3: float = _HELDOUT_MIN_LESION_MM3) -> int:
     """The first seed from ``start`` whose synthetic case has a visible lesion.
 
-    Some synthetic cases have no lesion at all (as some slices of real data);
-    the held-out demo case should show one.
+    Some synthetic cases have no lesion at all (as some slices of real data),
+    or only a speck; the held-out demo case should show one.
+
+    Args:
+        shape: Volume shape ``(X, Y, Z)``, as given to ``write_dataset``.
+        start: First seed to try.
+        anatomy: ``"ellipsoid"`` or ``"mni152"``, as given to ``write_dataset``.
+        min_mm3: Smallest lesion volume accepted, in mm³ (voxel volume from the
+            case's affine, so the bar does not depend on the grid).
+
+    Returns:
+        That seed, or ``start`` when none of the 50 seeds from it qualifies.
     """
-    from dunet_deploy.data.synth import synthesize_case
+    from dunet_deploy.data.synth import synth_affine, synthesize_case
+
+    def case(seed: int) -> tuple[np.ndarray, np.ndarray]:
+        if anatomy == "mni152":
+            from dunet_deploy.data.anatomy import synthesize_anatomy_case
+
+            _, mask, affine = synthesize_anatomy_case(seed, shape)
+            return mask, affine
+        return synthesize_case(shape, seed=seed)[1], synth_affine(shape)
 
     for seed in range(start, start + 50):
-        if int(synthesize_case(shape, seed=seed)[1].sum()) >= min_voxels:
+        mask, affine = case(seed)
+        if int(mask.sum()) * abs(float(np.linalg.det(affine[:3, :3]))) >= min_mm3:
             return seed
     return start
 
@@ -197,16 +257,22 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     from dunet_deploy.runtime.preview import write_preview
 
     out = Path(cfg.out)
+    shape = cfg.volume_shape
+    if cfg.anatomy == "mni152":  # no nilearn: fail before anything is written
+        from dunet_deploy.data.anatomy import mni152_grid
+
+        mni152_grid(shape)
     _prepare(out)
     write_json(out / _MARKER, {"config": {**asdict(cfg), "out": str(cfg.out)}})
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     timer = _Timer(log)
     with timer.stage("synthesize"):
-        write_dataset(out / "data", cases=cfg.cases, layout="atlas-r1.1", shape=cfg.shape,
-                      seed=cfg.seed)
-        held = write_dataset(out / "heldout", cases=1, layout="pairs", shape=cfg.shape,
-                             seed=_lesion_seed(cfg.shape, cfg.seed + 10_000))[0]
+        write_dataset(out / "data", cases=cfg.cases, layout="atlas-r1.1", shape=shape,
+                      seed=cfg.seed, anatomy=cfg.anatomy)
+        held = write_dataset(out / "heldout", cases=1, layout="pairs", shape=shape,
+                             seed=_lesion_seed(shape, cfg.seed + 10_000, cfg.anatomy),
+                             anatomy=cfg.anatomy)[0]
     trained = _train_and_evaluate(cfg, out, log, timer)
     with timer.stage("export"):
         check = _export(cfg, trained["checkpoint"], out, log)
@@ -223,6 +289,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     report = {
         "machine": {**machine_info(), "torch_threads": torch.get_num_threads()},
         "config": {**asdict(cfg), "out": str(cfg.out)},
+        "anatomy": cfg.anatomy,
         "cases": len(train_cases),
         "params": trained["params"],
         "train": trained["train"],
@@ -244,16 +311,24 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     return report
 
 
+_ANATOMY_TEXT = {
+    "ellipsoid": "ellipsoid heads",
+    "mni152": "the MNI152 2009a template (nilearn), warped, bias field, implanted lesions",
+}
+
+
 def _markdown(r: dict[str, Any]) -> str:
     ev, ho, tr = r["eval_val"], r["heldout"], r["train"]
+    shape = "×".join(str(n) for n in r["config"]["shape"])
     lines = [
         "# dunet-demo report",
         "",
         f"Machine: {r['machine']['cpu_model']}, {r['machine']['cores']} cores "
         f"({r['machine']['torch_threads']} torch threads), {r['machine']['platform']}.",
         f"D-UNet, {r['params']:,} parameters, trained {tr['epochs']} epochs on "
-        f"{r['cases']} synthetic cases ({r['config']['shape']} voxels, "
+        f"{r['cases']} synthetic cases ({shape} voxels, "
         f"{r['config']['image_size']}×{r['config']['image_size']} input).",
+        f"Anatomy: {r['anatomy']} ({_ANATOMY_TEXT[r['anatomy']]}).",
         "",
         "| stage | seconds |",
         "|---|---:|",

@@ -133,16 +133,26 @@ def write_preview(
     return out
 
 
+def case_scan(case: Mapping[str, Any]) -> Any:
+    """The scan a ``summary.json`` case was made from: a NIfTI file or its DICOM series.
+
+    Returns:
+        A :class:`~dunet_deploy.data.nifti.NiftiVolume` (data and affine).
+    """
+    from dunet_deploy.runtime.dicom_io import ScanReader
+
+    source = case.get("source") or {}
+    return ScanReader(source.get("series_uid")).read(Path(case["input"]))
+
+
 def _case_preview(case: Mapping[str, Any], out_dir: Path) -> Path:
     """The preview of one ``summary.json`` case (its input, mask and reference if found)."""
     from dunet_deploy.data.nifti import load_mask, load_nifti
     from dunet_deploy.metrics import case_metrics
-    from dunet_deploy.runtime.dicom_io import ScanReader
     from dunet_deploy.runtime.pipeline import output_stem
 
     scan = Path(case["input"])
-    source = case.get("source") or {}
-    image = ScanReader(source.get("series_uid")).read(scan).data  # NIfTI or a DICOM series
+    image = case_scan(case).data
     pred = (load_nifti(case["mask"]).data > 0).astype(np.uint8)
     title = f"{output_stem(scan)}: lesion {float(case['lesion_volume_mm3']):.0f} mm³"
     masks = truth_for(scan)

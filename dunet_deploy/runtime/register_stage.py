@@ -245,13 +245,12 @@ def write_registration_preview(case: dict[str, Any], template: Any,
     Raises:
         DunetError: when matplotlib is missing (one line naming the install).
     """
-    from dunet_deploy.data.nifti import load_nifti
     from dunet_deploy.data.registration import _otsu, _resample
     from dunet_deploy.runtime.pipeline import output_stem
-    from dunet_deploy.runtime.preview import require_matplotlib
+    from dunet_deploy.runtime.preview import case_scan, require_matplotlib
 
     plt = require_matplotlib()
-    scan = load_nifti(case["input"])
+    scan = case_scan(case)  # a NIfTI file or a DICOM series
     reg = case["registration"]
     w2t = np.asarray(reg["world_to_template"], dtype=np.float64)
     on_template = _resample(np.asarray(scan.data), np.asarray(scan.affine, dtype=np.float64),

@@ -79,6 +79,13 @@ def model_digest(path: str | os.PathLike[str]) -> str:
     return f"sha256:{h.hexdigest()}"
 
 
+def description_digest(info: Any) -> str:
+    """``described:sha256:<hex>`` of a model's description, for a model known only by its
+    server (no local file to hash): its spec, name, weights count, precision, defaults."""
+    blob = json.dumps(info.to_metadata(), sort_keys=True).encode()
+    return f"described:sha256:{hashlib.sha256(blob).hexdigest()}"
+
+
 @dataclass(frozen=True)
 class RunFingerprint:
     """What made a folder's outputs: the ``"fingerprint"`` entry of a summary.

@@ -57,7 +57,13 @@ from dunet_deploy.runtime.pipeline import (
     summary_document,
 )
 from dunet_deploy.runtime.register_stage import RegisterStage
-from dunet_deploy.runtime.resume import RunFingerprint, RunPlan, model_digest, plan_run
+from dunet_deploy.runtime.resume import (
+    RunFingerprint,
+    RunPlan,
+    description_digest,
+    model_digest,
+    plan_run,
+)
 from dunet_deploy.runtime.shards import Shard
 from dunet_deploy.runtime.workers import run_in_workers
 from dunet_deploy.spec import InferenceDefaults, PreprocessSpec
@@ -248,7 +254,9 @@ class Segmenter(Closeable):
         The model file is hashed once per Segmenter.
         """
         if self._digest is None:
-            self._digest = model_digest(self.model_path)
+            local = Path(self.model_path).is_file()  # else a model known by its server only
+            self._digest = (model_digest(self.model_path) if local
+                            else description_digest(self.info))
         return RunFingerprint(self._digest, (options or self.options).fingerprint())
 
     def _traffic(self) -> tuple[int, int] | None:

@@ -272,7 +272,7 @@ def test_dunet_volume_registers_with_the_template_the_repository_carries(setup, 
                                                 for k, v in params.items()}})})
     assert served.model_file == repo / "dunet" / "1" / "model.onnx"
 
-    code, output, summary = _infer(setup, "served_ref")
+    code, output, _ = _infer(setup, "served_ref")
     assert code == 0, output
     native = setup["scans"] / "native.nii.gz"
     with open_runner(setup["model"], "onnxruntime", threads=1) as runner:

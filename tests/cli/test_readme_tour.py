@@ -117,6 +117,9 @@ def test_python_examples_run_as_written_on_the_tours_data(tiny_run, tmp_path):
     _run(shlex.split(_tiny(synth_scans)), tmp_path)
     (tmp_path / "export").mkdir()
     shutil.copy(tiny_run.onnx, tmp_path / "export" / "model.onnx")
+    template = tiny_run.onnx.parent / "template.nii.gz"  # dunet-export writes it beside
+    if template.is_file():
+        shutil.copy(template, tmp_path / "export" / template.name)
     blocks = python_blocks(README.read_text())
     assert len(blocks) >= 2 and "Segmenter" in blocks[-1]
     for code in blocks:

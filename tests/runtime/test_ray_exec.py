@@ -32,7 +32,7 @@ from dunet_deploy.runtime.ray_exec import (
 from dunet_deploy.runtime.segmenter import Segmenter
 
 #: What dunet-infer --save-prob builds, the model's defaults applied (the stand-in has none).
-STANDIN = InferenceOptions(save_prob=True, tta="none", min_lesion_mm3=0.0)
+STANDIN = InferenceOptions(save_prob=True, tta="none", min_lesion_mm3=0.0, register="auto")
 
 
 @pytest.fixture(scope="module")

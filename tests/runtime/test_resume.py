@@ -26,7 +26,8 @@ from dunet_deploy.runtime.resume import (
 from dunet_deploy.runtime.segmenter import Segmenter
 
 #: The run's options as predict_files resolves them (the stand-in's defaults: no TTA, keep all).
-OPTIONS = InferenceOptions(save_prob=True, prob_dtype="uint16", tta="none", min_lesion_mm3=0.0)
+OPTIONS = InferenceOptions(save_prob=True, prob_dtype="uint16", tta="none", min_lesion_mm3=0.0,
+                           register="auto")  # the model's defaults applied
 
 
 @pytest.fixture(scope="module")

@@ -149,7 +149,7 @@ def _rows(doc: dict) -> list[tuple]:
 
 def test_merged_shards_give_the_rows_of_one_run(cohort, tmp_path):
     model, scans = cohort
-    fp = RunFingerprint.of(model, InferenceOptions(tta="none", min_lesion_mm3=0.0))
+    fp = RunFingerprint.of(model, InferenceOptions(tta="none", min_lesion_mm3=0.0, register="auto"))
     with Segmenter(model, runner_factory=StandInRunner) as seg:
         whole = seg.predict_files([str(scans)], tmp_path / "whole")
     out = tmp_path / "out"

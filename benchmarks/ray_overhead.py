@@ -2,7 +2,8 @@
 
 N synthetic full-size volumes (197×233×189, int16 ``.nii.gz``), the zero-cost stand-in model
 (what is measured is the host work and Ray's data movement), save_prob off. Ray runs on a
-local two-node cluster on loopback (``tests/ray_cluster.py``: one CPU per node, one actor),
+local two-node cluster on loopback (``tests/ray_cluster.py``: one CPU per node, Ray's default
+object store, one actor),
 started once; in-process and each Ray configuration (``--ray-cpus``: CPUs each actor / each
 task holds) are interleaved ``--repeat`` times.
 
@@ -70,7 +71,7 @@ def main() -> None:
         volumes = write_volumes(work / "v", args.volumes, spec.volume_shape)["int16"]
         paths = [str(p) for p in volumes]
         model = write_standin_onnx(work / "standin.onnx", spec)
-        cluster = start_cluster(stack)
+        cluster = start_cluster(stack, object_store_mb=None)  # Ray's default store, as users run
         order = list(rates)
         for r in range(args.repeat):
             for name in (order if r % 2 == 0 else order[::-1]):

@@ -68,6 +68,15 @@ def _impossible_quaternion(hdr: nib.Nifti1Header) -> None:
     hdr["quatern_b"] = hdr["quatern_c"] = hdr["quatern_d"] = 1.0
 
 
+def _quaternion_beside_sform(value: float) -> Callable[[nib.Nifti1Header], None]:
+    def edit(hdr: nib.Nifti1Header) -> None:
+        # The sform stays valid (it is the affine nibabel reads), but the copied qform
+        # of every output could not be rebuilt from these numbers.
+        hdr["qform_code"] = 1
+        hdr["quatern_b"] = hdr["quatern_c"] = hdr["quatern_d"] = value
+    return edit
+
+
 def battery() -> dict[str, tuple[bytes, str]]:
     """case name -> (``.nii`` bytes, a word of the expected reason)."""
     nbytes = int(np.prod(SHAPE)) * 4
@@ -86,6 +95,9 @@ def battery() -> dict[str, tuple[bytes, str]]:
         "vox_offset_past_end": (_file(_set(vox_offset=float(1 << 20))), "truncated"),
         "singular_sform": (_file(_singular_sform), "affine"),
         "impossible_quaternion": (_file(_impossible_quaternion), "quaternion"),
+        "impossible_quaternion_beside_sform": (_file(_quaternion_beside_sform(1.0)), "quaternion"),
+        "nan_quaternion_beside_sform": (_file(_quaternion_beside_sform(float("nan"))),
+                                        "quaternion"),
         "header_only": (_file(lambda h: None, data_bytes=0), "truncated"),
         "short_data": (_file(lambda h: None, data_bytes=nbytes // 2), "truncated"),
     }

@@ -233,11 +233,13 @@ def _check_header(header: Any, name: PathLike, limits: NiftiLimits) -> int:
     zooms = np.asarray(header["pixdim"][1:4], dtype=np.float64)
     if not (np.isfinite(zooms).all() and (np.abs(zooms) > 0).all()):
         raise DunetError(f"{name}: voxel sizes {zooms.tolist()} must be finite and non-zero")
-    if int(header["sform_code"]) == 0 and int(header["qform_code"]) > 0:
+    # Checked whenever a qform is declared, not only when it is the best affine: the
+    # outputs copy the input's qform, and nibabel cannot rebuild an impossible one.
+    if int(header["qform_code"]) > 0:
         bcd = [float(header[k]) for k in ("quatern_b", "quatern_c", "quatern_d")]
         if not np.isfinite(bcd).all() or sum(v * v for v in bcd) > 1 + 1e-6:
             raise DunetError(f"{name}: corrupt NIfTI header (impossible qform quaternion "
-                             f"b, c, d = {bcd}: b² + c² + d² > 1)")
+                             f"b, c, d = {bcd}: not finite or b² + c² + d² > 1)")
     affine = np.asarray(header.get_best_affine(), dtype=np.float64)
     if not np.isfinite(affine).all() or abs(float(np.linalg.det(affine[:3, :3]))) < 1e-12:
         raise DunetError(f"{name}: the voxel-to-world affine is not finite or is singular")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,6 +292,11 @@ class TritonPythonModel:
         except (DunetError, MemoryError) as exc:
             text = "out of memory" if isinstance(exc, MemoryError) else one_line(exc)
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(text))
+        except Exception as exc:  # a bug of ours: its traceback goes to the server's log,
+            # and only this request fails (an exception out of execute fails the batch).
+            traceback.print_exc()
+            text = f"{name}: internal error in dunet_volume ({type(exc).__name__}: {exc})"
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(one_line(text)))
         summary["backend"] = self.runtime["backend"]
         summary["runtime"] = self.runtime
         summary["network_model"] = self.settings.network

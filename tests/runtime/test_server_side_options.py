@@ -199,3 +199,63 @@ def test_cli_server_side_needs_the_url_not_the_model(model: Path, tmp_path: Path
         assert res.returncode == 2 and res.stderr.startswith(
             f"error: Triton server {URL}: connection refused on 127.0.0.1:9"), res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bug_while_serving_one_request_fails_that_request_only(
+        model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    """``execute`` answers every request: an exception that is not a DunetError (a bug of
+    ours) becomes that request's one-line error, its traceback goes to the server's log,
+    and the other requests of the batch are still segmented."""
+    import types
+
+    from dunet_deploy.artifacts import read_artifact_info
+    from dunet_deploy.export.triton_repo import read_config, write_triton_repo, write_volume_model
+    from dunet_deploy.serving import volume_model as vm
+
+    class Response:
+        def __init__(self, output_tensors: list | None = None, error: object = None) -> None:
+            self.output_tensors, self.error = output_tensors, error
+
+    class Request:
+        def __init__(self, name: str, blob: bytes) -> None:
+            self.name, self.blob = name, blob
+
+        def request_id(self) -> str:
+            return self.name
+
+        def parameters(self) -> str:
+            return "{}"
+
+    fake = types.SimpleNamespace(
+        TritonError=lambda text: text, InferenceResponse=Response,
+        Tensor=lambda name, array: (name, array),
+        get_input_tensor_by_name=lambda request, _: types.SimpleNamespace(
+            as_numpy=lambda: np.array([request.blob], dtype=np.object_)))
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    repo = tmp_path / "repo"
+    info = read_artifact_info(model)
+    write_triton_repo(repo, model, info, backend="onnx", max_batch_size=8)
+    volume_dir = write_volume_model(repo, info, batch_size=8)
+    params, _ = read_config(volume_dir / "config.pbtxt")
+    served = vm.TritonPythonModel()
+    served.initialize({"model_repository": str(volume_dir), "model_config": json.dumps(
+        {"name": "dunet_volume", "parameters": {k: {"string_value": v}
+                                                for k, v in params.items()}})})
+    real = vm.segment_nifti_bytes
+
+    def buggy(data: bytes, name: str, *args: object) -> object:
+        if name == "b.nii.gz":
+            raise KeyError("spacing")
+        return real(data, name, *args)
+
+    monkeypatch.setattr(vm, "segment_nifti_bytes", buggy)
+    monkeypatch.setattr(served, "_predict", lambda slabs: np.zeros(
+        (slabs.shape[0], 1, *slabs.shape[2:]), np.float32))
+    scan = write_volume(tmp_path / "a.nii.gz")
+    blob = scan.read_bytes()
+    good, bad = served.execute([Request("a.nii.gz", blob), Request("b.nii.gz", blob)])
+    assert good.error is None and [t[0] for t in good.output_tensors] == [vm.MASK_OUTPUT,
+                                                                          vm.SUMMARY_OUTPUT]
+    assert bad.error == "b.nii.gz: internal error in dunet_volume (KeyError: 'spacing')"
+    assert "Traceback" in capfd.readouterr().err

@@ -435,6 +435,11 @@ def read_artifact_info(path: str | os.PathLike[str]) -> ArtifactInfo:
     if path.suffix == ".onnx" or (kind is not None and kind.name == "onnx"):
         return read_onnx_info(path)
     side = sidecar_path(path)
+    # Neither ONNX nor a TensorRT plan, by its bytes or by its name (a plan's tag can
+    # change between TensorRT versions, so the name counts too).
+    if not side.exists() and kind is None and path.suffix not in (".plan", ".engine"):
+        raise DunetError(f"{path}: not an exported model (neither ONNX nor a TensorRT engine); "
+                         "--engine takes a .onnx file, or a TensorRT engine with its sidecar")
     if not side.exists():
         raise DunetError(f"{path}: no sidecar {side.name} beside the engine")
     return read_sidecar(side)

@@ -103,3 +103,17 @@ def test_export_of_a_model_or_a_scan(tiny_run, tmp_path, kind):
     assert line.startswith(f"error: {src}: is {what}, not a dunet-train checkpoint")
     assert "corrupt" not in line and "Python objects" not in line
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("name", ["model.py", "summary.json", "notes.txt"])
+def test_infer_with_a_file_that_is_no_model_says_what_engine_takes(tiny_run, tmp_path, name):
+    """Issue 19.7: a file that is neither ONNX nor a TensorRT engine is not blamed on a
+    missing engine sidecar."""
+    path = tmp_path / name
+    path.write_text("def f():\n    return 1\n" if name.endswith(".py") else '{"ok": 1}\n')
+    res = CliRunner().invoke(infer_cli.main, ["--engine", str(path), str(tiny_run.scan),
+                                              "-o", str(tmp_path / "m")])
+    line = _one_line_error(res)
+    assert line == (f"error: {path}: not an exported model (neither ONNX nor a TensorRT "
+                    "engine); --engine takes a .onnx file, or a TensorRT engine with its sidecar")
+    assert not (tmp_path / "m").exists()

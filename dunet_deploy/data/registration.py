@@ -55,6 +55,7 @@ __all__ = [
     "REGISTER_MODES",
     "TEMPLATE_FILE",
     "Registration",
+    "RegistrationError",
     "Template",
     "bias_correct",
     "build_template",
@@ -458,6 +459,28 @@ class Registration:
                 "seconds": round(self.seconds, 3), "warnings": list(self.warnings)}
 
 
+class RegistrationError(DunetError):
+    """A registration that failed (did not converge, or ITK gave up): a per-case error.
+
+    Attributes:
+        record: What ``summary.json`` records of it: ``{"done": False, "method",
+            "similarity_before", "similarity_after", "floor", "seconds"}`` (a
+            similarity is ``None`` where it was not reached).
+    """
+
+    def __init__(self, message: object = "", *, record: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.record: dict[str, Any] = dict(record or {})
+
+
+def _failure(message: str, template: Template, before: float, after: float,
+             start: float) -> RegistrationError:
+    return RegistrationError(message, record={
+        "done": False, "method": "affine", "similarity_before": _rounded(before),
+        "similarity_after": _rounded(after), "floor": _rounded(template.floor),
+        "seconds": round(time.perf_counter() - start, 3)})
+
+
 def _range_text(template: Template) -> str:
     lo, hi = template.range
     given = "" if template.similarity_range is not None else ", assumed: none recorded"
@@ -546,9 +569,11 @@ def register(volume: npt.ArrayLike, affine: npt.ArrayLike, template: Template, *
     is kept with a warning that gives both numbers.
 
     Raises:
-        DunetError: when SimpleITK is missing, or the registration does not
+        DunetError: when SimpleITK is missing.
+        RegistrationError: when ITK gives up, or the registration does not
             converge: the similarity after it is below ``template.floor``
-            (the message gives both similarities, the floor and the range).
+            (the message gives both similarities, the floor and the range;
+            ``record`` holds them for the summary).
     """
     sitk = _sitk()
     start = time.perf_counter()
@@ -571,8 +596,12 @@ def register(volume: npt.ArrayLike, affine: npt.ArrayLike, template: Template, *
             fixed, moving, sitk.AffineTransform(3),
             sitk.CenteredTransformInitializerFilter.MOMENTS)
     except RuntimeError as exc:  # ITK: e.g. a scan whose voxels are all 0
-        raise DunetError(f"registration failed: {' '.join(str(exc).split())[-160:]}") from None
-    _optimise(sitk, fixed, fixed_mask, moving, init, seed)
+        raise _failure(f"registration failed: {' '.join(str(exc).split())[-160:]}",
+                       template, before, float("nan"), start) from None
+    try:
+        _optimise(sitk, fixed, fixed_mask, moving, init, seed)
+    except DunetError as exc:
+        raise _failure(str(exc), template, before, float("nan"), start) from None
     w2t = _world_to_template(init)
     after = similarity(vol, aff, template, w2t)
     if after < template.floor:
@@ -581,21 +610,26 @@ def register(volume: npt.ArrayLike, affine: npt.ArrayLike, template: Template, *
         start_sim = sitk.CenteredTransformInitializer(
             fixed, moving, sitk.Similarity3DTransform(),
             sitk.CenteredTransformInitializerFilter.MOMENTS)
-        _optimise(sitk, fixed, fixed_mask, moving, start_sim, seed)
-        retry = sitk.AffineTransform(3)
-        retry.SetCenter(start_sim.GetCenter())
-        retry.SetMatrix(start_sim.GetMatrix())
-        retry.SetTranslation(start_sim.GetTranslation())
-        _optimise(sitk, fixed, fixed_mask, moving, retry, seed + 1)
+        try:
+            _optimise(sitk, fixed, fixed_mask, moving, start_sim, seed)
+            retry = sitk.AffineTransform(3)
+            retry.SetCenter(start_sim.GetCenter())
+            retry.SetMatrix(start_sim.GetMatrix())
+            retry.SetTranslation(start_sim.GetTranslation())
+            _optimise(sitk, fixed, fixed_mask, moving, retry, seed + 1)
+        except DunetError as exc:
+            raise _failure(f"{exc} (similarity after the first try {after:.3f}, before "
+                           f"{before:.3f}, floor {template.floor:.3f})",
+                           template, before, after, start) from None
         w2t_retry = _world_to_template(retry)
         after_retry = similarity(vol, aff, template, w2t_retry)
         if after_retry > after:
             w2t, after = w2t_retry, after_retry
     if after < template.floor:
-        raise DunetError(
+        raise _failure(
             f"registration did not converge: similarity {after:.3f} after it (before "
             f"{before:.3f}) is below the registered floor {template.floor:.3f} (training "
-            f"range {_range_text(template)})")
+            f"range {_range_text(template)})", template, before, after, start)
     warnings: tuple[str, ...] = ()
     if after < template.range[0]:
         warnings = (f"registration ended below the training range: similarity {after:.3f} "

@@ -393,7 +393,8 @@ class CaseResult:
         source: A DICOM input's series (``data.dicom.source_record``: UID, slices, ...).
         dicom_seg: Written DICOM SEG file (``dicom_seg``).
         registration: What the registration stage did (``--register``; see
-            :func:`~dunet_deploy.runtime.register_stage.register_to_network`).
+            :func:`~dunet_deploy.runtime.register_stage.register_to_network`),
+            also when it failed (``done: False`` with the similarities and floor).
     """
 
     input: str
@@ -519,6 +520,10 @@ def prepare_source(
             net = to_network(source.data, spec, affine=None if as_is else source.affine,
                              resample=resample, times=result.times)
     except CASE_ERRORS as exc:
+        from dunet_deploy.data.registration import RegistrationError
+
+        if isinstance(exc, RegistrationError):  # its numbers: similarities, floor, seconds
+            result.registration = exc.record
         result.fail(item.path, exc)
         return prep
     result.shape = [int(n) for n in source.shape]

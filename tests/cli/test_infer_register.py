@@ -190,6 +190,31 @@ def test_a_scan_that_does_not_register_fails_alone_with_the_numbers(setup, tmp_p
     assert "similarity" in line and "floor" in line
     assert not (tmp_path / "out" / "flipped_mask.nii.gz").exists()
     assert (tmp_path / "out" / "registered_mask.nii.gz").exists()
+    # The summary records the failed registration with its numbers, not null.
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    case = {Path(c["input"]).name: c for c in summary["cases"]}["flipped.nii.gz"]
+    assert case["status"] == "error"
+    reg = case["registration"]
+    assert reg["done"] is False and reg["method"] == "affine" and reg["checked"] is True
+    assert reg["mode"] == "auto" and reg["bias_corrected"] is False and reg["seconds"] > 0
+    template = Template.load(setup["model"].parent / TEMPLATE_FILE)
+    assert reg["floor"] == pytest.approx(template.floor, abs=1e-4)
+    assert reg["similarity_after"] < reg["floor"]
+    for key in ("similarity_before", "similarity_after", "floor"):
+        assert f"{reg[key]:.3f}" in line, (key, line)
+
+
+def test_resample_never_refuses_a_native_scan_and_records_the_check(setup, tmp_path):
+    result = CliRunner().invoke(main, ["--engine", str(setup["model"]),
+                                       str(setup["scans"] / "native.nii.gz"), "-o",
+                                       str(tmp_path / "out"), "--workers", "0", "-q",
+                                       "--resample", "never"], catch_exceptions=False)
+    assert result.exit_code == 1, result.output
+    assert "forbids registering it" in result.output
+    (case,) = json.loads((tmp_path / "out" / "summary.json").read_text())["cases"]
+    reg = case["registration"]
+    assert case["status"] == "error" and reg["done"] is False and reg["checked"] is True
+    assert reg["similarity_before"] < reg["floor"]
 
 
 def _biased(data: np.ndarray, across_x: float, across_y: float) -> np.ndarray:

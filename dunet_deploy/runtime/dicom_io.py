@@ -86,6 +86,11 @@ def is_series_input(path: Path) -> bool:
     return False
 
 
+def _series_name(series: DicomSeries) -> str:
+    slug = _SLUG.sub("_", series.description).strip("_")
+    return f"{series.stem}_{slug}" if slug else series.stem
+
+
 def series_names(found: Sequence[DicomSeries]) -> dict[str, DicomSeries]:
     """A distinct input name per 3D series: ``<folder>_s<number>[_<description>]``.
 
@@ -96,8 +101,7 @@ def series_names(found: Sequence[DicomSeries]) -> dict[str, DicomSeries]:
     volumes = [s for s in found if s.volume]
     names: dict[str, list[DicomSeries]] = {}
     for series in volumes:
-        slug = _SLUG.sub("_", series.description).strip("_")
-        names.setdefault(f"{series.stem}_{slug}" if slug else series.stem, []).append(series)
+        names.setdefault(_series_name(series), []).append(series)
     out: dict[str, DicomSeries] = {}
     for name, group in names.items():
         for series in group:
@@ -178,6 +182,39 @@ class ScanReader:
             raise DunetError(f"{path}: no such file, nor a series of {folder} (its 3D series "
                              f"are named {have})")
         return load_nifti(path)
+
+    def left_out(self, paths: Sequence[Path]) -> list[tuple[Path, str]]:
+        """The series of these DICOM inputs that are not 3D volumes, beside ones that are.
+
+        A localiser, a 2D image or a multi-frame object in a folder (or zip)
+        whose 3D series are segmented is not read: each is listed as
+        ``(<folder>/<folder>_s<number>_<description>, why)``. Nothing with
+        ``series_uid`` (the one series asked for is read), nor for an input
+        with no 3D series at all (:meth:`read` fails it, saying why).
+        """
+        if self.series_uid is not None:
+            return []
+        sources: list[Path] = []
+        for path in paths:
+            source = path if path.exists() else path.parent  # a series' virtual path
+            if source not in sources and is_series_input(source):
+                sources.append(source)
+        out: list[tuple[Path, str]] = []
+        for source in sources:
+            try:
+                found = list_series(source)
+            except DunetError:
+                continue  # read() reports it
+            if not any(s.volume for s in found):
+                continue
+            for series in found:
+                if series.volume:
+                    continue
+                why = str(series.problem or f"{series.label}: not a 3D volume")
+                why = why.removeprefix(f"{source}: ")
+                out.append((source / _series_name(series),
+                            f"{why} (Series Instance UID {series.uid}); its 3D series are read"))
+        return out
 
 
 def refuse_non_dicom(items: Iterable[InputItem]) -> None:

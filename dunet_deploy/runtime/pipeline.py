@@ -154,6 +154,13 @@ class Reader(Protocol):
             DunetError: ``"<path>: <reason>"`` for an input that cannot be read.
         """
 
+    def left_out(self, paths: Sequence[Path]) -> list[tuple[Path, str]]:
+        """What the inputs ``paths`` hold that no input reads, each with why (``skipped``).
+
+        E.g. a localiser beside the 3D series of a DICOM folder. Nothing for a
+        file that is one input, nor for what :meth:`read` fails with a message.
+        """
+
 
 class NiftiReader:
     """The default :class:`Reader`: every ``.nii`` / ``.nii.gz`` file is one case."""
@@ -172,6 +179,10 @@ class NiftiReader:
     def read(self, path: Path) -> NiftiVolume:
         """:func:`~dunet_deploy.data.nifti.load_nifti`."""
         return load_nifti(path)
+
+    def left_out(self, paths: Sequence[Path]) -> list[tuple[Path, str]]:
+        """Nothing: a NIfTI file is read whole."""
+        return []
 
 
 NIFTI_READER = NiftiReader()
@@ -221,10 +232,20 @@ class _Search:
         self.out = None if out_dir is None else out_dir.resolve()
         self.skipped = skipped
         self._noted_out = False
+        self._noted: set[Path] = set()
 
     def _skip(self, path: Path, reason: str) -> None:
         if self.skipped is not None:
             self.skipped.append((path, reason))
+
+    def left_out(self, items: Sequence[InputItem], reader: Reader) -> None:
+        """Note what the inputs ``items`` hold that none reads (:meth:`Reader.left_out`), once."""
+        if self.skipped is None:
+            return
+        for path, reason in reader.left_out([i.path for i in items if i.error is None]):
+            if path not in self._noted:
+                self._noted.add(path)
+                self._skip(path, reason)
 
     def scans(self, found: Iterable[Path], root: Path) -> list[Path]:
         """``found`` (under ``root``, the folder searched) without what is not a scan."""
@@ -309,7 +330,9 @@ def expand_inputs(
     folder ``out_dir`` when it lies inside the folder searched, hidden files,
     lesion masks of the known layouts (:func:`label_file_reason`) and this
     package's own outputs (:func:`output_file_reason`: by header marker or by
-    name) are left out and listed in ``skipped``, so running again into the
+    name) are left out and listed in ``skipped``, and so is what an input
+    holds that the reader does not read (:meth:`Reader.left_out`: a localiser
+    beside a DICOM folder's 3D series), so running again into the
     same folder segments the same scans. A file named explicitly is taken
     whatever its name, but one whose header says this package wrote it fails
     (``error``). The same file reached twice is processed once; two different
@@ -320,7 +343,7 @@ def expand_inputs(
             path-like is one input (not a sequence of characters).
         recursive: Directories are searched in their sub-folders too.
         skipped: Receives ``(path, why)`` for each file (or the output
-            folder) left out.
+            folder, or a series of a DICOM input) left out.
         reader: Says what an input is (:data:`NIFTI_READER`).
         out_dir: The run's output folder (need not exist yet).
 
@@ -342,7 +365,9 @@ def expand_inputs(
         if not isinstance(raw, (str, os.PathLike)) or isinstance(os.fspath(raw), bytes):
             raise DunetError(f"inputs: {raw!r} is not a path (give str or pathlib.Path)",
                              option="inputs")
-        items.extend(_expand_one(os.fspath(raw), recursive, search, reader))
+        found = _expand_one(os.fspath(raw), recursive, search, reader)
+        search.left_out(found, reader)
+        items.extend(found)
 
     seen: set[Path] = set()
     stems: dict[str, Path] = {}
@@ -393,7 +418,8 @@ class CaseResult:
         source: A DICOM input's series (``data.dicom.source_record``: UID, slices, ...).
         dicom_seg: Written DICOM SEG file (``dicom_seg``).
         registration: What the registration stage did (``--register``; see
-            :func:`~dunet_deploy.runtime.register_stage.register_to_network`).
+            :func:`~dunet_deploy.runtime.register_stage.register_to_network`),
+            also when it failed (``done: False`` with the similarities and floor).
     """
 
     input: str
@@ -519,6 +545,10 @@ def prepare_source(
             net = to_network(source.data, spec, affine=None if as_is else source.affine,
                              resample=resample, times=result.times)
     except CASE_ERRORS as exc:
+        from dunet_deploy.data.registration import RegistrationError
+
+        if isinstance(exc, RegistrationError):  # its numbers: similarities, floor, seconds
+            result.registration = exc.record
         result.fail(item.path, exc)
         return prep
     result.shape = [int(n) for n in source.shape]

@@ -168,7 +168,10 @@ def register_to_network(
     Raises:
         DunetError: the scan cannot be taken: a registration that does not
             converge (with the similarities), ``resample="never"`` on a scan
-            that needs registering, or what ``to_network`` refuses.
+            that needs registering, or what ``to_network`` refuses. The first
+            two are a :class:`~dunet_deploy.data.registration.RegistrationError`
+            whose ``record`` is the summary's registration record of the case
+            (``done: False`` with the similarities, the floor and the seconds).
     """
     t0 = time.perf_counter()
     vol = np.asarray(volume)
@@ -189,23 +192,27 @@ def register_to_network(
         record["reason"] = (NO_TEMPLATE if stage.model is None or spec.grid_matrix is not None
                             else "the model's spec records no training grid to register onto")
         return to_network(vol, spec, affine=aff, resample=resample, times=times), record, ()
-    from dunet_deploy.data.registration import plan_registration
+    from dunet_deploy.data.registration import RegistrationError, plan_registration
 
     assert spec.grid_matrix is not None
     grid = (spec.volume_shape, spec.grid_matrix)
+    record["checked"] = True
     if stage.mode != "never" and resample == "never":
         # The check alone decides; registering would resample, which "never" forbids.
         reg = plan_registration(vol, aff, template, mode="never", grid=grid)
         if reg.warnings:
-            raise DunetError(f"the scan ({describe_grid(vol.shape, aff)}) does not look "
-                             "registered to the model's template and --resample never "
-                             "forbids registering it")
+            refused = {**reg.describe(), "warnings": []}
+            raise RegistrationError(f"the scan ({describe_grid(vol.shape, aff)}) does not look "
+                                    "registered to the model's template and --resample never "
+                                    "forbids registering it", record={**record, **refused})
     else:
-        reg = plan_registration(vol, aff, template, mode=stage.mode, grid=grid,
-                                threads=stage.threads)
+        try:
+            reg = plan_registration(vol, aff, template, mode=stage.mode, grid=grid,
+                                    threads=stage.threads)
+        except RegistrationError as exc:
+            exc.record = {**record, **exc.record}  # with the mode and the bias correction
+            raise
     record.update(reg.describe())
-    record["checked"] = True
-    record["mode"] = stage.mode
     warnings = tuple(reg.warnings)
     add_time(times, "preprocess", time.perf_counter() - t0)
     if not reg.done:

@@ -222,3 +222,36 @@ def test_segmenter_takes_a_dicom_folder(tiny_run, tmp_path: Path) -> None:
     np.testing.assert_allclose(pred.affine, nib.load(case["mask"]).affine, atol=1e-5)
     assert case["source"]["series_uid"] == uids["T1 oblique"]
     assert Path(case["dicom_seg"]).is_file()
+
+
+def test_a_localiser_beside_3d_series_is_listed_as_skipped(tiny_run, tmp_path: Path) -> None:
+    """Not read, and not silently: a ``skipped`` entry with its reason and a note on stderr."""
+    uids = _study(tiny_run.scan, tmp_path / "study")  # localiser, T1 MPRAGE, T1 oblique
+    single = tmp_path / "single"  # the localiser and one 3D series: the folder is one case
+    single.mkdir()
+    for f in sorted((tmp_path / "study").glob("s[12]_*")):
+        (single / f.name).write_bytes(f.read_bytes())
+    with zipfile.ZipFile(tmp_path / "zipped.zip", "w") as zf:
+        for f in sorted(single.iterdir()):
+            zf.write(f, f.name)
+    proc = _infer(tiny_run.onnx, tmp_path / "out", tmp_path / "study", single,
+                  tmp_path / "zipped.zip", extra=("--workers", "0"))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [Path(c["input"]).name for c in summary["cases"]] == [
+        "study_s2_T1_MPRAGE", "study_s4_T1_oblique", "single", "zipped.zip"]
+    where = [tmp_path / "study" / "study_s1_loc", single / "single_s1_loc",
+             tmp_path / "zipped.zip" / "zipped_s1_loc"]
+    assert [Path(s["path"]) for s in summary["skipped"]] == where
+    for entry, path in zip(summary["skipped"], where, strict=True):
+        reason = entry["reason"]
+        assert "series 1 'loc'" in reason and "a localizer" in reason, reason
+        assert uids["loc"] in reason
+        note = f"note: {path}: skipped, {reason}"
+        assert note in proc.stderr.splitlines(), proc.stderr
+    # The series asked for is the one read: nothing else is noted.
+    picked = _infer(tiny_run.onnx, tmp_path / "picked", single,
+                    extra=("--workers", "0", "--series", uids["T1 MPRAGE"]))
+    assert picked.returncode == 0, picked.stderr
+    assert json.loads((tmp_path / "picked" / "summary.json").read_text())["skipped"] == []
+    assert "skipped" not in picked.stderr

@@ -25,7 +25,11 @@ torch = pytest.importorskip("torch")
 from dunet_deploy.artifacts import ArtifactInfo  # noqa: E402
 from dunet_deploy.cli.infer import main  # noqa: E402
 from dunet_deploy.data import anatomy as A  # noqa: E402
-from dunet_deploy.data.registration import TEMPLATE_FILE, build_template  # noqa: E402
+from dunet_deploy.data.registration import (  # noqa: E402
+    TEMPLATE_FILE,
+    Template,
+    build_template,
+)
 from dunet_deploy.spec import PreprocessSpec  # noqa: E402
 
 SHAPE = (99, 117, 95)  # the MNI box at 2 mm
@@ -186,6 +190,70 @@ def test_a_scan_that_does_not_register_fails_alone_with_the_numbers(setup, tmp_p
     assert "similarity" in line and "floor" in line
     assert not (tmp_path / "out" / "flipped_mask.nii.gz").exists()
     assert (tmp_path / "out" / "registered_mask.nii.gz").exists()
+    # The summary records the failed registration with its numbers, not null.
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    case = {Path(c["input"]).name: c for c in summary["cases"]}["flipped.nii.gz"]
+    assert case["status"] == "error"
+    reg = case["registration"]
+    assert reg["done"] is False and reg["method"] == "affine" and reg["checked"] is True
+    assert reg["mode"] == "auto" and reg["bias_corrected"] is False and reg["seconds"] > 0
+    template = Template.load(setup["model"].parent / TEMPLATE_FILE)
+    assert reg["floor"] == pytest.approx(template.floor, abs=1e-4)
+    assert reg["similarity_after"] < reg["floor"]
+    for key in ("similarity_before", "similarity_after", "floor"):
+        assert f"{reg[key]:.3f}" in line, (key, line)
+
+
+def test_resample_never_refuses_a_native_scan_and_records_the_check(setup, tmp_path):
+    result = CliRunner().invoke(main, ["--engine", str(setup["model"]),
+                                       str(setup["scans"] / "native.nii.gz"), "-o",
+                                       str(tmp_path / "out"), "--workers", "0", "-q",
+                                       "--resample", "never"], catch_exceptions=False)
+    assert result.exit_code == 1, result.output
+    assert "forbids registering it" in result.output
+    (case,) = json.loads((tmp_path / "out" / "summary.json").read_text())["cases"]
+    reg = case["registration"]
+    assert case["status"] == "error" and reg["done"] is False and reg["checked"] is True
+    assert reg["similarity_before"] < reg["floor"]
+
+
+def _biased(data: np.ndarray, across_x: float, across_y: float) -> np.ndarray:
+    """``data`` times a smooth bias field: e^(+-across_x) across axis 0, e^(+-across_y) axis 1."""
+    x = np.linspace(-1.0, 1.0, data.shape[0])[:, None, None]
+    y = np.linspace(-1.0, 1.0, data.shape[1])[None, :, None]
+    return np.round(data * np.exp(across_x * x + across_y * y)).astype(np.int16)
+
+
+def test_a_registration_below_the_training_range_warns_with_both_numbers(setup, tmp_path):
+    """Above the failure floor but below the training range: the mask, and a warning.
+
+    The bias field (e^+-0.5 across x, e^+-0.35 across y, no --bias-correct) leaves the
+    native scan registering to a similarity about midway between the floor (range
+    minimum - 0.08) and the training range's minimum.
+    """
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    _save(scans / "biased.nii.gz", _biased(setup["scan"].data, 0.5, 0.35), setup["scan"].affine)
+    result = CliRunner().invoke(main, ["--engine", str(setup["model"]), str(scans), "-o",
+                                       str(tmp_path / "out"), "--workers", "0", "-q"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "biased_mask.nii.gz").exists()
+    (case,) = json.loads((tmp_path / "out" / "summary.json").read_text())["cases"]
+    reg = case["registration"]
+    assert case["status"] == "ok" and reg["done"] and reg["method"] == "affine"
+    template = Template.load(setup["model"].parent / TEMPLATE_FILE)
+    low = template.range[0]
+    after = reg["similarity_after"]
+    # Clearly inside the band, not at one of its edges.
+    assert template.floor + 0.02 < after < low - 0.02, (template.floor, after, low)
+    (warning,) = [w for w in case["warnings"] if "below the training range" in w]
+    assert reg["warnings"] == [warning]
+    assert f"{after:.3f}" in warning and f"{low:.3f}" in warning
+    assert f"{template.floor:.3f}" in warning
+    assert "--bias-correct" in warning and "--preview" in warning
+    line = next(x for x in result.output.splitlines() if "below the training range" in x)
+    assert line.startswith("warning:") and "biased.nii.gz" in line and f"{after:.3f}" in line
 
 
 def test_always_without_a_template_names_the_flag_that_provides_one(setup, tmp_path):

@@ -111,8 +111,14 @@ def test_never_warns_and_non_convergence_raises(template, scans):
     never = R.plan_registration(scan.data, scan.affine, template, mode="never")
     assert not never.done and "does not look registered" in never.warnings[0]
     noise = np.random.default_rng(0).random((40, 40, 40)).astype(np.float32)
-    with pytest.raises(DunetError, match="did not converge|registration failed"):
+    with pytest.raises(DunetError, match="did not converge|registration failed") as info:
         R.register(noise, np.diag([4.0, 4.0, 4.0, 1.0]), template, threads=1)
+    # The numbers travel on the error (to the summary), also through a worker's pickle.
+    err = pickle.loads(pickle.dumps(info.value))
+    assert isinstance(err, R.RegistrationError) and str(err) == str(info.value)
+    assert err.record["done"] is False and err.record["method"] == "affine"
+    assert err.record["floor"] == pytest.approx(template.floor, abs=1e-4)
+    assert err.record["similarity_before"] is not None and err.record["seconds"] > 0
     with pytest.raises(DunetError, match="choose one of auto, always, never"):
         R.plan_registration(scan.data, scan.affine, template, mode="sometimes")
 

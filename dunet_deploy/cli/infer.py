@@ -125,6 +125,27 @@ def _expand(inputs: tuple[str, ...], options: Any, out_dir: Path) -> list[str]:
     return [str(item.path) for item in items]
 
 
+# Below this many volumes the calibration's minute would not pay for itself.
+_HINT_MIN_VOLUMES = 8
+
+
+def _hint_calibration(volumes: int) -> None:
+    """Say once per run that the worker count is a guess on this machine (issue 22.6).
+
+    The core-count rule's choice is the best on some CPUs and not on others (2 cores:
+    0 on an Intel Xeon and an AMD Zen 3, 3 on an AMD Zen 4), so a run of a cohort
+    without a calibration on record points at ``--calibrate-workers``.
+    """
+    from dunet_deploy.runtime.workers import calibrated_workers, default_workers
+
+    if volumes < _HINT_MIN_VOLUMES or calibrated_workers() is not None:
+        return
+    click.echo(f"note: --workers {default_workers()} by the core-count rule, not measured on "
+               "this machine; `dunet-infer --calibrate-workers` measures the best count once "
+               "(about a minute) and makes it the default (2 cores: 0 is best on an Intel Xeon "
+               "and an AMD Zen 3, 3 on an AMD Zen 4)", err=True)
+
+
 def build_options(params: dict[str, Any]) -> Any:
     """The run's :class:`~dunet_deploy.runtime.options.InferenceOptions` from ``main``'s parameters.
 
@@ -322,6 +343,8 @@ def main(model_path: Path | None, inputs: tuple[str, ...], out_dir: Path, backen
     options = build_options(params)
     _check_remote(options, model_path, triton_url, server_side)
     volumes = _expand(inputs, options, out_dir)
+    if ctx.params["workers"] is None and not (server_side or quiet or many.cluster):
+        _hint_calibration(len(volumes))
     check_output_dir(out_dir, "-o/--out")
     if preview:
         from dunet_deploy.runtime.preview import require_matplotlib

@@ -80,3 +80,31 @@ def test_calibrate_workers_from_the_command_line(tmp_path):
     (entry,) = json.loads(cache.read_text()).values()
     assert run.stdout.startswith(f"default --workers on this machine: {entry['workers']} ")
     assert str(cache) in run.stdout
+
+
+def test_a_cohort_without_a_calibration_points_at_it_once(cache, tmp_path):
+    """Issue 22.6: the rule's count is a guess on some CPUs; a cohort run says how to measure it
+    (once), and says nothing once a calibration is on record, a count is given, or -q."""
+    from click.testing import CliRunner
+
+    from dunet_deploy.cli import infer as infer_cli
+
+    model = write_standin_onnx(tmp_path / "standin.onnx", pipeline_spec(rt.SHAPE, 32))
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i in range(8):
+        rt.write_volume(scans / f"case_{i}.nii.gz", seed=i)
+
+    def notes(*extra: str) -> list[str]:
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+        res = CliRunner().invoke(infer_cli.main, ["--engine", str(model), str(scans), "-o",
+                                                  str(out), *extra])
+        assert res.exit_code == 0, res.output
+        return [line for line in res.stderr.splitlines() if "--calibrate-workers" in line]
+
+    [line] = notes()
+    assert line.startswith(f"note: --workers {default_workers()} by the core-count rule, not "
+                           "measured on this machine")
+    assert notes("--workers", "0") == [] and notes("-q") == []
+    save_calibration(0, {"by": "hand"})
+    assert notes() == []

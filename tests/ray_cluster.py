@@ -32,13 +32,26 @@ class RayCluster:
     address: str
     temp_dir: Path
     logs: tuple[Path, ...]
+    #: Each node's process group (= session): the node and every Ray process it started.
+    sessions: tuple[int, ...] = ()
+
+
+_GIVEN: set[int] = set()
 
 
 def free_port() -> int:
-    """A TCP port free on the loopback addresses right now."""
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port free on the loopback addresses right now, never one this process got before.
+
+    (The kernel may hand out a just-released port again: two of one node's ports
+    would then collide, and ``ray start`` refuses them.)
+    """
+    while True:
+        with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 def _ports(*names: str) -> list[str]:
@@ -116,7 +129,7 @@ def start_cluster(stack: ExitStack, timeout: float = 120.0,
         [ray, "start", "--address", f"{HEAD_IP}:{port}", "--node-ip-address", NODE_IP, *ports(),
          *common],
     ]
-    logs = []
+    logs, sessions = [], []
     for i, cmd in enumerate(nodes):
         log = temp / f"node{i}.log"
         with open(log, "wb") as out:
@@ -126,4 +139,5 @@ def start_cluster(stack: ExitStack, timeout: float = 120.0,
         stack.callback(_stop, proc)
         _wait_ready(proc, log, timeout)
         logs.append(log)
-    return RayCluster(f"{HEAD_IP}:{port}", temp, tuple(logs))
+        sessions.append(proc.pid)
+    return RayCluster(f"{HEAD_IP}:{port}", temp, tuple(logs), tuple(sessions))

@@ -209,16 +209,58 @@ class _Stages:
         return write_case(grid, prep, self.spec, OutputOptions(out_dir, self.options, self.writer))
 
 
+class _Clock:
+    """One stage's cost for one case, measured where it runs (task or actor).
+
+    Wall seconds, CPU seconds of the thread that runs the stage, and the
+    seconds of that spent pickling and unpickling the payloads. Each stage
+    adds ``[wall, cpu, pickle, end]`` (``end``: ``time.time()`` when it
+    finished) under its name to the row's ``timing`` column (JSON), which
+    travels with the case to the driver: see :attr:`RayRun.timing`.
+    """
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.thread_time()
+        self.pickle_s = 0.0
+
+    def loads(self, blob: bytes) -> Any:
+        t0 = time.perf_counter()
+        obj = pickle.loads(blob)
+        self.pickle_s += time.perf_counter() - t0
+        return obj
+
+    def dumps(self, obj: Any) -> bytes:
+        t0 = time.perf_counter()
+        blob = pickle.dumps(obj, protocol=_PICKLE)
+        self.pickle_s += time.perf_counter() - t0
+        return blob
+
+    def add_to(self, timing: str | None, stage: str) -> str:
+        doc = json.loads(timing) if timing else {}
+        doc[stage] = [time.perf_counter() - self.wall, time.thread_time() - self.cpu,
+                      self.pickle_s, time.time()]
+        return json.dumps(doc)
+
+
+#: The stages of :attr:`RayRun.timing`, in pipeline order.
+TIMED_STAGES = ("prepare", "infer", "write")
+
+
 def _prepare_row(row: dict[str, Any], stages: _Stages) -> dict[str, Any]:
-    prep = stages.prepare(pickle.loads(row["item"]))
-    return {"index": row["index"], "payload": pickle.dumps(prep, protocol=_PICKLE)}
+    clock = _Clock()
+    prep = stages.prepare(clock.loads(row["item"]))
+    payload = clock.dumps(prep)
+    return {"index": row["index"], "payload": payload,
+            "timing": clock.add_to(None, "prepare")}
 
 
 def _write_row(row: dict[str, Any], stages: _Stages, out_dir: str) -> dict[str, Any]:
-    prep, grid = pickle.loads(row["payload"])
+    clock = _Clock()
+    prep, grid = clock.loads(row["payload"])
     result = stages.write(grid, prep, Path(out_dir))
-    return {"index": row["index"], "result": pickle.dumps(result, protocol=_PICKLE),
-            "runner": row["runner"]}
+    blob = clock.dumps(result)
+    return {"index": row["index"], "result": blob, "runner": row["runner"],
+            "timing": clock.add_to(row.get("timing"), "write")}
 
 
 class InferActor:
@@ -251,24 +293,32 @@ class InferActor:
 
         Args:
             batch: ``index`` int ``[B]`` and ``payload`` ``[B]`` pickled
-                :class:`PreparedVolume` objects.
+                :class:`PreparedVolume` objects; optionally ``timing`` ``[B]``
+                (JSON) the stages' costs so far.
 
         Returns:
             ``index`` ``[B]``, ``payload`` ``[B]`` pickled ``(PreparedVolume,
-            grid or None)`` and ``runner`` ``[B]`` the runner's description
-            (JSON), for the summary.
+            grid or None)``, ``runner`` ``[B]`` the runner's description
+            (JSON), for the summary, and ``timing`` ``[B]`` with this stage's
+            cost added (see :class:`_Clock`).
         """
-        payloads = []
-        for blob in batch["payload"]:
-            prep: PreparedVolume = pickle.loads(blob)
+        timings = batch.get("timing")
+        payloads, timed = [], []
+        for i, blob in enumerate(batch["payload"]):
+            clock = _Clock()
+            prep: PreparedVolume = clock.loads(blob)
             grid = self._stages.infer(self._predict, prep)
-            payloads.append(pickle.dumps((prep, grid), protocol=_PICKLE))
+            payloads.append(clock.dumps((prep, grid)))
+            timed.append(clock.add_to(None if timings is None else timings[i], "infer"))
         n = len(payloads)
         out = np.empty(n, dtype=object)
         out[:] = payloads
         described = np.empty(n, dtype=object)
         described[:] = [self._described] * n
-        return {"index": np.asarray(batch["index"]), "payload": out, "runner": described}
+        timing = np.empty(n, dtype=object)
+        timing[:] = timed
+        return {"index": np.asarray(batch["index"]), "payload": out, "runner": described,
+                "timing": timing}
 
     def close(self) -> None:
         """Release the backend."""
@@ -287,6 +337,12 @@ class RayRun:
         actors: Model actors in the pool.
         gpus_per_actor: GPUs each actor held.
         resources: The cluster's total resources when the run started.
+        timing: Per finished input (by index), each stage's cost measured
+            inside its task or actor: ``{"prepare" | "infer" | "write":
+            [wall s, CPU s, of which pickling s, finished at (time.time())]}``
+            (``prepare``: unpickle, read, preprocess, pickle; ``infer``: the
+            actor's unpickle, network, pickle; ``write``: unpickle,
+            postprocess, write, pickle).
     """
 
     results: list[CaseResult] = field(default_factory=list)
@@ -294,6 +350,14 @@ class RayRun:
     actors: int = 0
     gpus_per_actor: float = 0.0
     resources: dict[str, float] = field(default_factory=dict)
+    timing: dict[int, dict[str, list[float]]] = field(default_factory=dict)
+
+    def stage_seconds(self) -> dict[str, dict[str, float]]:
+        """:attr:`timing` summed over the cases: ``{stage: {"wall", "cpu", "pickle"}}`` seconds."""
+        return {stage: {key: round(sum(t[stage][i] for t in self.timing.values()
+                                       if stage in t), 6)
+                        for i, key in enumerate(("wall", "cpu", "pickle"))}
+                for stage in TIMED_STAGES}
 
 
 def _connect(ray: ModuleType, address: str | None) -> bool:
@@ -405,6 +469,8 @@ def run_on_ray(
                 continue
             result = _as_given(pickle.loads(row["result"]), items[index], Path(out_dir))
             done[index] = result
+            if row.get("timing"):
+                run.timing[index] = json.loads(row["timing"])
             if not run.runner and row["runner"]:
                 run.runner = json.loads(row["runner"])
             if on_result is not None:
@@ -476,13 +542,16 @@ def segment_on_ray(
     runner_factory: RunnerFactory | None = None,
     on_result: Callable[[CaseResult], None] | None = None,
     shard: Shard | None = None,
+    run: RayRun | None = None,
 ) -> dict[str, Any]:
     """What ``dunet-infer --ray`` does: expand the inputs, run them on Ray, write the summary.
 
     The same run as ``Segmenter.predict_files`` with the same options (shards
     and ``skip_existing`` included), its stages spread over the cluster. The
     summary has ``dunet-infer``'s shape plus ``"ray"`` (actors, GPUs per
-    actor, the cluster's resources). On Ctrl-C or SIGTERM the finished cases
+    actor, the cluster's resources, and ``stage_s``: each stage's wall, CPU
+    and pickling seconds measured in the tasks and actors, summed over the
+    cases; see :meth:`RayRun.stage_seconds`). On Ctrl-C or SIGTERM the finished cases
     are kept, the summary lists them (with ``"interrupted"``) and the
     interrupt is re-raised.
 
@@ -496,6 +565,8 @@ def segment_on_ray(
         on_result: Called with each finished result, in completion order.
         shard: Segment only this shard's part of the inputs and write
             ``summary-I-of-N.json``.
+        run: Filled in as the run goes (results, each case's
+            :attr:`RayRun.timing`), for a caller that wants more than the summary.
 
     Returns:
         The summary document (also written to ``out_dir``).
@@ -506,7 +577,7 @@ def segment_on_ray(
     import_ray()  # before anything is created
     files = seg.plan_files(inputs, out_dir, opts, shard=shard)
     out = prepare_output_dir(out_dir)
-    run = RayRun()
+    run = RayRun() if run is None else run
     journal = files.plan.journal(out)
 
     def finished(result: CaseResult) -> None:
@@ -526,7 +597,7 @@ def segment_on_ray(
         run.results, out, load_s=0.0, wall_s=time.perf_counter() - t0,
         inference=seg.inference_settings(), interrupted=interrupted,
         extra={"ray": {"actors": run.actors, "gpus_per_actor": run.gpus_per_actor,
-                       "resources": run.resources}})
+                       "resources": run.resources, "stage_s": run.stage_seconds()}})
     journal.close()
     if interrupted is not None:
         raise interrupted

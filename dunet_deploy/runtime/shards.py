@@ -257,7 +257,8 @@ def merge_summaries(
     """Combine the shards' ``summary-I-of-N.json`` in ``out_dir`` into one ``summary.json``.
 
     The merged document has the shape of one run's summary (its ``cases`` in
-    input order, ``total``/``done``/``ok``/``failed`` over all shards) plus
+    input order, ``total``/``done``/``ok``/``failed``/``skipped_existing``
+    summed over all shards) plus
     ``"shards"`` (count, found, missing, each shard's machine and wall time),
     ``"missing_cases"`` (inputs no summary reports: cut off by an interrupt, or
     in a shard that wrote nothing) and ``"failed_cases"`` (inputs that failed).
@@ -335,6 +336,7 @@ def merge_summaries(
         "done": len(cases),
         "ok": sum(c.get("status") == "ok" for c in cases),
         "failed": sum(c.get("status") != "ok" for c in cases),
+        "skipped_existing": sum(int(d.get("skipped_existing") or 0) for d in shard_docs),
         "cases": cases,
         "shards": {
             "count": count,

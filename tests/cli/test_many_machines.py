@@ -249,3 +249,32 @@ def test_ray_gives_the_files_of_dunet_infer_and_resumes(ray_cluster, cohort, tmp
     assert _rows(summary) == _rows(reference)
     assert set(reference) <= set(summary) and summary["ray"]["actors"] == 1
     assert summary["fingerprint"] == reference["fingerprint"]
+
+
+@pytest.mark.slow
+def test_ray_with_a_trained_model_gives_the_bytes_of_dunet_infer(ray_cluster, tiny_run,
+                                                                 tmp_path):
+    """A trained model (``tiny_run``'s ONNX export), not the stand-in, run by ONNX Runtime in
+    the actor: with and without ``--ray`` the same files byte for byte and the same rows."""
+    from dunet_deploy.data.layouts import discover_cases
+
+    scans = [str(case.image) for case in discover_cases(tiny_run.data)[1]]
+    assert len(scans) == 4
+
+    def infer(out: Path, *extra: str) -> dict:
+        cmd = [sys.executable, "-m", "dunet_deploy.cli.infer", "--engine", str(tiny_run.onnx),
+               *scans, "-o", str(out), "--backend", "onnxruntime", "--save-prob", "-q", *extra]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+        assert run.returncode == 0, run.stderr
+        return json.loads((out / "summary.json").read_text())
+
+    local = infer(tmp_path / "local")
+    on_ray = infer(tmp_path / "ray", f"--ray={ray_cluster.address}")
+    names = sorted(p.name for p in (tmp_path / "local").glob("*.nii.gz"))
+    assert len(names) == 2 * len(scans)  # a mask and a probability map per scan
+    assert sorted(p.name for p in (tmp_path / "ray").glob("*.nii.gz")) == names
+    for name in names:
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes()
+    assert _rows(on_ray) == _rows(local)
+    assert on_ray["backend"] == local["backend"] == "onnxruntime"
+    assert on_ray["ray"]["actors"] == 1 and on_ray["fingerprint"] == local["fingerprint"]

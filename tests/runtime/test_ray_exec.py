@@ -73,11 +73,17 @@ def test_the_actor_runs_in_process_without_ray(cohort, tmp_path):
         for i, path in enumerate(sorted(scans.iterdir())):
             row = _prepare_row({"index": i, "item": pickle.dumps(InputItem(path))}, stages)
             out = actor({"index": np.array([row["index"]]),
-                         "payload": np.array([row["payload"]], dtype=object)})
+                         "payload": np.array([row["payload"]], dtype=object),
+                         "timing": np.array([row["timing"]], dtype=object)})
             assert list(out["index"]) == [i] and len(out["payload"]) == 1
             assert json.loads(out["runner"][0])["backend"] == "standin"
             done = _write_row({k: v[0] for k, v in out.items()}, stages, str(tmp_path))
             results.append(pickle.loads(done["result"]))
+            timing = json.loads(done["timing"])  # each stage's cost, measured where it ran
+            assert list(timing) == ["prepare", "infer", "write"]
+            for wall, cpu, pickled, end in timing.values():
+                assert 0 <= pickled <= wall and 0 <= cpu and end <= time.time()
+            assert timing["prepare"][3] <= timing["infer"][3] <= timing["write"][3]
     finally:
         actor.close()
     assert [r.status for r in results] == ["error"] + ["ok"] * 5  # broken sorts first
@@ -126,6 +132,9 @@ def test_ray_gives_the_masks_of_dunet_infer(ray_cluster, cohort, tmp_path):
     assert (summary["ok"], summary["failed"], summary["total"]) == (5, 1, 6)
     assert set(ref_summary) <= set(summary)  # dunet-infer's shape, plus "ray"
     assert summary["ray"]["actors"] == 1 and summary["ray"]["resources"]["CPU"] == 2.0
+    stage_s = summary["ray"]["stage_s"]  # measured in the tasks and the actor
+    assert list(stage_s) == ["prepare", "infer", "write"]
+    assert all(stage_s[k]["wall"] > stage_s[k]["pickle"] > 0 for k in ("prepare", "write"))
     assert summary["backend"] == "standin"
     assert json.loads((out / "summary.json").read_text()) == summary
 

@@ -166,6 +166,24 @@ def test_merged_shards_give_the_rows_of_one_run(cohort, tmp_path):
     assert merged["fingerprint"] == fp.to_dict()
 
 
+def test_merge_sums_what_each_shard_kept(cohort, tmp_path):
+    """``skipped_existing`` counts the kept cases of every shard, not of the first one only."""
+    model, scans = cohort
+    out = tmp_path / "out"
+    for i in (1, 2):
+        _run_shard(model, [str(scans)], out, Shard(i, 2))
+    kept = {i: json.loads((out / Shard(i, 2).summary_name).read_text())["ok"] for i in (1, 2)}
+    assert kept[1] > 0 and kept[2] > 0  # 7 good scans: both shards have some
+    again = InferenceOptions(skip_existing=True)
+    for i in (1, 2):  # rerun each shard: it keeps what it made
+        _run_shard(model, [str(scans)], out, Shard(i, 2), again)
+        doc = json.loads((out / Shard(i, 2).summary_name).read_text())
+        assert doc["skipped_existing"] == kept[i]
+    merged = merge_summaries(out)
+    assert merged["skipped_existing"] == kept[1] + kept[2] == 7
+    assert (merged["ok"], merged["failed"]) == (7, 1)
+
+
 def test_merge_lists_what_is_missing(cohort, tmp_path):
     model, scans = cohort
     out = tmp_path / "out"

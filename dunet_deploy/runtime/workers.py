@@ -18,8 +18,9 @@ re-raises.
 
 Dying workers: a worker killed mid-run (the OOM killer's SIGKILL) breaks the
 pool. The case it was working on fails with ``worker process died (signal
-9)``, its temporary files are removed, a new pool takes over and the other
-cases in flight are submitted again.
+9)`` and keeps none of its files (a writer killed between its renames has
+put some in place: they are removed with the temporary files), a new pool
+takes over and the other cases in flight are submitted again.
 
 Processes start through ``forkserver`` (``spawn`` where there is none): never
 a plain ``fork`` of a process whose backend already runs threads. The fork
@@ -402,12 +403,26 @@ class _Pool:
             exitcode = next(iter(dead.values()), None)
             failed = [(task, exitcode) for task in self._live.values()]
         for task, exitcode in failed:
-            self._out.writer.discard_partial(task.item, self._out)
+            self._discard(task, started=task.key in claims)
             task.finish(task.on_death(death_message(exitcode)))
             del self._live[task.key]
         for task in list(self._live.values()):
             if not _succeeded(task.future):
                 self._send(task)
+
+    def _discard(self, task: _Task, *, started: bool) -> None:
+        """Remove what a failed task wrote: its temporary files; a started write's outputs too.
+
+        A writer killed between two renames (the mask in place, the probabilities
+        still a temporary file) would leave half a case beside a summary that says
+        it failed: a failed case keeps none of its files. A write that never
+        started has written nothing (what is there is an earlier run's).
+        """
+        writer = self._out.writer
+        writer.discard_partial(task.item, self._out)
+        if started and task.args[0] is _write_task:
+            for target in writer.targets(task.item, self._out).values():
+                target.unlink(missing_ok=True)
 
     def cancel_pending(self) -> None:
         for task in self._live.values():

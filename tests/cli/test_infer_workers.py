@@ -161,6 +161,41 @@ def test_a_worker_killed_mid_run_fails_only_its_case(tiny, tmp_path):
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_a_worker_killed_while_writing_leaves_none_of_its_files(tiny, tmp_path):
+    model, scans = tiny
+    # A long volume's probability map takes long enough to compress (0.3 s) to be caught
+    # at it, after its mask is already in place: the case must not keep the mask alone.
+    big = rt.write_volume(tmp_path / "big.nii.gz", seed=9, shape=(40, 48, 2000))
+    inputs = [scans[0], big, *scans[1:]]
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_cmd(model, out, *inputs, extra=("--workers", "2")),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline, victim = time.monotonic() + 300, None
+    while victim is None and proc.poll() is None and time.monotonic() < deadline:
+        for tmp in out.glob(".big_prob.nii.gz.*.tmp.nii.gz"):
+            victim = _holding(_descendants(proc.pid), tmp)
+        time.sleep(0.005)
+    assert victim is not None, "never caught a worker writing the big volume"
+    os.kill(victim, signal.SIGKILL)  # what the out-of-memory killer does
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err  # some inputs failed
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [
+        f"error: {big}: worker process died (signal 9, e.g. the out-of-memory killer)"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["total"], summary["done"], summary["ok"], summary["failed"]) == (5, 5, 4, 1)
+    assert [Path(c["input"]).name for c in summary["cases"]] == [p.name for p in inputs]
+    for case in summary["cases"]:
+        if case["input"] != str(big):
+            assert case["status"] == "ok" and Path(case["mask"]).is_file()
+            assert Path(case["prob"]).is_file()
+    assert not list(out.glob("big_*"))  # a failed case leaves none of its outputs
+    assert len(list(out.glob("*_mask.nii.gz"))) == len(list(out.glob("*_prob.nii.gz"))) == 4
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_ctrl_c_while_the_workers_start_is_one_line(tiny, tmp_path):
     model, scans = tiny
     out = tmp_path / "out"

@@ -30,9 +30,10 @@ def tiny(tmp_path_factory):
     return model, scans
 
 
-def _cmd(model: Path, out: Path, *inputs: object, extra: tuple[str, ...] = ()) -> list[str]:
+def _cmd(model: Path, out: Path, *inputs: object, extra: tuple[str, ...] = (),
+         backend: str = "onnxruntime") -> list[str]:
     return [sys.executable, "-m", "dunet_deploy.cli.infer", "--engine", str(model),
-            *map(str, inputs), "-o", str(out), "--backend", "onnxruntime", "--save-prob", "-q",
+            *map(str, inputs), "-o", str(out), "--backend", backend, "--save-prob", "-q",
             *extra]
 
 
@@ -92,6 +93,68 @@ def test_a_signal_stops_cleanly_and_keeps_what_is_done(tiny, tmp_path, sig, code
         assert Path(case["prob"]).is_file()
     masks = sorted(out.glob("*_mask.nii.gz"))
     assert len(masks) == summary["done"] and len(list(out.glob("*_prob.nii.gz"))) == len(masks)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files
+
+
+#: Loaded into ``dunet-infer`` (a ``sitecustomize`` on its ``PYTHONPATH``): when the main
+#: process starts running the backend's C extension module (pybind11's initialisation),
+#: another process sends SIGTERM to the group a few ms later, a real signal landing inside
+#: it (a thread here could not: the initialisation holds the GIL).
+_SIGTERM_DURING_IMPORT = """
+import importlib.machinery, os, subprocess, sys
+
+_NAME = os.environ["DUNET_TEST_EXTENSION"]
+_PARENT = int(os.environ["DUNET_TEST_PARENT"])
+
+
+class _Loader(importlib.machinery.ExtensionFileLoader):
+    def exec_module(self, module):
+        if os.getppid() == _PARENT:  # the main process, not a worker
+            group = os.getpgid(0)
+            subprocess.Popen(["/bin/sh", "-c", f"sleep 0.003; exec /bin/kill -TERM -- -{group}"])
+        return super().exec_module(module)
+
+
+class _Finder:
+    def find_spec(self, name, path=None, target=None):
+        if name != _NAME:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and isinstance(spec.loader, importlib.machinery.ExtensionFileLoader):
+            spec.loader = _Loader(spec.loader.name, spec.loader.path)
+        return spec
+
+
+sys.meta_path.insert(0, _Finder())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize(("backend", "extension"), [
+    ("onnxruntime", "onnxruntime.capi.onnxruntime_pybind11_state"),
+    ("openvino", "openvino._pyopenvino"),
+])
+def test_sigterm_while_the_backend_imports_stops_as_sigterm(tiny, tmp_path, backend, extension):
+    # A signal handler that runs inside a pybind11 module's initialisation makes the import
+    # fail ("ImportError: initialization failed"): the run used to end as "onnxruntime is
+    # not importable", exit 2, no summary.json (5 runs of 5 for each backend here).
+    pytest.importorskip(backend)
+    model, scans = tiny
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_SIGTERM_DURING_IMPORT)
+    env = {**os.environ, "DUNET_TEST_EXTENSION": extension, "DUNET_TEST_PARENT": str(os.getpid()),
+           "PYTHONPATH": os.pathsep.join([str(hook), *filter(None, [
+               os.environ.get("PYTHONPATH")])])}
+    out = tmp_path / "out"
+    run = subprocess.run(_cmd(model, out, *scans, extra=("--workers", "2"), backend=backend),
+                         capture_output=True, text=True, timeout=300, env=env,
+                         start_new_session=True)
+    assert run.returncode == 143, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == "error: interrupted (SIGTERM)"
+    assert "Traceback" not in run.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] == "SIGTERM" and summary["total"] == len(scans)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files
 
 

@@ -143,9 +143,9 @@ def test_sigterm_while_the_backend_imports_stops_as_sigterm(tiny, tmp_path, back
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(_SIGTERM_DURING_IMPORT)
+    path = [str(hook), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "DUNET_TEST_EXTENSION": extension, "DUNET_TEST_PARENT": str(os.getpid()),
-           "PYTHONPATH": os.pathsep.join([str(hook), *filter(None, [
-               os.environ.get("PYTHONPATH")])])}
+           "PYTHONPATH": os.pathsep.join(path)}
     out = tmp_path / "out"
     run = subprocess.run(_cmd(model, out, *scans, extra=("--workers", "2"), backend=backend),
                          capture_output=True, text=True, timeout=300, env=env,

@@ -11,11 +11,14 @@ Torch-free; each backend is imported inside its loader.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from dunet_deploy.artifacts import deferred_interrupts
 from dunet_deploy.errors import DunetError, one_line
 
 if TYPE_CHECKING:
@@ -26,6 +29,7 @@ __all__ = [
     "CPU_EP",
     "CUDA_EP",
     "TRT_EP",
+    "import_backend",
     "openvino_compile",
     "openvino_read",
     "ort_errors",
@@ -39,6 +43,38 @@ CUDA_EP = "CUDAExecutionProvider"
 TRT_EP = "TensorrtExecutionProvider"
 #: Session config entry that makes ONNX Runtime keep which provider took which node.
 ASSIGNMENT_ENTRY = "session.record_ep_graph_assignment_info"
+
+
+def import_backend(module: str, *, missing: str | None = None, hint: str = "") -> ModuleType:
+    """Import a backend's package (``onnxruntime``, ``openvino``, ``tensorrt``), holding signals.
+
+    A SIGINT/SIGTERM handler that runs inside a pybind11 extension's
+    initialisation makes the import fail with ``ImportError: initialization
+    failed``: a ``timeout`` or Ctrl-C during the import would end the run as a
+    missing backend (exit 2, no ``summary.json``). Held until the import is done
+    (:func:`~dunet_deploy.artifacts.deferred_interrupts`), the signal then stops
+    the run as it does anywhere else.
+
+    Args:
+        module: The package to import.
+        missing: What the message says when it cannot be imported
+            (default ``<module> is not importable``); the reason follows in brackets.
+        hint: Advice after the reason (``: pip install ...``).
+
+    Raises:
+        DunetError: when the import fails.
+        KeyboardInterrupt: :class:`~dunet_deploy.errors.Interrupted` for a
+            SIGTERM, ``KeyboardInterrupt`` for a SIGINT received during the import
+            (also when the import failed meanwhile: the interrupt comes first).
+    """
+    why = ""
+    with deferred_interrupts():
+        try:
+            return importlib.import_module(module)
+        except ImportError as exc:
+            why = one_line(exc)
+    message = f"{missing or f'{module} is not importable'} ({why})"
+    raise DunetError(f"{message}: {hint}" if hint else message)
 
 
 # --------------------------------------------------------------- ONNX Runtime
@@ -105,10 +141,7 @@ def ort_session(
         DunetError: onnxruntime missing, the model not loadable, or the first
             requested provider not active in the session.
     """
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise DunetError(f"onnxruntime is not importable ({one_line(exc)})") from None
+    ort = import_backend("onnxruntime")
     name = source or (str(model) if not isinstance(model, bytes) else "<onnx bytes>")
     gpu = [p for p in providers if p != CPU_EP]
     if gpu:
@@ -183,10 +216,7 @@ def require_tensorrt() -> str:
         DunetError: when the ``tensorrt`` package is missing, is only type
             stubs (a namespace package without the library), or is older than 10.
     """
-    try:
-        import tensorrt
-    except ImportError as exc:
-        raise DunetError(f"TensorRT is not installed ({one_line(exc)}): {_TRT_HINT}") from None
+    tensorrt = import_backend("tensorrt", missing="TensorRT is not installed", hint=_TRT_HINT)
     # tensorrt-stubs alone installs an importable but empty `tensorrt` namespace package.
     if not hasattr(tensorrt, "Logger"):
         raise DunetError(f"TensorRT is not installed (only type stubs found): {_TRT_HINT}")

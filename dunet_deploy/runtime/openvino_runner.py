@@ -10,9 +10,9 @@ import numpy as np
 
 from dunet_deploy.artifacts import INPUT_NAME, OUTPUT_NAME, ArtifactInfo
 from dunet_deploy.errors import DunetError
-from dunet_deploy.runtime.base import Runner, one_line
+from dunet_deploy.runtime.base import Runner
 from dunet_deploy.runtime.executed import Executed, int8_float_request, openvino_executed
-from dunet_deploy.runtime.loaders import openvino_compile, openvino_read
+from dunet_deploy.runtime.loaders import import_backend, openvino_compile, openvino_read
 
 __all__ = ["OpenVINORunner", "choose_precision_hint"]
 
@@ -93,10 +93,7 @@ class OpenVINORunner(Runner):
         super().__init__(model_path, info)
         if device not in ("auto", "cpu"):
             raise DunetError(f"openvino: only the CPU is supported, not --device {device}")
-        try:
-            import openvino as ov
-        except ImportError as exc:
-            raise DunetError(f"openvino is not importable ({one_line(exc)})") from None
+        ov = import_backend("openvino")
         core = ov.Core()
         self._cpu_name = str(core.get_property("CPU", "FULL_DEVICE_NAME"))
         caps = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))

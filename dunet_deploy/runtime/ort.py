@@ -37,7 +37,14 @@ from dunet_deploy.runtime.executed import (
     provider_assignment,
     tensorrt_provider_executed,
 )
-from dunet_deploy.runtime.loaders import CPU_EP, CUDA_EP, TRT_EP, ort_errors, ort_session
+from dunet_deploy.runtime.loaders import (
+    CPU_EP,
+    CUDA_EP,
+    TRT_EP,
+    import_backend,
+    ort_errors,
+    ort_session,
+)
 
 __all__ = ["OnnxRuntimeRunner", "pick_providers", "provider_options"]
 
@@ -167,10 +174,7 @@ class OnnxRuntimeRunner(Runner):
         io_binding: bool | None = None,
     ) -> None:
         super().__init__(model_path, info)
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise DunetError(f"onnxruntime is not importable ({one_line(exc)})") from None
+        ort = import_backend("onnxruntime")
         self._precision = fixed_precision(self.model_path, self.backend, precision, info.precision)
         providers = pick_providers(device, list(ort.get_available_providers()))
         if cuda_graph and CUDA_EP not in providers:

@@ -18,13 +18,16 @@ re-raises.
 
 Dying workers: a worker killed mid-run (the OOM killer's SIGKILL) breaks the
 pool. The case it was working on fails with ``worker process died (signal
-9)``, its temporary files are removed, a new pool takes over and the other
-cases in flight are submitted again.
+9)`` and keeps none of its files (a writer killed between its renames has
+put some in place: they are removed with the temporary files), a new pool
+takes over and the other cases in flight are submitted again.
 
 Processes start through ``forkserver`` (``spawn`` where there is none): never
 a plain ``fork`` of a process whose backend already runs threads. The fork
 server is started here with the BLAS thread variables set and SIGINT/SIGTERM
-ignored, so that every worker inherits both.
+blocked; its first preload (:mod:`dunet_deploy.runtime._forkserver_signals`)
+ignores both, so every worker inherits both settings. A signal that reaches
+the main process while the server starts waits until it has started.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ import multiprocessing.connection as mp_connection
 import os
 import signal
 import socket
-import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -160,28 +162,27 @@ def save_calibration(workers: int, measured: dict[str, Any]) -> Path:
 
 @contextlib.contextmanager
 def _worker_environment() -> Iterator[None]:
-    """Within the block: BLAS thread variables at 1 and SIGINT/SIGTERM ignored (main thread).
+    """Within the block: BLAS thread variables at 1 and SIGINT/SIGTERM blocked (this thread).
 
-    A process started inside inherits both (ignored signals survive ``exec``,
-    and Python keeps an ignored SIGINT ignored), and the caller's own
-    environment and handlers are restored afterwards.
+    A process started inside inherits both (the signal mask survives ``exec``).
+    Blocked, not ignored: a signal that arrives meanwhile stays pending and is
+    handled when the caller's mask is restored at the end (an ignored one would
+    be dropped, and the run would go on as if none had come). The caller's
+    environment is restored first.
     """
     saved_env = {name: os.environ.get(name) for name in THREAD_VARIABLES}
     for name in THREAD_VARIABLES:
         os.environ.setdefault(name, "1")
-    saved_handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        saved_handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _WORKER_SIGNALS}
+    saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
     try:
         yield
     finally:
-        for sig, handler in saved_handlers.items():
-            signal.signal(sig, handler)
         for name, value in saved_env.items():
             if value is None:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+        signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)  # a pending signal acts here
 
 
 def _context() -> Any:
@@ -194,9 +195,13 @@ def _context() -> Any:
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     ctx = mp.get_context(method)
     if method == "forkserver":
-        from multiprocessing import forkserver
+        from multiprocessing import forkserver, resource_tracker
 
-        ctx.set_forkserver_preload(["dunet_deploy.runtime.workers"])
+        ctx.set_forkserver_preload(["dunet_deploy.runtime._forkserver_signals",
+                                    "dunet_deploy.runtime.workers"])
+        # The fork server starts the resource tracker first, which unblocks both
+        # signals once it runs: start it before they are blocked.
+        resource_tracker.ensure_running()
         with _worker_environment():
             forkserver.ensure_running()
     return ctx
@@ -402,12 +407,26 @@ class _Pool:
             exitcode = next(iter(dead.values()), None)
             failed = [(task, exitcode) for task in self._live.values()]
         for task, exitcode in failed:
-            self._out.writer.discard_partial(task.item, self._out)
+            self._discard(task, started=task.key in claims)
             task.finish(task.on_death(death_message(exitcode)))
             del self._live[task.key]
         for task in list(self._live.values()):
             if not _succeeded(task.future):
                 self._send(task)
+
+    def _discard(self, task: _Task, *, started: bool) -> None:
+        """Remove what a failed task wrote: its temporary files; a started write's outputs too.
+
+        A writer killed between two renames (the mask in place, the probabilities
+        still a temporary file) would leave half a case beside a summary that says
+        it failed: a failed case keeps none of its files. A write that never
+        started has written nothing (what is there is an earlier run's).
+        """
+        writer = self._out.writer
+        writer.discard_partial(task.item, self._out)
+        if started and task.args[0] is _write_task:
+            for target in writer.targets(task.item, self._out).values():
+                target.unlink(missing_ok=True)
 
     def cancel_pending(self) -> None:
         for task in self._live.values():

@@ -3,8 +3,10 @@
 Whole runs of N and of 2N synthetic full-size volumes (197×233×189, int16 ``.nii.gz``)
 with the zero-cost stand-in model (what is measured is the host work and Ray's data
 movement), save_prob off, on each path: in-process (``workers=0``) and Ray on a local
-two-node cluster on loopback (``tests/ray_cluster.py``: one CPU per node, Ray's default
-object store, one actor), started once before the runs. Each Ray run connects, plans,
+cluster on loopback (``tests/ray_cluster.py``; Ray's default object store, one actor),
+started once before the runs: two nodes with one CPU each (``--nodes 2``, the default; each
+volume's payload moves between the nodes' object stores) or one node with two CPUs
+(``--nodes 1``: what a user with one 2-core machine runs). Each Ray run connects, plans,
 starts its actor and tasks and shuts its connection down, as ``dunet-infer --ray`` does.
 The four runs of a repeat are interleaved (the order reversed every other repeat).
 
@@ -26,7 +28,10 @@ formula); the GPU network seconds per volume are sweep values (no GPU here).
 
 Usage::
 
-    python benchmarks/ray_overhead.py [--volumes 32] [--repeat 4]
+    python benchmarks/ray_overhead.py [--volumes 32] [--repeat 4] [--nodes 2]
+
+It writes ``ray_overhead.{md,json}`` (two nodes) or ``ray_overhead_one_node.{md,json}``
+(one node) under ``--out``.
 """
 
 from __future__ import annotations
@@ -63,6 +68,13 @@ from ray_cluster import RayCluster, start_cluster
 
 CASE_TIMES = ("read", "preprocess", "infer", "postprocess", "write")
 PATHS = ("in-process", "ray")
+#: The cluster's layout: the report's file name and words, by ``--nodes``.
+LAYOUTS = {
+    2: ("ray_overhead", "two-node loopback cluster, one CPU per node",
+        "the other node's CPU is held by the actor"),
+    1: ("ray_overhead_one_node", "one-node loopback cluster (the head alone), two CPUs",
+        "the actor holds the other CPU"),
+}
 
 
 def _session_ticks(sessions: set[int]) -> dict[int, tuple[int, str]]:
@@ -203,6 +215,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--distinct", type=int, default=8,
                     help="distinct synthetic volumes written; the rest are copies of them")
+    ap.add_argument("--nodes", type=int, choices=sorted(LAYOUTS), default=2,
+                    help="the loopback cluster: 2 nodes with one CPU each, or 1 node with two")
     ap.add_argument("--ray-cpus", default="1:1",
                     help="ACTOR_CPUS:TASK_CPUS, the CPUs each actor / each task holds")
     ap.add_argument("--net-seconds", nargs="+", type=float, default=[0.05, 0.25, 1.0],
@@ -216,7 +230,8 @@ def main() -> None:
         doc = json.loads(args.from_json.read_text())
         md = report(doc, doc["projection"]["net_seconds"])
         args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(args.out / "ray_overhead.md", md.encode())
+        stem = LAYOUTS[doc.get("nodes", 2)][0]
+        atomic_write_bytes(args.out / f"{stem}.md", md.encode())
         print(md)
         return
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # (the cluster's workers inherit it)
@@ -236,7 +251,8 @@ def main() -> None:
             shutil.copyfile(distinct[i % len(distinct)], dest)
             paths.append(str(dest))
         model = write_standin_onnx(work / "standin.onnx", spec)
-        cluster = start_cluster(stack, object_store_mb=None)  # Ray's default store, as users run
+        # Ray's default store, as users run
+        cluster = start_cluster(stack, object_store_mb=None, nodes=args.nodes)
         imports_from = ray_imports_from(cluster.address)
         print(f"cluster up; tasks import dunet_deploy from {imports_from}", flush=True)
         for path in PATHS:  # warm-up (page cache, imports), not recorded
@@ -255,13 +271,15 @@ def main() -> None:
     doc = analyse(runs, n, args, ray_cpus)
     doc["others_cores"] = sum(r["others_core_s"] for r in runs) / sum(r["wall_s"] for r in runs)
     doc.update({"volumes": n, "repeat": args.repeat, "distinct_volumes": args.distinct,
+                "nodes": args.nodes,
                 "ray_cpus": list(ray_cpus), "runs": runs, "benchmark_s": total_s,
                 "ray_tasks_import_from": imports_from, "machine": machine_info(),
                 "loadavg": {"start": load_start, "end": list(os.getloadavg())}})
     md = report(doc, args.net_seconds)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "ray_overhead.json", doc)
-    atomic_write_bytes(args.out / "ray_overhead.md", md.encode())
+    stem = LAYOUTS[args.nodes][0]
+    write_json(args.out / f"{stem}.json", doc)
+    atomic_write_bytes(args.out / f"{stem}.md", md.encode())
     print(md)
 
 
@@ -358,13 +376,14 @@ def report(doc: dict[str, Any], net_seconds: Sequence[float]) -> str:
 
     cohort = {k: v["startup"] + 1000 / v["rate"] for k, v in p.items()}
     doc["cohort_1000_s"] = cohort
+    _stem, layout, actor_cpu = LAYOUTS[doc.get("nodes", 2)]
     return (
         "# Ray overhead (stand-in model), by difference\n\n"
         f"CPU: {m['cpu_model']} family {m['cpu_family']} model {m['cpu_model_id']} (Zen 3; "
         f"flags {' '.join(m['cpu_flags'])}), {m.get('cores')} cores. Volumes 197x233x189 int16 "
         f".nii.gz ({doc['distinct_volumes']} distinct, the rest copies), zero-cost stand-in "
         f"model, save_prob off. Whole runs of N = {n} and 2N = {2 * n} volumes on each path, "
-        f"{doc['repeat']} interleaved repeats; Ray: two-node loopback cluster, one CPU per node, "
+        f"{doc['repeat']} interleaved repeats; Ray: {layout}, "
         f"Ray's default object store, started before the runs; each run connects, plans, starts "
         f"its actor (CPUs per actor:task {doc['ray_cpus'][0]:g}:{doc['ray_cpus'][1]:g}) and "
         f"disconnects, as `dunet-infer --ray` does. Ray's tasks imported dunet_deploy from "
@@ -413,8 +432,8 @@ def report(doc: dict[str, Any], net_seconds: Sequence[float]) -> str:
         f"| Ray's own work (driver, raylets, object store, workers outside the stages) | | "
         f"{ray['ray_own_core_s']:.3f} | |\n\n"
         f"Ray's own work = core-s per volume on Ray ({ray['core_s']:.3f}) − the CPU seconds "
-        f"measured in the stages. The read and write tasks share one CPU slot here (the other "
-        f"node's CPU is held by the actor): in steady state they ran stage code "
+        f"measured in the stages. The read and write tasks share one CPU slot here ({actor_cpu}"
+        f"): in steady state they ran stage code "
         f"{ray['task_s_per_volume']:.3f} s per volume (wall) of the {1 / ray['rate']:.3f} s "
         f"each volume took; the rest is Ray between tasks (scheduling, object transfer).\n\n"
         "Core-s per volume on Ray by process (steady state, by difference; `ray::IDLE` is "
@@ -437,7 +456,9 @@ def report(doc: dict[str, Any], net_seconds: Sequence[float]) -> str:
         "actor's network seconds per volume) is a sweep value: no GPU was measured. The "
         "limiting stage is in brackets (for CPU, the largest share of the host's work). For "
         f"this machine (M = 2, N = 1, t_net ≈ 0) the formula gives {proj['here']:.2f} "
-        f"volumes/s; measured: {ray['rate']:.2f}.\n\n"
+        f"volumes/s; measured: {ray['rate']:.2f}. Ray's own work depends on the layout it "
+        f"was measured on ({layout}): with two nodes each volume's payload moves between "
+        f"their object stores, on one node it stays in the node's store.\n\n"
         "| M cores | N actors | " + " | ".join(f"t_net {t:g} s" for t in net_seconds)
         + " |\n|---:|---:|" + "---:|" * len(net_seconds) + "\n" + "".join(rows))
 

@@ -4,6 +4,9 @@ Used through the ``ray_cluster`` fixture of ``tests/conftest.py``: a head node
 and one more node process, each with one CPU, on addresses of the loopback range
 (127.0.0.2 and 127.0.0.3) and free ports; both are stopped through their process groups (never
 ``ray stop``, which would end every Ray process on the machine).
+
+``start_cluster(stack, nodes=1)`` starts the head alone, with two CPUs: what a user with
+one 2-core machine runs (``benchmarks/ray_overhead.py --nodes 1``).
 """
 
 from __future__ import annotations
@@ -99,20 +102,28 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def start_cluster(stack: ExitStack, timeout: float = 120.0,
-                  object_store_mb: int | None = 100) -> RayCluster:
-    """Start a head and one more node; ``stack`` stops them (and removes their files) on exit.
+                  object_store_mb: int | None = 100, nodes: int = 2,
+                  num_cpus: int | None = None) -> RayCluster:
+    """Start a head and one more node (or the head alone); ``stack`` stops them on exit.
+
+    (and removes their files).
 
     ``object_store_mb``: each node's object store; ``None``: Ray's default (30 % of the
     memory). The tests' volumes are small; a full-size volume's slabs and probabilities
     take ~65 MB, which a 100 MB store spills to disk, so the benchmark takes Ray's default.
+    ``nodes``: 2 (the head and one more node) or 1 (the head alone); ``num_cpus``: each
+    node's CPUs, by default 2 ÷ ``nodes`` (one each on two nodes, two on one).
     """
+    if nodes not in (1, 2):
+        raise ValueError(f"nodes must be 1 or 2, not {nodes}")
+    cpus = num_cpus if num_cpus is not None else 2 // nodes
     ray = str(Path(sys.executable).with_name("ray"))
     # Short: Ray's unix sockets live under it (a socket path holds at most 107 bytes).
     temp = Path(tempfile.mkdtemp(prefix="dray", dir="/tmp"))
     stack.callback(shutil.rmtree, temp, True)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     port = free_port()
-    common = ["--block", "--num-cpus", "1", "--disable-usage-stats"]
+    common = ["--block", "--num-cpus", str(cpus), "--disable-usage-stats"]
     if object_store_mb is not None:
         common += ["--object-store-memory", str(object_store_mb * 2**20)]
 
@@ -122,15 +133,16 @@ def start_cluster(stack: ExitStack, timeout: float = 120.0,
 
     # `ray start` swaps 127.0.0.1 (and "localhost") for the machine's outside address
     # (services.resolve_ip_for_localhost); other addresses of the loopback range it keeps.
-    nodes = [
+    cmds = [
         [ray, "start", "--head", "--node-ip-address", HEAD_IP, "--port", str(port),
          "--include-dashboard", "false", "--temp-dir", str(temp),
          *_ports("ray-client-server-port"), *ports(), *common],
-        [ray, "start", "--address", f"{HEAD_IP}:{port}", "--node-ip-address", NODE_IP, *ports(),
-         *common],
     ]
+    if nodes == 2:
+        cmds.append([ray, "start", "--address", f"{HEAD_IP}:{port}", "--node-ip-address",
+                     NODE_IP, *ports(), *common])
     logs, sessions = [], []
-    for i, cmd in enumerate(nodes):
+    for i, cmd in enumerate(cmds):
         log = temp / f"node{i}.log"
         with open(log, "wb") as out:
             # Its own process group: the fixture stops the node and every service it started.

@@ -411,7 +411,10 @@ def read_sidecar(path: str | os.PathLike[str]) -> ArtifactInfo:
 
 def read_onnx_info(path: str | os.PathLike[str]) -> ArtifactInfo:
     """Read the metadata of an ONNX file without loading its weights into memory twice."""
-    import onnx  # base dependency; lazily imported to keep `import dunet_deploy.artifacts` cheap
+    # Base dependency, imported lazily to keep `import dunet_deploy.artifacts` cheap. Signals
+    # held: an exception raised by a handler inside onnx's C++ initialisation aborts the process.
+    with deferred_interrupts():
+        import onnx
 
     path = Path(path)
     if not path.is_file():

@@ -133,6 +133,10 @@ sys.meta_path.insert(0, _Finder())
 @pytest.mark.parametrize(("backend", "extension"), [
     ("onnxruntime", "onnxruntime.capi.onnxruntime_pybind11_state"),
     ("openvino", "openvino._pyopenvino"),
+    # onnx reads the model's description before any work: the run stops with nothing written.
+    # (An audit once saw exit 134 here, an abort inside onnx's C++ initialisation; this hook
+    # does not reproduce it, so it checks the clean stop only.)
+    ("onnxruntime", "onnx.onnx_cpp2py_export"),
 ])
 def test_sigterm_while_the_backend_imports_stops_as_sigterm(tiny, tmp_path, backend, extension):
     # A signal handler that runs inside a pybind11 module's initialisation makes the import
@@ -153,6 +157,9 @@ def test_sigterm_while_the_backend_imports_stops_as_sigterm(tiny, tmp_path, back
     assert run.returncode == 143, run.stderr
     assert run.stderr.strip().splitlines()[-1] == "error: interrupted (SIGTERM)"
     assert "Traceback" not in run.stderr
+    if extension.startswith("onnx."):
+        assert not out.exists()
+        return
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] == "SIGTERM" and summary["total"] == len(scans)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files

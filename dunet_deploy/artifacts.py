@@ -374,7 +374,10 @@ def deferred_interrupts() -> Iterator[None]:
     (SIGINT) or :class:`~dunet_deploy.errors.Interrupted` (SIGTERM). Outside
     the main thread the block runs unprotected (signals go to the main thread).
     """
-    if threading.current_thread() is not threading.main_thread():
+    previous_handlers = [signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)]
+    if threading.current_thread() is not threading.main_thread() or None in previous_handlers:
+        # Not the main thread (signals go there), or a handler installed outside Python
+        # (Triton's python-backend stub): it could not be put back, so leave them alone.
         yield
         return
     received: list[int] = []

@@ -115,3 +115,21 @@ def test_inference_defaults_travel_in_metadata_and_sidecars(tmp_path):
     write_json(sidecar_path(plan), {**doc, "inference": {"min_lesion_mm3": -3}})
     with pytest.raises(DunetError, match=r"model.plan.json: bad inference defaults"):
         read_artifact_info(plan)
+
+
+def test_deferred_interrupts_leaves_handlers_installed_outside_python(monkeypatch):
+    """In Triton's python-backend stub SIGINT/SIGTERM have handlers set in C, which Python
+    reports as ``None`` and cannot restore: the block runs without touching them (it used to
+    fail every model load with "signal handler must be signal.SIG_IGN, ...")."""
+    import signal
+
+    from dunet_deploy.artifacts import deferred_interrupts
+
+    real = signal.getsignal
+    monkeypatch.setattr(signal, "getsignal",
+                        lambda sig: None if sig == signal.SIGTERM else real(sig))
+    before = real(signal.SIGINT)
+    ran = []
+    with deferred_interrupts():
+        ran.append(real(signal.SIGINT))
+    assert ran == [before] and real(signal.SIGINT) is before

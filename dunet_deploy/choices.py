@@ -16,6 +16,7 @@ __all__ = [
     "LAYOUTS",
     "PRECISIONS",
     "PROB_DTYPES",
+    "RAY_LAYOUTS",
     "REGISTER_MODES",
     "RESAMPLE_MODES",
     "SPLITS",
@@ -34,6 +35,10 @@ DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "tensorrt")
 TRAIN_DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 #: Dataset layouts (see :mod:`dunet_deploy.data.layouts`).
 LAYOUTS: tuple[str, ...] = ("atlas-r1.1", "atlas-v2", "pairs")
+#: Where ``dunet-infer --ray`` runs the stages: ``auto`` (``split`` when the actors hold GPUs,
+#: else ``fused``), ``split`` (read/write tasks around the model actors), ``fused`` (each
+#: actor runs whole cases).
+RAY_LAYOUTS: tuple[str, ...] = ("auto", "split", "fused")
 #: Which cases of a checkpoint's dataset to evaluate.
 SPLITS: tuple[str, ...] = ("all", "train", "val")
 #: Backends ``dunet-bench`` knows, in report order.

@@ -46,6 +46,7 @@ from dunet_deploy.choices import (
     DEVICES,
     PRECISIONS,
     PROB_DTYPES,
+    RAY_LAYOUTS,
     REGISTER_MODES,
     RESAMPLE_MODES,
     TTA_MODES,
@@ -62,6 +63,7 @@ CLI_ONLY = frozenset({"model_path", "inputs", "out_dir", "triton_url", "server_s
                       "quiet",
                       # many machines: which shard, merging shards, a Ray cluster
                       "shard", "merge", "ray_address", "ray_actors", "ray_gpus_per_actor",
+                      "ray_layout",
                       "calibrate_workers"})
 #: Flags spelled otherwise than ``--<field-name>`` (for messages about an option).
 FLAGS = {"model": "--engine", "inputs": "INPUTS", "url": "--triton-url"}
@@ -289,15 +291,22 @@ def _check_remote(options: Any, model_path: Path | None, triton_url: str | None,
                    "wrote nothing); needs no model.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None,
               metavar="[ADDRESS]",
-              help="Run on a Ray cluster (extra 'ray'): read and write as CPU tasks, the model "
-                   "in a pool of actors. ADDRESS: host:port of a running cluster or 'auto'; "
+              help="Run on a Ray cluster (extra 'ray'): a pool of model actors, with reading "
+                   "and writing in CPU tasks around them (GPUs) or in the actors (see "
+                   "--ray-layout). ADDRESS: host:port of a running cluster or 'auto'; "
                    "none: $RAY_ADDRESS, else a local cluster. OUT, the model and the inputs "
                    "must be at the same paths on every node.")
 @click.option("--ray-actors", type=click.IntRange(min=1), default=None,
-              help="With --ray: model actors.  [default: one per GPU, or half the CPUs]")
+              help="With --ray: model actors.  [default: one per GPU; without GPUs one per CPU "
+                   "(fused), half the CPUs (split)]")
 @click.option("--ray-gpus-per-actor", type=click.FloatRange(min=0), default=None,
               help="With --ray: GPUs each actor holds.  [default: 1 if the cluster has GPUs, "
                    "else 0]")
+@click.option("--ray-layout", type=click.Choice(RAY_LAYOUTS), default=None,
+              help="With --ray: split = read and write in CPU tasks around the model actors "
+                   "(a GPU never waits for a read); fused = each actor runs whole cases (only "
+                   "paths and results move through Ray).  [default: auto: split when the "
+                   "actors hold GPUs, else fused]")
 @click.option("--calibrate-workers", is_flag=True,
               help="Measure which --workers count is fastest on this machine (about a minute, "
                    "stand-in model on synthetic full-size scans) and make it the default here; "
@@ -311,7 +320,8 @@ def main(model_path: Path | None, inputs: tuple[str, ...], out_dir: Path, backen
          bias_correct: bool,
          quiet: bool, skip_existing: bool, shard: str | None, merge: Path | None,
          ray_address: str | None, ray_actors: int | None,
-         ray_gpus_per_actor: float | None, calibrate_workers: bool) -> None:
+         ray_gpus_per_actor: float | None, ray_layout: str | None,
+         calibrate_workers: bool) -> None:
     """Segment stroke lesions in INPUT volumes (NIfTI files, DICOM series, directories or globs).
 
     Writes OUT/<name>_mask.nii.gz per input (same shape, affine, qform/sform
@@ -460,7 +470,7 @@ def _many_machines(params: dict[str, Any]) -> _ManyMachines:
 
     address = params["ray_address"]
     if address is None:
-        for name in ("ray_actors", "ray_gpus_per_actor"):
+        for name in ("ray_actors", "ray_gpus_per_actor", "ray_layout"):
             if params[name] is not None:
                 raise DunetError(f"--{name.replace('_', '-')} needs --ray")
     if (address is not None or params["shard"] or params["skip_existing"]) \
@@ -485,7 +495,8 @@ def _many_machines(params: dict[str, Any]) -> _ManyMachines:
 
     return _ManyMachines(shard, ClusterOptions(address=address or None,
                                                actors=params["ray_actors"],
-                                               gpus_per_actor=params["ray_gpus_per_actor"]))
+                                               gpus_per_actor=params["ray_gpus_per_actor"],
+                                               layout=params["ray_layout"] or "auto"))
 
 
 def _calibrate(quiet: bool) -> None:

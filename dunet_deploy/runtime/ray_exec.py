@@ -1,12 +1,20 @@
 """Ray Data batch inference: ``dunet-infer``'s stages spread over a Ray cluster.
 
-::
+Two layouts (:attr:`ClusterOptions.layout`). ``split``, the default when the
+actors hold GPUs::
 
     driver:  inputs -> rows {index, item}          (one block per volume: each one streams alone)
     CPU tasks:    prepare  read + to_network       -> {index, payload: PreparedVolume}
     actor pool:   InferActor (model loaded once)   -> {index, payload: (PreparedVolume, grid)}
     CPU tasks:    write    finish_prediction + save -> {index, result: CaseResult}
     driver:  one CaseResult per input, put back into input order
+
+so that a GPU never waits for a read. ``fused``, the default on a cluster
+without GPUs: one :class:`CaseActor` per CPU (by ``cpus_per_actor``) runs
+whole cases, read to write, and only the input's path and the result move
+through Ray. There the CPUs are the only resource, and moving each volume
+(~28 MB prepared) between processes cost Ray more CPU than our stages do
+(benchmarks/results/2026-12-06-amd-epyc-zen3-2c/ray_overhead*.md).
 
 Ray Data's streaming executor keeps only a few volumes in flight per stage
 (back-pressure on the object store), so memory stays bounded however long the
@@ -21,8 +29,9 @@ Every task and actor gets the run's :class:`InferenceOptions` (the object
 ``dunet-infer`` builds for every path); :class:`ClusterOptions` says where and
 how wide. The stage functions are reached through one adapter,
 :class:`_Stages`, and each actor loads its model through a
-:class:`~dunet_deploy.Segmenter`. Ray is imported only when a run starts (the
-``ray`` extra); :class:`InferActor` is plain Python and runs without Ray.
+:class:`~dunet_deploy.Segmenter` whose backend gets as many threads as the
+actor holds CPUs (unless ``threads`` is set). Ray is imported only when a run
+starts (the ``ray`` extra); the actors are plain Python and run without Ray.
 Nothing here imports torch.
 """
 
@@ -41,11 +50,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from dunet_deploy.artifacts import ArtifactInfo, read_artifact_info
+from dunet_deploy.choices import RAY_LAYOUTS
 from dunet_deploy.errors import DunetError, one_line
 from dunet_deploy.runtime.base import Runner
 from dunet_deploy.runtime.core import Predictor
@@ -70,8 +80,10 @@ from dunet_deploy.runtime.shards import Shard
 from dunet_deploy.spec import PreprocessSpec
 
 __all__ = [
+    "CaseActor",
     "ClusterOptions",
     "InferActor",
+    "Pool",
     "RayRun",
     "RunnerFactory",
     "actor_pool",
@@ -111,7 +123,9 @@ class ClusterOptions:
         gpus_per_actor: GPUs each actor holds (``None``: 1 on a cluster with
             GPUs, else 0).
         cpus_per_actor: CPUs each actor holds.
-        cpus_per_task: CPUs each read/preprocess and postprocess/write task holds.
+        cpus_per_task: CPUs each read/preprocess and postprocess/write task holds
+            (``split`` layout).
+        layout: One of :data:`RAY_LAYOUTS`: where the stages run.
     """
 
     address: str | None = None
@@ -119,10 +133,14 @@ class ClusterOptions:
     gpus_per_actor: float | None = None
     cpus_per_actor: float = 1.0
     cpus_per_task: float = 1.0
+    layout: str = "auto"
 
     def __post_init__(self) -> None:
         if self.actors is not None and self.actors < 1:
             raise DunetError(f"actors must be >= 1, got {self.actors}")
+        if self.layout not in RAY_LAYOUTS:
+            raise DunetError(f"layout must be one of {', '.join(RAY_LAYOUTS)}, "
+                             f"got {self.layout!r}")
         for name, value in (("gpus_per_actor", self.gpus_per_actor),
                             ("cpus_per_actor", self.cpus_per_actor),
                             ("cpus_per_task", self.cpus_per_task)):
@@ -130,29 +148,43 @@ class ClusterOptions:
                 raise DunetError(f"{name} must be >= 0, got {value}")
 
 
-def actor_pool(resources: Mapping[str, float], cluster: ClusterOptions) -> tuple[int, float]:
-    """How many model actors, and how many GPUs each, for a cluster's total resources.
+class Pool(NamedTuple):
+    """The model actors of a run: how many, GPUs each, and the layout they run in."""
 
-    With GPUs, one actor per ``gpus_per_actor`` GPUs; without, half the CPUs
-    (the other half reads and writes), at least one.
+    actors: int
+    gpus_per_actor: float
+    layout: str
+
+
+def actor_pool(resources: Mapping[str, float], cluster: ClusterOptions) -> Pool:
+    """How many model actors, GPUs each, and which layout, for a cluster's total resources.
+
+    With GPUs, one actor per ``gpus_per_actor`` GPUs (layout ``split`` unless
+    asked otherwise). Without: layout ``fused``, one actor per
+    ``cpus_per_actor`` CPUs; asked for ``split``, half the CPUs (the other half
+    reads and writes). At least one actor.
 
     Args:
         resources: ``ray.cluster_resources()`` (``"CPU"``, ``"GPU"``).
         cluster: What was asked for.
 
     Returns:
-        ``(actors, gpus_per_actor)``.
+        The pool.
 
     Raises:
-        DunetError: when the pool cannot fit, or leaves no CPU for the tasks
-            (the run would wait forever).
+        DunetError: when the pool cannot fit, or (``split``) leaves no CPU for
+            the tasks (the run would wait forever).
     """
     gpus, cpus = float(resources.get("GPU", 0.0)), float(resources.get("CPU", 0.0))
     per = (1.0 if gpus >= 1 else 0.0) if cluster.gpus_per_actor is None else cluster.gpus_per_actor
+    layout = cluster.layout if cluster.layout != "auto" else ("split" if per > 0 else "fused")
     if cluster.actors is not None:
         actors = cluster.actors
     elif per > 0:
         actors = int(gpus // per)
+    elif layout == "fused":
+        per_cpu = cluster.cpus_per_actor or 1.0
+        actors = max(1, int(cpus // per_cpu))
     else:
         actors = max(1, int(cpus // 2))
     if per > 0 and actors * per > gpus:
@@ -161,11 +193,15 @@ def actor_pool(resources: Mapping[str, float], cluster: ClusterOptions) -> tuple
     if actors < 1:
         raise DunetError(f"gpus_per_actor {per:g}: the cluster's {gpus:g} GPU(s) fit no actor")
     left = cpus - actors * cluster.cpus_per_actor
-    if left < cluster.cpus_per_task:
+    if layout == "fused" and left < 0:
+        raise DunetError(f"{actors} actor(s) with cpus_per_actor {cluster.cpus_per_actor:g} "
+                         f"need {actors * cluster.cpus_per_actor:g} CPUs; the cluster has "
+                         f"{cpus:g}")
+    if layout == "split" and left < cluster.cpus_per_task:
         raise DunetError(f"{actors} actor(s) with cpus_per_actor {cluster.cpus_per_actor:g} "
                          f"leave {max(left, 0):g} of the cluster's {cpus:g} CPUs for reading "
                          f"and writing; ask for fewer actors")
-    return actors, per
+    return Pool(actors, per, layout)
 
 
 # ------------------------------------------------------------------- stages
@@ -206,7 +242,23 @@ class _Stages:
     def write(self, grid: np.ndarray | None, prep: PreparedVolume, out_dir: Path) -> CaseResult:
         if grid is None:  # failed before the network or in it
             return prep.result
-        return write_case(grid, prep, self.spec, OutputOptions(out_dir, self.options, self.writer))
+        out = self.output(out_dir)
+        # A try of this case that was killed mid-write (task or actor, its node lost) left
+        # its temporary files: this try replaces them.
+        self.writer.discard_partial(prep.item, out)
+        return write_case(grid, prep, self.spec, out)
+
+    def output(self, out_dir: Path) -> OutputOptions:
+        return OutputOptions(out_dir, self.options, self.writer)
+
+    def discard_partial(self, items: Sequence[InputItem], out_dir: Path) -> None:
+        """Remove what killed tries of these cases left in ``out_dir`` (temporary files)."""
+        if not out_dir.is_dir() or not any(p.name.startswith(".") and ".tmp" in p.name
+                                           for p in out_dir.iterdir()):
+            return  # (the usual case: one listing, not one per case)
+        out = self.output(out_dir)
+        for item in items:
+            self.writer.discard_partial(item, out)
 
 
 class _Clock:
@@ -263,10 +315,15 @@ def _write_row(row: dict[str, Any], stages: _Stages, out_dir: str) -> dict[str, 
             "timing": clock.add_to(row.get("timing"), "write")}
 
 
-class InferActor:
-    """The network stage as a Ray actor: one model load, then any number of batches.
+def _column(values: Sequence[Any]) -> np.ndarray:
+    """A 1-D object array of ``values`` (bytes, str): one Ray Data column."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = list(values)
+    return out
 
-    Plain Python: ``InferActor(model, options)(batch)`` runs in-process too.
+
+class _ModelActor:
+    """One model load in a Ray actor (or in-process): what both layouts' actors share.
 
     Args:
         model: The exported model (``.onnx``, or ``.plan`` with its sidecar).
@@ -274,12 +331,14 @@ class InferActor:
             the same :class:`InferenceOptions` as ``dunet-infer``'s.
         runner_factory: Builds the runner instead of a local backend (see
             :class:`~dunet_deploy.Segmenter`).
+        stages: The run's stages (``None``: the model's, reading and writing NIfTI).
     """
 
     def __init__(self, model: str | os.PathLike[str], options: InferenceOptions,
-                 runner_factory: RunnerFactory | None = None) -> None:
+                 runner_factory: RunnerFactory | None = None,
+                 stages: _Stages | None = None) -> None:
         self._segmenter = Segmenter(model, options, runner_factory=runner_factory).open()
-        self._stages = _Stages(self._segmenter.spec, self._segmenter.options)
+        self._stages = stages or _Stages(self._segmenter.spec, self._segmenter.options)
         self._predict = self._segmenter.predictor()
         self._described = json.dumps(self._segmenter.describe(), default=str)
 
@@ -287,6 +346,17 @@ class InferActor:
     def runner(self) -> Runner:
         """The loaded runner."""
         return self._segmenter.runner
+
+    def close(self) -> None:
+        """Release the backend."""
+        self._segmenter.close()
+
+
+class InferActor(_ModelActor):
+    """The network stage as a Ray actor (layout ``split``): one model load, then any batches.
+
+    Plain Python: ``InferActor(model, options)(batch)`` runs in-process too.
+    """
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run the network on a batch of prepared volumes.
@@ -310,19 +380,52 @@ class InferActor:
             grid = self._stages.infer(self._predict, prep)
             payloads.append(clock.dumps((prep, grid)))
             timed.append(clock.add_to(None if timings is None else timings[i], "infer"))
-        n = len(payloads)
-        out = np.empty(n, dtype=object)
-        out[:] = payloads
-        described = np.empty(n, dtype=object)
-        described[:] = [self._described] * n
-        timing = np.empty(n, dtype=object)
-        timing[:] = timed
-        return {"index": np.asarray(batch["index"]), "payload": out, "runner": described,
-                "timing": timing}
+        return {"index": np.asarray(batch["index"]), "payload": _column(payloads),
+                "runner": _column([self._described] * len(payloads)), "timing": _column(timed)}
 
-    def close(self) -> None:
-        """Release the backend."""
-        self._segmenter.close()
+
+class CaseActor(_ModelActor):
+    """Whole cases in a Ray actor (layout ``fused``): read, preprocess, network, write.
+
+    Only the input (pickled :class:`InputItem`) comes in and the
+    :class:`CaseResult` goes out. Plain Python:
+    ``CaseActor(model, options, out_dir=...)(batch)`` runs in-process too.
+
+    Args:
+        model, options, runner_factory, stages: As :class:`InferActor`.
+        out_dir: The run's output folder (absolute; shared by the nodes).
+    """
+
+    def __init__(self, model: str | os.PathLike[str], options: InferenceOptions,
+                 runner_factory: RunnerFactory | None = None, stages: _Stages | None = None,
+                 *, out_dir: str) -> None:
+        super().__init__(model, options, runner_factory, stages)
+        self._out_dir = Path(out_dir)
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Segment a batch of inputs, writing their outputs.
+
+        Args:
+            batch: ``index`` int ``[B]`` and ``item`` ``[B]`` pickled :class:`InputItem`.
+
+        Returns:
+            ``index`` ``[B]``, ``result`` ``[B]`` pickled :class:`CaseResult`,
+            ``runner`` ``[B]`` (JSON) and ``timing`` ``[B]``: ``prepare``,
+            ``infer`` and ``write`` measured as in the ``split`` layout.
+        """
+        results, timed = [], []
+        for blob in batch["item"]:
+            clock = _Clock()
+            prep = self._stages.prepare(clock.loads(blob))
+            timing = clock.add_to(None, "prepare")
+            clock = _Clock()
+            grid = self._stages.infer(self._predict, prep)
+            timing = clock.add_to(timing, "infer")
+            clock = _Clock()
+            results.append(clock.dumps(self._stages.write(grid, prep, self._out_dir)))
+            timed.append(clock.add_to(timing, "write"))
+        return {"index": np.asarray(batch["index"]), "result": _column(results),
+                "runner": _column([self._described] * len(results)), "timing": _column(timed)}
 
 
 # ---------------------------------------------------------------------- run
@@ -336,6 +439,7 @@ class RayRun:
             ``{}`` when no volume reached an actor.
         actors: Model actors in the pool.
         gpus_per_actor: GPUs each actor held.
+        layout: ``split`` or ``fused`` (see :data:`RAY_LAYOUTS`).
         resources: The cluster's total resources when the run started.
         timing: Per finished input (by index), each stage's cost measured
             inside its task or actor: ``{"prepare" | "infer" | "write":
@@ -349,6 +453,7 @@ class RayRun:
     runner: dict[str, Any] = field(default_factory=dict)
     actors: int = 0
     gpus_per_actor: float = 0.0
+    layout: str = ""
     resources: dict[str, float] = field(default_factory=dict)
     timing: dict[int, dict[str, list[float]]] = field(default_factory=dict)
 
@@ -438,7 +543,8 @@ def run_on_ray(
     try:
         run.resources = {k: float(v) for k, v in ray.cluster_resources().items()
                          if k in ("CPU", "GPU", "memory", "object_store_memory")}
-        run.actors, run.gpus_per_actor = actor_pool(run.resources, cluster)
+        pool = actor_pool(run.resources, cluster)
+        run.actors, run.gpus_per_actor, run.layout = pool
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         # The tasks and actors run in other folders: they get absolute paths, and the
@@ -446,23 +552,27 @@ def run_on_ray(
         ds = ray.data.from_items(
             [{"index": i, "item": pickle.dumps(_absolute(item), protocol=_PICKLE)}
              for i, item in enumerate(items)], override_num_blocks=len(items))
-        # Reading spreads over the nodes. A remote-args function (rather than plain
-        # arguments) also keeps Ray Data from fusing this stage into the actors, where it
-        # would run before the network in the same process instead of beside it.
-        with warnings.catch_warnings():  # deprecated for Ray 2.64; ray is pinned to 2.60
-            warnings.filterwarnings("ignore", message=".*ray_remote_args_fn")
-            ds = ds.map(_prepare_row, fn_kwargs={"stages": stages},
-                        num_cpus=cluster.cpus_per_task, ray_remote_args_fn=_spread)
-        ds = ds.map_batches(
-            InferActor, fn_constructor_kwargs={"model": str(Path(model).absolute()),
-                                               "options": options,
-                                               "runner_factory": runner_factory},
-            batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=run.actors),
-            num_cpus=cluster.cpus_per_actor, num_gpus=run.gpus_per_actor)
-        ds = ds.map(_write_row, fn_kwargs={"stages": stages,
-                                           "out_dir": str(Path(out_dir).absolute())},
-                    num_cpus=cluster.cpus_per_task)
+        actor_kwargs = {"model": str(Path(model).absolute()),
+                        "options": _actor_options(options, cluster),
+                        "runner_factory": runner_factory}
+        actor_args = {"batch_size": 1, "batch_format": "numpy",
+                      "compute": ray.data.ActorPoolStrategy(size=pool.actors),
+                      "num_cpus": cluster.cpus_per_actor, "num_gpus": pool.gpus_per_actor}
+        out = str(Path(out_dir).absolute())
+        if pool.layout == "fused":
+            ds = ds.map_batches(CaseActor, fn_constructor_kwargs={
+                **actor_kwargs, "stages": stages, "out_dir": out}, **actor_args)
+        else:
+            # Reading spreads over the nodes. A remote-args function (rather than plain
+            # arguments) also keeps Ray Data from fusing this stage into the actors, where
+            # it would run before the network in the same process instead of beside it.
+            with warnings.catch_warnings():  # deprecated for Ray 2.64; ray is pinned to 2.60
+                warnings.filterwarnings("ignore", message=".*ray_remote_args_fn")
+                ds = ds.map(_prepare_row, fn_kwargs={"stages": stages},
+                            num_cpus=cluster.cpus_per_task, ray_remote_args_fn=_spread)
+            ds = ds.map_batches(InferActor, fn_constructor_kwargs=actor_kwargs, **actor_args)
+            ds = ds.map(_write_row, fn_kwargs={"stages": stages, "out_dir": out},
+                        num_cpus=cluster.cpus_per_task)
         for row in _rows(ray, ds):
             index = int(row["index"])
             if index in done:  # a retried task's second answer
@@ -479,7 +589,19 @@ def run_on_ray(
         run.results.extend(done[i] for i in sorted(done))
         if started:
             ray.shutdown()
+        stages.discard_partial([_absolute(item) for item in items], Path(out_dir).absolute())
     return run
+
+
+def _actor_options(options: InferenceOptions, cluster: ClusterOptions) -> InferenceOptions:
+    """The options an actor's backend runs with: as many threads as CPUs it holds, unless set.
+
+    (A backend's default, one thread per core of the node, would have several
+    actors on one node fight over its cores.)
+    """
+    if options.threads is not None or cluster.cpus_per_actor < 1:
+        return options
+    return options.replace(threads=int(cluster.cpus_per_actor))
 
 
 def _absolute(item: InputItem) -> InputItem:
@@ -548,8 +670,8 @@ def segment_on_ray(
 
     The same run as ``Segmenter.predict_files`` with the same options (shards
     and ``skip_existing`` included), its stages spread over the cluster. The
-    summary has ``dunet-infer``'s shape plus ``"ray"`` (actors, GPUs per
-    actor, the cluster's resources, and ``stage_s``: each stage's wall, CPU
+    summary has ``dunet-infer``'s shape plus ``"ray"`` (layout, actors, GPUs
+    per actor, the cluster's resources, and ``stage_s``: each stage's wall, CPU
     and pickling seconds measured in the tasks and actors, summed over the
     cases; see :meth:`RayRun.stage_seconds`). On Ctrl-C or SIGTERM the finished cases
     are kept, the summary lists them (with ``"interrupted"``) and the
@@ -596,7 +718,8 @@ def segment_on_ray(
         _Described(run.runner) if run.runner else None,  # type: ignore[arg-type]
         run.results, out, load_s=0.0, wall_s=time.perf_counter() - t0,
         inference=seg.inference_settings(), interrupted=interrupted,
-        extra={"ray": {"actors": run.actors, "gpus_per_actor": run.gpus_per_actor,
+        extra={"ray": {"layout": run.layout, "actors": run.actors,
+                       "gpus_per_actor": run.gpus_per_actor,
                        "resources": run.resources, "stage_s": run.stage_seconds()}})
     journal.close()
     if interrupted is not None:

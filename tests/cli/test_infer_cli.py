@@ -203,6 +203,21 @@ def test_usage_errors(tiny, tmp_path):
     assert res.stderr.startswith("error: --cuda-graph: ")
 
 
+def test_ray_flags_that_do_not_combine(tiny, tmp_path):
+    """--ray-* without --ray, a bad --ray-layout, --ray with --workers: one line, exit 2."""
+    _, onnx_path, vols = tiny
+    base = ["--engine", onnx_path, vols[0], "-o", tmp_path / "o"]
+    for extra, says in [
+            (["--ray-layout", "fused"], "--ray-layout needs --ray"),
+            (["--ray-actors", "2"], "--ray-actors needs --ray"),
+            (["--ray=127.0.0.1:1", "--ray-layout", "spread"], "'spread' is not one of"),
+            (["--ray=127.0.0.1:1", "--workers", "2"], "it takes no --workers")]:
+        res = invoke(base + extra)
+        assert res.exit_code == 2 and res.stderr.count("\n") == 1, (extra, res.stderr)
+        assert res.stderr.startswith("error: ") and says in res.stderr, (extra, res.stderr)
+    assert not (tmp_path / "o").exists()
+
+
 def test_eval_engine_agrees_with_checkpoint(tiny, tmp_path):
     """The runtime as dunet-eval's predict callable scores like the PyTorch checkpoint."""
     evaluate = pytest.importorskip(

@@ -92,6 +92,7 @@ def test_the_ray_recipe(ray_cluster, site):
                          cwd=ray_site, capture_output=True, text=True, timeout=600, env=_env())
     assert run.returncode == 0, run.stderr
     summary = json.loads((ray_site / "masks" / "summary.json").read_text())
-    assert summary["ok"] == 6 and summary["ray"]["actors"] == 1
+    assert summary["ok"] == 6
+    assert (summary["ray"]["layout"], summary["ray"]["actors"]) == ("fused", 2)
     for mask in (site / "masks").glob("*_mask.nii.gz"):  # the same files as the shards'
         assert (ray_site / "masks" / mask.name).read_bytes() == mask.read_bytes()

@@ -20,6 +20,7 @@ from dunet_deploy.errors import DunetError
 from dunet_deploy.runtime.options import InferenceOptions
 from dunet_deploy.runtime.pipeline import InputItem
 from dunet_deploy.runtime.ray_exec import (
+    CaseActor,
     ClusterOptions,
     InferActor,
     _prepare_row,
@@ -91,21 +92,62 @@ def test_the_actor_runs_in_process_without_ray(cohort, tmp_path):
     _same_files(tmp_path, reference)
 
 
-def test_actor_pool_size():
+def test_the_whole_case_actor_runs_in_process_without_ray(cohort, tmp_path):
+    """Layout ``fused``: the path in, the result out, the files written by the actor."""
+    model, scans, reference, _ = cohort
+    stages = _Stages(pipeline_spec(SHAPE, 32), STANDIN)
+    # a try of case_3 killed mid-write left this; the next try replaces it
+    stale = tmp_path / ".case_3_mask.nii.gz.abc123.tmp.nii.gz"
+    stale.write_bytes(b"partial")
+    actor = CaseActor(model, STANDIN, StandInRunner, stages, out_dir=str(tmp_path))
+    try:
+        paths = sorted(scans.iterdir())
+        out = actor({"index": np.arange(len(paths)),
+                     "item": np.array([pickle.dumps(InputItem(p)) for p in paths], dtype=object)})
+    finally:
+        actor.close()
+    assert list(out["index"]) == list(range(len(paths)))
+    assert {json.loads(r)["backend"] for r in out["runner"]} == {"standin"}
+    results = [pickle.loads(blob) for blob in out["result"]]
+    assert [r.status for r in results] == ["error"] + ["ok"] * 5  # broken sorts first
+    for blob in out["timing"][1:]:
+        timing = json.loads(blob)
+        assert list(timing) == ["prepare", "infer", "write"]
+        assert timing["prepare"][3] <= timing["infer"][3] <= timing["write"][3]
+    assert not stale.exists()
+    _same_files(tmp_path, reference)
+
+
+def test_actor_pool_size_and_layout():
     cluster = ClusterOptions()
-    assert actor_pool({"CPU": 16.0, "GPU": 4.0}, cluster) == (4, 1.0)
-    assert actor_pool({"CPU": 16.0, "GPU": 4.0}, ClusterOptions(gpus_per_actor=0.5)) == (8, 0.5)
-    assert actor_pool({"CPU": 8.0}, cluster) == (4, 0.0)
-    assert actor_pool({"CPU": 2.0}, cluster) == (1, 0.0)
-    assert actor_pool({"CPU": 8.0, "GPU": 2.0}, ClusterOptions(actors=1)) == (1, 1.0)
+    # GPUs: one actor per GPU (or per gpus_per_actor), reads and writes in tasks around them
+    assert actor_pool({"CPU": 16.0, "GPU": 4.0}, cluster) == (4, 1.0, "split")
+    assert actor_pool({"CPU": 16.0, "GPU": 4.0},
+                      ClusterOptions(gpus_per_actor=0.5)) == (8, 0.5, "split")
+    assert actor_pool({"CPU": 8.0, "GPU": 2.0}, ClusterOptions(actors=1)) == (1, 1.0, "split")
+    # no GPU: one whole-case actor per CPU (per cpus_per_actor)
+    assert actor_pool({"CPU": 8.0}, cluster) == (8, 0.0, "fused")
+    assert actor_pool({"CPU": 2.0}, cluster) == (2, 0.0, "fused")
+    assert actor_pool({"CPU": 8.0}, ClusterOptions(cpus_per_actor=2.0)) == (4, 0.0, "fused")
+    assert actor_pool({"CPU": 8.0}, ClusterOptions(cpus_per_actor=0.0)) == (8, 0.0, "fused")
+    assert actor_pool({"CPU": 2.0}, ClusterOptions(actors=2)) == (2, 0.0, "fused")
+    # asked for: split without GPUs takes half the CPUs, fused with GPUs one per GPU
+    assert actor_pool({"CPU": 8.0}, ClusterOptions(layout="split")) == (4, 0.0, "split")
+    assert actor_pool({"CPU": 2.0}, ClusterOptions(layout="split")) == (1, 0.0, "split")
+    assert actor_pool({"CPU": 16.0, "GPU": 2.0},
+                      ClusterOptions(layout="fused")) == (2, 1.0, "fused")
     for resources, asked, says in [
             ({"CPU": 8.0, "GPU": 2.0}, ClusterOptions(actors=3), "need 3 GPUs; the cluster has 2"),
             ({"CPU": 8.0}, ClusterOptions(gpus_per_actor=1.0), "fit no actor"),
-            ({"CPU": 2.0}, ClusterOptions(actors=2), "leave 0 of the cluster's 2 CPUs")]:
+            ({"CPU": 2.0}, ClusterOptions(actors=2, layout="split"),
+             "leave 0 of the cluster's 2 CPUs"),
+            ({"CPU": 2.0}, ClusterOptions(actors=3), "need 3 CPUs; the cluster has 2")]:
         with pytest.raises(DunetError, match=says):
             actor_pool(resources, asked)
     with pytest.raises(DunetError, match="actors must be >= 1"):
         ClusterOptions(actors=0)
+    with pytest.raises(DunetError, match="layout must be one of auto, split, fused, got 'x'"):
+        ClusterOptions(layout="x")
 
 
 def test_without_ray_one_line_names_the_extra(monkeypatch, cohort, tmp_path):
@@ -121,17 +163,19 @@ def test_without_ray_one_line_names_the_extra(monkeypatch, cohort, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_gives_the_masks_of_dunet_infer(ray_cluster, cohort, tmp_path):
+@pytest.mark.parametrize("layout, actors", [("auto", 2), ("split", 1)])
+def test_ray_gives_the_masks_of_dunet_infer(ray_cluster, cohort, tmp_path, layout, actors):
     model, scans, reference, ref_summary = cohort
     out = tmp_path / "out"
     summary = segment_on_ray(model, [scans], out, STANDIN,
-                             ClusterOptions(address=ray_cluster.address),
+                             ClusterOptions(address=ray_cluster.address, layout=layout),
                              runner_factory=StandInRunner)
     _same_files(out, reference)
     assert _rows(summary) == _rows(ref_summary)  # the bad volume failed alone, in input order
     assert (summary["ok"], summary["failed"], summary["total"]) == (5, 1, 6)
     assert set(ref_summary) <= set(summary)  # dunet-infer's shape, plus "ray"
-    assert summary["ray"]["actors"] == 1 and summary["ray"]["resources"]["CPU"] == 2.0
+    assert summary["ray"]["layout"] == ("split" if layout == "split" else "fused")
+    assert summary["ray"]["actors"] == actors and summary["ray"]["resources"]["CPU"] == 2.0
     stage_s = summary["ray"]["stage_s"]  # measured in the tasks and the actor
     assert list(stage_s) == ["prepare", "infer", "write"]
     assert all(stage_s[k]["wall"] > stage_s[k]["pickle"] > 0 for k in ("prepare", "write"))
@@ -189,7 +233,8 @@ class RecordPids:
 
 
 @pytest.mark.slow
-def test_an_actor_killed_mid_run_loses_no_case(ray_cluster, cohort, tmp_path):
+@pytest.mark.parametrize("layout", ["fused", "split"])
+def test_an_actor_killed_mid_run_loses_no_case(ray_cluster, cohort, tmp_path, layout):
     import ray.cloudpickle
 
     # Ray's workers cannot import this test module: send its classes by value.
@@ -214,7 +259,8 @@ def test_an_actor_killed_mid_run_loses_no_case(ray_cluster, cohort, tmp_path):
     killer.start()
     try:
         summary = segment_on_ray(model, [scans], out, STANDIN.replace(batch_size=1),
-                                 ClusterOptions(address=ray_cluster.address, actors=1),
+                                 ClusterOptions(address=ray_cluster.address, actors=1,
+                                                layout=layout),
                                  runner_factory=RecordPids(pids))
     finally:
         killer.join()

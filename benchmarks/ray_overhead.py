@@ -2,13 +2,16 @@
 
 Whole runs of N and of 2N synthetic full-size volumes (197×233×189, int16 ``.nii.gz``)
 with the zero-cost stand-in model (what is measured is the host work and Ray's data
-movement), save_prob off, on each path: in-process (``workers=0``) and Ray on a local
-cluster on loopback (``tests/ray_cluster.py``; Ray's default object store, one actor),
-started once before the runs: two nodes with one CPU each (``--nodes 2``, the default; each
-volume's payload moves between the nodes' object stores) or one node with two CPUs
+movement), save_prob off, on each path: in-process (``workers=0``, ``dunet-infer``'s default
+on this machine) and Ray in each layout of ``--layouts`` (``ray-fused``: one whole-case actor
+per CPU, the default without GPUs; ``ray-split``: read/write tasks around one model actor, the
+default with GPUs) on a local cluster on loopback (``tests/ray_cluster.py``; Ray's default
+object store), started once before the runs: two nodes with one CPU each (``--nodes 2``, the
+default; in ``ray-split`` each volume's payload moves between the nodes' object stores) or one
+node with two CPUs
 (``--nodes 1``: what a user with one 2-core machine runs). Each Ray run connects, plans,
 starts its actor and tasks and shuts its connection down, as ``dunet-infer --ray`` does.
-The four runs of a repeat are interleaved (the order reversed every other repeat).
+The runs of a repeat are interleaved (the order reversed every other repeat).
 
 - **Steady-state rate** = N ÷ (T(2N) − T(N)) for each path and repeat: the start-up, and
   whatever host work Ray does during it, is in both runs and cancels. It holds when the
@@ -23,14 +26,15 @@ The four runs of a repeat are interleaved (the order reversed every other repeat
   seconds and its pickling (:attr:`~dunet_deploy.runtime.ray_exec.RayRun.timing`); the
   cases' ``times`` (read, preprocess, infer, postprocess, write) are measured there too.
 
-The projection to M cores and N GPU actors uses those measured costs (see the report's
-formula); the GPU network seconds per volume are sweep values (no GPU here).
+The projection to M cores and N GPU actors uses the split layout's measured costs (see
+the report's formula); the GPU network seconds per volume are sweep values (no GPU here).
 
 Usage::
 
-    python benchmarks/ray_overhead.py [--volumes 32] [--repeat 4] [--nodes 2]
+    python benchmarks/ray_overhead.py [--volumes 32] [--repeat 4] [--nodes 2] \
+        [--layouts fused,split]
 
-It writes ``ray_overhead.{md,json}`` (two nodes) or ``ray_overhead_one_node.{md,json}``
+It writes ``ray_layouts.{md,json}`` (two nodes) or ``ray_layouts_one_node.{md,json}``
 (one node) under ``--out``.
 """
 
@@ -67,12 +71,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from ray_cluster import RayCluster, start_cluster
 
 CASE_TIMES = ("read", "preprocess", "infer", "postprocess", "write")
-PATHS = ("in-process", "ray")
-#: The cluster's layout: the report's file name and words, by ``--nodes``.
-LAYOUTS = {
-    2: ("ray_overhead", "two-node loopback cluster, one CPU per node",
+BASELINE = "in-process"
+#: The cluster's nodes: the report's file name and words, by ``--nodes``.
+NODES = {
+    2: ("ray_layouts", "two-node loopback cluster, one CPU per node",
         "the other node's CPU is held by the actor"),
-    1: ("ray_overhead_one_node", "one-node loopback cluster (the head alone), two CPUs",
+    1: ("ray_layouts_one_node", "one-node loopback cluster (the head alone), two CPUs",
         "the actor holds the other CPU"),
 }
 
@@ -167,15 +171,18 @@ def one_run(path: str, model: Path, inputs: Sequence[str], out: Path,
             first.append(time.time())
 
     run = RayRun()
-    sampler = ClusterCpu(cluster.sessions) if path == "ray" else None
+    on_ray = path != BASELINE
+    sampler = ClusterCpu(cluster.sessions) if on_ray else None
     c0, busy0 = driver_cpu_s(), machine_busy_s()
     e0, t0 = time.time(), time.perf_counter()
-    if path == "ray":
+    if on_ray:
         summary = segment_on_ray(model, inputs, out, None,
                                  ClusterOptions(address=cluster.address,
                                                 cpus_per_actor=ray_cpus[0],
-                                                cpus_per_task=ray_cpus[1]),
+                                                cpus_per_task=ray_cpus[1],
+                                                layout=path.removeprefix("ray-")),
                                  runner_factory=StandInRunner, on_result=finished, run=run)
+        assert summary["ray"]["layout"] == path.removeprefix("ray-")
     else:
         with Segmenter(model, runner_factory=StandInRunner) as seg:
             summary = seg.predict_files(inputs, out, workers=0, on_result=finished)
@@ -194,12 +201,13 @@ def one_run(path: str, model: Path, inputs: Sequence[str], out: Path,
         "first_case_s": first[0] - e0,
         "case_times": {k: statistics.mean(c["times"][k] for c in summary["cases"])
                        for k in CASE_TIMES}}
-    if path == "ray":
+    if on_ray:
+        rec["actors"] = summary["ray"]["actors"]
         rec["stages"] = {s: [statistics.mean(t[s][i] for t in run.timing.values())
                              for i in range(3)] for s in TIMED_STAGES}
         rec["prepared_before_first_case"] = sum(t["prepare"][3] <= first[0]
                                                 for t in run.timing.values())
-        # how long the read/write tasks ran their stage code, in all (one task slot here)
+        # how long the read/write tasks (split) ran their stage code, in all
         rec["task_s"] = sum(t[s][0] for t in run.timing.values() for s in ("prepare", "write"))
     shutil.rmtree(out)
     return rec
@@ -215,8 +223,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--distinct", type=int, default=8,
                     help="distinct synthetic volumes written; the rest are copies of them")
-    ap.add_argument("--nodes", type=int, choices=sorted(LAYOUTS), default=2,
+    ap.add_argument("--nodes", type=int, choices=sorted(NODES), default=2,
                     help="the loopback cluster: 2 nodes with one CPU each, or 1 node with two")
+    ap.add_argument("--layouts", default="fused,split",
+                    help="the Ray layouts measured, comma-separated (fused, split)")
     ap.add_argument("--ray-cpus", default="1:1",
                     help="ACTOR_CPUS:TASK_CPUS, the CPUs each actor / each task holds")
     ap.add_argument("--net-seconds", nargs="+", type=float, default=[0.05, 0.25, 1.0],
@@ -228,15 +238,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.from_json:
         doc = json.loads(args.from_json.read_text())
-        md = report(doc, doc["projection"]["net_seconds"])
+        md = report(doc, doc.get("projection", {}).get("net_seconds", args.net_seconds))
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = LAYOUTS[doc.get("nodes", 2)][0]
+        stem = NODES[doc.get("nodes", 2)][0]
         atomic_write_bytes(args.out / f"{stem}.md", md.encode())
         print(md)
         return
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # (the cluster's workers inherit it)
     ray_cpus = (float(args.ray_cpus.split(":")[0]), float(args.ray_cpus.split(":")[1]))
     n = args.volumes
+    paths_run = [BASELINE] + [f"ray-{layout}" for layout in args.layouts.split(",")]
     runs: list[dict[str, Any]] = []
     load_start = list(os.getloadavg())
     t_start = time.perf_counter()
@@ -255,10 +266,10 @@ def main() -> None:
         cluster = start_cluster(stack, object_store_mb=None, nodes=args.nodes)
         imports_from = ray_imports_from(cluster.address)
         print(f"cluster up; tasks import dunet_deploy from {imports_from}", flush=True)
-        for path in PATHS:  # warm-up (page cache, imports), not recorded
+        for path in paths_run:  # warm-up (page cache, imports), not recorded
             one_run(path, model, paths[:4], work / "warm", cluster, ray_cpus)
         for r in range(args.repeat):
-            order = [(p, size) for size in (n, 2 * n) for p in PATHS]
+            order = [(p, size) for size in (n, 2 * n) for p in paths_run]
             for path, size in (order if r % 2 == 0 else order[::-1]):
                 rec = one_run(path, model, paths[:size], work / "out", cluster, ray_cpus)
                 rec["repeat"] = r
@@ -266,9 +277,9 @@ def main() -> None:
                 print(f"repeat {r} {path} {size}: {rec['wall_s']:.2f} s, "
                       f"{rec['core_s']:.1f} core-s, first case after {rec['first_case_s']:.1f} s"
                       + (f", {rec['prepared_before_first_case']} prepared by then"
-                         if path == "ray" else ""), flush=True)
+                         if path != BASELINE else ""), flush=True)
     total_s = time.perf_counter() - t_start
-    doc = analyse(runs, n, args, ray_cpus)
+    doc = analyse(runs, n, args.repeat, paths_run)
     doc["others_cores"] = sum(r["others_core_s"] for r in runs) / sum(r["wall_s"] for r in runs)
     doc.update({"volumes": n, "repeat": args.repeat, "distinct_volumes": args.distinct,
                 "nodes": args.nodes,
@@ -277,67 +288,69 @@ def main() -> None:
                 "loadavg": {"start": load_start, "end": list(os.getloadavg())}})
     md = report(doc, args.net_seconds)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = LAYOUTS[args.nodes][0]
+    stem = NODES[args.nodes][0]
     write_json(args.out / f"{stem}.json", doc)
     atomic_write_bytes(args.out / f"{stem}.md", md.encode())
     print(md)
 
 
-def analyse(runs: list[dict[str, Any]], n: int, args: argparse.Namespace,
-            ray_cpus: tuple[float, float]) -> dict[str, Any]:
-    """Rates by difference, start-up, core-s per volume, the Ray stages' costs."""
+def analyse(runs: list[dict[str, Any]], n: int, repeat: int,
+            paths_run: Sequence[str]) -> dict[str, Any]:
+    """Rates by difference, start-up, core-s per volume; for each Ray layout its stages' costs."""
     by = {(r["path"], r["volumes"], r["repeat"]): r for r in runs}
+
+    def diff(path: str, value: Any) -> float:
+        """Median over the repeats of (value(2N run) − value(N run)) ÷ N."""
+        return med((value(by[(path, 2 * n, rep)]) - value(by[(path, n, rep)])) / n
+                   for rep in range(repeat))
+
     paths: dict[str, Any] = {}
-    for path in PATHS:
-        rates: list[float] = []
-        startups: list[float] = []
-        core_s: list[float] = []
-        walls: dict[int, list[float]] = {n: [], 2 * n: []}
-        for rep in range(args.repeat):
-            small, big = by[(path, n, rep)], by[(path, 2 * n, rep)]
-            rate = n / (big["wall_s"] - small["wall_s"])
-            rates.append(rate)
-            startups.append(small["wall_s"] - n / rate)
-            core_s.append((big["core_s"] - small["core_s"]) / n)
-            walls[n].append(small["wall_s"])
-            walls[2 * n].append(big["wall_s"])
+    for path in paths_run:
+        rates = [n / (by[(path, 2 * n, rep)]["wall_s"] - by[(path, n, rep)]["wall_s"])
+                 for rep in range(repeat)]
+        walls = {size: [by[(path, size, rep)]["wall_s"] for rep in range(repeat)]
+                 for size in (n, 2 * n)}
         cases = [r for r in runs if r["path"] == path]
         paths[path] = {
-            "rates": rates, "rate": med(rates), "startup_s": startups, "startup": med(startups),
-            "core_s_per_volume": core_s, "core_s": med(core_s),
+            "rates": rates, "rate": med(rates),
+            "startup_s": [w - n / rate for w, rate in zip(walls[n], rates)],
+            "core_s_per_volume": [(by[(path, 2 * n, rep)]["core_s"]
+                                   - by[(path, n, rep)]["core_s"]) / n for rep in range(repeat)],
             "wall_s": {str(k): v for k, v in walls.items()},
             "overall_rate": {str(k): k / med(v) for k, v in walls.items()},
             "case_times": {k: statistics.mean(r["case_times"][k] for r in cases)
                            for k in CASE_TIMES}}
-    ray_runs = [r for r in runs if r["path"] == "ray"]
-    stages = {s: dict(zip(("wall", "cpu", "pickle"),
-                          (statistics.mean(r["stages"][s][i] for r in ray_runs)
-                           for i in range(3))))
-              for s in TIMED_STAGES}
-    in_tasks = sum(stages[s]["cpu"] for s in TIMED_STAGES)
-    paths["ray"]["stages"] = stages
-    paths["ray"]["ray_own_core_s"] = paths["ray"]["core_s"] - in_tasks
-    names = {k for r in ray_runs for k in r["core_s_by_process"]}
-    paths["ray"]["core_s_by_process"] = {
-        name: med((by[("ray", 2 * n, rep)]["core_s_by_process"].get(name, 0.0)
-                   - by[("ray", n, rep)]["core_s_by_process"].get(name, 0.0)) / n
-                  for rep in range(args.repeat)) for name in sorted(names)}
-    paths["ray"]["task_s_per_volume"] = med(
-        (by[("ray", 2 * n, rep)]["task_s"] - by[("ray", n, rep)]["task_s"]) / n
-        for rep in range(args.repeat))
-    paths["ray"]["prepared_before_first_case"] = {
-        str(size): [r["prepared_before_first_case"] for r in ray_runs if r["volumes"] == size]
-        for size in (n, 2 * n)}
-    ratio = [a / b for a, b in zip(paths["ray"]["rates"], paths["in-process"]["rates"])]
-    return {"paths": paths,
-            "ray_overhead": 1 - paths["ray"]["rate"] / paths["in-process"]["rate"],
-            "ray_overhead_per_repeat": [1 - x for x in ratio]}
+        paths[path]["startup"] = med(paths[path]["startup_s"])
+        paths[path]["core_s"] = med(paths[path]["core_s_per_volume"])
+        if path == BASELINE:
+            continue
+        ray = paths[path]
+        ray["actors"] = cases[0]["actors"]
+        ray["stages"] = {s: dict(zip(("wall", "cpu", "pickle"),
+                                     (statistics.mean(r["stages"][s][i] for r in cases)
+                                      for i in range(3))))
+                         for s in TIMED_STAGES}
+        ray["ray_own_core_s"] = ray["core_s"] - sum(ray["stages"][s]["cpu"]
+                                                    for s in TIMED_STAGES)
+        names = {k for r in cases for k in r["core_s_by_process"]}
+        ray["core_s_by_process"] = {
+            name: diff(path, lambda r, name=name: r["core_s_by_process"].get(name, 0.0))
+            for name in sorted(names)}
+        ray["task_s_per_volume"] = diff(path, lambda r: r["task_s"])
+        ray["prepared_before_first_case"] = {
+            str(size): [r["prepared_before_first_case"] for r in cases if r["volumes"] == size]
+            for size in (n, 2 * n)}
+        ratio = [a / b for a, b in zip(ray["rates"], paths[BASELINE]["rates"])]
+        ray["overhead"] = 1 - ray["rate"] / paths[BASELINE]["rate"]
+        ray["overhead_per_repeat"] = [1 - x for x in ratio]
+        ray["extra_core_s"] = ray["core_s"] / paths[BASELINE]["core_s"] - 1
+    return {"paths": paths}
 
 
 def projection(doc: dict[str, Any], net_seconds: Sequence[float]
                ) -> tuple[list[str], dict[str, float]]:
-    """Rows of the M cores × N actors table, from the stages' costs measured inside Ray."""
-    ray = doc["paths"]["ray"]
+    """Rows of the M cores × N GPU actors table, from the split layout's costs measured in Ray."""
+    ray = doc["paths"]["ray-split"]
     st = ray["stages"]
     cpu = {"read+preprocess": st["prepare"]["cpu"], "postprocess+write": st["write"]["cpu"],
            "Ray's own work": max(ray["ray_own_core_s"], 0.0)}
@@ -363,104 +376,131 @@ def projection(doc: dict[str, Any], net_seconds: Sequence[float]
                   "here": (2 - per_actor) / c_host}
 
 
-def report(doc: dict[str, Any], net_seconds: Sequence[float]) -> str:
-    m, n, p = doc["machine"], doc["volumes"], doc["paths"]
-    ip, ray = p["in-process"], p["ray"]
-    st = ray["stages"]
-    rows, proj = projection(doc, net_seconds)
-    doc["projection"] = {**proj, "net_seconds": list(net_seconds)}
-    before = ray["prepared_before_first_case"]
+def _join(xs: Sequence[float], fmt: str = ".2f") -> str:
+    return ", ".join(f"{x:{fmt}}" for x in xs)
 
-    def runs(xs: Sequence[float], fmt: str = ".2f") -> str:
-        return ", ".join(f"{x:{fmt}}" for x in xs)
 
-    cohort = {k: v["startup"] + 1000 / v["rate"] for k, v in p.items()}
-    doc["cohort_1000_s"] = cohort
-    _stem, layout, actor_cpu = LAYOUTS[doc.get("nodes", 2)]
+def _header(doc: dict[str, Any]) -> str:
+    m, n = doc["machine"], doc["volumes"]
+    _stem, nodes, _ = NODES[doc["nodes"]]
     return (
-        "# Ray overhead (stand-in model), by difference\n\n"
+        "# Ray's overhead by layout (stand-in model), by difference\n\n"
         f"CPU: {m['cpu_model']} family {m['cpu_family']} model {m['cpu_model_id']} (Zen 3; "
         f"flags {' '.join(m['cpu_flags'])}), {m.get('cores')} cores. Volumes 197x233x189 int16 "
         f".nii.gz ({doc['distinct_volumes']} distinct, the rest copies), zero-cost stand-in "
         f"model, save_prob off. Whole runs of N = {n} and 2N = {2 * n} volumes on each path, "
-        f"{doc['repeat']} interleaved repeats; Ray: {layout}, "
-        f"Ray's default object store, started before the runs; each run connects, plans, starts "
-        f"its actor (CPUs per actor:task {doc['ray_cpus'][0]:g}:{doc['ray_cpus'][1]:g}) and "
-        f"disconnects, as `dunet-infer --ray` does. Ray's tasks imported dunet_deploy from "
+        f"{doc['repeat']} interleaved repeats. in-process: `predict_files(workers=0)`, "
+        f"`dunet-infer`'s default on this machine. Ray: {nodes}, Ray's default object store, "
+        f"started before the runs; each run connects, plans, starts its actors and "
+        f"disconnects, as `dunet-infer --ray` does; `ray-fused`: one whole-case actor per CPU "
+        f"(the default without GPUs), `ray-split`: read/write tasks around one model actor "
+        f"(the default with GPUs; CPUs per actor:task {doc['ray_cpus'][0]:g}:"
+        f"{doc['ray_cpus'][1]:g}). Ray's workers imported dunet_deploy from "
         f"`{doc['ray_tasks_import_from']}`. Load average {doc['loadavg']['start'][0]:.2f} -> "
         f"{doc['loadavg']['end'][0]:.2f}; other processes on the machine (it is shared) used "
         f"{doc['others_cores']:.2f} of the 2 cores on average during the timed runs; the "
-        f"benchmark took "
-        f"{doc['benchmark_s'] / 60:.1f} min.\n\n"
+        f"benchmark took {doc['benchmark_s'] / 60:.1f} min.\n\n"
         "rate = N ÷ (T(2N) − T(N)) (steady state); start-up = T(N) − N ÷ rate; core-s per "
         "volume = (C(2N) − C(N)) ÷ N, C = CPU seconds of the driver and of every process of "
-        "the cluster.\n\n"
-        "| path | volumes/s (median) | per repeat | start-up s | core-s per volume | "
+        "the cluster.\n\n")
+
+
+def _rates_table(doc: dict[str, Any]) -> str:
+    n, p = doc["volumes"], doc["paths"]
+    return (
+        "| path | actors | volumes/s (median) | per repeat | start-up s | core-s per volume | "
         f"T({n}) s | T({2 * n}) s | volumes/s overall, {n} / {2 * n} |\n"
-        "|---|---:|---|---:|---:|---|---|---|\n"
+        "|---|---:|---:|---|---:|---:|---|---|---|\n"
         + "".join(
-            f"| {k} | {v['rate']:.3f} | {runs(v['rates'], '.3f')} | {v['startup']:.1f} | "
-            f"{v['core_s']:.3f} | {runs(v['wall_s'][str(n)])} | {runs(v['wall_s'][str(2 * n)])} "
-            f"| {v['overall_rate'][str(n)]:.2f} / {v['overall_rate'][str(2 * n)]:.2f} |\n"
+            f"| {k} | {v.get('actors', '')} | {v['rate']:.3f} | {_join(v['rates'], '.3f')} | "
+            f"{v['startup']:.1f} | {v['core_s']:.3f} | {_join(v['wall_s'][str(n)])} | "
+            f"{_join(v['wall_s'][str(2 * n)])} | {v['overall_rate'][str(n)]:.2f} / "
+            f"{v['overall_rate'][str(2 * n)]:.2f} |\n"
             for k, v in p.items())
-        + f"\n**Ray's steady-state overhead: {100 * doc['ray_overhead']:.0f} %** "
-        f"(1 − Ray ÷ in-process rate; per repeat "
-        f"{runs([100 * x for x in doc['ray_overhead_per_repeat']], '.0f')} %). "
-        f"A 1,000-volume cohort at these rates: {cohort['ray']:.0f} s on Ray against "
-        f"{cohort['in-process']:.0f} s in-process.\n\n"
-        f"Volumes Ray had read and preprocessed when its first case finished: "
-        f"{runs(before[str(n)], 'd')} in the {n}-volume runs, {runs(before[str(2 * n)], 'd')} "
-        f"in the {2 * n}-volume runs. (When that is every volume, Ray Data ran the read tasks "
-        f"ahead of the writes while its object-store budget allowed: a window from the first "
-        f"finished case to the last then holds no reading, which is why this file measures by "
-        f"difference. Both runs do the same work in the same order, so T(2N) − T(N) is the "
-        f"cost of N more volumes.) Start-up per repeat: "
-        + "; ".join(f"{k} {runs(v['startup_s'], '.1f')} s" for k, v in p.items())
-        + " (the spread is the noise of a shared machine; T's median gives "
-        + ", ".join(f"{k} {2 * med(v['wall_s'][str(n)]) - med(v['wall_s'][str(2 * n)]):.1f} s"
-                    for k, v in p.items())
-        + ").\n\n"
-        "## Per-stage costs, measured inside Ray's tasks and actor (mean per volume)\n\n"
-        "| stage (where) | wall s | CPU s (its thread) | of the wall: pickling s |\n"
-        "|---|---:|---:|---:|\n"
-        f"| read + preprocess (task) | {st['prepare']['wall']:.3f} | {st['prepare']['cpu']:.3f} "
-        f"| {st['prepare']['pickle']:.3f} |\n"
-        f"| network (actor; stand-in) | {st['infer']['wall']:.3f} | {st['infer']['cpu']:.3f} "
-        f"| {st['infer']['pickle']:.3f} |\n"
-        f"| postprocess + write (task) | {st['write']['wall']:.3f} | {st['write']['cpu']:.3f} "
-        f"| {st['write']['pickle']:.3f} |\n"
-        f"| Ray's own work (driver, raylets, object store, workers outside the stages) | | "
-        f"{ray['ray_own_core_s']:.3f} | |\n\n"
-        f"Ray's own work = core-s per volume on Ray ({ray['core_s']:.3f}) − the CPU seconds "
-        f"measured in the stages. The read and write tasks share one CPU slot here ({actor_cpu}"
-        f"): in steady state they ran stage code "
-        f"{ray['task_s_per_volume']:.3f} s per volume (wall) of the {1 / ray['rate']:.3f} s "
-        f"each volume took; the rest is Ray between tasks (scheduling, object transfer).\n\n"
-        "Core-s per volume on Ray by process (steady state, by difference; `ray::IDLE` is "
-        "the read/write task workers, named as they were last seen): "
-        + ", ".join(f"{k} {v:.3f}" for k, v in sorted(
-            ray["core_s_by_process"].items(), key=lambda kv: -kv[1]) if abs(v) >= 0.005)
-        + ".\n\n"
-        "The cases' own stage times (wall s, mean per volume): "
-        + "; ".join(f"{k}: " + ", ".join(f"{s} {v['case_times'][s]:.3f}" for s in CASE_TIMES)
-                    for k, v in p.items())
-        + f". In-process the whole run costs {ip['core_s']:.3f} core-s per volume; on Ray "
-        f"{ray['core_s']:.3f}.\n\n"
-        "## Projection: volumes/s with M CPU cores and N GPU actors\n\n"
-        f"min((M − N × {doc['ray_cpus'][0]:g} CPU per actor) ÷ {proj['c_host']:.3f} core-s, "
-        f"N ÷ ({proj['actor_s']:.3f} s + t_net)). The host needs, per volume, the CPU seconds "
-        f"measured above: read+preprocess {proj['read+preprocess']:.3f}, postprocess+write "
-        f"{proj['postprocess+write']:.3f} and Ray's own work {proj['ray_own']:.3f} "
-        f"(sum {proj['c_host']:.3f}); each actor holds one CPU and spends "
-        f"{proj['actor_s']:.3f} s of host work per volume besides the network. t_net (one "
-        "actor's network seconds per volume) is a sweep value: no GPU was measured. The "
-        "limiting stage is in brackets (for CPU, the largest share of the host's work). For "
-        f"this machine (M = 2, N = 1, t_net ≈ 0) the formula gives {proj['here']:.2f} "
-        f"volumes/s; measured: {ray['rate']:.2f}. Ray's own work depends on the layout it "
-        f"was measured on ({layout}): with two nodes each volume's payload moves between "
-        f"their object stores, on one node it stays in the node's store.\n\n"
+        + "\n")
+
+
+def _overheads(doc: dict[str, Any]) -> str:
+    p = doc["paths"]
+    lines = []
+    for k, v in p.items():
+        if k == BASELINE:
+            continue
+        cohort = v["startup"] + 1000 / v["rate"]
+        per_repeat = _join([100 * x for x in v["overhead_per_repeat"]], ".0f")
+        read = _join(v["prepared_before_first_case"][str(doc["volumes"])], "d")
+        base = p[BASELINE]["startup"] + 1000 / p[BASELINE]["rate"]
+        lines.append(
+            f"- **{k}: Ray's steady-state overhead {100 * v['overhead']:.0f} %** (1 − Ray ÷ "
+            f"in-process rate; per repeat {per_repeat} %); CPU per volume "
+            f"{100 * v['extra_core_s']:+.0f} % against in-process; a 1,000-volume cohort "
+            f"{cohort:.0f} s (in-process {base:.0f} s). Volumes read when the first case "
+            f"finished: {read} ({doc['volumes']}-volume runs).")
+    return "\n".join(lines) + "\n\n"
+
+
+def _stages_table(doc: dict[str, Any]) -> str:
+    p = doc["paths"]
+    ray_paths = [k for k in p if k != BASELINE]
+    where = {"prepare": ("read + preprocess", "task"), "infer": ("network (stand-in)", "actor"),
+             "write": ("postprocess + write", "task")}
+    out = ("## Per-stage costs, measured inside Ray's tasks and actors (mean per volume)\n\n"
+           "wall s / CPU s of its thread / of the wall, pickling s. In `ray-fused` every stage "
+           "runs in the actor.\n\n"
+           "| stage | " + " | ".join(ray_paths) + " |\n|---|" + "---:|" * len(ray_paths) + "\n")
+    for stage in TIMED_STAGES:
+        name, split_where = where[stage]
+        out += f"| {name} (split: {split_where}) | " + " | ".join(
+            "{wall:.3f} / {cpu:.3f} / {pickle:.3f}".format(**p[k]["stages"][stage])
+            for k in ray_paths) + " |\n"
+    out += ("| Ray's own work, CPU s (core-s on Ray − the stages' CPU) | "
+            + " | ".join(f"{p[k]['ray_own_core_s']:.3f}" for k in ray_paths) + " |\n\n")
+    for k in ray_paths:
+        out += (f"Core-s per volume by process, {k} (by difference; `ray::IDLE` and "
+                "`ray::MapWorker` as the processes were last seen): "
+                + ", ".join(f"{name} {v:.3f}" for name, v in sorted(
+                    p[k]["core_s_by_process"].items(), key=lambda kv: -kv[1]) if abs(v) >= 0.005)
+                + ".\n\n")
+    out += ("The cases' own stage times (wall s, mean per volume): "
+            + "; ".join(f"{k}: " + ", ".join(f"{s} {v['case_times'][s]:.3f}" for s in CASE_TIMES)
+                        for k, v in p.items()) + ".\n\n")
+    return out
+
+
+def _projection(doc: dict[str, Any], net_seconds: Sequence[float]) -> str:
+    p = doc["paths"]
+    out = "## Projection: volumes/s with M CPU cores and N GPU actors\n\n"
+    if "ray-fused" in p:
+        fused = p["ray-fused"]
+        out += (f"Without GPUs (`ray-fused`, every CPU an actor) the CPUs limit: M ÷ "
+                f"{fused['core_s']:.3f} core-s per volume (measured here: "
+                f"{2 / fused['core_s']:.2f} volumes/s from the formula, {fused['rate']:.2f} "
+                f"run), plus what the network costs on a CPU (zero for the stand-in).\n\n")
+    if "ray-split" not in p:
+        return out
+    rows, proj = projection(doc, net_seconds)
+    doc["projection"] = {**proj, "net_seconds": list(net_seconds)}
+    split = p["ray-split"]
+    _stem, nodes, _ = NODES[doc["nodes"]]
+    return out + (
+        f"With GPU actors (`ray-split`): min((M − N × {doc['ray_cpus'][0]:g} CPU per actor) ÷ "
+        f"{proj['c_host']:.3f} core-s, N ÷ ({proj['actor_s']:.3f} s + t_net)). The host needs, "
+        f"per volume, the CPU seconds measured above: read+preprocess "
+        f"{proj['read+preprocess']:.3f}, postprocess+write {proj['postprocess+write']:.3f} and "
+        f"Ray's own work {proj['ray_own']:.3f} (sum {proj['c_host']:.3f}); each actor holds one "
+        f"CPU and spends {proj['actor_s']:.3f} s of host work per volume besides the network. "
+        "t_net (one actor's network seconds per volume) is a sweep value: no GPU was measured. "
+        "The limiting stage is in brackets (for CPU, the largest share of the host's work). "
+        f"For this machine (M = 2, N = 1, t_net ≈ 0) the formula gives {proj['here']:.2f} "
+        f"volumes/s; measured: {split['rate']:.2f}. Ray's own work depends on the layout it "
+        f"was measured on ({nodes}).\n\n"
         "| M cores | N actors | " + " | ".join(f"t_net {t:g} s" for t in net_seconds)
         + " |\n|---:|---:|" + "---:|" * len(net_seconds) + "\n" + "".join(rows))
+
+
+def report(doc: dict[str, Any], net_seconds: Sequence[float]) -> str:
+    return (_header(doc) + _rates_table(doc) + _overheads(doc) + _stages_table(doc)
+            + _projection(doc, net_seconds))
 
 
 if __name__ == "__main__":

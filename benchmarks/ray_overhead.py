@@ -171,7 +171,7 @@ def one_run(path: str, model: Path, inputs: Sequence[str], out: Path,
             first.append(time.time())
 
     run = RayRun()
-    on_ray = path != BASELINE
+    on_ray = path.startswith("ray-")
     sampler = ClusterCpu(cluster.sessions) if on_ray else None
     c0, busy0 = driver_cpu_s(), machine_busy_s()
     e0, t0 = time.time(), time.perf_counter()
@@ -185,7 +185,8 @@ def one_run(path: str, model: Path, inputs: Sequence[str], out: Path,
         assert summary["ray"]["layout"] == path.removeprefix("ray-")
     else:
         with Segmenter(model, runner_factory=StandInRunner) as seg:
-            summary = seg.predict_files(inputs, out, workers=0, on_result=finished)
+            workers = int(path.removeprefix(BASELINE).removeprefix("-w") or 0)
+            summary = seg.predict_files(inputs, out, workers=workers, on_result=finished)
     wall = time.perf_counter() - t0
     cpu, busy = driver_cpu_s() - c0, machine_busy_s() - busy0
     by_process = {"driver": cpu}
@@ -227,12 +228,15 @@ def main() -> None:
                     help="the loopback cluster: 2 nodes with one CPU each, or 1 node with two")
     ap.add_argument("--layouts", default="fused,split",
                     help="the Ray layouts measured, comma-separated (fused, split)")
+    ap.add_argument("--also-workers", type=int, nargs="*", default=[],
+                    help="also in-process with these worker counts (paths in-process-wK)")
     ap.add_argument("--ray-cpus", default="1:1",
                     help="ACTOR_CPUS:TASK_CPUS, the CPUs each actor / each task holds")
     ap.add_argument("--net-seconds", nargs="+", type=float, default=[0.05, 0.25, 1.0],
                     help="network seconds per volume on one GPU actor, for the projection")
     ap.add_argument("--out", type=Path,
                     default=Path("benchmarks/results/2026-12-06-amd-epyc-zen3-2c"))
+    ap.add_argument("--name", help="the reports' file name (default: by --nodes)")
     ap.add_argument("--from-json", type=Path,
                     help="write the report again from this ray_overhead.json (no runs)")
     args = ap.parse_args()
@@ -240,14 +244,15 @@ def main() -> None:
         doc = json.loads(args.from_json.read_text())
         md = report(doc, doc.get("projection", {}).get("net_seconds", args.net_seconds))
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = NODES[doc.get("nodes", 2)][0]
+        stem = args.name or NODES[doc.get("nodes", 2)][0]
         atomic_write_bytes(args.out / f"{stem}.md", md.encode())
         print(md)
         return
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # (the cluster's workers inherit it)
     ray_cpus = (float(args.ray_cpus.split(":")[0]), float(args.ray_cpus.split(":")[1]))
     n = args.volumes
-    paths_run = [BASELINE] + [f"ray-{layout}" for layout in args.layouts.split(",")]
+    paths_run = ([BASELINE] + [f"{BASELINE}-w{w}" for w in args.also_workers]
+                 + [f"ray-{layout}" for layout in args.layouts.split(",")])
     runs: list[dict[str, Any]] = []
     load_start = list(os.getloadavg())
     t_start = time.perf_counter()
@@ -277,7 +282,7 @@ def main() -> None:
                 print(f"repeat {r} {path} {size}: {rec['wall_s']:.2f} s, "
                       f"{rec['core_s']:.1f} core-s, first case after {rec['first_case_s']:.1f} s"
                       + (f", {rec['prepared_before_first_case']} prepared by then"
-                         if path != BASELINE else ""), flush=True)
+                         if path.startswith("ray-") else ""), flush=True)
     total_s = time.perf_counter() - t_start
     doc = analyse(runs, n, args.repeat, paths_run)
     doc["others_cores"] = sum(r["others_core_s"] for r in runs) / sum(r["wall_s"] for r in runs)
@@ -288,7 +293,7 @@ def main() -> None:
                 "loadavg": {"start": load_start, "end": list(os.getloadavg())}})
     md = report(doc, args.net_seconds)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = NODES[args.nodes][0]
+    stem = args.name or NODES[args.nodes][0]
     write_json(args.out / f"{stem}.json", doc)
     atomic_write_bytes(args.out / f"{stem}.md", md.encode())
     print(md)
@@ -322,7 +327,7 @@ def analyse(runs: list[dict[str, Any]], n: int, repeat: int,
                            for k in CASE_TIMES}}
         paths[path]["startup"] = med(paths[path]["startup_s"])
         paths[path]["core_s"] = med(paths[path]["core_s_per_volume"])
-        if path == BASELINE:
+        if not path.startswith("ray-"):
             continue
         ray = paths[path]
         ray["actors"] = cases[0]["actors"]
@@ -344,6 +349,8 @@ def analyse(runs: list[dict[str, Any]], n: int, repeat: int,
         ray["overhead"] = 1 - ray["rate"] / paths[BASELINE]["rate"]
         ray["overhead_per_repeat"] = [1 - x for x in ratio]
         ray["extra_core_s"] = ray["core_s"] / paths[BASELINE]["core_s"] - 1
+        ray["overhead_against"] = {k: 1 - ray["rate"] / v["rate"] for k, v in paths.items()
+                                   if k.startswith(f"{BASELINE}-w")}
     return {"paths": paths}
 
 
@@ -390,7 +397,8 @@ def _header(doc: dict[str, Any]) -> str:
         f".nii.gz ({doc['distinct_volumes']} distinct, the rest copies), zero-cost stand-in "
         f"model, save_prob off. Whole runs of N = {n} and 2N = {2 * n} volumes on each path, "
         f"{doc['repeat']} interleaved repeats. in-process: `predict_files(workers=0)`, "
-        f"`dunet-infer`'s default on this machine. Ray: {nodes}, Ray's default object store, "
+        f"`dunet-infer`'s default on this machine (in-process-wK: `workers=K`). Ray: {nodes}, "
+        f"Ray's default object store, "
         f"started before the runs; each run connects, plans, starts its actors and "
         f"disconnects, as `dunet-infer --ray` does; `ray-fused`: one whole-case actor per CPU "
         f"(the default without GPUs), `ray-split`: read/write tasks around one model actor "
@@ -424,7 +432,7 @@ def _overheads(doc: dict[str, Any]) -> str:
     p = doc["paths"]
     lines = []
     for k, v in p.items():
-        if k == BASELINE:
+        if not k.startswith("ray-"):
             continue
         cohort = v["startup"] + 1000 / v["rate"]
         per_repeat = _join([100 * x for x in v["overhead_per_repeat"]], ".0f")
@@ -435,13 +443,15 @@ def _overheads(doc: dict[str, Any]) -> str:
             f"in-process rate; per repeat {per_repeat} %); CPU per volume "
             f"{100 * v['extra_core_s']:+.0f} % against in-process; a 1,000-volume cohort "
             f"{cohort:.0f} s (in-process {base:.0f} s). Volumes read when the first case "
-            f"finished: {read} ({doc['volumes']}-volume runs).")
+            f"finished: {read} ({doc['volumes']}-volume runs)."
+            + "".join(f" Against {other}: {100 * x:.0f} %."
+                      for other, x in v.get("overhead_against", {}).items()))
     return "\n".join(lines) + "\n\n"
 
 
 def _stages_table(doc: dict[str, Any]) -> str:
     p = doc["paths"]
-    ray_paths = [k for k in p if k != BASELINE]
+    ray_paths = [k for k in p if k.startswith("ray-")]
     where = {"prepare": ("read + preprocess", "task"), "infer": ("network (stand-in)", "actor"),
              "write": ("postprocess + write", "task")}
     out = ("## Per-stage costs, measured inside Ray's tasks and actors (mean per volume)\n\n"

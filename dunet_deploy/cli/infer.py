@@ -63,7 +63,7 @@ CLI_ONLY = frozenset({"model_path", "inputs", "out_dir", "triton_url", "server_s
                       "quiet",
                       # many machines: which shard, merging shards, a Ray cluster
                       "shard", "merge", "ray_address", "ray_actors", "ray_gpus_per_actor",
-                      "ray_layout",
+                      "ray_cpus_per_actor", "ray_layout",
                       "calibrate_workers"})
 #: Flags spelled otherwise than ``--<field-name>`` (for messages about an option).
 FLAGS = {"model": "--engine", "inputs": "INPUTS", "url": "--triton-url"}
@@ -302,6 +302,9 @@ def _check_remote(options: Any, model_path: Path | None, triton_url: str | None,
 @click.option("--ray-gpus-per-actor", type=click.FloatRange(min=0), default=None,
               help="With --ray: GPUs each actor holds.  [default: 1 if the cluster has GPUs, "
                    "else 0]")
+@click.option("--ray-cpus-per-actor", type=click.FloatRange(min=0), default=None,
+              help="With --ray: CPUs each actor holds; its backend gets as many threads (unless "
+                   "--threads).  [default: 1]")
 @click.option("--ray-layout", type=click.Choice(RAY_LAYOUTS), default=None,
               help="With --ray: split = read and write in CPU tasks around the model actors "
                    "(a GPU never waits for a read); fused = each actor runs whole cases (only "
@@ -320,7 +323,8 @@ def main(model_path: Path | None, inputs: tuple[str, ...], out_dir: Path, backen
          bias_correct: bool,
          quiet: bool, skip_existing: bool, shard: str | None, merge: Path | None,
          ray_address: str | None, ray_actors: int | None,
-         ray_gpus_per_actor: float | None, ray_layout: str | None,
+         ray_gpus_per_actor: float | None, ray_cpus_per_actor: float | None,
+         ray_layout: str | None,
          calibrate_workers: bool) -> None:
     """Segment stroke lesions in INPUT volumes (NIfTI files, DICOM series, directories or globs).
 
@@ -470,7 +474,7 @@ def _many_machines(params: dict[str, Any]) -> _ManyMachines:
 
     address = params["ray_address"]
     if address is None:
-        for name in ("ray_actors", "ray_gpus_per_actor", "ray_layout"):
+        for name in ("ray_actors", "ray_gpus_per_actor", "ray_cpus_per_actor", "ray_layout"):
             if params[name] is not None:
                 raise DunetError(f"--{name.replace('_', '-')} needs --ray")
     if (address is not None or params["shard"] or params["skip_existing"]) \
@@ -489,14 +493,15 @@ def _many_machines(params: dict[str, Any]) -> _ManyMachines:
     for flag, given in (("--triton-url", params["triton_url"]),
                         ("--workers", params["workers"] is not None)):
         if given:
-            raise DunetError(f"--ray runs the model in the cluster's actors and reads and "
-                             f"writes in its tasks: it takes no {flag}")
+            raise DunetError(f"--ray runs the model, the reads and the writes on the cluster: "
+                             f"it takes no {flag}")
     from dunet_deploy.runtime.ray_exec import ClusterOptions
 
-    return _ManyMachines(shard, ClusterOptions(address=address or None,
-                                               actors=params["ray_actors"],
-                                               gpus_per_actor=params["ray_gpus_per_actor"],
-                                               layout=params["ray_layout"] or "auto"))
+    asked = {"address": address or None, "actors": params["ray_actors"],
+             "gpus_per_actor": params["ray_gpus_per_actor"],
+             "cpus_per_actor": params["ray_cpus_per_actor"], "layout": params["ray_layout"]}
+    return _ManyMachines(shard, ClusterOptions(**{k: v for k, v in asked.items()
+                                                  if v is not None}))
 
 
 def _calibrate(quiet: bool) -> None:

@@ -210,6 +210,7 @@ def test_ray_flags_that_do_not_combine(tiny, tmp_path):
     for extra, says in [
             (["--ray-layout", "fused"], "--ray-layout needs --ray"),
             (["--ray-actors", "2"], "--ray-actors needs --ray"),
+            (["--ray-cpus-per-actor", "2"], "--ray-cpus-per-actor needs --ray"),
             (["--ray=127.0.0.1:1", "--ray-layout", "spread"], "'spread' is not one of"),
             (["--ray=127.0.0.1:1", "--workers", "2"], "it takes no --workers")]:
         res = invoke(base + extra)

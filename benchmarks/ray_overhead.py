@@ -20,8 +20,10 @@ The runs of a repeat are interleaved (the order reversed every other repeat).
   both, for the difference to be the cost of N more volumes).
 - **Start-up** = T(N) − N ÷ rate.
 - **Core-seconds per volume** (steady state) = (C(2N) − C(N)) ÷ N, C the CPU seconds of
-  the driver process plus every process of the cluster's two nodes (``/proc``, children
-  reaped included): all the work, Ray's own included, not the machine's other load.
+  the driver process plus every process of the cluster's nodes (``/proc``, sampled), or
+  in-process of every process of the benchmark's session (the driver and its ``--workers``
+  processes: run the benchmark under ``setsid``): all the work, Ray's own included, not
+  the machine's other load.
 - **Per-stage costs inside Ray**: each task and actor measures its own wall and CPU
   seconds and its pickling (:attr:`~dunet_deploy.runtime.ray_exec.RayRun.timing`); the
   cases' ``times`` (read, preprocess, infer, postprocess, write) are measured there too.
@@ -31,8 +33,8 @@ the report's formula); the GPU network seconds per volume are sweep values (no G
 
 Usage::
 
-    python benchmarks/ray_overhead.py [--volumes 32] [--repeat 4] [--nodes 2] \
-        [--layouts fused,split]
+    setsid python benchmarks/ray_overhead.py [--volumes 32] [--repeat 4] [--nodes 2] \
+        [--layouts fused,split] [--also-workers 1 2]
 
 It writes ``ray_layouts.{md,json}`` (two nodes) or ``ray_layouts_one_node.{md,json}``
 (one node) under ``--out``.
@@ -172,7 +174,9 @@ def one_run(path: str, model: Path, inputs: Sequence[str], out: Path,
 
     run = RayRun()
     on_ray = path.startswith("ray-")
-    sampler = ClusterCpu(cluster.sessions) if on_ray else None
+    # in-process: this process and its --workers processes (run it as a session leader,
+    # ``setsid``, so that nothing else is counted)
+    sampler = ClusterCpu(cluster.sessions if on_ray else (os.getsid(0),))
     c0, busy0 = driver_cpu_s(), machine_busy_s()
     e0, t0 = time.time(), time.perf_counter()
     if on_ray:
@@ -189,11 +193,12 @@ def one_run(path: str, model: Path, inputs: Sequence[str], out: Path,
             summary = seg.predict_files(inputs, out, workers=workers, on_result=finished)
     wall = time.perf_counter() - t0
     cpu, busy = driver_cpu_s() - c0, machine_busy_s() - busy0
-    by_process = {"driver": cpu}
-    if sampler is not None:
-        by_process["driver"] -= sampler.own_cpu
-        by_process.update(sampler.stop())
-        cpu = sum(by_process.values())
+    by_process = sampler.stop()  # (then its thread's own CPU time is known)
+    if on_ray:
+        by_process["driver"] = cpu - sampler.own_cpu
+    else:
+        by_process = {"driver and workers": sum(by_process.values()) - sampler.own_cpu}
+    cpu = sum(by_process.values())
     assert summary["ok"] == len(inputs), summary["failed"]
     rec: dict[str, Any] = {
         "path": path, "volumes": len(inputs), "wall_s": wall, "core_s": cpu,
@@ -248,6 +253,12 @@ def main() -> None:
         atomic_write_bytes(args.out / f"{stem}.md", md.encode())
         print(md)
         return
+    if os.getsid(0) != os.getpid():
+        try:
+            os.setsid()  # in-process CPU time = this session's processes
+        except OSError:
+            print("warning: not a session leader (run under setsid): the in-process CPU "
+                  "seconds count every process of the caller's session", file=sys.stderr)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # (the cluster's workers inherit it)
     ray_cpus = (float(args.ray_cpus.split(":")[0]), float(args.ray_cpus.split(":")[1]))
     n = args.volumes

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +198,25 @@ def _holding(pids: list[int], path: Path) -> int | None:
     return None
 
 
+def _kill_a_worker_holding(cmd: list[str], files: Callable[[], Iterable[Path]],
+                           doing: str) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own session, SIGKILL the first worker caught with one of ``files()``
+    open (what the out-of-memory killer does), and let the run finish."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline, victim = time.monotonic() + 300, None
+    while victim is None and proc.poll() is None and time.monotonic() < deadline:
+        for path in files():
+            victim = _holding(_descendants(proc.pid), path)
+            if victim is not None:
+                break
+        time.sleep(0.005)
+    assert victim is not None, f"never caught a worker {doing}"
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_a_worker_killed_mid_run_fails_only_its_case(tiny, tmp_path):
     model, scans = tiny
@@ -204,16 +224,9 @@ def test_a_worker_killed_mid_run_fails_only_its_case(tiny, tmp_path):
     big = rt.write_volume(tmp_path / "big.nii.gz", seed=9, shape=(256, 256, 200))
     inputs = [scans[0], big, *scans[1:]]
     out = tmp_path / "out"
-    proc = subprocess.Popen(_cmd(model, out, *inputs, extra=("--workers", "1")),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline, victim = time.monotonic() + 300, None
-    while victim is None and proc.poll() is None and time.monotonic() < deadline:
-        victim = _holding(_descendants(proc.pid), big)
-        time.sleep(0.005)
-    assert victim is not None, "never caught a worker reading the big volume"
-    os.kill(victim, signal.SIGKILL)  # what the out-of-memory killer does
-    _, err = proc.communicate(timeout=300)
+    proc = _kill_a_worker_holding(_cmd(model, out, *inputs, extra=("--workers", "1")),
+                                  lambda: [big], "reading the big volume")
+    err = proc.stderr
     assert proc.returncode == 1, err  # some inputs failed
     assert "Traceback" not in err
     assert [line for line in err.splitlines() if line.startswith("error: ")] == [
@@ -238,17 +251,10 @@ def test_a_worker_killed_while_writing_leaves_none_of_its_files(tiny, tmp_path):
     big = rt.write_volume(tmp_path / "big.nii.gz", seed=9, shape=(40, 48, 2000))
     inputs = [scans[0], big, *scans[1:]]
     out = tmp_path / "out"
-    proc = subprocess.Popen(_cmd(model, out, *inputs, extra=("--workers", "2")),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    deadline, victim = time.monotonic() + 300, None
-    while victim is None and proc.poll() is None and time.monotonic() < deadline:
-        for tmp in out.glob(".big_prob.nii.gz.*.tmp.nii.gz"):
-            victim = _holding(_descendants(proc.pid), tmp)
-        time.sleep(0.005)
-    assert victim is not None, "never caught a worker writing the big volume"
-    os.kill(victim, signal.SIGKILL)  # what the out-of-memory killer does
-    _, err = proc.communicate(timeout=300)
+    proc = _kill_a_worker_holding(_cmd(model, out, *inputs, extra=("--workers", "2")),
+                                  lambda: out.glob(".big_prob.nii.gz.*.tmp.nii.gz"),
+                                  "writing the big volume")
+    err = proc.stderr
     assert proc.returncode == 1, err  # some inputs failed
     assert "Traceback" not in err
     assert [line for line in err.splitlines() if line.startswith("error: ")] == [
